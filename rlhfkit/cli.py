@@ -38,7 +38,8 @@ def run_stage(stage: str, argv: list[str]) -> int:
         raise RlhfkitError(f"usage: rlhfkit {stage} CONFIG.yaml [key=value ...]")
     config = load_config(stage, argv[0], argv[1:])
     result = stage_function(stage)(config)
-    print(f"[{stage}] done: model and outputs in {result.output_dir}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"[{stage}] done: model and outputs in {result.output_dir}")
     return 0
 
 

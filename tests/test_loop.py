@@ -1,0 +1,163 @@
+"""The shared training loop: invariances (accumulation, data parallel), exact resume, atomic
+checkpoints. Each test trains a preset tiny model for a few steps on a slice of task data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhfkit.config import build_config
+from rlhfkit.tasks import get_task
+from rlhfkit.train import checkpoint as ckpt_mod
+from rlhfkit.train.checkpoint import list_checkpoints, resolve_resume
+from rlhfkit.train.loop import BatchStream
+from rlhfkit.train.sft import train_sft
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def sft_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "sft.jsonl"
+    rows = get_task("sentiment").make("sft", 64, seed=0)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def sft_config(data: Path, out: Path, **overrides):
+    values = dict(model_name_or_path="preset:tiny", dataset=str(data), output_dir=str(out), max_length=64,
+                  max_steps=4, learning_rate=1e-3, logging_steps=1, report_to=[], seed=3,
+                  per_device_train_batch_size=8, disable_tqdm=True)
+    values.update(overrides)
+    return build_config("sft", values)
+
+
+def losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "model.safetensors"))
+
+
+def assert_same_weights(a: Path, b: Path, atol: float):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=atol, rtol=0, msg=k)
+
+
+def test_batch_stream_is_a_function_of_the_index():
+    a = BatchStream(10, 3, seed=1)
+    b = BatchStream(10, 3, seed=1)
+    seen = [a.indices(k) for k in range(a.per_epoch)]
+    flat = [i for batch in seen for i in batch]
+    assert set(flat) == set(range(10)) and len(flat) == 12  # every example, padded by wrapping to 4 x 3
+    assert [b.indices(k) for k in reversed(range(8))] == [a.indices(k) for k in reversed(range(8))]
+    assert a.indices(0) != a.indices(a.per_epoch)  # a new permutation each epoch
+    r0, r1 = BatchStream(10, 2, world_size=2, rank=0, seed=1), BatchStream(10, 2, world_size=2, rank=1, seed=1)
+    assert set(r0.indices(0)).isdisjoint(r1.indices(0))
+
+
+def test_accumulation_matches_one_big_batch(sft_file, tmp_path):
+    """batch 8 x accumulation 1 and batch 2 x accumulation 4 give the same losses and weights:
+    the loss is normalised by the tokens of the whole global batch, not per micro-batch."""
+    big = train_sft(sft_config(sft_file, tmp_path / "big", per_device_train_batch_size=8))
+    small = train_sft(sft_config(sft_file, tmp_path / "small", per_device_train_batch_size=2,
+                                 gradient_accumulation_steps=4))
+    assert big.summary["steps"] == small.summary["steps"] == 4
+    assert losses(tmp_path / "big") == pytest.approx(losses(tmp_path / "small"), abs=1e-5)
+    assert_same_weights(tmp_path / "big", tmp_path / "small", atol=1e-5)
+    # and training did something: every trainable tensor changed from its initial value
+    init = train_sft(sft_config(sft_file, tmp_path / "init", max_steps=1, learning_rate=0.0))
+    changed = {k: not torch.equal(v, weights(tmp_path / "init")[k]) for k, v in weights(tmp_path / "big").items()}
+    assert init.summary["steps"] == 1 and all(changed.values()), [k for k, c in changed.items() if not c]
+
+
+def test_resume_after_interruption_gives_identical_weights(sft_file, tmp_path, monkeypatch):
+    full = tmp_path / "full"
+    train_sft(sft_config(sft_file, full, max_steps=6, save_steps=3))
+    assert [p.name for p in list_checkpoints(full)] == ["step-000003"]
+
+    # Interrupt a second run right after its first checkpoint is written.
+    broken = tmp_path / "broken"
+    real_save = ckpt_mod.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr("rlhfkit.train.loop.save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_sft(sft_config(sft_file, broken, max_steps=6, save_steps=3))
+    monkeypatch.undo()
+    assert not (broken / "model.safetensors").exists()
+    # a half-written checkpoint from a later kill must not be picked as the latest
+    (broken / "checkpoints" / ".tmp-step-000006").mkdir()
+    assert resolve_resume(broken, True).name == "step-000003"
+
+    resumed = train_sft(sft_config(sft_file, broken, max_steps=6, save_steps=3, resume_from_checkpoint=True))
+    assert resumed.summary["steps"] == 6
+    assert losses(broken) == pytest.approx(losses(full), abs=1e-6)
+    assert [json.loads(x)["step"] for x in (broken / "metrics.jsonl").read_text().splitlines()] == list(range(1, 7))
+    assert_same_weights(full, broken, atol=0)
+
+
+def test_finished_run_is_not_overwritten_by_accident(sft_file, tmp_path):
+    from rlhfkit.errors import ConfigError
+
+    train_sft(sft_config(sft_file, tmp_path / "o", max_steps=1))
+    with pytest.raises(ConfigError, match="already holds a finished run"):
+        train_sft(sft_config(sft_file, tmp_path / "o", max_steps=1))
+    train_sft(sft_config(sft_file, tmp_path / "o", max_steps=1, overwrite_output_dir=True))
+
+
+def test_run_outputs(sft_file, tmp_path):
+    out = tmp_path / "o"
+    train_sft(sft_config(sft_file, out, max_steps=2, report_to=["tensorboard"], val_size=8, eval_steps=1))
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "plots/loss.png", "model.safetensors",
+                 "config.json", "tokenizer.json"):
+        assert (out / name).exists(), name
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train_examples"] == 56 and summary["eval_examples"] == 8
+    assert "eval/loss" in summary and "skipped_train" in summary
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_lora_run_saves_adapter_and_merged_model(sft_file, tmp_path):
+    out = tmp_path / "lora"
+    res = train_sft(sft_config(sft_file, out, max_steps=2, finetuning_type="lora", lora_rank=4,
+                               merge_lora=True, learning_rate=1e-2))
+    assert (out / "adapter_model.safetensors").exists() and (out / "adapter_config.json").exists()
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, res.model(input_ids=ids).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(sft_file, tmp_path):
+    """torchrun with 2 CPU processes (gloo) x batch 4 follows the same loss curve as one process
+    with batch 8: same global batch, same data, same normalisation."""
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"model_name_or_path: preset:tiny\ndataset: {sft_file}\nmax_length: 64\nmax_steps: 4\n"
+                   "learning_rate: 1.0e-3\nlogging_steps: 1\nreport_to: []\nseed: 3\ndisable_tqdm: true\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                    "-m", "rlhfkit", "sft", str(cfg), f"output_dir={tmp_path / 'ddp'}",
+                    "per_device_train_batch_size=4"], check=True, env=env, cwd=REPO, capture_output=True)
+    train_sft(sft_config(sft_file, tmp_path / "single", per_device_train_batch_size=8))
+    assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "single"), abs=1e-5)
+    assert_same_weights(tmp_path / "ddp", tmp_path / "single", atol=1e-5)
