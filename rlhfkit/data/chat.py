@@ -49,6 +49,9 @@ def render_with_spans(tokenizer, messages: list[Message], train_indices: list[in
             raise DataError(f"assistant reply {i} does not appear in the rendered chat template",
                             source=source, field="messages")
         end = start + len(needle)
+        trail = content[len(content.rstrip()):]
+        if trail and text.startswith(trail, end):
+            end += len(trail)
         ends_with_eos = bool(eos) and text.startswith(eos, end)
         if ends_with_eos:
             end += len(eos)

@@ -33,7 +33,9 @@ def _conversation(tokenizer, messages, train_indices, source) -> Encoded:
     text, spans, ends_with_eos = render_with_spans(tokenizer, messages, train_indices, source)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
-    mask = [any(s <= start < e for s, e in spans) for start, _ in enc["offset_mapping"]]
+    # A token learns if it overlaps a reply (a BPE token may merge template whitespace into
+    # the reply's first word).
+    mask = [any(start < e and s < end for s, e in spans) for start, end in enc["offset_mapping"]]
     if train_indices and train_indices[-1] == len(messages) - 1 and not ends_with_eos:
         # The template writes no EOS after the final reply: append one and learn it.
         ids.append(tokenizer.eos_token_id)
@@ -96,6 +98,5 @@ def pack(documents: list[list[int]], block_size: int) -> list[Encoded]:
     blocks = []
     for i in range(0, len(stream), block_size):
         chunk = stream[i:i + block_size]
-        if len(chunk) > 1:
-            blocks.append(Encoded(chunk, [True] * len(chunk)))
+        blocks.append(Encoded(chunk, [True] * len(chunk)))
     return blocks

