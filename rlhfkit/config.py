@@ -169,8 +169,6 @@ class BaseConfig(BaseModel):
             problems.append("eval_steps needs eval_dataset or val_size > 0 to evaluate on")
         if self.merge_lora and self.finetuning_type != "lora":
             problems.append("merge_lora: true needs finetuning_type: lora")
-        if self.trust_remote_code:
-            pass  # allowed, but off by default
         if problems:
             raise ValueError("; ".join(problems))
         return self

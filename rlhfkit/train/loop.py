@@ -22,7 +22,7 @@ import torch
 
 from rlhfkit.config import BaseConfig, dump_config
 from rlhfkit.errors import ConfigError
-from rlhfkit.train.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from rlhfkit.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from rlhfkit.train.tracking import MetricsLogger, progress
 
 log = logging.getLogger("rlhfkit")
@@ -292,8 +292,3 @@ def fit(
     bar.close()
     model.eval()
     return acc.unwrap_model(wrapped), run.logger.history
-
-
-def latest_checkpoint(output_dir) -> Path | None:
-    ckpts = list_checkpoints(output_dir)
-    return ckpts[-1] if ckpts else None
