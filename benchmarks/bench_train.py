@@ -37,8 +37,8 @@ FLOP conventions (also printed):
 
 Timing on a shared machine: other processes can only slow a step down, so tokens/s and MFU use
 the fastest timed step (and the best peak sample); the median step is reported too. Run it on
-an idle machine for numbers to compare. `--tuned-malloc` runs the children with glibc told to
-keep freed memory (see TUNED_MALLOC), which shows how much of a step is page faults.
+an idle machine for numbers to compare. Children tune glibc malloc as `start_run` does for every
+CPU training run (`tune_cpu_allocator`); `--default-malloc` skips it to show what it buys.
 """
 
 from __future__ import annotations
@@ -134,9 +134,14 @@ def tiny_tokenizer(vocab_size: int):
 
 
 def run_config(model_name: str, finetuning: str, precision: str, batch: int, seq: int,
-               warmup: int, steps: int, threads: int) -> dict:
+               warmup: int, steps: int, threads: int, tuned_malloc: bool = True) -> dict:
     """Build, warm up and time one configuration; returns its metrics."""
     import torch
+
+    from rlhfkit.train.loop import tune_cpu_allocator
+
+    # what start_run does on a CPU before every training stage
+    malloc_tuned = tune_cpu_allocator() if tuned_malloc else False
 
     torch.set_num_threads(threads)
     load_start = os.getloadavg()[0]
@@ -218,22 +223,16 @@ def run_config(model_name: str, finetuning: str, precision: str, batch: int, seq
         "loss_first": losses[0], "loss_last": losses[-1],
         "threads": torch.get_num_threads(),
         "loadavg_1m_end": os.getloadavg()[0], "loadavg_1m_start": load_start,
-        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
+        "malloc_tuned": malloc_tuned,
     }
 
 
 # ---- parent ------------------------------------------------------------------------------------
 
-# glibc returns every freed block above 32 MiB to the kernel, so each step page-faults its
-# activations, logits and gradients in again; these keep freed memory in the heap instead.
-TUNED_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
-
-
-def spawn(cfg: dict, timeout: float, extra_env: dict | None = None) -> dict:
+def spawn(cfg: dict, timeout: float) -> dict:
     """Run one configuration in a fresh interpreter; return its result dict (or the error)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(cfg)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           **(extra_env or {})}
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
@@ -274,8 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=None, help="override T for every config")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--timeout", type=float, default=1200, help="seconds per config")
-    p.add_argument("--tuned-malloc", action="store_true",
-                   help="run the children with " + " ".join(f"{k}={v}" for k, v in TUNED_MALLOC.items()))
+    p.add_argument("--default-malloc", action="store_true",
+                   help="skip rlhfkit's glibc tuning (tune_cpu_allocator), to measure what it buys")
     p.add_argument("--json", default=str(DEFAULT_JSON))
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -299,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
                 configs.append(dict(model_name=m, finetuning=ft, precision=prec,
                                     batch=args.batch_size or b, seq=args.seq_len or t,
                                     warmup=w if args.warmup is None else args.warmup,
-                                    steps=args.steps or s, threads=args.threads))
+                                    steps=args.steps or s, threads=args.threads,
+                                    tuned_malloc=not args.default_malloc))
 
     started = time.time()
     torch.set_num_threads(args.threads)
@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     for cfg in configs:
         print(f"- {cfg['model_name']} {cfg['finetuning']} {cfg['precision']} "
               f"B={cfg['batch']} T={cfg['seq']} ...", end=" ", flush=True)
-        r = spawn(cfg, args.timeout, TUNED_MALLOC if args.tuned_malloc else None)
+        r = spawn(cfg, args.timeout)
         results.append(r)
         if "error" in r:
             r.setdefault("model", cfg["model_name"])  # the table reads these keys
@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__, "python": platform.python_version(),
         "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-        "threads": args.threads, "wall_s": time.time() - started, "tuned_malloc": args.tuned_malloc,
+        "threads": args.threads, "wall_s": time.time() - started, "tuned_malloc": not args.default_malloc,
         "peak_matmul_flops": peak, "peak_matmul_samples": peak_samples,
         "conventions": {
             "N": "all base-model parameters, tied embedding/lm_head counted once",
@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
     print()
     print(f"{meta['date']} | torch {meta['torch']} | {meta['cpu']} x{meta['cpu_count']} | "
-          f"{args.threads} threads | {meta['wall_s']:.0f} s" + (" | tuned malloc" if args.tuned_malloc else "")
+          f"{args.threads} threads | {meta['wall_s']:.0f} s" + (" | default malloc" if args.default_malloc else "")
           + " | peak matmul " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peak.items()))
     print(table(results))
     print("\nN = base params (tied lm_head once); FLOPs/token: full 6N, LoRA 4N + 6N_lora (frozen base). "

@@ -56,20 +56,26 @@ def demo(output_dir: str = "runs/demo", task: str = "sentiment", seed: int = 0, 
     sft = train_sft(build_config("sft", configs["sft"], source="demo"))
 
     print("== 4. report: the same held-out prompts, sampled before and after SFT")
-    evals = {}
+    from rlhfkit.data.formats import to_canonical
+    from rlhfkit.data.sources import load_rows
+    from rlhfkit.eval.likelihood import response_nll
+    from rlhfkit.train.sft import encode_sft
+
+    # one held-out set for every model: the SFT eval demonstrations (response tokens only)
+    heldout = [e for e in (encode_sft(sft.tokenizer, 64, r)
+                           for r in to_canonical(load_rows(str(data / "sft_eval.jsonl")))) if e is not None]
+    evals, report = {}, {}
     for name, result in (("pt", pt), ("sft", sft)):
         evals[name] = sample_and_score(result.model, result.tokenizer, t, n_prompts=128, max_new_tokens=24,
                                        seed=seed)
-    report = {
-        name: {**metrics, "eval/loss": (pt if name == "pt" else sft).summary.get("eval/loss")}
-        for name, (metrics, _) in evals.items()
-    }
+        nll = response_nll(result.model, heldout, result.tokenizer.pad_token_id)["loss"]
+        report[name] = {**evals[name][0], "eval/loss": nll}
     lines = [f"# rlhfkit demo report (task: {task})", "",
              "| model | gold reward | EOS rate | mean length | held-out loss |", "|---|---|---|---|---|"]
     for name, m in report.items():
         loss = f"{m['eval/loss']:.3f}" if m["eval/loss"] is not None else "-"
         lines.append(f"| {name} | {m['gold_reward']:+.3f} | {m['eos_rate']:.2f} | {m['length']:.1f} | {loss} |")
-    lines += ["", "held-out loss: pt on the pt eval corpus, sft on the held-out demonstrations", "",
+    lines += ["", "held-out loss: token-mean NLL of the responses of the held-out SFT demonstrations", "",
               "## Samples (held-out prompts)", ""]
     lines += _samples_table(evals["pt"][1], evals["sft"][1])
     text = "\n".join(lines) + "\n"

@@ -58,3 +58,61 @@ def tiny_model(tiny_tokenizer):
     model = build_preset_model("tiny", tiny_tokenizer)
     model.eval()
     return model
+
+
+# ---- a trained sentiment pipeline, shared by the learning tests of later stages ----------------
+
+def _shared_dir(tmp_path_factory, name: str):
+    """A directory shared by all xdist workers of this session (they have sibling basetemps)."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    return base / name
+
+
+def build_once(tmp_path_factory, name: str, build) -> "os.PathLike":
+    """Run `build(dir)` once per session, whichever worker gets there first; the others wait
+    (file lock) and reuse the result. `build` must write `dir/DONE` last."""
+    from filelock import FileLock
+
+    out = _shared_dir(tmp_path_factory, name)
+    with FileLock(str(out) + ".lock"):
+        if not (out / "DONE").exists():
+            build(out)
+            (out / "DONE").write_text("ok")
+    return out
+
+
+SENTIMENT_SIZES = {"pt": 3000, "pt_eval": 64, "sft": 2000, "sft_eval": 128, "preference": 2000,
+                   "preference_eval": 256, "ranking": 500, "ranking_eval": 128, "unpaired": 2000,
+                   "unpaired_eval": 256, "prompt": 512, "prompt_eval": 256}
+
+
+def _build_sentiment_sft(out):
+    from rlhfkit.config import build_config
+    from rlhfkit.tasks import get_task
+    from rlhfkit.train.pt import train_pt
+    from rlhfkit.train.sft import train_sft
+
+    data = out / "data"
+    get_task("sentiment").write(data, seed=0, sizes=SENTIMENT_SIZES)
+    common = dict(seed=0, report_to=[], disable_tqdm=True, logging_steps=50, lr_scheduler_type="cosine",
+                  warmup_ratio=0.05)
+    train_pt(build_config("pt", dict(common, model_name_or_path="preset:tiny",
+                                     dataset=str(data / "pt_train.jsonl"), output_dir=str(out / "pt"),
+                                     max_length=128, per_device_train_batch_size=16, num_train_epochs=1,
+                                     learning_rate=2e-3)))
+    train_sft(build_config("sft", dict(common, model_name_or_path=str(out / "pt"),
+                                       dataset=str(data / "sft_train.jsonl"), output_dir=str(out / "sft"),
+                                       max_length=64, per_device_train_batch_size=32, num_train_epochs=1,
+                                       learning_rate=1e-3)))
+
+
+@pytest.fixture(scope="session")
+def sentiment_sft(tmp_path_factory):
+    """`{"data": dir, "sft": dir}`: the sentiment task's files (`*_train.jsonl`, `*_eval.jsonl`,
+    sizes in SENTIMENT_SIZES) and a preset:tiny model pretrained 1 epoch on its corpus, then
+    SFT'd 1 epoch on its demonstrations (an HF directory). Built once per session (~1 min).
+    Read-only: stages that start from it write to their own output_dir."""
+    out = build_once(tmp_path_factory, "sentiment_sft", _build_sentiment_sft)
+    return {"data": out / "data", "sft": out / "sft"}

@@ -13,6 +13,8 @@ import torch
 
 from rlhfkit.data.collate import collate_encoded, pad_batch
 from rlhfkit.data.encode import (
+    encode_responses,
+    truncate_prompt_response,
     Encoded,
     encode_messages,
     encode_prompt,
@@ -218,3 +220,36 @@ def test_collate_encoded_right_pads_with_pad_id(tiny_tokenizer):
         assert batch["input_ids"][i, :n[i]].tolist() == e.input_ids
         assert batch["response_mask"][i, :n[i]].tolist() == e.response_mask
     assert not batch["response_mask"][~batch["attention_mask"]].any()
+
+
+# ---- preference / ranking truncation: keep the prompt's end and the response's start ----------
+
+def test_truncate_prompt_response_keeps_prompt_end_and_response_start():
+    ex = Encoded(list(range(10)), [False] * 6 + [True] * 4)  # prompt 0..5, response 6..9
+    assert truncate_prompt_response(ex, 10) == ex
+    cut = truncate_prompt_response(ex, 8, max_prompt_length=3)
+    assert cut.input_ids == [3, 4, 5, 6, 7, 8, 9] and cut.response_mask == [False] * 3 + [True] * 4
+    cut = truncate_prompt_response(ex, 8)  # prompt kept whole, response cut at its end
+    assert cut.input_ids == [0, 1, 2, 3, 4, 5, 6, 7] and cut.response_mask == [False] * 6 + [True] * 2
+    assert truncate_prompt_response(ex, 6) is None  # no response token fits
+
+
+def test_truncate_prompt_response_drops_template_tokens_after_the_reply():
+    ex = Encoded([1, 2, 3, 4, 5], [False, False, True, True, False])  # 5 = "\n" after EOS
+    assert truncate_prompt_response(ex, 10).input_ids == [1, 2, 3, 4]
+
+
+def test_encode_responses_share_the_prompt_and_end_with_eos(tiny_tokenizer):
+    tok = tiny_tokenizer
+    for prompt, responses in (("The movie was", [" great.", " awful and slow."]),
+                              ([{"role": "user", "content": "Hello"}],
+                               [[{"role": "assistant", "content": "The cat is great."}],
+                                [{"role": "assistant", "content": "Sad."}]])):
+        pair = encode_responses(tok, prompt, responses, max_length=64)
+        starts = [e.response_mask.index(True) for e in pair]
+        assert starts[0] == starts[1] and pair[0].input_ids[:starts[0]] == pair[1].input_ids[:starts[1]]
+        for e in pair:
+            assert e.input_ids[-1] == tok.eos_token_id and e.response_mask[-1]
+    assert encode_responses(tok, "The movie was", [" great.", " a b c d e f g h"], max_length=4,
+                            max_prompt_length=3) is not None
+    assert encode_responses(tok, "The movie was", [" great."], max_length=3, max_prompt_length=3) is None

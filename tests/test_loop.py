@@ -161,3 +161,22 @@ def test_two_processes_match_one(sft_file, tmp_path):
     train_sft(sft_config(sft_file, tmp_path / "single", per_device_train_batch_size=8))
     assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "single"), abs=1e-5)
     assert_same_weights(tmp_path / "ddp", tmp_path / "single", atol=1e-5)
+
+
+def test_cpu_allocator_tuning_and_bf16_probe_run():
+    import sys
+
+    from rlhfkit.train.loop import cpu_has_native_bf16, tune_cpu_allocator
+
+    assert tune_cpu_allocator() is sys.platform.startswith("linux")  # glibc accepts both settings
+    assert isinstance(cpu_has_native_bf16(), bool)
+
+
+def test_optimizer_is_fused_adamw(tiny_tokenizer):
+    from rlhfkit.config import build_config
+    from rlhfkit.models.presets import build_preset_model
+    from rlhfkit.train.loop import build_optimizer
+
+    config = build_config("sft", dict(model_name_or_path="preset:tiny", dataset="x.jsonl", output_dir="o"))
+    opt = build_optimizer(build_preset_model("tiny", tiny_tokenizer), config)
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"] is True

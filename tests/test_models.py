@@ -197,6 +197,22 @@ def test_shifted_token_logps_equal_minus_hf_cross_entropy(tiny_model, tiny_token
     torch.testing.assert_close(logps.sum(), -loss * n_tokens, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@torch.no_grad()
+def test_shifted_token_logps_equal_token_logps_on_sliced_logits(tiny_model, tiny_tokenizer, temperature):
+    """The fused cross-entropy path (rolled targets, last column dropped) gives the same values as
+    gather - logsumexp on the sliced logits, with temperature too."""
+    from rlhfkit.data.collate import pad_batch
+
+    tok = tiny_tokenizer
+    batch = pad_batch([tok(t)["input_ids"] for t in TEXTS], tok.pad_token_id, "left")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    got = shifted_token_logps(tiny_model, ids, mask, temperature)
+    logits = forward(tiny_model, ids, mask).logits
+    want = token_logps(logits[:, :-1], ids[:, 1:], temperature)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 @torch.no_grad()
 def test_masked_sum_of_logps_on_padded_batch_equals_hf_loss(tiny_model, tiny_tokenizer):
     """Right-padded batch, pads labelled -100: masked sum of our log-probs = -HF loss x targets."""
@@ -333,6 +349,18 @@ def test_resolve_source(tmp_path):
     assert resolve_source(str(tmp_path), gguf_file="model.gguf") == (str(tmp_path), {"gguf_file": "model.gguf"})
     assert resolve_source(str(tmp_path)) == (str(tmp_path), {})
     assert resolve_source("HuggingFaceTB/SmolLM2-135M") == ("HuggingFaceTB/SmolLM2-135M", {})
+
+
+def test_resolve_source_package_file():
+    import rlhfkit
+
+    init = Path(rlhfkit.__file__)
+    assert resolve_source("pkg:rlhfkit/__init__.py") == (str(init), {})
+    assert resolve_source("pkg:rlhfkit/models") == (str(init.parent / "models"), {})
+    with pytest.raises(ConfigError, match="package 'no_such_pkg_xyz' is not installed"):
+        resolve_source("pkg:no_such_pkg_xyz/model.gguf")
+    with pytest.raises(ConfigError, match="does not exist"):
+        resolve_source("pkg:rlhfkit/missing.gguf")
 
 
 def test_unknown_preset_and_preset_without_texts(tiny_tokenizer):

