@@ -147,6 +147,28 @@ def test_lora_run_saves_adapter_and_merged_model(sft_file, tmp_path):
         torch.testing.assert_close(merged(ids).logits, res.model(input_ids=ids).logits, atol=1e-4, rtol=0)
 
 
+def test_lora_adapter_records_absolute_base_and_reloads_alone(sft_file, tmp_path, monkeypatch):
+    """An adapter trained on a local base directory names that directory absolutely, so peft
+    reloads it from anywhere; a preset base (random weights) always gets `merged/` as well."""
+    from peft import AutoPeftModelForCausalLM
+
+    base = tmp_path / "base"
+    train_sft(sft_config(sft_file, base, max_steps=1))
+    monkeypatch.chdir(tmp_path)  # a relative model path, as users write in configs
+    res = train_sft(sft_config(sft_file, tmp_path / "lora", max_steps=2, finetuning_type="lora", lora_rank=4,
+                               learning_rate=1e-2, model_name_or_path="base"))
+    recorded = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == str(base.resolve())
+    assert not (tmp_path / "lora" / "merged").exists()
+    monkeypatch.chdir("/")
+    reloaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "lora")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, res.model(input_ids=ids).logits, atol=1e-5, rtol=0)
+    train_sft(sft_config(sft_file, tmp_path / "preset_lora", max_steps=1, finetuning_type="lora", lora_rank=4))
+    assert (tmp_path / "preset_lora" / "merged" / "model.safetensors").exists()
+
+
 @pytest.mark.slow
 def test_two_processes_match_one(sft_file, tmp_path):
     """torchrun with 2 CPU processes (gloo) x batch 4 follows the same loss curve as one process

@@ -40,6 +40,15 @@ def package_file(reference: str) -> str:
     return str(path)
 
 
+def base_reference(name_or_path: str) -> str:
+    """How an adapter records its base model so that it loads again from anywhere: local paths
+    (and `pkg:` files) absolute, hub ids as given."""
+    if name_or_path.startswith("pkg:"):
+        return package_file(name_or_path)
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.exists() else name_or_path
+
+
 def resolve_source(name_or_path: str, gguf_file: str | None = None) -> tuple[str, dict]:
     """Split a model reference into (`from_pretrained` path/id, extra kwargs).
 

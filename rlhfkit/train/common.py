@@ -14,7 +14,8 @@ from rlhfkit.data.encode import Encoded
 from rlhfkit.data.formats import to_canonical
 from rlhfkit.data.sources import load_rows
 from rlhfkit.errors import ConfigError
-from rlhfkit.models.load import apply_lora, count_parameters, load_causal_lm, load_tokenizer
+from rlhfkit.models.load import apply_lora, base_reference, count_parameters, load_causal_lm, load_tokenizer
+from rlhfkit.models.presets import preset_name
 from rlhfkit.train.loop import Run
 from rlhfkit.train.tracking import progress
 
@@ -120,13 +121,24 @@ def shard(items: list, run: Run) -> list:
 
 def save_final(run: Run, model, tokenizer) -> Path:
     """The trained model in Hugging Face format (safetensors) + tokenizer in output_dir.
-    LoRA runs save the adapter there, and the merged model under `merged/` when asked."""
+
+    LoRA runs save the adapter there, its `base_model_name_or_path` the absolute base path (so
+    `peft.AutoPeftModelForCausalLM.from_pretrained(output_dir)` works from any directory), and
+    the merged model under `merged/` when asked. A preset base has random weights that exist
+    nowhere else, so its LoRA runs always save `merged/` too."""
     c = run.config
     out = run.output_dir
+    from_preset = preset_name(c.model_name_or_path) is not None
     if run.is_main:
+        if c.finetuning_type == "lora" and not from_preset:
+            for adapter in model.peft_config.values():
+                adapter.base_model_name_or_path = base_reference(c.model_name_or_path)
         model.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
-        if c.finetuning_type == "lora" and c.merge_lora:
+        if c.finetuning_type == "lora" and (c.merge_lora or from_preset):
+            if from_preset and not c.merge_lora:
+                run.print(f"[{run.stage}] LoRA on {c.model_name_or_path}: the random base exists only in "
+                          f"this run, so the merged model is saved too ({out / 'merged'})")
             merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
             merged.save_pretrained(out / "merged", safe_serialization=True)
             tokenizer.save_pretrained(out / "merged")
