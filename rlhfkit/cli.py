@@ -15,12 +15,21 @@ from rlhfkit.errors import RlhfkitError
 STAGE_FUNCTIONS = {
     "pt": "rlhfkit.train.pt:train_pt",
     "sft": "rlhfkit.train.sft:train_sft",
+    "dpo": "rlhfkit.train.dpo:train_dpo",
+    "kto": "rlhfkit.train.kto:train_kto",
+    "rm": "rlhfkit.train.rm:train_rm",
+    "ppo": "rlhfkit.train.ppo:train_ppo",
 }
 
 USAGE = """rlhfkit STAGE CONFIG.yaml [key=value ...]   train a stage ({stages})
 rlhfkit STAGE --help-config                 list the stage's config keys
 rlhfkit data TASK OUT_DIR [--seed N]        write a built-in task's data files ({tasks})
-rlhfkit demo [--output-dir DIR]             the built-in end-to-end demo"""
+rlhfkit demo [--output-dir DIR]             the built-in end-to-end demo
+rlhfkit eval-rm MODEL DATA                  evaluate a reward model on preference/ranking rows
+rlhfkit score MODEL DATA [--output F]       add a `reward` field to prompt/response rows"""
+
+# reward-model commands: name -> "module:function" taking argv (imported lazily)
+RM_COMMANDS = {"eval-rm": "rlhfkit.eval.reward_cli:run_eval_rm", "score": "rlhfkit.eval.reward_cli:run_score"}
 
 
 def stage_function(stage: str):
@@ -92,9 +101,12 @@ def main(argv: list[str] | None = None) -> int:
             return run_data(rest)
         if command == "demo":
             return run_demo(rest)
+        if command in RM_COMMANDS:
+            module, fn = RM_COMMANDS[command].split(":")
+            return getattr(importlib.import_module(module), fn)(rest)
         import difflib
 
-        close = difflib.get_close_matches(command, [*STAGE_FUNCTIONS, "data", "demo"], n=1)
+        close = difflib.get_close_matches(command, [*STAGE_FUNCTIONS, "data", "demo", *RM_COMMANDS], n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         print(f"error: unknown command '{command}'{hint}\n\n{usage}", file=sys.stderr)
         return 2

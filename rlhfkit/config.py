@@ -165,8 +165,8 @@ class BaseConfig(BaseModel):
             problems.append(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.learning_rate < 0:
             problems.append(f"learning_rate must be >= 0, got {self.learning_rate}")
-        if self.eval_steps is not None and self.eval_dataset is None and self.val_size == 0:
-            problems.append("eval_steps needs eval_dataset or val_size > 0 to evaluate on")
+        if self.eval_steps is not None and self.eval_dataset is None and self.val_size == 0 and not self.task:
+            problems.append("eval_steps needs eval_dataset or val_size > 0 (or a built-in `task`) to evaluate on")
         if self.merge_lora and self.finetuning_type != "lora":
             problems.append("merge_lora: true needs finetuning_type: lora")
         if problems:
@@ -192,7 +192,346 @@ class SFTConfig(BaseConfig):
     """Peak learning rate (AdamW)."""
 
 
-STAGES: dict[str, type[BaseConfig]] = {"pt": PTConfig, "sft": SFTConfig}
+DPOLossType = Literal["sigmoid", "robust", "hinge", "ipo", "simpo", "orpo"]
+
+
+class _ReferenceConfig(BaseConfig):
+    """Keys shared by the offline preference stages (dpo, kto): beta, the reference, truncation."""
+
+    learning_rate: float = 1e-6
+    """Peak learning rate (AdamW). Preference losses need small steps: 5e-7-1e-6 for full
+    fine-tuning of a real model, ~1e-5-5e-5 for LoRA (TRL's default is 1e-6)."""
+    beta: float = 0.1
+    """Inverse temperature of the implicit reward beta * log(pi / pi_ref): larger keeps the
+    policy closer to the reference."""
+    ref_model: str | None = None
+    """Reference model (path, hub id, .gguf); default `model_name_or_path`. Under LoRA the default
+    reference is the base with adapters disabled (no second copy in memory)."""
+    precompute_ref_log_probs: bool = False
+    """Compute the reference log-probs of every example once before training (batched, cached in
+    `output_dir/ref_logps.pt`; a resumed run reuses the cache) instead of keeping a frozen
+    reference model in memory."""
+    max_prompt_length: int | None = None
+    """Keep at most this many prompt tokens (the END of the prompt); the response then keeps its
+    first `max_length - prompt tokens` tokens. None: only `max_length` applies."""
+
+    @model_validator(mode="after")
+    def _check_reference(self) -> "_ReferenceConfig":
+        problems = []
+        if self.beta <= 0:
+            problems.append(f"beta must be > 0, got {self.beta}")
+        if self.max_prompt_length is not None and not 1 <= self.max_prompt_length < self.max_length:
+            problems.append(f"max_prompt_length must be in [1, max_length={self.max_length}), "
+                            f"got {self.max_prompt_length}: it must leave room for the response")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class DPOConfig(_ReferenceConfig):
+    """`rlhfkit dpo`: direct preference optimisation (DPO and its family) on preference pairs."""
+
+    loss_type: DPOLossType | list[DPOLossType] = "sigmoid"
+    """`sigmoid` (DPO; cDPO with label_smoothing), `robust`, `hinge` (SLiC), `ipo`, `simpo`
+    (average log-probs, margin simpo_gamma, no reference), `orpo` (odds ratio + NLL, no
+    reference), or a list of them combined with `loss_weights`."""
+    loss_weights: list[float] | None = None
+    """Weights of the loss types when `loss_type` is a list (default 1 each)."""
+    label_smoothing: float = 0.0
+    """Assumed share of flipped labels e for `sigmoid` (cDPO, in [0, 0.5]) and `robust` (< 0.5)."""
+    reference_free: bool = False
+    """Use a uniform reference (log-ratios become log-probs): no reference model at all."""
+    simpo_gamma: float = 0.5
+    """SimPO target reward margin gamma."""
+    orpo_lambda: float = 0.1
+    """ORPO weight lambda of the odds-ratio term next to the NLL of the chosen response."""
+    sft_weight: float = 0.0
+    """Weight of an added NLL term on the chosen response (RPO); 0 disables it."""
+
+    @property
+    def loss_types(self) -> list[str]:
+        return [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+
+    @model_validator(mode="after")
+    def _check_dpo(self) -> "DPOConfig":
+        problems = []
+        types = self.loss_types
+        if not types:
+            problems.append("loss_type must name at least one loss")
+        if len(set(types)) != len(types):
+            problems.append(f"loss_type {types} lists a loss twice")
+        if self.loss_weights is not None:
+            if isinstance(self.loss_type, str):
+                problems.append("loss_weights needs loss_type to be a list, e.g. loss_type: [sigmoid, ipo]")
+            elif len(self.loss_weights) != len(types):
+                problems.append(f"loss_weights has {len(self.loss_weights)} weights for {len(types)} "
+                                f"loss types {types}")
+            elif any(w < 0 for w in self.loss_weights):
+                problems.append(f"loss_weights must be >= 0, got {self.loss_weights}")
+        if self.label_smoothing:
+            if not set(types) & {"sigmoid", "robust"}:
+                problems.append(f"label_smoothing={self.label_smoothing} only applies to sigmoid and robust, "
+                                f"not {types}")
+            if "robust" in types and not 0 <= self.label_smoothing < 0.5:
+                problems.append(f"label_smoothing must be in [0, 0.5) for robust, got {self.label_smoothing} "
+                                "(the loss divides by 1 - 2 label_smoothing)")
+            elif not 0 <= self.label_smoothing <= 0.5:
+                problems.append(f"label_smoothing must be in [0, 0.5], got {self.label_smoothing}")
+        if self.sft_weight < 0:
+            problems.append(f"sft_weight must be >= 0, got {self.sft_weight}")
+        if self.orpo_lambda < 0:
+            problems.append(f"orpo_lambda must be >= 0, got {self.orpo_lambda}")
+        uses_reference = not self.reference_free and any(t not in ("simpo", "orpo") for t in types)
+        if self.precompute_ref_log_probs and not uses_reference:
+            problems.append(f"precompute_ref_log_probs: true but loss_type {types} with reference_free="
+                            f"{self.reference_free} uses no reference model; drop precompute_ref_log_probs")
+        if self.ref_model is not None and not uses_reference:
+            problems.append(f"ref_model is set but loss_type {types} with reference_free={self.reference_free} "
+                            "uses no reference model")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class KTOConfig(_ReferenceConfig):
+    """`rlhfkit kto`: KTO on unpaired (prompt, completion, label) data; preference pairs become
+    one desirable and one undesirable example each."""
+
+    desirable_weight: float = 1.0
+    """Loss weight w_D of desirable examples. Aim for w_D n_D / (w_U n_U) in [1, 4/3]."""
+    undesirable_weight: float = 1.0
+    """Loss weight w_U of undesirable examples."""
+
+    @model_validator(mode="after")
+    def _check_kto(self) -> "KTOConfig":
+        problems = [f"{k} must be > 0, got {getattr(self, k)}"
+                    for k in ("desirable_weight", "undesirable_weight") if getattr(self, k) <= 0]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class RMConfig(BaseConfig):
+    """`rlhfkit rm`: a reward model (scalar head on the SFT backbone) trained on preference pairs
+    (Bradley-Terry) or rankings (Plackett-Luce), then normalised on reference responses."""
+
+    learning_rate: float = 1e-5
+    """Peak learning rate (AdamW). ~1e-5 for full fine-tuning of a real model, ~1e-4 for LoRA,
+    ~1e-3 for the tiny preset."""
+    max_prompt_length: int | None = None
+    """Keep at most this many prompt tokens (the END of the prompt); the response then keeps its
+    first `max_length - prompt tokens` tokens. None: only `max_length` applies."""
+    center_rewards_coefficient: float | None = None
+    """Weight of the reward-centering penalty coef * (sum of a row's rewards)^2 (Eisenstein et al.
+    2023; 0.01 is a common value). None/0 disables it."""
+    normalize_std: bool = False
+    """Normalised reward = (r - mean) / std instead of r - mean (mean and std over the reference
+    responses, computed after training and stored in reward_normalization.json)."""
+    normalization_dataset: str | list[str] | None = None
+    """Reference responses for the normalisation (prompt/completion, messages, preference: the
+    chosen response, or ranking: the best response). Default: the chosen/best responses of the
+    training data."""
+    normalization_samples: int | None = 2000
+    """Use at most this many reference responses (a seeded sample); None uses all."""
+    calibration_bins: int = 10
+    """Confidence bins of the expected calibration error and the reliability plot."""
+
+    @model_validator(mode="after")
+    def _check_rm(self) -> "RMConfig":
+        problems = []
+        if self.max_prompt_length is not None and not 1 <= self.max_prompt_length < self.max_length:
+            problems.append(f"max_prompt_length must be in [1, max_length={self.max_length}), "
+                            f"got {self.max_prompt_length}: it must leave room for the response")
+        if self.center_rewards_coefficient is not None and self.center_rewards_coefficient < 0:
+            problems.append(f"center_rewards_coefficient must be >= 0 (or null), got "
+                            f"{self.center_rewards_coefficient}")
+        if self.normalization_samples is not None and self.normalization_samples < 1:
+            problems.append(f"normalization_samples must be >= 1 (or null), got {self.normalization_samples}")
+        if self.calibration_bins < 1:
+            problems.append(f"calibration_bins must be >= 1, got {self.calibration_bins}")
+        if self.dataset_format is not None and self.dataset_format not in ("preference", "ranking"):
+            problems.append(f"dataset_format '{self.dataset_format}': a reward model trains on "
+                            "preference or ranking rows")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class PPOConfig(BaseConfig):
+    """`rlhfkit ppo`: RLHF with PPO against a reward model (and/or Python reward functions), with a
+    per-token KL penalty to the reference (SFT) model. One PPO step = sample `rollout_batch_size`
+    prompts, generate, score, compute KL-shaped rewards and GAE advantages, then
+    `num_ppo_epochs` passes over `num_mini_batches` shuffled minibatches (each split into
+    micro-batches of `per_device_train_batch_size`, gradients accumulated)."""
+
+    dataset_format: DatasetFormat | None = "prompt"
+    """Row format; `prompt` rows (a `prompt` column: a string or a message list; other columns are
+    passed to reward functions)."""
+    learning_rate: float = 1e-5
+    """Peak learning rate (AdamW), shared by the policy and the critic; decays linearly (N+: 3e-6
+    for 1B-6.9B full fine-tuning; LoRA and tiny models take larger steps)."""
+    adam_epsilon: float = 1e-5
+    """AdamW epsilon (1e-5 as in the PPO implementations, RLHF_NOTES 23)."""
+    max_length: int = 512
+    """Not used by PPO: prompts are cut to `max_prompt_length`, responses to `max_new_tokens`."""
+    max_steps: int = -1
+    """PPO steps (one rollout batch each); -1 derives them from `total_episodes` or
+    `num_train_epochs` over the prompt dataset."""
+    total_episodes: int | None = None
+    """Prompts to sample over the whole run (TRL's name); steps = ceil(total_episodes /
+    rollout_batch_size). Used when `max_steps` is -1."""
+    gradient_accumulation_steps: int = 1
+    """Derived by PPO: rollout_batch_size / num_mini_batches / per_device_train_batch_size. Leave at 1."""
+
+    # ---- roles ---------------------------------------------------------------------------------
+    ref_model: str | None = None
+    """Reference model for the KL penalty; default `model_name_or_path` (the SFT model). Under LoRA
+    the default reference is the base with adapters disabled (no copy in memory)."""
+    reward_model: str | None = None
+    """A reward-model directory from `rlhfkit rm` (full or LoRA), scored with its stored
+    normalisation. Needed unless `reward_funcs` is given."""
+    reward_funcs: list[str] = []
+    """Python reward functions `module:function` (imported from the Python path), called as
+    `fn(prompts=[...], completions=[...], ended=[...], **other_columns)` -> list of floats.
+    Alone, or added to the reward-model score (see `reward_weights`)."""
+    reward_weights: list[float] | None = None
+    """Weight of each reward source, in order [reward_model (when given), *reward_funcs];
+    default 1 each."""
+    value_init: Literal["reward_model", "zero"] | None = None
+    """Critic initialisation: `reward_model` (default with an RM: its backbone and head, so values
+    start as the normalised RM score) or `zero` (value head zero). Without an RM the critic
+    starts from the policy with a zero value head."""
+
+    # ---- rollout -------------------------------------------------------------------------------
+    rollout_batch_size: int = 64
+    """Prompts (= responses) per PPO step."""
+    generation_batch_size: int | None = None
+    """Prompts per `generate` call; default `rollout_batch_size` (all at once)."""
+    max_prompt_length: int = 128
+    """Prompts keep their last this-many tokens."""
+    max_new_tokens: int = 32
+    """Longest response sampled (rollout and evaluation)."""
+    temperature: float = 0.7
+    """Sampling temperature; log-probs for the ratio and the KL are taken from logits /
+    temperature, identically at rollout and in training."""
+    top_k: int = 0
+    """Top-k sampling (0: off). Leave off for PPO: the log-probs ignore the truncation."""
+    top_p: float = 1.0
+    """Nucleus sampling (1: off). Leave off for PPO: the log-probs ignore the truncation."""
+    stop: list[str] = []
+    """Stop strings: generation stops after one; such a response counts as finished (not
+    penalised by the EOS trick)."""
+    missing_eos_penalty: float | None = None
+    """EOS trick: subtract this from the score of a response that did not finish (TRL)."""
+    missing_eos_score: float | None = None
+    """EOS trick: replace the score of a response that did not finish by this value (N+: -1)."""
+
+    # ---- rewards and advantages ----------------------------------------------------------------
+    kl_coef: float = 0.05
+    """beta of the per-token KL penalty r_t = -beta * kl_t (the initial value when adaptive)."""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """Per-token KL estimator: k1 = logp - logp_ref, k3 = exp(ref - logp) - (ref - logp) - 1."""
+    target_kl: float | None = None
+    """Adaptive KL control (Ziegler et al.): beta is steered to keep the sequence KL near this
+    value. None: beta fixed."""
+    kl_horizon: float = 10000.0
+    """Horizon (in samples) of the adaptive KL controller."""
+    whiten_rewards: bool = False
+    """Whiten the KL-shaped rewards over real tokens (mean kept) before GAE."""
+    reward_clip: float | None = None
+    """Clip scores to [-reward_clip, reward_clip] (DeepSpeed-Chat: 5). None: no clipping."""
+    gamma: float = 1.0
+    """Discount factor of GAE."""
+    lam: float = 0.95
+    """GAE lambda."""
+    whiten_advantages: bool = True
+    """Whiten advantages over real tokens (mean 0, variance 1) before the PPO epochs."""
+
+    # ---- PPO update ----------------------------------------------------------------------------
+    num_ppo_epochs: int = 4
+    """Passes over each rollout batch."""
+    num_mini_batches: int = 1
+    """Minibatches (= optimizer steps) per PPO epoch."""
+    per_device_train_batch_size: int = 8
+    """Rollouts per forward/backward micro-batch (gradient accumulation fills a minibatch)."""
+    per_device_eval_batch_size: int = 32
+    """Rows per forward pass when scoring rollouts (reference, values, reward)."""
+    cliprange: float = 0.2
+    """Policy ratio clip epsilon."""
+    cliprange_value: float = 0.2
+    """Value clip range around the rollout values."""
+    vf_coef: float = 0.1
+    """Weight of the value loss."""
+    entropy_coef: float = 0.0
+    """Weight of the entropy bonus (0: off)."""
+
+    # ---- logging -------------------------------------------------------------------------------
+    logging_steps: int = 1
+    """Log metrics every this many PPO steps."""
+    num_sample_generations: int = 4
+    """Rollout samples (prompt, response, score) written to samples.jsonl at each logging step."""
+
+    @model_validator(mode="after")
+    def _check_ppo(self) -> "PPOConfig":
+        problems = []
+        if self.reward_model is None and not self.reward_funcs:
+            problems.append("give reward_model (a directory from `rlhfkit rm`) and/or reward_funcs")
+        for spec in self.reward_funcs:
+            if spec.count(":") != 1 or not all(spec.split(":")):
+                problems.append(f"reward_funcs entry {spec!r} must look like 'module:function'")
+        n_sources = len(self.reward_funcs) + (self.reward_model is not None)
+        if self.reward_weights is not None and len(self.reward_weights) != n_sources:
+            problems.append(f"reward_weights has {len(self.reward_weights)} entries but there are {n_sources} "
+                            "reward sources ([reward_model,] *reward_funcs)")
+        if self.value_init == "reward_model" and self.reward_model is None:
+            problems.append("value_init: reward_model needs reward_model; use value_init: zero")
+        if self.missing_eos_penalty is not None and self.missing_eos_score is not None:
+            problems.append("give missing_eos_penalty or missing_eos_score, not both")
+        if self.gradient_accumulation_steps != 1:
+            problems.append("gradient_accumulation_steps is derived in ppo (rollout_batch_size / num_mini_batches "
+                            "/ per_device_train_batch_size); remove it")
+        for key in ("rollout_batch_size", "num_ppo_epochs", "num_mini_batches", "max_prompt_length",
+                    "max_new_tokens", "num_sample_generations"):
+            if getattr(self, key) < (0 if key == "num_sample_generations" else 1):
+                problems.append(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.generation_batch_size is not None and self.generation_batch_size < 1:
+            problems.append(f"generation_batch_size must be >= 1, got {self.generation_batch_size}")
+        if self.rollout_batch_size % self.num_mini_batches:
+            problems.append(f"rollout_batch_size={self.rollout_batch_size} must be divisible by "
+                            f"num_mini_batches={self.num_mini_batches}")
+        elif (self.rollout_batch_size // self.num_mini_batches) % self.per_device_train_batch_size:
+            problems.append(f"the minibatch (rollout_batch_size / num_mini_batches = "
+                            f"{self.rollout_batch_size // self.num_mini_batches}) must be divisible by "
+                            f"per_device_train_batch_size={self.per_device_train_batch_size}")
+        if self.temperature <= 0:
+            problems.append(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0 or not 0 < self.top_p <= 1:
+            problems.append(f"top_k must be >= 0 and top_p in (0, 1], got {self.top_k}, {self.top_p}")
+        if self.kl_coef < 0:
+            problems.append(f"kl_coef must be >= 0, got {self.kl_coef}")
+        if self.target_kl is not None and self.target_kl <= 0:
+            problems.append(f"target_kl must be > 0 (or null), got {self.target_kl}")
+        if self.kl_horizon <= 0:
+            problems.append(f"kl_horizon must be > 0, got {self.kl_horizon}")
+        if self.reward_clip is not None and self.reward_clip <= 0:
+            problems.append(f"reward_clip must be > 0 (or null), got {self.reward_clip}")
+        for key in ("gamma", "lam"):
+            if not 0 <= getattr(self, key) <= 1:
+                problems.append(f"{key} must be in [0, 1], got {getattr(self, key)}")
+        for key in ("cliprange", "cliprange_value"):
+            if getattr(self, key) <= 0:
+                problems.append(f"{key} must be > 0, got {getattr(self, key)}")
+        if self.vf_coef < 0 or self.entropy_coef < 0:
+            problems.append("vf_coef and entropy_coef must be >= 0")
+        if self.total_episodes is not None and self.total_episodes < 1:
+            problems.append(f"total_episodes must be >= 1, got {self.total_episodes}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+STAGES: dict[str, type[BaseConfig]] = {"pt": PTConfig, "sft": SFTConfig, "dpo": DPOConfig, "kto": KTOConfig,
+                                       "rm": RMConfig, "ppo": PPOConfig}
 
 
 def register_stage(name: str, config_cls: type[BaseConfig]) -> None:

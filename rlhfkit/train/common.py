@@ -144,3 +144,41 @@ def save_final(run: Run, model, tokenizer) -> Path:
             tokenizer.save_pretrained(out / "merged")
     run.accelerator.wait_for_everyone()
     return out
+
+
+def config_task(name: str | None):
+    """The built-in task a config's `task` names (None when unset); an unknown name is a
+    ConfigError raised before any model loads."""
+    if not name:
+        return None
+    from rlhfkit.tasks import get_task
+
+    try:
+        return get_task(name)
+    except ValueError as e:
+        raise ConfigError(f"task: {e}") from None
+
+
+def skipped_note(run: Run, skipped: dict[str, int], what: str) -> None:
+    """Print how many examples of each split were skipped as too long (never silently)."""
+    for name, n in skipped.items():
+        if n:
+            run.print(f"[{run.stage}] skipped {n} {name} {what} within max_length={run.config.max_length}")
+
+
+def gold_eval(run: Run, model, tokenizer, task) -> dict:
+    """Gold reward / EOS rate / length of samples on the task's held-out prompts (main process);
+    the first 8 samples are appended to `output_dir/samples.jsonl`."""
+    if task is None or not run.is_main:
+        return {}
+    import json
+
+    from rlhfkit.eval.generation import sample_and_score
+
+    c = run.config
+    metrics, samples = sample_and_score(model, tokenizer, task, n_prompts=c.eval_num_prompts,
+                                        max_new_tokens=c.max_new_tokens, seed=c.seed)
+    with (run.output_dir / "samples.jsonl").open("a") as f:
+        for s in samples[:8]:
+            f.write(json.dumps(s) + "\n")
+    return metrics

@@ -4,7 +4,6 @@ data (which tokens count), so this is one function, not two copies."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import torch
@@ -13,7 +12,7 @@ from rlhfkit.data.collate import collate_encoded
 from rlhfkit.data.encode import Encoded
 from rlhfkit.losses.nll import nll_sum
 from rlhfkit.models.logprobs import shifted_token_logps
-from rlhfkit.train.common import save_final, shard, to_device
+from rlhfkit.train.common import config_task, gold_eval, save_final, shard, skipped_note, to_device
 from rlhfkit.train.loop import BatchStream, Result, Run, describe_batches, fit, total_steps
 from rlhfkit.train.tracking import progress, write_summary
 
@@ -53,29 +52,12 @@ def run_causal_lm(run: Run, model, tokenizer, train: list[Encoded], evaluation: 
     stream = BatchStream(len(train), c.per_device_train_batch_size, run.world_size, run.rank, c.seed)
     steps = total_steps(c, stream.per_epoch)
     describe_batches(run, len(train), steps, stream.per_epoch)
-    for name, n in skipped.items():
-        if n:
-            run.print(f"[{run.stage}] skipped {n} {name} example(s) that leave no response token "
-                      f"within max_length={c.max_length}")
-
-    task = None
-    if c.task:
-        from rlhfkit.tasks import get_task
-
-        task = get_task(c.task)
+    skipped_note(run, skipped, "example(s) that leave no response token")
+    task = config_task(c.task)
 
     def evaluate(m) -> dict:
         metrics = lm_eval(run, m, evaluation, pad) if evaluation else {}
-        if task is not None and run.is_main:
-            from rlhfkit.eval.generation import sample_and_score
-
-            gen_metrics, samples = sample_and_score(m, tokenizer, task, n_prompts=c.eval_num_prompts,
-                                                    max_new_tokens=c.max_new_tokens, seed=c.seed)
-            metrics.update(gen_metrics)
-            with (run.output_dir / "samples.jsonl").open("a") as f:
-                for s in samples[:8]:
-                    f.write(json.dumps({"step": None, **s}) + "\n")
-        return metrics
+        return {**metrics, **gold_eval(run, m, tokenizer, task)}
 
     has_eval = bool(evaluation) or task is not None
     model, history = fit(

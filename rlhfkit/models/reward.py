@@ -1,0 +1,314 @@
+"""Reward models: a scalar head on a causal-LM backbone, read at the last real token.
+
+A reward model is a plain Hugging Face `AutoModelForSequenceClassification` with `num_labels=1`
+(for Llama-style models: `LlamaForSequenceClassification`, backbone `model`, head `score`), built
+from the SFT causal LM by taking over its backbone module (weights moved, not copied) and a fresh head
+`score.weight ~ N(0, 1/sqrt(hidden + 1))`. Llama's `score` head has no bias; none is needed: a
+constant offset in the reward changes no preference probability sigmoid(r_c - r_r), and the
+offset the model does learn is removed by the stored normalisation (`reward_normalization.json`,
+`(r - mean)`, and `/ std` when configured).
+
+The reward of a sequence is the head's output at its last real token (the appended EOS of the
+response), found from the attention mask, so left, right and no padding give the same value.
+
+Saved directories load with plain transformers:
+
+    model = AutoModelForSequenceClassification.from_pretrained(rm_dir)   # full fine-tuning
+    raw = model(input_ids, attention_mask=mask).logits[:, 0]             # right-padded batch
+    norm = json.load(open(rm_dir / "reward_normalization.json"))
+    reward = (raw - norm["mean"]) / (norm["std"] if norm["divide_by_std"] else 1.0)
+
+(transformers finds the last non-pad token from `config.pad_token_id`; for left-padded batches pass
+`position_ids = (mask.cumsum(-1) - 1).clamp(min=0)` as rlhfkit does.) A LoRA reward model is a
+peft adapter directory whose `adapter_config.json` names the base (the SFT model) and whose
+adapter file also holds the trained `score` head (`modules_to_save`):
+`PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base, num_labels=1),
+rm_dir)`. `load_reward_model` handles both, and applies the normalisation.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+
+from rlhfkit.errors import ConfigError
+from rlhfkit.models.load import disable_dropout, load_causal_lm, load_tokenizer, resolve_source
+from rlhfkit.models.logprobs import position_ids_from_mask
+from rlhfkit.models.presets import preset_name
+
+NORMALIZATION_FILE = "reward_normalization.json"
+
+
+# ---- indexing ----------------------------------------------------------------------------------
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) index of the last True per row; correct for left, right and no padding.
+
+    `arange(T) * mask` is largest at the last real position (a row whose only real token is
+    position 0 is all zeros, and argmax then returns 0, also correct). An all-False row gives 0."""
+    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+    return (positions * attention_mask.long()).argmax(-1)
+
+
+# ---- building --------------------------------------------------------------------------------
+
+def init_reward_head(head: torch.nn.Linear) -> None:
+    """weight ~ N(0, std = 1/sqrt(hidden + 1)), bias 0 if the head has one (in place)."""
+    with torch.no_grad():
+        head.weight.normal_(0.0, 1.0 / math.sqrt(head.in_features + 1))
+        if head.bias is not None:
+            head.bias.zero_()
+
+
+def _is_sequence_classifier(model_name_or_path: str, gguf_file: str | None, trust_remote_code: bool) -> bool:
+    """True when the path/id holds an `...ForSequenceClassification` checkpoint."""
+    if preset_name(model_name_or_path) is not None or model_name_or_path.endswith(".gguf") or gguf_file:
+        return False
+    path = Path(model_name_or_path).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file():
+        if (path / "adapter_config.json").is_file():
+            raise ConfigError(
+                f"model_name_or_path: {model_name_or_path} is a LoRA adapter, not a model; start from "
+                "the merged model (train it with merge_lora: true and use OUTPUT_DIR/merged)")
+        return False
+    from transformers import AutoConfig
+
+    source, kwargs = resolve_source(model_name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+    except OSError as e:
+        raise ConfigError(f"model_name_or_path: could not load {model_name_or_path}: {e}") from None
+    return any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+
+
+def _from_causal_lm(lm):
+    """A sequence-classification model (num_labels=1) with `lm`'s backbone weights."""
+    from transformers import AutoModelForSequenceClassification
+
+    config = copy.deepcopy(lm.config)
+    config.num_labels = 1
+    config.architectures = None
+    # Built on the meta device (no memory, no random init), then given the LM's own backbone
+    # module: the weights are moved, not copied, and only the head is allocated.
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(config, dtype=lm.dtype)
+    backbone = getattr(lm, lm.base_model_prefix)
+    backbone.config = model.config
+    setattr(model, model.base_model_prefix, backbone)
+    head = model.score
+    model.score = torch.nn.Linear(head.in_features, head.out_features, bias=head.bias is not None, dtype=lm.dtype)
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:
+        raise NotImplementedError(f"{type(model).__name__}: parameters {leftover[:3]} are not part of the "
+                                  "backbone or the `score` head; rlhfkit cannot convert this architecture")
+    model.name_or_path = lm.name_or_path
+    return model
+
+
+def build_reward_model(model_name_or_path: str, tokenizer, *, gguf_file: str | None = None,
+                       trust_remote_code: bool = False, dtype: torch.dtype = torch.float32):
+    """An `AutoModelForSequenceClassification` (num_labels=1) for reward modelling.
+
+    From a causal LM (HF directory, hub id, `.gguf` file or `preset:NAME`): its backbone plus a
+    fresh head (`init_reward_head`). From an existing sequence-classification checkpoint: loaded
+    as is, head kept. Either way: embeddings sized to `tokenizer`, `config.pad_token_id` set,
+    dropout off, weights read from safetensors only."""
+    from transformers import AutoModelForSequenceClassification
+
+    if _is_sequence_classifier(model_name_or_path, gguf_file, trust_remote_code):
+        source, kwargs = resolve_source(model_name_or_path)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source, trust_remote_code=trust_remote_code, dtype=dtype, use_safetensors=True, **kwargs)
+        if model.config.num_labels != 1:
+            raise ConfigError(f"model_name_or_path: {model_name_or_path} is a classifier with "
+                              f"num_labels={model.config.num_labels}; a reward model needs num_labels=1")
+        if model.get_input_embeddings().num_embeddings < len(tokenizer):
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            with torch.no_grad():
+                model.get_input_embeddings().weight[tokenizer.pad_token_id].zero_()
+    else:
+        lm = load_causal_lm(model_name_or_path, tokenizer, gguf_file=gguf_file,
+                            trust_remote_code=trust_remote_code, dtype=dtype)
+        model = _from_causal_lm(lm)
+        del lm
+        init_reward_head(reward_head(model))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    disable_dropout(model)
+    return model.to(dtype)
+
+
+# ---- parts through wrappers --------------------------------------------------------------------
+
+def _unwrap(model):
+    """The HF sequence-classification model under DDP (`.module`) and peft wrappers."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    if hasattr(model, "get_base_model"):  # peft PeftModel
+        model = model.get_base_model()
+    return model
+
+
+def reward_head(model) -> torch.nn.Linear:
+    """The `score` head (the trainable copy when peft wraps it as a module to save)."""
+    head = _unwrap(model).score
+    if hasattr(head, "modules_to_save"):  # peft ModulesToSaveWrapper
+        if head.active_adapters:
+            return head.modules_to_save[head.active_adapters[0]]
+        return head.original_module
+    return head
+
+
+def reward_backbone(model):
+    """The base transformer (e.g. LlamaModel; with LoRA layers in it under peft)."""
+    inner = _unwrap(model)
+    return getattr(inner, inner.base_model_prefix)
+
+
+# ---- rewards ---------------------------------------------------------------------------------
+
+def token_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) float32: the head applied at every position (values at pads are meaningless).
+
+    Runs the model's own forward (so DDP and peft wrappers see the call) with position ids from
+    the mask, and reads the head's per-position output with a forward hook: the HF forward itself
+    returns only the pooled value."""
+    captured = []
+    hook = reward_head(model).register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask.long(),
+              position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    finally:
+        hook.remove()
+    return captured[-1].squeeze(-1).float()
+
+
+def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) raw reward at the last real token of each row (the EOS of the response)."""
+    values = token_rewards(model, input_ids, attention_mask)
+    return values.gather(1, last_token_index(attention_mask).unsqueeze(1)).squeeze(1)
+
+
+# ---- normalisation -----------------------------------------------------------------------------
+
+@dataclass
+class Normalization:
+    """`(r - mean)`, and `/ std` when `divide_by_std`: statistics of the raw reward over a
+    reference set of responses (`reference` says which), so those average 0 after training."""
+
+    mean: float = 0.0
+    std: float = 1.0
+    divide_by_std: bool = False
+    reference: str = ""
+    count: int = 0
+
+    def apply(self, rewards: torch.Tensor) -> torch.Tensor:
+        out = rewards - self.mean
+        if self.divide_by_std:
+            out = out / max(self.std, 1e-8)
+        return out
+
+    @classmethod
+    def from_rewards(cls, rewards: torch.Tensor, *, divide_by_std: bool = False,
+                     reference: str = "") -> "Normalization":
+        r = rewards.double().flatten()
+        std = r.std(unbiased=False).item() if r.numel() > 1 else 1.0
+        return cls(mean=r.mean().item(), std=std, divide_by_std=divide_by_std, reference=reference,
+                   count=r.numel())
+
+
+def save_normalization(directory, norm: Normalization) -> Path:
+    path = Path(directory) / NORMALIZATION_FILE
+    path.write_text(json.dumps(asdict(norm), indent=2) + "\n")
+    return path
+
+
+def load_normalization(directory) -> Normalization:
+    """The stored normalisation; identity when the directory has none (a foreign checkpoint)."""
+    path = Path(directory) / NORMALIZATION_FILE
+    if not path.is_file():
+        return Normalization()
+    data = json.loads(path.read_text())
+    known = {f.name for f in fields(Normalization)}
+    return Normalization(**{k: v for k, v in data.items() if k in known})
+
+
+# ---- the consumer-facing scorer ------------------------------------------------------------
+
+@dataclass
+class RewardScorer:
+    """A loaded reward model with its tokenizer and normalisation: what PPO, `eval-rm` and
+    `score` use."""
+
+    model: object
+    tokenizer: object
+    normalization: Normalization
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def raw_score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B,) un-normalised rewards (float32, on the input's device)."""
+        r = sequence_rewards(self.model, input_ids.to(self.device), attention_mask.to(self.device))
+        return r.to(input_ids.device)
+
+    @torch.no_grad()
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B,) normalised rewards (float32, on the input's device), no grad."""
+        return self.normalization.apply(self.raw_score(input_ids, attention_mask))
+
+
+# ---- LoRA --------------------------------------------------------------------------------------
+
+def apply_reward_lora(model, *, base_model_name_or_path: str, rank: int, alpha: float, dropout: float,
+                      target: str | list[str]):
+    """peft LoRA (task SEQ_CLS: the `score` head is a trainable module to save) on a reward model.
+
+    `base_model_name_or_path` is recorded in adapter_config.json and must load as the base again
+    (an absolute directory or .gguf path; not a preset, which has no weights to reload)."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    if preset_name(base_model_name_or_path) is not None:
+        raise ConfigError("a LoRA reward model needs a base that can be reloaded; save the preset "
+                          "model first and pass its directory")
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target,
+                        bias="none", task_type=TaskType.SEQ_CLS, modules_to_save=["score"])
+    peft_model = get_peft_model(model, config)
+    peft_model.peft_config["default"].base_model_name_or_path = base_model_name_or_path
+    return peft_model
+
+
+# ---- loading ---------------------------------------------------------------------------------
+
+def load_reward_model(path, device="cpu", *, dtype: torch.dtype | None = None) -> RewardScorer:
+    """A saved reward model (full or LoRA directory) with tokenizer and normalisation, eval mode.
+
+    LoRA directories are merged into their base (read from adapter_config.json's
+    `base_model_name_or_path`) for scoring."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"reward model {path} is not a directory")
+    tokenizer = load_tokenizer(str(path))
+    dtype = dtype or torch.float32
+    adapter = path / "adapter_config.json"
+    if adapter.is_file():
+        from peft import PeftModel
+
+        base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+        if not base:
+            raise ConfigError(f"{adapter}: base_model_name_or_path is empty; cannot find the base model")
+        model = build_reward_model(base, tokenizer, dtype=dtype)
+        model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    elif (path / "config.json").is_file():
+        model = build_reward_model(str(path), tokenizer, dtype=dtype)
+    else:
+        raise ConfigError(f"reward model {path}: neither config.json nor adapter_config.json found")
+    disable_dropout(model)
+    model.to(device).eval()
+    return RewardScorer(model, tokenizer, load_normalization(path))

@@ -1,0 +1,247 @@
+"""Reward modelling: a scalar head on the SFT backbone, trained on preference pairs
+(Bradley-Terry) or rankings (Plackett-Luce), then normalised on reference responses.
+
+Every response of a micro-batch (chosen + rejected, or all K of a ranking) goes through one
+concatenated forward pass; the reward is read at each sequence's last real token (its EOS).
+"""
+
+from __future__ import annotations
+
+import random
+from functools import partial
+
+import torch
+
+from rlhfkit.config import RMConfig
+from rlhfkit.data.encode import Encoded, encode_responses
+from rlhfkit.data.formats import to_canonical
+from rlhfkit.data.groups import collate_groups, encode_group, group_responses, ungroup
+from rlhfkit.data.sources import load_rows
+from rlhfkit.errors import ConfigError
+from rlhfkit.eval.reward import evaluate_rewards, format_metrics, score_examples
+from rlhfkit.losses.preference import RM_LOSSES, centering_penalty
+from rlhfkit.models.load import base_reference, count_parameters, load_tokenizer
+from rlhfkit.models.presets import preset_name
+from rlhfkit.models.reward import (
+    Normalization,
+    apply_reward_lora,
+    build_reward_model,
+    save_normalization,
+    sequence_rewards,
+)
+from rlhfkit.train.common import config_task, encode_all, load_split, row_format, row_texts, save_final, shard, to_device
+from rlhfkit.train.loop import BatchStream, Result, Run, describe_batches, fit, start_run, total_steps
+from rlhfkit.train.tracking import write_summary
+
+RM_FORMATS = ("preference", "ranking")
+REFERENCE_FORMATS = ("prompt_completion", "messages", "preference", "ranking")
+
+
+# ---- the loss --------------------------------------------------------------------------------
+
+def pairwise_stats(rewards: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row accuracy and margin over the ordered pairs (i above j) of a (B, K) reward matrix:
+    mean(r_i > r_j) and mean(r_i - r_j). For pairs: (r_c > r_r, r_c - r_r)."""
+    d = rewards.unsqueeze(2) - rewards.unsqueeze(1)                     # (B, K, K): r_i - r_j
+    upper = torch.ones(mask.shape[1], mask.shape[1], dtype=torch.bool, device=mask.device).triu(1)
+    valid = (mask.unsqueeze(2) & mask.unsqueeze(1) & upper).to(rewards.dtype)
+    n = valid.sum((1, 2)).clamp(min=1)
+    return ((d > 0).to(rewards.dtype) * valid).sum((1, 2)) / n, (d * valid).sum((1, 2)) / n
+
+
+def rm_loss(model, batch: dict, *, dataset_format: str, center_coef: float | None) -> tuple[torch.Tensor, dict]:
+    """Summed per-row loss of a micro-batch of groups and summed metrics (divided by rows later)."""
+    # 1. one forward over every response of every group
+    flat = sequence_rewards(model, batch["input_ids"], batch["attention_mask"])   # (N,)
+    mask = batch["group_mask"]
+    rewards = ungroup(flat, mask)                                                 # (B, K)
+    # 2. Bradley-Terry (pairs) or Plackett-Luce (rankings), + optional centering
+    losses = RM_LOSSES[dataset_format](rewards, mask, batch.get("margin"))
+    if center_coef:
+        losses = losses + centering_penalty(rewards, center_coef)
+    # 3. metrics
+    with torch.no_grad():
+        accuracy, margin = pairwise_stats(rewards.detach(), mask)
+        mean = (rewards.detach() * mask).sum(-1) / mask.sum(-1)
+    return losses.sum(), {"rm/accuracy": accuracy.sum(), "rm/margin": margin.sum(), "rm/reward_mean": mean.sum()}
+
+
+def rows_in_batch(batch: dict) -> float:
+    return float(batch["group_mask"].shape[0])
+
+
+# ---- model set-up ----------------------------------------------------------------------------
+
+def setup_reward_model(run: Run, texts):
+    """Tokenizer + reward model from the config (LoRA applied when asked)."""
+    c = run.config
+    tokenizer = load_tokenizer(c.model_name_or_path, tokenizer_name_or_path=c.tokenizer_name_or_path,
+                               gguf_file=c.gguf_file, trust_remote_code=c.trust_remote_code,
+                               chat_template=c.chat_template, preset_texts=texts)
+    torch.manual_seed(c.seed)
+    model = build_reward_model(c.model_name_or_path, tokenizer, gguf_file=c.gguf_file,
+                               trust_remote_code=c.trust_remote_code)
+    if c.finetuning_type == "lora":
+        if preset_name(c.model_name_or_path) is not None:
+            # A preset has no weights on disk: save the initial model so the adapter has a base.
+            base = run.output_dir / "base"
+            if run.is_main:
+                model.save_pretrained(base, safe_serialization=True)
+                tokenizer.save_pretrained(base)
+            run.accelerator.wait_for_everyone()
+            base_path = str(base.resolve())
+        elif c.gguf_file:
+            raise ConfigError("a LoRA reward model records its base as one path: give the GGUF file as "
+                              "model_name_or_path (.../NAME.gguf or pkg:PACKAGE/NAME.gguf), not gguf_file")
+        else:
+            base_path = base_reference(c.model_name_or_path)  # what save_final records too
+        model = apply_reward_lora(model, base_model_name_or_path=base_path, rank=c.lora_rank,
+                                  alpha=c.lora_alpha, dropout=c.lora_dropout, target=c.lora_target)
+    model.to(run.device)
+    trainable, total = count_parameters(model)
+    run.print(f"[{run.stage}] reward model from {c.model_name_or_path}: {total / 1e6:.2f}M parameters, "
+              f"{trainable / 1e6:.2f}M trainable ({c.finetuning_type})")
+    return model, tokenizer
+
+
+# ---- normalisation ---------------------------------------------------------------------------
+
+def load_reference_rows(config: RMConfig) -> list[dict] | None:
+    """Validated rows of `normalization_dataset` (None when not set)."""
+    if config.normalization_dataset is None:
+        return None
+    rows = to_canonical(load_rows(config.normalization_dataset))
+    fmt = row_format(rows[0])
+    if fmt not in REFERENCE_FORMATS:
+        raise ConfigError(f"normalization_dataset {config.normalization_dataset}: rows are in '{fmt}' format; "
+                          f"reference responses come from {', '.join(REFERENCE_FORMATS)} rows")
+    return rows
+
+
+def reference_pair(row: dict) -> tuple:
+    """(prompt, response) of a reference row: the completion, the final assistant reply, or the
+    chosen/best response."""
+    if "completion" in row:
+        return row["prompt"], row["completion"]
+    if "messages" in row:
+        messages = row["messages"]
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        return messages[:last], [messages[last]]
+    return row["prompt"], group_responses(row)[0]
+
+
+def reference_examples(config: RMConfig, tokenizer, train_groups, reference_rows) -> tuple[list[Encoded], str]:
+    """Encoded reference responses (at most `normalization_samples`, seeded) and a description."""
+    if reference_rows is None:
+        examples = [g.responses[0] for g in train_groups]
+        what = "best (chosen) responses of the training data"
+    else:
+        examples = []
+        for row in reference_rows:
+            prompt, response = reference_pair(row)
+            enc = encode_responses(tokenizer, prompt, [response], config.max_length, config.max_prompt_length)
+            if enc is not None:
+                examples.append(enc[0])
+        what = f"responses of {config.normalization_dataset}"
+    if not examples:
+        raise ConfigError("no reference responses left for the normalisation after encoding")
+    if config.normalization_samples is not None and len(examples) > config.normalization_samples:
+        examples = random.Random(config.seed).sample(examples, config.normalization_samples)
+    return examples, f"{len(examples)} {what}"
+
+
+@torch.no_grad()
+def compute_normalization(run: Run, model, examples: list[Encoded], pad_id: int, what: str) -> Normalization:
+    """Mean and std of the raw reward over `examples` (split across processes, summed)."""
+    c = run.config
+    mine = shard(examples, run)
+    rewards = score_examples(lambda ids, m: sequence_rewards(model, ids, m), mine, pad_id,
+                             batch_size=c.per_device_eval_batch_size, device=run.device, quiet=run.quiet,
+                             desc="normalisation").double()
+    s, s2, n = run.reduce_sum([rewards.sum().item(), (rewards ** 2).sum().item(), rewards.numel()]).tolist()
+    mean = s / n
+    std = max(s2 / n - mean ** 2, 0.0) ** 0.5
+    return Normalization(mean=mean, std=std, divide_by_std=c.normalize_std, reference=what, count=int(n))
+
+
+# ---- the stage -------------------------------------------------------------------------------
+
+def train_rm(config: RMConfig) -> Result:
+    # 1. validate every row (train, eval, reference set) before loading anything heavy
+    train_rows, eval_rows = load_split(config, RM_FORMATS)
+    fmt = row_format(train_rows[0])
+    if eval_rows and row_format(eval_rows[0]) != fmt:
+        raise ConfigError(f"eval data is in '{row_format(eval_rows[0])}' format but the training data "
+                          f"in '{fmt}'; give both as preference pairs or both as rankings")
+    reference_rows = load_reference_rows(config)
+    task = config_task(config.task)
+    run = start_run(config, "rm")
+    c = config
+
+    # 2. tokenizer and reward model (SFT backbone + fresh head; LoRA keeps the head trainable)
+    model, tokenizer = setup_reward_model(run, lambda: row_texts(train_rows))
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+
+    # 3. encode: prompt + each response (+ EOS); rows whose response does not fit are skipped
+    def encode(item):
+        index, row = item
+        return encode_group(tokenizer, row, c.max_length, c.max_prompt_length, index)
+
+    train, skipped_train = encode_all(list(enumerate(train_rows)), encode, desc="tokenize train", quiet=run.quiet)
+    evaluation, skipped_eval = encode_all(list(enumerate(eval_rows)), encode, desc="tokenize eval",
+                                          quiet=run.quiet)
+    for name, n in (("train", skipped_train), ("eval", skipped_eval)):
+        if n:
+            run.print(f"[rm] skipped {n} {name} row(s) with a response that leaves no token within "
+                      f"max_length={c.max_length}")
+
+    # 4. train with evaluation every eval_steps and at the end (main process)
+    stream = BatchStream(len(train), c.per_device_train_batch_size, run.world_size, run.rank, c.seed)
+    steps = total_steps(c, stream.per_epoch)
+    describe_batches(run, len(train), steps, stream.per_epoch)
+    plot_path = run.output_dir / "plots" / "reliability.png"
+
+    def evaluate(m) -> dict:
+        if not run.is_main:
+            return {}
+        return evaluate_rewards(lambda ids, mask: sequence_rewards(m, ids, mask), evaluation, pad_id=pad,
+                                eos_id=eos, dataset_format=fmt, rows=eval_rows, task=task,
+                                batch_size=c.per_device_eval_batch_size, device=run.device,
+                                bins=c.calibration_bins, plot_path=plot_path, quiet=run.quiet)
+
+    model, history = fit(
+        run, model, stream=stream,
+        make_batch=lambda idx: to_device(collate_groups([train[i] for i in idx], pad), run.device),
+        batch_weight=rows_in_batch,
+        loss_fn=partial(rm_loss, dataset_format=fmt, center_coef=c.center_rewards_coefficient),
+        steps=steps, evaluate=evaluate if evaluation else None,
+    )
+
+    # 5. normalisation on the reference responses (before saving: a LoRA merge changes the model)
+    examples, what = reference_examples(c, tokenizer, train, reference_rows)
+    norm = compute_normalization(run, model, examples, pad, what)
+    run.print(f"[rm] normalisation over {what}: mean {norm.mean:+.4f}, std {norm.std:.4f}"
+              f"{' (divided by std)' if norm.divide_by_std else ''}")
+
+    # 6. save: HF directory (or LoRA adapter with the head) + tokenizer + normalisation
+    save_final(run, model, tokenizer)
+    if run.is_main:
+        save_normalization(run.output_dir, norm)
+        if (run.output_dir / "merged").is_dir():  # merge_lora, or LoRA on a preset
+            save_normalization(run.output_dir / "merged", norm)
+    run.accelerator.wait_for_everyone()
+
+    final = history[-1] if history else {}
+    summary = {"stage": run.stage, "steps": steps, "dataset_format": fmt, "train_rows": len(train),
+               "eval_rows": len(evaluation), "skipped_train": skipped_train, "skipped_eval": skipped_eval,
+               "normalization": {"mean": norm.mean, "std": norm.std, "divide_by_std": norm.divide_by_std,
+                                 "reference": norm.reference},
+               **{k: v for k, v in final.items() if k != "step"}}
+    if run.is_main:
+        write_summary(run.output_dir, summary)
+        evals = {k.removeprefix("eval/"): v for k, v in final.items() if k.startswith("eval/")}
+        if evals:
+            run.print(format_metrics(evals, title=f"[rm] held-out evaluation ({len(evaluation)} rows, raw rewards)"))
+        run.logger.plot(keys=[k for k in ("eval/accuracy", "rm/accuracy") if any(k in r for r in history)])
+        run.logger.close()
+    return Result(run.output_dir, summary, model, tokenizer, history)
