@@ -1,0 +1,458 @@
+"""The four PPO roles (policy, reference, critic, reward) built from a PPOConfig.
+
+Memory layouts (RLHF_NOTES 11, issue #4 "Roles and memory"):
+
+LoRA, reward model = LoRA adapter over the same SFT base (the usual pipeline): ONE base in memory
+  policy     base + adapter `default` (trainable)            -> logits
+  reference  base with adapters disabled                     -> logits
+  critic     base + adapter `critic` (starts as a copy of the reward adapter) + value head
+  reward     base + adapter `reward` (frozen) + the RM head (frozen), normalised
+LoRA, reward model on another base (full RM, or LoRA over a different base): the policy base
+  serves policy and reference; a separate frozen RM model serves the reward (adapters disabled)
+  and, with adapter `critic` + value head, the critic. Two bases in memory.
+LoRA, reward functions only: the critic is adapter `critic` on the policy base.
+Full fine-tuning: separate copies (policy, frozen reference, critic backbone copy, frozen RM).
+
+The value head is a Linear(hidden, 1) with bias. Initialised from the reward model it is the
+RM head with the stored normalisation folded in (w / s, (b - mean) / s), so at step 0 the value
+read at the reward model's position equals the normalised score exactly. `value_init: zero`
+(and every run without a reward model) starts it at 0.
+
+peft quirk handled here: `set_adapter` and `disable_adapter` rewrite `requires_grad` of every
+adapter (only the active one stays trainable). Every switch goes through `Roles.adapter` /
+`Roles.reference`, which restore the trainable set afterwards, so one optimizer can train the
+policy and critic adapters of one base.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from rlhfkit.config import PPOConfig
+from rlhfkit.errors import ConfigError
+from rlhfkit.models.load import apply_lora, disable_dropout, load_causal_lm, load_tokenizer
+from rlhfkit.models.logprobs import position_ids_from_mask
+from rlhfkit.models.reward import (
+    Normalization,
+    RewardScorer,
+    last_token_index,
+    load_normalization,
+    load_reward_model,
+    reward_backbone,
+    reward_head,
+)
+
+log = logging.getLogger("rlhfkit")
+
+POLICY, CRITIC, REWARD = "default", "critic", "reward"
+
+
+def _same_path(a: str | None, b: str | None) -> bool:
+    if a is None or b is None:
+        return False
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if pa.exists() and pb.exists():
+        return pa.resolve() == pb.resolve()
+    return a == b
+
+
+def value_head_from_reward(head: torch.nn.Linear | None, norm: Normalization | None, hidden: int) -> torch.nn.Linear:
+    """Linear(hidden, 1, bias) = the RM head with normalisation folded in, or zeros when `head` is None."""
+    out = torch.nn.Linear(hidden, 1, bias=True)
+    with torch.no_grad():
+        out.weight.zero_()
+        out.bias.zero_()
+        if head is not None:
+            norm = norm or Normalization()
+            scale = 1.0 / max(norm.std, 1e-8) if norm.divide_by_std else 1.0
+            out.weight.copy_(head.weight.detach().float() * scale)
+            bias = float(head.bias.detach().item()) if head.bias is not None else 0.0
+            out.bias.fill_((bias - norm.mean) * scale)
+    return out
+
+
+@dataclass
+class Roles:
+    """What the PPO loop needs: `policy` (a causal LM; peft under LoRA), and four operations.
+
+    `trainable` holds every trained module (for the optimizer, checkpoints and the
+    parameter-change test); `modules` lists each role's modules (for counting memory)."""
+
+    policy: torch.nn.Module
+    value_head: torch.nn.Linear
+    critic_backbone: torch.nn.Module
+    trainable: torch.nn.ModuleDict
+    ref_model: torch.nn.Module | None = None          # None: policy with adapters disabled
+    critic_peft: torch.nn.Module | None = None         # the peft model holding adapter `critic`
+    reward_scorer: RewardScorer | None = None          # separate reward model (frozen)
+    reward_backbone_shared: torch.nn.Module | None = None  # shared base: backbone for adapter `reward`
+    reward_head_shared: torch.nn.Linear | None = None
+    reward_normalization: Normalization | None = None
+    reward_same_vocab: bool = True
+    modules: dict[str, list[torch.nn.Module]] = field(default_factory=dict)
+    _trainable_ids: set[int] = field(default_factory=set)
+
+    def __post_init__(self):
+        self._trainable_ids = {id(p) for p in self.trainable.parameters() if p.requires_grad}
+
+    # ---- adapter switching -----------------------------------------------------------------
+    def _restore_grads(self, peft_model) -> None:
+        for p in peft_model.parameters():
+            p.requires_grad_(id(p) in self._trainable_ids)
+
+    @contextmanager
+    def adapter(self, peft_model, name: str):
+        """Run `peft_model` with adapter `name` active; back to the policy adapter afterwards."""
+        if peft_model is None or not hasattr(peft_model, "set_adapter"):
+            yield
+            return
+        previous = peft_model.active_adapter
+        peft_model.set_adapter(name)
+        self._restore_grads(peft_model)
+        try:
+            yield
+        finally:
+            peft_model.set_adapter(previous)
+            self._restore_grads(peft_model)
+
+    @contextmanager
+    def reference(self):
+        """Yields the reference model: a separate frozen copy, or the policy with adapters off."""
+        if self.ref_model is not None:
+            yield self.ref_model
+            return
+        with self.policy.disable_adapter():
+            yield self.policy
+        self._restore_grads(self.policy)
+
+    # ---- roles ---------------------------------------------------------------------------------
+    def values(self, input_ids, attention_mask, start: int, stop: int) -> torch.Tensor:
+        """(B, stop - start) critic values from the hidden states at positions [start, stop)."""
+        peft = self.critic_peft
+        with self.adapter(peft, CRITIC) if peft is not None else nullcontext():
+            hidden = self.critic_backbone(input_ids=input_ids, attention_mask=attention_mask.long(),
+                                          position_ids=position_ids_from_mask(attention_mask),
+                                          use_cache=False).last_hidden_state
+        return self.value_head(hidden[:, start:stop].float()).squeeze(-1)
+
+    @torch.no_grad()
+    def reward(self, input_ids, attention_mask) -> torch.Tensor:
+        """(B,) normalised reward-model score read at the last real token."""
+        if self.reward_scorer is not None:
+            peft = self.critic_peft if self.critic_peft is not None and self.critic_peft is not self.policy else None
+            context = peft.disable_adapter() if peft is not None else nullcontext()
+            with context:
+                scores = self.reward_scorer.score(input_ids, attention_mask)
+            if peft is not None:
+                self._restore_grads(peft)
+            return scores
+        with self.adapter(self.policy, REWARD):
+            hidden = self.reward_backbone_shared(input_ids=input_ids, attention_mask=attention_mask.long(),
+                                                 position_ids=position_ids_from_mask(attention_mask),
+                                                 use_cache=False).last_hidden_state
+        idx = last_token_index(attention_mask)
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
+        raw = self.reward_head_shared(last).squeeze(-1).float()
+        return self.reward_normalization.apply(raw)
+
+    @property
+    def has_reward_model(self) -> bool:
+        return self.reward_scorer is not None or self.reward_head_shared is not None
+
+    def unique_parameters(self) -> tuple[int, dict[str, int]]:
+        """(parameters in memory counted once, per-role counts) over every role's modules."""
+        seen: set[int] = set()
+        total, per_role = 0, {}
+        for role, mods in self.modules.items():
+            n = 0
+            for m in mods:
+                for p in m.parameters():
+                    n += p.numel()
+                    if id(p) not in seen:
+                        seen.add(id(p))
+                        total += p.numel()
+            per_role[role] = n
+        return total, per_role
+
+
+def _lora_kwargs(c: PPOConfig) -> dict:
+    return dict(rank=c.lora_rank, alpha=c.lora_alpha, dropout=c.lora_dropout, target=c.lora_target)
+
+
+def _lora_config_like(c: PPOConfig, adapter_config: dict | None = None, exclude: list[str] | None = None):
+    """A LoraConfig for an extra adapter: the RM adapter's own shape when copying it, else ours.
+    `exclude`: modules never adapted (the RM's `score` head, which the critic does not use)."""
+    from peft import LoraConfig
+
+    if adapter_config is not None:
+        keys = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "fan_in_fan_out",
+                "init_lora_weights", "bias")
+        kwargs = {k: adapter_config[k] for k in keys if k in adapter_config}
+        if isinstance(kwargs.get("target_modules"), list):
+            kwargs["target_modules"] = sorted(kwargs["target_modules"])
+        kwargs["bias"] = "none"
+        return LoraConfig(**kwargs)
+    return LoraConfig(r=c.lora_rank, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout,
+                      target_modules=c.lora_target, bias="none", exclude_modules=exclude)
+
+
+def _load_adapter_weights(peft_model, rm_dir: Path, name: str) -> dict[str, torch.Tensor]:
+    """Load the LoRA weights of the RM adapter in `rm_dir` into adapter `name` of `peft_model`;
+    returns the RM's non-LoRA weights (its `score` head) by short name."""
+    from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    state = load_peft_weights(str(rm_dir), device="cpu")
+    lora = {k: v for k, v in state.items() if "lora_" in k}
+    rest = {k: v for k, v in state.items() if "lora_" not in k}
+    result = set_peft_model_state_dict(peft_model, lora, adapter_name=name)
+    missing = [k for k in result.unexpected_keys if "lora_" in k]
+    if missing or not lora:
+        raise ConfigError(f"reward_model {rm_dir}: its LoRA weights do not fit the policy's base "
+                          f"({len(lora)} tensors; unexpected e.g. {missing[:2]})")
+    return rest
+
+
+def _score_head_from_state(rest: dict[str, torch.Tensor], hidden: int) -> torch.nn.Linear:
+    weight = next((v for k, v in rest.items() if k.endswith("score.weight")), None)
+    if weight is None:
+        raise ConfigError("reward_model: the LoRA adapter holds no `score` head (modules_to_save)")
+    bias = next((v for k, v in rest.items() if k.endswith("score.bias")), None)
+    head = torch.nn.Linear(hidden, 1, bias=bias is not None)
+    with torch.no_grad():
+        head.weight.copy_(weight.float())
+        if bias is not None:
+            head.bias.copy_(bias.float())
+    head.requires_grad_(False)
+    return head
+
+
+def build_roles(c: PPOConfig, tokenizer, device, printer=print) -> Roles:
+    """Load/build every role for `c` (see the module docstring). Dropout is off in all."""
+    torch.manual_seed(c.seed)
+    policy = load_causal_lm(c.model_name_or_path, tokenizer, gguf_file=c.gguf_file,
+                            trust_remote_code=c.trust_remote_code)
+    hidden = policy.config.hidden_size
+    ref_path = c.ref_model or c.model_name_or_path
+    separate_ref = c.finetuning_type == "full" or not _same_path(ref_path, c.model_name_or_path)
+    ref_model = None
+    if separate_ref:
+        ref_model = load_causal_lm(ref_path, tokenizer, trust_remote_code=c.trust_remote_code,
+                                   gguf_file=c.gguf_file if ref_path == c.model_name_or_path else None)
+        ref_model.requires_grad_(False).eval()
+
+    rm_dir = Path(c.reward_model) if c.reward_model else None
+    rm_adapter_cfg = None
+    if rm_dir is not None:
+        if not rm_dir.is_dir():
+            raise ConfigError(f"reward_model: {rm_dir} is not a directory")
+        if (rm_dir / "adapter_config.json").is_file():
+            rm_adapter_cfg = json.loads((rm_dir / "adapter_config.json").read_text())
+    shares_base = (c.finetuning_type == "lora" and rm_adapter_cfg is not None
+                   and _same_path(rm_adapter_cfg.get("base_model_name_or_path"), c.model_name_or_path))
+    critic_from_rm = rm_dir is not None and (c.value_init or "reward_model") == "reward_model"
+
+    if c.finetuning_type == "lora":
+        policy = apply_lora(policy, **_lora_kwargs(c))
+        if shares_base:
+            # one base: reward adapter (frozen) + critic adapter (a copy of it, trainable)
+            policy.add_adapter(REWARD, _lora_config_like(c, rm_adapter_cfg))
+            rest = _load_adapter_weights(policy, rm_dir, REWARD)
+            rm_head = _score_head_from_state(rest, hidden)
+            norm = load_normalization(rm_dir)
+            policy.add_adapter(CRITIC, _lora_config_like(c, rm_adapter_cfg) if critic_from_rm else _lora_config_like(c))
+            if critic_from_rm:
+                _load_adapter_weights(policy, rm_dir, CRITIC)
+            policy.set_adapter(POLICY)
+            for n, p in policy.named_parameters():
+                p.requires_grad_(f".{POLICY}." in n or f".{CRITIC}." in n)
+            value_head = value_head_from_reward(rm_head if critic_from_rm else None, norm, hidden)
+            roles = Roles(policy=policy, value_head=value_head, critic_backbone=reward_backbone_of_lm(policy),
+                          trainable=torch.nn.ModuleDict({"policy": policy, "value_head": value_head}),
+                          ref_model=ref_model, critic_peft=policy,
+                          reward_backbone_shared=reward_backbone_of_lm(policy), reward_head_shared=rm_head,
+                          reward_normalization=norm)
+            roles.modules = {"policy": [policy], "reference": [ref_model or policy],
+                             "critic": [policy, value_head], "reward": [policy, rm_head]}
+            printer("[ppo] LoRA: one base model serves policy (adapter 'default'), reference (adapters "
+                    "disabled), critic (adapter 'critic' + value head) and reward (adapter 'reward' + head)")
+        elif rm_dir is not None:
+            scorer = load_reward_model(rm_dir, device="cpu")
+            from peft import get_peft_model
+
+            rm_model = scorer.model
+            rm_model.requires_grad_(False)
+            critic_peft = get_peft_model(rm_model, _lora_config_like(c, exclude=["score"]), adapter_name=CRITIC)
+            scorer.model = critic_peft
+            value_head = value_head_from_reward(reward_head(rm_model) if critic_from_rm else None,
+                                                scorer.normalization, rm_model.config.hidden_size)
+            if not critic_from_rm:
+                log.info("value_init: zero -> the critic backbone is still the reward model's")
+            roles = Roles(policy=policy, value_head=value_head, critic_backbone=reward_backbone(critic_peft),
+                          trainable=torch.nn.ModuleDict({"policy": policy, "critic": critic_peft,
+                                                         "value_head": value_head}),
+                          ref_model=ref_model, critic_peft=critic_peft, reward_scorer=scorer,
+                          reward_same_vocab=scorer.tokenizer.get_vocab() == tokenizer.get_vocab())
+            roles.modules = {"policy": [policy], "reference": [ref_model or policy],
+                             "critic": [critic_peft, value_head], "reward": [critic_peft]}
+            printer("[ppo] LoRA: the policy base serves policy and reference; the reward model (another "
+                    "base) serves reward (adapters disabled) and critic (adapter 'critic' + value head)")
+        else:
+            policy.add_adapter(CRITIC, _lora_config_like(c))
+            policy.set_adapter(POLICY)
+            for n, p in policy.named_parameters():
+                p.requires_grad_(f".{POLICY}." in n or f".{CRITIC}." in n)
+            value_head = value_head_from_reward(None, None, hidden)
+            roles = Roles(policy=policy, value_head=value_head, critic_backbone=reward_backbone_of_lm(policy),
+                          trainable=torch.nn.ModuleDict({"policy": policy, "value_head": value_head}),
+                          ref_model=ref_model, critic_peft=policy)
+            roles.modules = {"policy": [policy], "reference": [ref_model or policy], "critic": [policy, value_head]}
+            printer("[ppo] LoRA: one base model serves policy, reference (adapters disabled) and critic "
+                    "(adapter 'critic' + zero value head); rewards from Python functions")
+    else:
+        scorer = load_reward_model(rm_dir, device="cpu") if rm_dir is not None else None
+        if scorer is not None:
+            scorer.model.requires_grad_(False)
+            critic_backbone = copy.deepcopy(reward_backbone(scorer.model))
+            value_head = value_head_from_reward(reward_head(scorer.model) if critic_from_rm else None,
+                                                scorer.normalization, scorer.model.config.hidden_size)
+        else:
+            critic_backbone = copy.deepcopy(reward_backbone_of_lm(policy))
+            value_head = value_head_from_reward(None, None, hidden)
+        critic_backbone.requires_grad_(True)
+        disable_dropout(critic_backbone)
+        roles = Roles(policy=policy, value_head=value_head, critic_backbone=critic_backbone,
+                      trainable=torch.nn.ModuleDict({"policy": policy, "critic": critic_backbone,
+                                                     "value_head": value_head}),
+                      ref_model=ref_model, reward_scorer=scorer,
+                      reward_same_vocab=scorer is None or scorer.tokenizer.get_vocab() == tokenizer.get_vocab())
+        roles.modules = {"policy": [policy], "reference": [ref_model], "critic": [critic_backbone, value_head]}
+        if scorer is not None:
+            roles.modules["reward"] = [scorer.model]
+        printer("[ppo] full fine-tuning: separate policy, reference, critic"
+                + (" and reward model" if scorer is not None else " (rewards from Python functions)"))
+    for mods in roles.modules.values():
+        for m in mods:
+            m.to(device)
+            disable_dropout(m)
+    if roles.reward_scorer is not None:
+        roles.reward_scorer.model.to(device).eval()
+    return roles
+
+
+# ---- saving the critic --------------------------------------------------------------------------
+
+CRITIC_DIR = "critic"
+
+
+def _seq_cls_around(backbone, config, value_head: torch.nn.Linear, pad_token_id: int | None):
+    """A `...ForSequenceClassification` (num_labels=1) holding `backbone` (not copied) with the value
+    head as its `score`, and the Normalization that adds the value head's bias back (Llama's
+    `score` has no bias): its normalised score at a position = the critic's value there."""
+    from transformers import AutoModelForSequenceClassification
+
+    config = copy.deepcopy(config)
+    config.num_labels = 1
+    config.architectures = None
+    config.pad_token_id = pad_token_id
+    dtype = next(backbone.parameters()).dtype
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
+    setattr(model, model.base_model_prefix, backbone)
+    has_bias = model.score.bias is not None
+    model.score = torch.nn.Linear(value_head.in_features, 1, bias=has_bias, dtype=dtype)
+    with torch.no_grad():
+        model.score.weight.copy_(value_head.weight)
+        if has_bias:
+            model.score.bias.copy_(value_head.bias)
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:
+        raise NotImplementedError(f"{type(model).__name__}: cannot save the critic ({leftover[:3]} are not "
+                                  "part of the backbone or the head)")
+    bias = 0.0 if has_bias else float(value_head.bias.detach().item())
+    return model, Normalization(mean=-bias, reference="ppo critic: -mean is the value head's bias")
+
+
+def _merged_critic(roles: Roles):
+    """A stand-alone copy of the critic's backbone with its LoRA adapter merged, and its config."""
+    peft = copy.deepcopy(roles.critic_peft)
+    for name in [n for n in peft.peft_config if n != CRITIC]:
+        peft.delete_adapter(name)
+    merged = peft.merge_and_unload()
+    inner = merged.get_base_model() if hasattr(merged, "get_base_model") else merged
+    return getattr(inner, inner.base_model_prefix), inner.config
+
+
+def save_critic(out_dir, roles: Roles, c: PPOConfig, tokenizer) -> Path:
+    """Write the trained critic to `out_dir` as a reward-model directory:
+    `load_reward_model(out_dir).score(ids, mask)` = the critic's value read at the last real token
+    (the value one past the response, where a critic initialised from the RM starts at the
+    normalised score), so it can initialise the critic of a later run or be inspected.
+
+    LoRA with the critic adapter on the policy's base (reloadable): a LoRA reward-model adapter
+    directory over that base (the critic adapter + the value head as `score`); otherwise (full
+    fine-tuning, a preset base that exists only in this run, a critic on a separate RM's base) a
+    full sequence-classification model. The value head's bias is stored as the normalisation mean."""
+    from safetensors.torch import save_file
+
+    from rlhfkit.models.load import base_reference
+    from rlhfkit.models.presets import preset_name
+    from rlhfkit.models.reward import save_normalization
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    head = roles.value_head
+    on_policy_base = roles.critic_peft is not None and roles.critic_peft is roles.policy
+    if on_policy_base and preset_name(c.model_name_or_path) is None:
+        from peft import get_peft_model_state_dict
+
+        state = {k: v.detach().contiguous() for k, v in
+                 get_peft_model_state_dict(roles.policy, adapter_name=CRITIC).items()}
+        lora_cfg = copy.deepcopy(roles.policy.peft_config[CRITIC])
+        lora_cfg.task_type = "SEQ_CLS"
+        lora_cfg.modules_to_save = ["score"]
+        lora_cfg.exclude_modules = None
+        lora_cfg.inference_mode = True
+        lora_cfg.target_modules = sorted({k.split(".")[-3] for k in state if ".lora_" in k})
+        base = base_reference(c.model_name_or_path)
+        if c.gguf_file:
+            base = str(Path(base) / c.gguf_file)
+        lora_cfg.base_model_name_or_path = base
+        lora_cfg.save_pretrained(str(out))
+        state["base_model.model.score.weight"] = head.weight.detach().to(next(iter(state.values())).dtype).clone()
+        save_file(state, str(out / "adapter_model.safetensors"))
+        norm = Normalization(mean=-float(head.bias.detach().item()),
+                             reference="ppo critic: -mean is the value head's bias")
+        critic_tokenizer = tokenizer
+    else:
+        if roles.critic_peft is not None:
+            backbone, config = _merged_critic(roles)
+        else:
+            backbone, config = roles.critic_backbone, roles.policy.config
+            if roles.reward_scorer is not None:
+                config = roles.reward_scorer.model.config
+        critic_tokenizer = roles.reward_scorer.tokenizer if roles.reward_scorer is not None else tokenizer
+        model, norm = _seq_cls_around(backbone, config, head, critic_tokenizer.pad_token_id)
+        model.save_pretrained(str(out), safe_serialization=True)
+    critic_tokenizer.save_pretrained(str(out))
+    save_normalization(out, norm)
+    return out
+
+
+def reward_backbone_of_lm(model):
+    """The transformer under a causal LM (through peft): LlamaForCausalLM.model."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(inner, inner.base_model_prefix)
+
+
+def load_policy_tokenizer(c: PPOConfig, texts):
+    return load_tokenizer(c.model_name_or_path, tokenizer_name_or_path=c.tokenizer_name_or_path,
+                          gguf_file=c.gguf_file, trust_remote_code=c.trust_remote_code,
+                          chat_template=c.chat_template, preset_texts=texts)

@@ -1,0 +1,278 @@
+"""PPO stage: roles and memory, rollout exactness, parameter updates, resume, config errors.
+
+Tiny untrained models (built offline in about a second); the learning test lives in
+tests/test_ppo_learning.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhfkit.config import build_config
+from rlhfkit.errors import ConfigError
+from rlhfkit.losses.masked import masked_sum
+from rlhfkit.losses.ppo import policy_loss, score_index
+from rlhfkit.models.reward import (
+    Normalization,
+    apply_reward_lora,
+    build_reward_model,
+    load_reward_model,
+    save_normalization,
+)
+from rlhfkit.rollout.generate import HFGenerator, SamplingParams
+from rlhfkit.train.ppo import (
+    critic_values,
+    generate_rollout,
+    minibatch_plan,
+    policy_logps,
+    score_rollout,
+    train_ppo,
+)
+from rlhfkit.train.ppo_roles import build_roles
+
+PROMPTS = ["The movie was", "This film is", "My friend said", "The plot", "What is 2 + 3?", "The cat",
+           "Our trip was", "The book"]
+
+
+def length_reward(prompts, completions, ended, **columns):
+    """A Python reward function (TRL convention): longer completions score higher."""
+    assert len(columns["extra"]) == len(prompts)  # other dataset columns are passed through
+    return [len(c.split()) / 10 for c in completions]
+
+
+@pytest.fixture(scope="module")
+def fixtures(tmp_path_factory, tiny_tokenizer):
+    """An (untrained) tiny 'SFT' model, a full RM and a LoRA RM over it, and a prompt file."""
+    from rlhfkit.models.presets import build_preset_model
+
+    out = tmp_path_factory.mktemp("ppo_fx")
+    torch.manual_seed(0)
+    build_preset_model("tiny", tiny_tokenizer).save_pretrained(out / "sft")
+    tiny_tokenizer.save_pretrained(out / "sft")
+    rm = build_reward_model(str(out / "sft"), tiny_tokenizer)
+    rm.save_pretrained(out / "rm_full")
+    tiny_tokenizer.save_pretrained(out / "rm_full")
+    save_normalization(out / "rm_full", Normalization(mean=0.3, std=2.0, divide_by_std=True))
+    lora = apply_reward_lora(build_reward_model(str(out / "sft"), tiny_tokenizer),
+                             base_model_name_or_path=str((out / "sft").resolve()), rank=4, alpha=8,
+                             dropout=0.0, target="all-linear")
+    with torch.no_grad():  # a trained-looking adapter (peft initialises B = 0)
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    lora.save_pretrained(out / "rm_lora")
+    tiny_tokenizer.save_pretrained(out / "rm_lora")
+    save_normalization(out / "rm_lora", Normalization(mean=-0.1, std=1.0))
+    with (out / "prompts.jsonl").open("w") as f:
+        for p in PROMPTS:
+            f.write(json.dumps({"prompt": p, "extra": len(p)}) + "\n")
+    return out
+
+
+def ppo_config(fx: Path, out: Path, **kw):
+    values = dict(model_name_or_path=str(fx / "sft"), dataset=str(fx / "prompts.jsonl"), output_dir=str(out),
+                  reward_model=str(fx / "rm_full"), rollout_batch_size=8, per_device_train_batch_size=2,
+                  num_mini_batches=2, num_ppo_epochs=2, max_steps=1, max_new_tokens=6, report_to=[],
+                  disable_tqdm=True, learning_rate=1e-3, seed=0)
+    values.update(kw)
+    return build_config("ppo", values)
+
+
+def make_rollout(roles, tok, c, n=8):
+    ids = [tok(p)["input_ids"] for p in PROMPTS[:n]]
+    rows = [{"prompt": p} for p in PROMPTS[:n]]
+    params = SamplingParams(max_new_tokens=c.max_new_tokens, temperature=c.temperature)
+    return generate_rollout(roles, tok, HFGenerator(tok), ids, rows, params, seed=1, device="cpu")
+
+
+@pytest.mark.parametrize("finetuning_type", ["full", "lora"])
+def test_ratio_is_exactly_one_before_the_first_update(fixtures, tmp_path, tiny_tokenizer, finetuning_type):
+    c = ppo_config(fixtures, tmp_path, finetuning_type=finetuning_type, reward_model=str(fixtures / "rm_lora"),
+                   temperature=0.7)
+    roles = build_roles(c, tiny_tokenizer, "cpu", printer=lambda *a: None)
+    ro = make_rollout(roles, tiny_tokenizer, c)
+    plan = minibatch_plan(8, c, step=0, epoch=0)
+    data = score_rollout(roles, ro, c, [mb for mini in plan for mb in mini])
+    roles.policy.train()  # training mode: dropout is off, so nothing may change
+    for mb in plan[0]:  # the first minibatch of the first epoch, in its micro-batches
+        logps, _ = policy_logps(roles.policy, ro.input_ids[mb], ro.attention_mask[mb], ro.context_length,
+                                c.temperature, with_entropy=True)
+        m = ro.response_mask[mb]
+        out = policy_loss(logps, data["logps"][mb], torch.randn_like(logps), c.cliprange)
+        assert (out["ratio"][m] == 1.0).all()
+        assert masked_sum(out["clipped"], m) == 0
+        values = critic_values(roles, ro.input_ids[mb], ro.attention_mask[mb], ro.context_length)
+        assert torch.equal(values, data["values"][mb])
+    # policy = reference at the start: the KL is exactly 0
+    assert torch.equal(data["logps"], data["ref_logps"])
+
+
+def test_train_logs_first_ratio_one_and_metrics(fixtures, tmp_path):
+    result = train_ppo(ppo_config(fixtures, tmp_path, task="sentiment", eval_num_prompts=4,
+                                  missing_eos_score=-1.0))
+    step = next(r for r in result.history if r["step"] == 1)
+    assert step["policy/first_ratio"] == 1.0 and step["policy/first_clipfrac"] == 0.0
+    for key in ("objective/kl", "objective/scores", "objective/rlhf_reward", "objective/entropy",
+                "policy/clipfrac", "policy/approxkl", "val/clipfrac", "val/error", "gen/length",
+                "gen/eos_rate", "lr", "eval/gold_reward", "eval/kl"):
+        assert key in step and step[key] == step[key], key  # present and not NaN
+    assert step["objective/kl"] == 0.0  # the first rollout comes from the reference policy itself
+    assert (tmp_path / "summary.json").is_file() and (tmp_path / "plots" / "loss.png").is_file()
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert {"prompt", "response", "score"} <= set(samples[0])
+    assert (tmp_path / "model.safetensors").is_file()
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path)  # the policy; the critic in a subdirectory
+    assert load_reward_model(tmp_path / "critic").score(torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.bool)).shape == (1,)
+
+
+def test_lora_one_base_model_serves_four_roles(fixtures, tmp_path, tiny_tokenizer):
+    """Parameters held in memory, each tensor counted once across all roles: under LoRA with a
+    LoRA reward model on the same base they are the base + 3 adapters + 2 heads (< 1.1 x base);
+    full fine-tuning holds 4 copies (policy, reference, critic, reward)."""
+    lora = build_roles(ppo_config(fixtures, tmp_path, finetuning_type="lora", reward_model=str(fixtures / "rm_lora")),
+                       tiny_tokenizer, "cpu", printer=lambda *a: None)
+    full = build_roles(ppo_config(fixtures, tmp_path, reward_model=str(fixtures / "rm_full")),
+                       tiny_tokenizer, "cpu", printer=lambda *a: None)
+    n_base = sum(p.numel() for p in full.policy.parameters())
+    lora_total, lora_roles = lora.unique_parameters()
+    full_total, _ = full.unique_parameters()
+    assert set(lora_roles) == {"policy", "reference", "critic", "reward"}
+    assert lora_total < 1.1 * n_base, (lora_total, n_base)
+    assert full_total > 3.9 * n_base, (full_total, n_base)
+    assert lora.ref_model is None and lora.reward_scorer is None  # no second model anywhere
+
+    # the shared-base reward equals the stand-alone LoRA reward model (normalised), and the critic
+    # starts as that reward model: its value one past the last token is the normalised score
+    ro = make_rollout(lora, tiny_tokenizer, ppo_config(fixtures, tmp_path))
+    scorer = load_reward_model(fixtures / "rm_lora")
+    expected = scorer.score(ro.input_ids, ro.attention_mask)
+    torch.testing.assert_close(lora.reward(ro.input_ids, ro.attention_mask), expected, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        values = critic_values(lora, ro.input_ids, ro.attention_mask, ro.context_length)
+    at_score = values.gather(1, score_index(ro.response_mask)[:, None]).squeeze(1)
+    torch.testing.assert_close(at_score, expected, atol=1e-5, rtol=1e-5)
+    # the reference (adapters disabled) is the untouched SFT model
+    sft = full.ref_model
+    with lora.reference() as ref, torch.no_grad():
+        a = policy_logps(ref, ro.input_ids, ro.attention_mask, ro.context_length, 1.0)[0]
+        b = policy_logps(sft, ro.input_ids, ro.attention_mask, ro.context_length, 1.0)[0]
+    torch.testing.assert_close(a, b)
+    # switching adapters leaves the trainable set intact
+    assert all(p.requires_grad for p in lora.trainable.parameters() if id(p) in lora._trainable_ids)
+    assert not any(p.requires_grad for n, p in lora.policy.named_parameters() if ".reward." in n)
+
+
+def test_full_rm_critic_starts_at_normalised_score(fixtures, tmp_path, tiny_tokenizer):
+    roles = build_roles(ppo_config(fixtures, tmp_path), tiny_tokenizer, "cpu", printer=lambda *a: None)
+    ro = make_rollout(roles, tiny_tokenizer, ppo_config(fixtures, tmp_path))
+    scores = roles.reward(ro.input_ids, ro.attention_mask)
+    raw = load_reward_model(fixtures / "rm_full").raw_score(ro.input_ids, ro.attention_mask)
+    torch.testing.assert_close(scores, (raw - 0.3) / 2.0)
+    with torch.no_grad():
+        values = critic_values(roles, ro.input_ids, ro.attention_mask, ro.context_length)
+    torch.testing.assert_close(values.gather(1, score_index(ro.response_mask)[:, None]).squeeze(1), scores,
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["full", "lora", "lora_separate_rm", "funcs"])
+def test_every_trainable_parameter_changes(fixtures, tmp_path, tiny_tokenizer, mode):
+    """One PPO step of 4 optimizer steps (2 epochs x 2 minibatches; LoRA's A matrices move from
+    the second step on, once B is non-zero) changes every trained tensor; frozen ones stay."""
+    kw = {"full": {}, "lora": dict(finetuning_type="lora", reward_model=str(fixtures / "rm_lora")),
+          "lora_separate_rm": dict(finetuning_type="lora"),
+          "funcs": dict(reward_model=None, reward_funcs=["test_ppo:length_reward"])}[mode]
+    c = ppo_config(fixtures, tmp_path / "run", max_steps=2, save_steps=1, **kw)
+    before = build_roles(c, tiny_tokenizer, "cpu", printer=lambda *a: None)
+    initial = {n: p.detach().clone() for n, p in before.trainable.named_parameters() if p.requires_grad}
+    frozen = {n: p.detach().clone() for n, p in before.trainable.named_parameters() if not p.requires_grad}
+    train_ppo(c)
+    after = load_file(str(tmp_path / "run" / "checkpoints" / "step-000001" / "model.safetensors"))
+    assert set(after) == set(initial)
+    unchanged = [n for n in initial if torch.equal(initial[n], after[n])]
+    assert not unchanged, unchanged[:5]
+    assert bool(frozen) == mode.startswith("lora")  # LoRA: the base (and reward adapter) stay frozen
+
+
+@pytest.mark.parametrize("mode", ["full", "lora", "lora_separate_rm", "funcs", "lora_funcs"])
+def test_saved_critic_loads_as_a_reward_model(fixtures, tmp_path, tiny_tokenizer, mode):
+    """output_dir/critic (every role layout) loads with load_reward_model, and its normalised score
+    equals the (perturbed, i.e. trained-looking) critic's value read at the last real token."""
+    from rlhfkit.train.ppo_roles import save_critic
+
+    kw = {"full": {}, "lora": dict(finetuning_type="lora", reward_model=str(fixtures / "rm_lora")),
+          "lora_separate_rm": dict(finetuning_type="lora"),
+          "funcs": dict(reward_model=None, reward_funcs=["test_ppo:length_reward"]),
+          "lora_funcs": dict(finetuning_type="lora", reward_model=None, reward_funcs=["test_ppo:length_reward"])}[mode]
+    c = ppo_config(fixtures, tmp_path, **kw)
+    roles = build_roles(c, tiny_tokenizer, "cpu", printer=lambda *a: None)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in roles.trainable.named_parameters():
+            if p.requires_grad and (not name.startswith("policy.") or ".critic." in name):
+                p.add_(torch.randn_like(p) * 0.05)
+    ro = make_rollout(roles, tiny_tokenizer, c)
+    with torch.no_grad():
+        values = critic_values(roles, ro.input_ids, ro.attention_mask, ro.context_length)
+    expected = values.gather(1, score_index(ro.response_mask)[:, None]).squeeze(1)
+    out = save_critic(tmp_path / "critic", roles, c, tiny_tokenizer)
+    adapter = mode in ("lora", "lora_funcs")  # critic adapter on the policy's (reloadable) base
+    assert (out / "adapter_config.json").is_file() == adapter and (out / "config.json").is_file() != adapter
+    scorer = load_reward_model(out)
+    torch.testing.assert_close(scorer.score(ro.input_ids, ro.attention_mask), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_resume_gives_the_same_weights(fixtures, tmp_path):
+    """3 steps straight vs 2 steps, checkpoint, resume for the 3rd: identical policy weights
+    (sampling seeds, minibatch order, optimizer, schedule and adaptive beta all restored)."""
+    kw = dict(finetuning_type="lora", reward_model=str(fixtures / "rm_lora"), max_steps=3, target_kl=0.01,
+              kl_horizon=100)
+    straight = train_ppo(ppo_config(fixtures, tmp_path / "a", save_steps=2, **kw))
+    ckpt = tmp_path / "a" / "checkpoints" / "step-000002"
+    assert json.loads((ckpt / "trainer_state.json").read_text())["kl_coef"] != 0.05
+    resumed = train_ppo(ppo_config(fixtures, tmp_path / "b", resume_from_checkpoint=str(ckpt), **kw))
+    a = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "adapter_model.safetensors"))
+    assert set(a) == set(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert straight.summary["objective/kl_coef"] == resumed.summary["objective/kl_coef"]
+
+
+def test_left_padding_does_not_change_logps_or_values(fixtures, tmp_path, tiny_tokenizer):
+    c = ppo_config(fixtures, tmp_path)
+    roles = build_roles(c, tiny_tokenizer, "cpu", printer=lambda *a: None)
+    ro = make_rollout(roles, tiny_tokenizer, c)
+    pad = tiny_tokenizer.pad_token_id
+    ids = torch.nn.functional.pad(ro.input_ids, (3, 0), value=pad)
+    mask = torch.nn.functional.pad(ro.attention_mask, (3, 0), value=False)
+    with torch.no_grad():
+        a = policy_logps(roles.policy, ro.input_ids, ro.attention_mask, ro.context_length, 0.7)[0]
+        b = policy_logps(roles.policy, ids, mask, ro.context_length + 3, 0.7)[0]
+        va = critic_values(roles, ro.input_ids, ro.attention_mask, ro.context_length)
+        vb = critic_values(roles, ids, mask, ro.context_length + 3)
+    m = ro.response_mask
+    torch.testing.assert_close(a[m], b[m], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(va[m], vb[m], atol=1e-5, rtol=1e-5)
+
+
+def test_config_errors_before_any_model_loads(fixtures, tmp_path):
+    with pytest.raises(ConfigError, match="reward_model .* and/or reward_funcs"):
+        ppo_config(fixtures, tmp_path, reward_model=None)
+    with pytest.raises(ConfigError, match="reward_weights has 1 entries but there are 2"):
+        ppo_config(fixtures, tmp_path, reward_funcs=["m:f"], reward_weights=[1.0])
+    with pytest.raises(ConfigError, match="missing_eos_penalty or missing_eos_score"):
+        ppo_config(fixtures, tmp_path, missing_eos_penalty=1.0, missing_eos_score=-1.0)
+    with pytest.raises(ConfigError, match="divisible by per_device_train_batch_size"):
+        ppo_config(fixtures, tmp_path, rollout_batch_size=12, num_mini_batches=2, per_device_train_batch_size=4)
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps is derived"):
+        ppo_config(fixtures, tmp_path, gradient_accumulation_steps=2)
+    with pytest.raises(ConfigError, match="cannot import 'no_such_module:f'"):
+        train_ppo(ppo_config(fixtures, tmp_path, reward_funcs=["no_such_module:f"]))
+    assert not (tmp_path / "config.yaml").exists()  # failed before the run started
