@@ -1,7 +1,7 @@
 """`rlhfkit demo`: the built-in end-to-end run on a synthetic task, a few minutes on 2 CPU cores.
 
-task data -> preset tiny model + tokenizer -> pt -> sft -> report (samples before and after SFT,
-gold reward, EOS rate, held-out loss). Each stage is the same function the CLI calls, fed a
+task data -> preset tiny model + tokenizer -> pt -> sft (-> rm -> ppo, dpo) -> report (samples
+before and after SFT, gold reward, EOS rate, held-out loss). Each stage is the same function the CLI calls, fed a
 config built here; every stage's outputs land under OUTPUT_DIR/<stage>.
 """
 
@@ -78,10 +78,147 @@ def demo(output_dir: str = "runs/demo", task: str = "sentiment", seed: int = 0, 
     lines += ["", "held-out loss: token-mean NLL of the responses of the held-out SFT demonstrations", "",
               "## Samples (held-out prompts)", ""]
     lines += _samples_table(evals["pt"][1], evals["sft"][1])
+    rm_lines, report["rm"] = _rm_step(out, data, task, seed, quick)
+    lines += rm_lines
+    ppo_lines, report["ppo"] = _ppo_step(out, data, task, seed, quick)
+    lines += ppo_lines
+    dpo_lines, report["dpo"] = _dpo_step(out, data, task, seed, quick)
+    lines += dpo_lines
+    summary_lines, report["comparison"] = _comparison(out, t, seed)
+    lines[2:2] = summary_lines
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print()
     print(text)
-    print(f"== done: report in {out / 'report.md'}; models in {out / 'pt'} and {out / 'sft'}")
+    print(f"== done: report in {out / 'report.md'}; models under {out} (pt, sft, rm, ppo, dpo)")
     return report
+
+
+# ---- reward-model step (issue #3) --------------------------------------------------------------
+
+def _rm_step(out: Path, data: Path, task: str, seed: int, quick: bool) -> tuple[list[str], dict]:
+    """A reward model from the SFT model on the task's preference pairs (out/rm); returns report
+    lines: held-out accuracy next to the Bayes ceiling of the simulated labels."""
+    from rlhfkit.train.rm import train_rm
+
+    print("== reward model: the SFT backbone + a scalar head on preference pairs (Bradley-Terry)")
+    config = dict(model_name_or_path=str(out / "sft"), dataset=str(data / "preference_train.jsonl"),
+                  eval_dataset=str(data / "preference_eval.jsonl"), output_dir=str(out / "rm"),
+                  overwrite_output_dir=True, seed=seed, task=task, max_length=64, per_device_train_batch_size=32,
+                  num_train_epochs=1, max_steps=10 if quick else -1, learning_rate=3e-4,
+                  lr_scheduler_type="cosine", warmup_ratio=0.05, logging_steps=10, normalization_samples=512)
+    s = train_rm(build_config("rm", config, source="demo")).summary
+    acc, ceiling = s["eval/accuracy"], s.get("eval/bayes_accuracy")
+    share = f"{acc / ceiling:.0%}" if ceiling else "-"
+    lines = ["", f"## Reward model ({s['eval_rows']} held-out preference pairs)", "",
+             "| RM accuracy | Bayes ceiling | share of ceiling | agreement with gold | ECE | reward-length corr. |",
+             "|---|---|---|---|---|---|",
+             f"| {acc:.3f} | {ceiling:.3f} | {share} | {s.get('eval/gold_accuracy', float('nan')):.3f} "
+             f"| {s['eval/ece']:.3f} | {s['eval/length_corr']:+.2f} |" if ceiling else
+             f"| {acc:.3f} | - | - | - | {s['eval/ece']:.3f} | {s['eval/length_corr']:+.2f} |",
+             "", "Bayes ceiling: the best accuracy any model can reach on these labels, which are sampled "
+             "with Bradley-Terry noise from the task's gold reward."]
+    entry = {k: s[k] for k in ("eval/accuracy", "eval/bayes_accuracy", "eval/gold_accuracy", "eval/ece")
+             if k in s}
+    return lines, entry
+
+
+# ---- PPO step (issue #4) -------------------------------------------------------------------------
+
+def _ppo_step(out: Path, data: Path, task: str, seed: int, quick: bool) -> tuple[list[str], dict | None]:
+    """PPO from the SFT model against the demo's reward model (out/rm, written by the RM step);
+    returns report lines: gold reward and KL to the SFT model before (step 0 = SFT) and after
+    PPO on the same held-out prompts, and samples side by side."""
+    from rlhfkit.train.ppo import train_ppo
+
+    rm = out / "rm"
+    if not (rm / "summary.json").exists():
+        print("== PPO skipped: no reward model at", rm)
+        return [], None
+    print("== PPO: the SFT policy against the reward model, KL-penalised to the SFT model")
+    config = dict(model_name_or_path=str(out / "sft"), reward_model=str(rm), dataset=str(data / "prompt_train.jsonl"),
+                  output_dir=str(out / "ppo"), overwrite_output_dir=True, seed=seed, task=task,
+                  rollout_batch_size=64, per_device_train_batch_size=16, num_mini_batches=2, num_ppo_epochs=2,
+                  max_steps=4 if quick else 30, learning_rate=2e-4, kl_coef=0.05, temperature=0.7,
+                  max_new_tokens=24, eval_num_prompts=128, eval_steps=10, logging_steps=5,
+                  missing_eos_score=-1.0)
+    result = train_ppo(build_config("ppo", config, source="demo"))
+    s = result.summary
+    samples = [json.loads(line) for line in (out / "ppo" / "samples.jsonl").read_text().splitlines()]
+    evals = [r for r in samples if r["split"] == "eval"]
+    before = [r for r in evals if r["step"] == 0]
+    after = [r for r in evals if r["step"] == s["steps"]]
+    lines = ["", "## PPO (held-out prompts, sampled at temperature 0.7)", "",
+             "| model | gold reward | KL to SFT (sum over tokens) | RM score | EOS rate | mean length |",
+             "|---|---|---|---|---|---|"]
+    for name, prefix in (("SFT (PPO step 0)", "initial_eval/"), (f"PPO ({s['steps']} steps)", "eval/")):
+        lines.append(f"| {name} | {s[prefix + 'gold_reward']:+.3f} | {s[prefix + 'kl']:.2f} | "
+                     f"{s[prefix + 'scores']:+.3f} | {s[prefix + 'eos_rate']:.2f} | {s[prefix + 'length']:.1f} |")
+    lines += ["", "| prompt | SFT | gold | PPO | gold |", "|---|---|---|---|---|"]
+    for b, a in list(zip(before, after))[:5]:
+        lines.append(f"| {b['prompt']} | {b['response'].strip()} | {b['gold']:+.2f} | {a['response'].strip()} "
+                     f"| {a['gold']:+.2f} |")
+    entry = {k: s[k] for k in ("initial_eval/gold_reward", "eval/gold_reward", "initial_eval/kl", "eval/kl")}
+    return lines, entry
+
+
+# ---- DPO step (issue #5) -------------------------------------------------------------------------
+
+def _dpo_step(out: Path, data: Path, task: str, seed: int, quick: bool) -> tuple[list[str], dict]:
+    """DPO from the SFT model on the task's preference pairs (out/dpo), no reward model; returns
+    report lines: gold reward and KL to the SFT model for SFT vs DPO on the same held-out prompts
+    (sampled at temperature 0.7, as the PPO table), and held-out implicit-reward accuracy."""
+    from rlhfkit.eval.generation import sample_and_score
+    from rlhfkit.models.load import load_causal_lm, load_tokenizer
+    from rlhfkit.train.dpo import train_dpo
+
+    print("== DPO: the SFT policy directly on preference pairs (sigmoid loss + NLL on chosen, RPO)")
+    config = dict(model_name_or_path=str(out / "sft"), dataset=str(data / "preference_train.jsonl"),
+                  eval_dataset=str(data / "preference_eval.jsonl"), output_dir=str(out / "dpo"),
+                  overwrite_output_dir=True, seed=seed, task=task, max_length=64, per_device_train_batch_size=32,
+                  max_steps=5 if quick else 40, learning_rate=1e-3, lr_scheduler_type="constant", beta=0.1,
+                  sft_weight=1.0, logging_steps=10, eval_num_prompts=64, max_new_tokens=24)
+    result = train_dpo(build_config("dpo", config, source="demo"))
+    t = get_task(task)
+    tokenizer = load_tokenizer(str(out / "sft"))
+    sft = load_causal_lm(str(out / "sft"), tokenizer).eval()
+    rows = {}
+    for name, model in (("SFT", sft), (f"DPO ({result.summary['steps']} steps)", result.model)):
+        rows[name], _ = sample_and_score(model, tokenizer, t, n_prompts=128, max_new_tokens=24, seed=seed,
+                                         temperature=0.7, reference=sft)
+    s = result.summary
+    lines = ["", "## DPO (held-out prompts, sampled at temperature 0.7)", "",
+             "| model | gold reward | KL to SFT (sum over tokens) | EOS rate | mean length |", "|---|---|---|---|---|"]
+    for name, m in rows.items():
+        lines.append(f"| {name} | {m['gold_reward']:+.3f} | {m['kl']:.2f} | {m['eos_rate']:.2f} | {m['length']:.1f} |")
+    lines += ["", f"DPO implicit-reward accuracy on {s['eval_examples']} held-out pairs: "
+              f"{s['eval/rewards/accuracies']:.3f} (train batches: {s['rewards/accuracies']:.3f})."]
+    entry = {"sft/gold_reward": rows["SFT"]["gold_reward"], "eval/gold_reward": list(rows.values())[1]["gold_reward"],
+             "eval/kl": list(rows.values())[1]["kl"], "eval/rewards/accuracies": s["eval/rewards/accuracies"]}
+    return lines, entry
+
+
+# ---- one table for every policy ----------------------------------------------------------------
+
+def _comparison(out: Path, task, seed: int) -> tuple[list[str], dict]:
+    """SFT, PPO and DPO sampled the same way (128 held-out prompts, temperature 0.7, same seed),
+    scored by the gold reward, with the KL to the SFT model summed over response tokens."""
+    from rlhfkit.eval.generation import sample_and_score
+    from rlhfkit.models.load import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(str(out / "sft"))
+    sft = load_causal_lm(str(out / "sft"), tokenizer).eval()
+    rows = {}
+    for name in ("sft", "ppo", "dpo"):
+        if name != "sft" and not (out / name / "summary.json").exists():
+            continue
+        model = sft if name == "sft" else load_causal_lm(str(out / name), tokenizer).eval()
+        rows[name], _ = sample_and_score(model, tokenizer, task, n_prompts=128, max_new_tokens=24, seed=seed,
+                                         temperature=0.7, reference=sft)
+    lines = ["## Summary: SFT vs PPO vs DPO (same 128 held-out prompts, temperature 0.7)", "",
+             "| policy | gold reward | KL to SFT (sum over tokens) | EOS rate | mean length |", "|---|---|---|---|---|"]
+    for name, m in rows.items():
+        lines.append(f"| {name.upper()} | {m['gold_reward']:+.3f} | {m['kl']:.2f} | {m['eos_rate']:.2f} "
+                     f"| {m['length']:.1f} |")
+    return lines + [""], rows
