@@ -78,12 +78,18 @@ def row_texts(rows: Iterable[dict]) -> Iterable[str]:
         yield from walk({k: v for k, v in row.items() if not k.startswith("_")})
 
 
+def config_tokenizer(c: BaseConfig, texts: Callable[[], Iterable[str]]):
+    """The tokenizer a config names (`tokenizer_name_or_path` or the model's; a preset trains one
+    on `texts()`), with a dedicated pad token and the configured chat template."""
+    return load_tokenizer(c.model_name_or_path, tokenizer_name_or_path=c.tokenizer_name_or_path,
+                          gguf_file=c.gguf_file, trust_remote_code=c.trust_remote_code,
+                          chat_template=c.chat_template, preset_texts=texts)
+
+
 def setup_model(run: Run, texts: Callable[[], Iterable[str]]):
     """Tokenizer + causal LM from the config (LoRA applied when asked). Prints parameter counts."""
     c = run.config
-    tokenizer = load_tokenizer(c.model_name_or_path, tokenizer_name_or_path=c.tokenizer_name_or_path,
-                               gguf_file=c.gguf_file, trust_remote_code=c.trust_remote_code,
-                               chat_template=c.chat_template, preset_texts=texts)
+    tokenizer = config_tokenizer(c, texts)
     torch.manual_seed(c.seed)
     model = load_causal_lm(c.model_name_or_path, tokenizer, gguf_file=c.gguf_file,
                            trust_remote_code=c.trust_remote_code)

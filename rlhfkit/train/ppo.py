@@ -49,9 +49,9 @@ from rlhfkit.losses.ppo import (
 from rlhfkit.models.logprobs import forward, token_logps
 from rlhfkit.rollout.generate import HFGenerator, SamplingParams
 from rlhfkit.train.checkpoint import load_checkpoint, save_checkpoint
-from rlhfkit.train.common import config_task, load_split, row_texts
+from rlhfkit.train.common import config_task, config_tokenizer, load_split, row_texts
 from rlhfkit.train.loop import BatchStream, Result, Run, build_optimizer, build_scheduler, start_run
-from rlhfkit.train.ppo_roles import CRITIC_DIR, POLICY, Roles, build_roles, load_policy_tokenizer, save_critic
+from rlhfkit.train.ppo_roles import CRITIC_DIR, POLICY, Roles, build_roles, save_critic
 from rlhfkit.train.tracking import progress, write_summary
 
 PPO_FORMATS = ("prompt", "prompt_completion", "messages")
@@ -343,7 +343,7 @@ def train_ppo(config: PPOConfig) -> Result:
     if run.world_size > 1:
         raise ConfigError("ppo runs in one process (no distributed launch yet)")
     device = run.device
-    tokenizer = load_policy_tokenizer(c, lambda: row_texts(train_rows))
+    tokenizer = config_tokenizer(c, lambda: row_texts(train_rows))
     prompt_ids, train_rows, skipped = encode_prompts(tokenizer, train_rows, c.max_prompt_length)
     if not prompt_ids:
         raise ConfigError(f"dataset {c.dataset}: no non-empty prompts")

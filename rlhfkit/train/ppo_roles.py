@@ -37,7 +37,7 @@ import torch
 
 from rlhfkit.config import PPOConfig
 from rlhfkit.errors import ConfigError
-from rlhfkit.models.load import apply_lora, disable_dropout, load_causal_lm, load_tokenizer
+from rlhfkit.models.load import apply_lora, disable_dropout, load_causal_lm
 from rlhfkit.models.logprobs import position_ids_from_mask
 from rlhfkit.models.reward import (
     Normalization,
@@ -450,9 +450,3 @@ def reward_backbone_of_lm(model):
     """The transformer under a causal LM (through peft): LlamaForCausalLM.model."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     return getattr(inner, inner.base_model_prefix)
-
-
-def load_policy_tokenizer(c: PPOConfig, texts):
-    return load_tokenizer(c.model_name_or_path, tokenizer_name_or_path=c.tokenizer_name_or_path,
-                          gguf_file=c.gguf_file, trust_remote_code=c.trust_remote_code,
-                          chat_template=c.chat_template, preset_texts=texts)

@@ -20,7 +20,7 @@ from rlhfkit.data.sources import load_rows
 from rlhfkit.errors import ConfigError
 from rlhfkit.eval.reward import evaluate_rewards, format_metrics, score_examples
 from rlhfkit.losses.preference import RM_LOSSES, centering_penalty
-from rlhfkit.models.load import base_reference, count_parameters, load_tokenizer
+from rlhfkit.models.load import base_reference, count_parameters
 from rlhfkit.models.presets import preset_name
 from rlhfkit.models.reward import (
     Normalization,
@@ -29,7 +29,7 @@ from rlhfkit.models.reward import (
     save_normalization,
     sequence_rewards,
 )
-from rlhfkit.train.common import config_task, encode_all, load_split, row_format, row_texts, save_final, shard, to_device
+from rlhfkit.train.common import config_task, config_tokenizer, encode_all, load_split, row_format, row_texts, save_final, shard, to_device
 from rlhfkit.train.loop import BatchStream, Result, Run, describe_batches, fit, start_run, total_steps
 from rlhfkit.train.tracking import write_summary
 
@@ -75,9 +75,7 @@ def rows_in_batch(batch: dict) -> float:
 def setup_reward_model(run: Run, texts):
     """Tokenizer + reward model from the config (LoRA applied when asked)."""
     c = run.config
-    tokenizer = load_tokenizer(c.model_name_or_path, tokenizer_name_or_path=c.tokenizer_name_or_path,
-                               gguf_file=c.gguf_file, trust_remote_code=c.trust_remote_code,
-                               chat_template=c.chat_template, preset_texts=texts)
+    tokenizer = config_tokenizer(c, texts)
     torch.manual_seed(c.seed)
     model = build_reward_model(c.model_name_or_path, tokenizer, gguf_file=c.gguf_file,
                                trust_remote_code=c.trust_remote_code)
