@@ -60,6 +60,15 @@ def tiny_model(tiny_tokenizer):
     return model
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_model, tiny_tokenizer):
+    """`tiny_model` + `tiny_tokenizer` saved as an HF directory (what an SFT stage writes), for
+    stages that load their model by path. Read-only."""
+    out = tmp_path_factory.mktemp("tiny_model_dir")
+    tiny_model.save_pretrained(out, safe_serialization=True)
+    tiny_tokenizer.save_pretrained(out)
+    return out
+
 # ---- a trained sentiment pipeline, shared by the learning tests of later stages ----------------
 
 def _shared_dir(tmp_path_factory, name: str):

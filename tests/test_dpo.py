@@ -149,18 +149,6 @@ def test_config_accepts_a_weighted_combination():
 # ---- mechanics on a tiny model -----------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tiny_tokenizer) -> Path:
-    """A saved preset-tiny model + tokenizer (an HF directory a stage loads by path)."""
-    from rlhfkit.models.presets import build_preset_model
-
-    out = tmp_path_factory.mktemp("tiny_model")
-    torch.manual_seed(0)
-    build_preset_model("tiny", tiny_tokenizer).save_pretrained(out, safe_serialization=True)
-    tiny_tokenizer.save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def pref_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("pref") / "preference.jsonl"
     rows = get_task("sentiment").make("preference", 48, seed=0)
@@ -181,10 +169,10 @@ def metrics(out: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("loss_type, expected", [("sigmoid", math.log(2)), ("hinge", 1.0), ("ipo", 25.0)])
-def test_first_logged_loss_at_initialisation(tiny_dir, pref_file, tmp_path, loss_type, expected):
+def test_first_logged_loss_at_initialisation(tiny_model_dir, pref_file, tmp_path, loss_type, expected):
     """Policy = frozen copy of itself at step 1: h = 0 on every pair, so the logged loss is exactly
     log 2 / 1 / 1 / (4 beta^2) with beta 0.1, and all implicit rewards are 0."""
-    result = train_dpo(dpo_config(tiny_dir, pref_file, tmp_path, loss_type=loss_type, max_steps=1))
+    result = train_dpo(dpo_config(tiny_model_dir, pref_file, tmp_path, loss_type=loss_type, max_steps=1))
     first = metrics(tmp_path)[0]
     assert result.summary["reference"] == "model"
     assert first["loss"] == pytest.approx(expected, abs=1e-5)
@@ -192,9 +180,9 @@ def test_first_logged_loss_at_initialisation(tiny_dir, pref_file, tmp_path, loss
     assert first["logps/chosen"] < 0 and first["logps/rejected"] < 0
 
 
-def test_reference_free_path(tiny_dir, pref_file, tmp_path):
+def test_reference_free_path(tiny_model_dir, pref_file, tmp_path):
     """reference_free: no reference at all; rewards are beta * policy log-probs."""
-    result = train_dpo(dpo_config(tiny_dir, pref_file, tmp_path, reference_free=True, max_steps=1))
+    result = train_dpo(dpo_config(tiny_model_dir, pref_file, tmp_path, reference_free=True, max_steps=1))
     first = metrics(tmp_path)[0]
     assert result.summary["reference"] == "none"
     assert first["rewards/chosen"] == pytest.approx(BETA * first["logps/chosen"], rel=1e-5)
@@ -263,31 +251,31 @@ def _weights(path: Path, name: str = "model.safetensors") -> dict[str, torch.Ten
 
 
 @pytest.mark.parametrize("finetuning", ["full", "lora"])
-def test_every_trainable_parameter_changes(tiny_dir, pref_file, tmp_path, finetuning):
+def test_every_trainable_parameter_changes(tiny_model_dir, pref_file, tmp_path, finetuning):
     """A few DPO steps move every trainable tensor (LoRA: lora_A needs step 2, when lora_B != 0)."""
     extra = dict(finetuning_type="lora", lora_rank=4, learning_rate=1e-2) if finetuning == "lora" else {}
-    result = train_dpo(dpo_config(tiny_dir, pref_file, tmp_path / "run", max_steps=3, **extra))
+    result = train_dpo(dpo_config(tiny_model_dir, pref_file, tmp_path / "run", max_steps=3, **extra))
     if finetuning == "lora":
         assert result.summary["reference"] == "adapters_disabled"
-        init_run = train_dpo(dpo_config(tiny_dir, pref_file, tmp_path / "init", max_steps=1,
+        init_run = train_dpo(dpo_config(tiny_model_dir, pref_file, tmp_path / "init", max_steps=1,
                                         **{**extra, "learning_rate": 0.0}))
         assert init_run.summary["steps"] == 1
         before, after = _weights(tmp_path / "init", "adapter_model.safetensors"), \
             _weights(tmp_path / "run", "adapter_model.safetensors")
     else:
-        before, after = _weights(tiny_dir), _weights(tmp_path / "run")
+        before, after = _weights(tiny_model_dir), _weights(tmp_path / "run")
     assert before.keys() == after.keys() and before
     unchanged = [k for k in before if torch.equal(before[k], after[k])]
     assert not unchanged, unchanged
 
 
 def test_precomputed_reference_matches_frozen_copy_and_cache_is_reused_on_resume(
-        tiny_dir, pref_file, tmp_path, monkeypatch):
+        tiny_model_dir, pref_file, tmp_path, monkeypatch):
     """precompute_ref_log_probs gives the same losses as a frozen reference copy; a resumed run
     reads ref_logps.pt instead of running the reference again, and ends where an uninterrupted
     run ends."""
-    frozen = train_dpo(dpo_config(tiny_dir, pref_file, tmp_path / "frozen", max_steps=4, eval_dataset=str(pref_file)))
-    pre = train_dpo(dpo_config(tiny_dir, pref_file, tmp_path / "pre", max_steps=4, save_steps=2,
+    frozen = train_dpo(dpo_config(tiny_model_dir, pref_file, tmp_path / "frozen", max_steps=4, eval_dataset=str(pref_file)))
+    pre = train_dpo(dpo_config(tiny_model_dir, pref_file, tmp_path / "pre", max_steps=4, save_steps=2,
                                precompute_ref_log_probs=True, eval_dataset=str(pref_file)))
     assert pre.summary["reference"] == "precomputed" and (tmp_path / "pre" / preference.REF_CACHE).exists()
     assert metrics(tmp_path / "pre")[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
@@ -304,25 +292,25 @@ def test_precomputed_reference_matches_frozen_copy_and_cache_is_reused_on_resume
         return original(self, batch)
 
     monkeypatch.setattr(preference.Reference, "logps", counting)
-    resumed = train_dpo(dpo_config(tiny_dir, pref_file, tmp_path / "pre", max_steps=4, save_steps=2,
+    resumed = train_dpo(dpo_config(tiny_model_dir, pref_file, tmp_path / "pre", max_steps=4, save_steps=2,
                                    precompute_ref_log_probs=True, eval_dataset=str(pref_file),
                                    resume_from_checkpoint=True))
     assert calls == []  # no reference forward pass: the cache was read
     assert resumed.summary["loss"] == pytest.approx(pre.summary["loss"], abs=1e-5)
 
 
-def test_rows_that_do_not_fit_are_skipped_and_counted(tiny_dir, pref_file, tmp_path):
+def test_rows_that_do_not_fit_are_skipped_and_counted(tiny_model_dir, pref_file, tmp_path):
     """With max_prompt_length 8 the prompt keeps its last 8 tokens; max_length 9 leaves one
     response token, so every row still fits; max_length 8 leaves none, every row is skipped."""
     from rlhfkit.models.load import load_tokenizer
 
-    tok = load_tokenizer(str(tiny_dir))
+    tok = load_tokenizer(str(tiny_model_dir))
     row = json.loads(pref_file.read_text().splitlines()[0])
     item = encode_pair(tok, 9, 8, row)
     assert [sum(s.response_mask) for s in item.sequences] == [1, 1]
     assert all(len(s.input_ids) == 9 for s in item.sequences)
     assert encode_pair(tok, 8, 8, row) is None
-    result = train_dpo(dpo_config(tiny_dir, pref_file, tmp_path, max_length=12, max_prompt_length=11,
+    result = train_dpo(dpo_config(tiny_model_dir, pref_file, tmp_path, max_length=12, max_prompt_length=11,
                                   max_steps=1))
     assert result.summary["skipped_train"] == 0 and result.summary["train_examples"] == 48
 

@@ -86,17 +86,6 @@ def test_config_rejects_nonpositive_weights():
 
 # ---- the stage on a tiny model -------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tiny_tokenizer) -> Path:
-    from rlhfkit.models.presets import build_preset_model
-
-    out = tmp_path_factory.mktemp("tiny_model")
-    torch.manual_seed(0)
-    build_preset_model("tiny", tiny_tokenizer).save_pretrained(out, safe_serialization=True)
-    tiny_tokenizer.save_pretrained(out)
-    return out
-
-
 def _write(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -110,25 +99,25 @@ def kto_config(model: Path, data: Path, out: Path, **overrides):
     return build_config("kto", values)
 
 
-def test_kto_stage_starts_at_half_and_trains_every_parameter(tiny_dir, tmp_path):
+def test_kto_stage_starts_at_half_and_trains_every_parameter(tiny_model_dir, tmp_path):
     """At step 1 policy = reference: rho = 0 and z0 = 0, so the logged loss is exactly 0.5."""
     data = _write(tmp_path / "unpaired.jsonl", get_task("sentiment").make("unpaired", 40, seed=0))
-    result = train_kto(kto_config(tiny_dir, data, tmp_path / "run", max_steps=3, eval_dataset=str(data)))
+    result = train_kto(kto_config(tiny_model_dir, data, tmp_path / "run", max_steps=3, eval_dataset=str(data)))
     first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["loss"] == pytest.approx(0.5, abs=1e-6) and first["kl"] == 0.0
     assert result.summary["reference"] == "model"
     for key in ("eval/loss", "eval/rewards/chosen", "eval/rewards/rejected", "eval/rewards/margins", "eval/kl"):
         assert math.isfinite(result.summary[key]), key
-    before, after = load_file(str(tiny_dir / "model.safetensors")), load_file(str(tmp_path / "run" / "model.safetensors"))
+    before, after = load_file(str(tiny_model_dir / "model.safetensors")), load_file(str(tmp_path / "run" / "model.safetensors"))
     unchanged = [k for k in before if torch.equal(before[k], after[k])]
     assert not unchanged, unchanged
 
 
-def test_kto_on_paired_data_with_lora_and_precomputed_reference_warns_on_balance(tiny_dir, tmp_path, capsys):
+def test_kto_on_paired_data_with_lora_and_precomputed_reference_warns_on_balance(tiny_model_dir, tmp_path, capsys):
     """Pairs give a 1:1 balance; desirable_weight 3 makes it 3:1 and prints a warning with the weight
     that would restore 1:1 (1.0). LoRA + precompute uses the base with adapters disabled once."""
     data = _write(tmp_path / "pairs.jsonl", get_task("sentiment").make("preference", 16, seed=0))
-    result = train_kto(kto_config(tiny_dir, data, tmp_path / "run", desirable_weight=3.0, finetuning_type="lora",
+    result = train_kto(kto_config(tiny_model_dir, data, tmp_path / "run", desirable_weight=3.0, finetuning_type="lora",
                                   lora_rank=4, precompute_ref_log_probs=True))
     out = capsys.readouterr().out
     assert "far from 1:1" in out and "desirable_weight=1.000" in out

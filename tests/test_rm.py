@@ -39,18 +39,9 @@ LOG2 = math.log(2.0)
 # ---- fixtures ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def lm_dir(tmp_path_factory, tiny_model, tiny_tokenizer):
-    """The tiny causal LM saved as an HF directory (what an SFT stage writes)."""
-    out = tmp_path_factory.mktemp("lm")
-    tiny_model.save_pretrained(out, safe_serialization=True)
-    tiny_tokenizer.save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def rm(lm_dir, tiny_tokenizer):
+def rm(tiny_model_dir, tiny_tokenizer):
     torch.manual_seed(0)
-    return build_reward_model(str(lm_dir), tiny_tokenizer).eval()
+    return build_reward_model(str(tiny_model_dir), tiny_tokenizer).eval()
 
 
 @pytest.fixture(scope="module")
@@ -204,9 +195,9 @@ def test_build_from_causal_lm_copies_backbone(rm, tiny_model, tiny_tokenizer, tm
     assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["LlamaForSequenceClassification"]
 
 
-def test_lora_keeps_the_head_trainable(lm_dir, tiny_tokenizer):
-    model = apply_reward_lora(build_reward_model(str(lm_dir), tiny_tokenizer),
-                              base_model_name_or_path=str(lm_dir), rank=4, alpha=8, dropout=0.0,
+def test_lora_keeps_the_head_trainable(tiny_model_dir, tiny_tokenizer):
+    model = apply_reward_lora(build_reward_model(str(tiny_model_dir), tiny_tokenizer),
+                              base_model_name_or_path=str(tiny_model_dir), rank=4, alpha=8, dropout=0.0,
                               target="all-linear")
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert reward_head(model).weight.requires_grad
@@ -259,17 +250,17 @@ def _config(data, out, **kw):
 
 
 @pytest.fixture(scope="module")
-def trained_full(tmp_path_factory, lm_dir, tiny_tokenizer, data):
+def trained_full(tmp_path_factory, tiny_model_dir, tiny_tokenizer, data):
     """4 full fine-tuning steps from the saved tiny LM, rewards divided by their std; the initial
     parameters rebuilt with the run's seed (the head init is checked to be reproducible)."""
     out = tmp_path_factory.mktemp("rm_full")
     initial = []
     for _ in range(2):
         torch.manual_seed(0)
-        initial.append(_params(build_reward_model(str(lm_dir), tiny_tokenizer)))
+        initial.append(_params(build_reward_model(str(tiny_model_dir), tiny_tokenizer)))
     for name in initial[0]:
         assert torch.equal(initial[0][name], initial[1][name]), name
-    result = train_rm(_config(data, out, model_name_or_path=str(lm_dir), normalize_std=True))
+    result = train_rm(_config(data, out, model_name_or_path=str(tiny_model_dir), normalize_std=True))
     return result, initial[0]
 
 
@@ -349,15 +340,15 @@ def test_train_lora_from_preset_records_a_loadable_base(data, tmp_path):
                                atol=1e-5, rtol=1e-5)
 
 
-def test_train_ranking_lora_with_merge(data, lm_dir, tmp_path):
+def test_train_ranking_lora_with_merge(data, tiny_model_dir, tmp_path):
     """Rankings (K = 4, Plackett-Luce) with LoRA from a directory: the base is recorded as that
     directory; the merged copy and the adapter give the same rewards."""
-    result = train_rm(_config(data, tmp_path / "rm", model_name_or_path=str(lm_dir), dataset=data["ranking"],
+    result = train_rm(_config(data, tmp_path / "rm", model_name_or_path=str(tiny_model_dir), dataset=data["ranking"],
                               eval_dataset=None, eval_steps=None, finetuning_type="lora", lora_rank=4,
                               merge_lora=True, max_steps=2))
     out = result.output_dir
     assert result.summary["dataset_format"] == "ranking" and math.isfinite(result.summary["loss"])
-    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(lm_dir.resolve())
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model_dir.resolve())
     a, m = load_reward_model(out), load_reward_model(out / "merged")
     assert a.normalization == m.normalization
     b = pad_batch([_ids(a.tokenizer, "the plot was dark ."), _ids(a.tokenizer, "fine")], a.tokenizer.pad_token_id)
