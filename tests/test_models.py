@@ -543,3 +543,86 @@ def test_generate_with_stop_strings_masks_out_pads(tiny_tokenizer):
                                     generator_seed=1)
     assert any(t.endswith(".") for t in gen.texts)  # the stop string fired
     _check_generation(gen, tok, prompts, 10)
+
+
+# ---- padding-free (packed) forward: same log-probs, no compute on pads ----------------------------
+
+def test_pack_plan_is_first_fit_decreasing_and_keeps_every_token():
+    """Lengths 5, 3, 2, 4 in rows of width 6, longest first: 5 -> row 0 (5 used); 4 -> row 1 (4);
+    3 fits neither (5+3, 4+3 > 6) -> row 2 (3); 2 -> row 0 is full at 5+2 > 6, row 1 takes it (6)."""
+    from rlhfkit.models.logprobs import pack_plan
+
+    lengths = [5, 3, 2, 4]
+    mask = torch.tensor([[i < n for i in range(6)] for n in lengths])
+    plan = pack_plan(mask)
+    assert plan.used.tolist() == [5, 6, 3] and plan.width == 6
+    assert plan.src_row.numel() == sum(lengths)  # every real token placed once
+    rows = {i: plan.dst_row[plan.src_row == i].unique().tolist() for i in range(4)}
+    assert rows == {0: [0], 1: [2], 2: [1], 3: [1]}
+    seq2 = plan.src_row == 2  # length 2 after the length-4 sequence in row 1
+    assert plan.dst_col[seq2].tolist() == [4, 5] and plan.offset[seq2].tolist() == [0, 1]
+    assert plan.last[seq2].tolist() == [False, True]
+
+
+def test_packed_inputs_restart_positions_at_each_sequence():
+    from rlhfkit.models.logprobs import pack_plan, packed_inputs
+
+    mask = torch.tensor([[True, True, True, False], [True, False, False, False]])
+    ids = torch.tensor([[11, 12, 13, 0], [21, 0, 0, 0]])
+    plan = pack_plan(mask)
+    packed, positions = packed_inputs(plan, ids)
+    assert packed.tolist() == [[11, 12, 13, 21]]
+    assert positions.tolist() == [[0, 1, 2, 0]]
+    wide = pack_plan(mask, width=6)  # an unused tail forms a block of its own, positions from 0
+    packed, positions = packed_inputs(wide, ids)
+    assert packed.tolist() == [[11, 12, 13, 21, 0, 0]] and positions.tolist() == [[0, 1, 2, 0, 0, 1]]
+
+
+@pytest.mark.parametrize("side, temperature", [("right", 1.0), ("left", 0.7)])
+def test_packed_logps_equal_padded_logps_and_gradients(tiny_tokenizer, side, temperature):
+    """Several short sequences padded to the longest vs packed into shared rows: the same log-probs
+    at every real position and the same parameter gradients (block-diagonal attention: no token
+    sees another sequence)."""
+    import copy
+
+    from rlhfkit.data.collate import pad_batch
+    from rlhfkit.models.logprobs import pack_plan, packed_shifted_token_logps
+
+    tok = tiny_tokenizer
+    texts = TEXTS + ["great", "It is 5. The movie was great today. A dog and a cat."]
+    batch = pad_batch([tok(t)["input_ids"] + [tok.eos_token_id] for t in texts], tok.pad_token_id, side)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert pack_plan(mask).used.numel() < len(texts)  # sequences really share rows
+    padded_model = _fresh_model(tok)
+    packed_model = copy.deepcopy(padded_model)
+    padded = shifted_token_logps(padded_model, ids, mask, temperature)
+    packed = packed_shifted_token_logps(packed_model, ids, mask, temperature)
+    real = mask[:, 1:] & mask[:, :-1]  # positions that score a real next token
+    torch.testing.assert_close(packed[real], padded[real], atol=1e-5, rtol=1e-5)
+    assert (packed[~real] == 0).all()
+    padded[real].sum().backward()
+    packed[real].sum().backward()
+    for (name, a), b in zip(padded_model.named_parameters(), packed_model.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+class _IgnoresPackedPositions(torch.nn.Module):
+    """A model whose attention ignores position ids (plain causal over the whole row)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, **kw):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kw)
+
+
+@torch.no_grad()
+def test_padding_free_check_catches_a_model_that_attends_across_sequences(tiny_model, tiny_tokenizer):
+    from rlhfkit.data.collate import pad_batch
+    from rlhfkit.models.logprobs import padding_free_matches
+
+    tok = tiny_tokenizer
+    batch = pad_batch([tok(t)["input_ids"] for t in TEXTS], tok.pad_token_id, "right")
+    assert padding_free_matches(tiny_model, batch["input_ids"], batch["attention_mask"])
+    assert not padding_free_matches(_IgnoresPackedPositions(tiny_model), batch["input_ids"], batch["attention_mask"])

@@ -27,6 +27,7 @@ from rlhfkit.train.preference import (
     evaluate_batches,
     pair_metric_sums,
     prepare_reference,
+    resolve_padding_free,
     run_preference,
     sequence_logps,
 )
@@ -46,17 +47,17 @@ def make_pair_batch(pad_id: int, items: list[Item], ref_cache: torch.Tensor | No
     return collate_columns(items, [CHOSEN, REJECTED], pad_id, side=side, ref_cache=ref_cache)
 
 
-def pair_logps(model, batch: dict, reference: Reference) -> PairLogps:
+def pair_logps(model, batch: dict, reference: Reference, padding_free: bool = False) -> PairLogps:
     """Policy (one concatenated forward) and reference sequence log-probs of a pair batch."""
     b = batch["n_items"]
-    logps, n_tokens = sequence_logps(model, batch)
+    logps, n_tokens = sequence_logps(model, batch, padding_free)
     ref = reference.logps(batch)
     return PairLogps(logps[:b], logps[b:], ref[:b], ref[b:], n_tokens[:b], n_tokens[b:])
 
 
 def dpo_loss_fn(config: DPOConfig, reference: Reference, model, batch: dict):
     """(sum of per-pair losses, metric sums) for `fit`, which divides by the global pair count."""
-    p = pair_logps(model, batch, reference)
+    p = pair_logps(model, batch, reference, config.padding_free)
     out = combined_loss(p, config.loss_types, config.loss_weights, sft_weight=config.sft_weight,
                         beta=config.beta, label_smoothing=config.label_smoothing,
                         simpo_gamma=config.simpo_gamma, orpo_lambda=config.orpo_lambda)
@@ -78,7 +79,9 @@ def train_dpo(config: DPOConfig) -> Result:
     for items in (train, evaluation):
         for i, item in enumerate(items):
             item.index = i
-    # 4. reference: none, adapters disabled (LoRA), a frozen copy / ref_model, or precomputed
+    # 4. packed forward passes unless this model cannot take them; the reference: none, adapters
+    #    disabled (LoRA), a frozen copy / ref_model, or precomputed
+    resolve_padding_free(run, model, train, pad)
     reference = prepare_reference(run, model, tokenizer, needed=needs_reference(config.loss_types, config.reference_free),
                                   splits={"train": train, "eval": evaluation})
     loss_fn = partial(dpo_loss_fn, config, reference)
@@ -96,4 +99,5 @@ def train_dpo(config: DPOConfig) -> Result:
                           make_batch=partial(make_pair_batch, pad), loss_fn=loss_fn,
                           evaluate_items=evaluate_items, reference=reference,
                           skipped={"train": skipped_train, "eval": skipped_eval},
-                          extra_summary={"loss_type": config.loss_types, "beta": config.beta})
+                          extra_summary={"loss_type": config.loss_types, "beta": config.beta,
+                                         "padding_free": config.padding_free})

@@ -35,6 +35,7 @@ from rlhfkit.train.preference import (
     collate_columns,
     evaluate_batches,
     prepare_reference,
+    resolve_padding_free,
     run_preference,
     sequence_logps,
 )
@@ -102,29 +103,29 @@ def class_balance(items: list[Item], config: KTOConfig) -> dict:
 
 
 def make_kto_batch(pad_id: int, items: list[Item], ref_cache: torch.Tensor | None, side: str = "right") -> dict:
-    """`completions` (B rows) and `mismatched` (B rows) sub-batches, `labels` (B,)."""
-    completions = collate_columns(items, [COMPLETION], pad_id, side=side, ref_cache=ref_cache)
-    mismatched = collate_columns(items, [MISMATCHED], pad_id, side=side, ref_cache=ref_cache)
-    return {"completions": completions, "mismatched": mismatched, "labels": completions["labels"],
-            "n_items": len(items)}
+    """Rows [0, B): the completions, rows [B, 2B): the mismatched completions; `labels` (B,)."""
+    return collate_columns(items, [COMPLETION, MISMATCHED], pad_id, side=side, ref_cache=ref_cache)
 
 
-def _to(batch: dict, device) -> dict:
-    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+def take_rows(batch: dict, start: int, stop: int) -> dict:
+    """Rows [start, stop) of a batch's per-row tensors (ids, masks, cached reference log-probs)."""
+    keys = ("input_ids", "attention_mask", "response_mask", "ref_logps")
+    return {k: batch[k][start:stop] for k in keys if k in batch}
 
 
 def kto_outputs(config: KTOConfig, reference: Reference, model, batch: dict):
     """Per-example KTO losses, rewards, policy log-probs and z0 of one batch."""
-    device = batch["labels"].device
-    completions, mismatched = _to(batch["completions"], device), _to(batch["mismatched"], device)
+    b, pf = batch["n_items"], config.padding_free
     # 1. policy log-probs of the completions (with gradient)
-    logps, _ = sequence_logps(model, completions)
-    # 2. z0 from the mismatched pairs: policy without gradient (z0 is detached) vs reference
+    logps, _ = sequence_logps(model, take_rows(batch, 0, b), pf)
+    # 2. policy log-probs of the mismatched pairs without gradient (z0 is detached); the reference
+    #    scores completions and mismatched pairs in one forward pass
     with torch.no_grad():
-        kl_logps, _ = sequence_logps(model, mismatched)
-    z0 = kl_reference_point(kl_logps, reference.logps(mismatched))
+        kl_logps, _ = sequence_logps(model, take_rows(batch, b, 2 * b), pf)
+    ref = reference.logps(batch)
+    z0 = kl_reference_point(kl_logps, ref[b:])
     # 3. the loss against the reference log-probs of the completions
-    out = kto_loss(logps, reference.logps(completions), batch["labels"], z0, beta=config.beta,
+    out = kto_loss(logps, ref[:b], batch["labels"], z0, beta=config.beta,
                    desirable_weight=config.desirable_weight, undesirable_weight=config.undesirable_weight)
     return out, logps.detach(), z0
 
@@ -177,7 +178,9 @@ def train_kto(config: KTOConfig) -> Result:
                 if n_d and n_u else "; KTO needs examples of both classes")
         run.print(f"[kto] WARNING: the weighted class balance {balance['weighted_balance']:.3f} is far from 1:1 "
                   f"(KTO's paper recommends [1, 4/3]): one class dominates the loss{hint}")
-    # 4. reference: adapters disabled (LoRA), a frozen copy / ref_model, or precomputed
+    # 4. packed forward passes unless this model cannot take them; the reference: adapters disabled
+    #    (LoRA), a frozen copy / ref_model, or precomputed
+    resolve_padding_free(run, model, train, pad)
     reference = prepare_reference(run, model, tokenizer, needed=True, splits={"train": train, "eval": evaluation})
     loss_fn = partial(kto_loss_fn, config, reference)
 
@@ -195,4 +198,4 @@ def train_kto(config: KTOConfig) -> Result:
                           make_batch=partial(make_kto_batch, pad), loss_fn=loss_fn,
                           evaluate_items=evaluate_items, reference=reference,
                           skipped={"train": skipped_train, "eval": skipped_eval},
-                          extra_summary={"beta": config.beta, **balance})
+                          extra_summary={"beta": config.beta, "padding_free": config.padding_free, **balance})

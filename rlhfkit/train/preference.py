@@ -31,7 +31,7 @@ from rlhfkit.data.collate import pad_batch
 from rlhfkit.data.encode import Encoded
 from rlhfkit.errors import ConfigError
 from rlhfkit.losses.masked import masked_sum
-from rlhfkit.models.logprobs import response_token_logps
+from rlhfkit.models.logprobs import padding_free_matches, response_token_logps
 from rlhfkit.train.common import config_task, gold_eval, save_final, shard, skipped_note, to_device
 from rlhfkit.train.loop import BatchStream, Result, Run, describe_batches, fit, total_steps
 from rlhfkit.train.tracking import progress, write_summary
@@ -71,10 +71,10 @@ def collate_columns(items: list[Item], columns: list[int], pad_id: int, *, side:
     return batch
 
 
-def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(model, batch: dict, padding_free: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(N,) log-probs of each row's response, summed over response tokens, and (N,) response token
-    counts (float). One forward pass over the whole batch."""
-    token_logps, mask = response_token_logps(model, batch)
+    counts (float). One forward pass over the whole batch (packed with `padding_free`)."""
+    token_logps, mask = response_token_logps(model, batch, padding_free=padding_free)
     return masked_sum(token_logps, mask, dim=-1), mask.sum(-1).float()
 
 
@@ -92,6 +92,7 @@ class Reference:
     kind: str
     model: object = None
     cache: dict[str, torch.Tensor] | None = None
+    padding_free: bool = False
 
     @torch.no_grad()
     def logps(self, batch: dict) -> torch.Tensor:
@@ -102,7 +103,7 @@ class Reference:
             return torch.zeros(batch["input_ids"].shape[0], device=batch["input_ids"].device)
         context = self.model.disable_adapter() if self.kind == "adapters_disabled" else nullcontext()
         with context:
-            return sequence_logps(self.model, batch)[0]
+            return sequence_logps(self.model, batch, self.padding_free)[0]
 
     def split_cache(self, split: str) -> torch.Tensor | None:
         return self.cache.get(split) if self.cache else None
@@ -121,15 +122,16 @@ def prepare_reference(run: Run, policy, tokenizer, *, needed: bool, splits: dict
     c = run.config
     if not needed:
         return Reference("none")
+    pf = c.padding_free
     if c.ref_model is None or c.ref_model == c.model_name_or_path:
         if c.finetuning_type == "lora":
-            reference = Reference("adapters_disabled", policy)
+            reference = Reference("adapters_disabled", policy, padding_free=pf)
         elif c.precompute_ref_log_probs:
-            reference = Reference("model", policy)  # still the initial weights: no copy needed
+            reference = Reference("model", policy, padding_free=pf)  # still the initial weights: no copy needed
         else:
             ref = copy.deepcopy(policy).eval()
             ref.requires_grad_(False)
-            reference = Reference("model", ref)
+            reference = Reference("model", ref, padding_free=pf)
     else:
         from rlhfkit.models.load import load_causal_lm
 
@@ -140,7 +142,7 @@ def prepare_reference(run: Run, policy, tokenizer, *, needed: bool, splits: dict
                               f"{n_policy}: they must share a tokenizer")
         ref.eval()
         ref.requires_grad_(False)
-        reference = Reference("model", ref)
+        reference = Reference("model", ref, padding_free=pf)
     if c.precompute_ref_log_probs:
         was_training = policy.training
         policy.eval()
@@ -148,6 +150,22 @@ def prepare_reference(run: Run, policy, tokenizer, *, needed: bool, splits: dict
         policy.train(was_training)
         return Reference("precomputed", cache=cache)
     return reference
+
+
+def resolve_padding_free(run: Run, model, items: list[Item], pad_id: int, n: int = 4) -> bool:
+    """`padding_free` as asked, unless the packed forward disagrees with the padded one on the first
+    `n` training items (a model whose attention ignores packed position ids): then a warning, and
+    padding for the whole run (`run.config.padding_free` is set to False)."""
+    if not run.config.padding_free or not items:
+        return False
+    sample = items[:n]
+    batch = to_device(collate_columns(sample, list(range(len(sample[0].sequences))), pad_id), run.device)
+    if padding_free_matches(model, batch["input_ids"], batch["attention_mask"]):
+        return True
+    run.print(f"[{run.stage}] WARNING: this model's packed forward pass (padding_free: true) does not match "
+              "its padded one (its attention does not follow packed position ids): padding instead")
+    run.config.padding_free = False
+    return False
 
 
 def _fingerprint(run: Run, splits: dict[str, list[Item]]) -> str:
