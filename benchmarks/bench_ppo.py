@@ -17,6 +17,13 @@ samples/s = batch / step time, the split generation / scoring (reward + referenc
 log-probs + values + advantages) / training, and the child process's peak RSS (ru_maxrss,
 each configuration in a fresh interpreter; the models are built and saved by a separate child).
 
+Where the ceiling is: after its timed run, each child runs exactly one more step (fresh models)
+under torch's FlopCounterMode, which counts every matmul and attention FLOP (generation, no-grad
+forwards, forward + backward), and measures its own fp32 matmul peak (2048 x 2048, same thread
+count). `MFU` = FLOPs per step / fastest step / that peak. The FLOP counts of the two
+implementations show how much work each does for the same PPO step; a speed-up beyond
+peak / achieved (100% / MFU) is impossible for identical work on this CPU.
+
 Models: `tiny` (preset, 3.5M) and `smollm2-135m` (SmolLM2-135M's shape, random init, vocabulary
 49152; the tokenizer is a small BPE stand-in: sampled ids beyond it decode to nothing). Roles:
 full = separate policy, reference, critic and reward model; lora = one base + LoRA reward adapter
@@ -25,9 +32,12 @@ full = separate policy, reference, critic and reward model; lora = one base + Lo
 and reference from the SFT directory, reward and value model from the (merged) reward model;
 under LoRA TRL takes `peft_config` for the policy, and keeps separate reward and value models.
 Identical work: same prompts, batch, response length, temperature, epochs, one minibatch per
-epoch, same micro-batch; generation and the no-grad scoring forwards in one chunk of the whole
-batch on both sides (rlhfkit `generation_batch_size` / `per_device_eval_batch_size`, TRL
-`local_rollout_forward_batch_size`); 1 torch thread each.
+epoch, same micro-batch; generation and the reward-model forward in one chunk of the whole batch
+on both sides (rlhfkit `generation_batch_size` / `per_device_eval_batch_size`, TRL
+`local_rollout_forward_batch_size`; TRL runs its reference and value forwards in that chunk too,
+rlhfkit its old log-probs, values and reference log-probs in the training micro-batches); 1 torch
+thread each. rlhfkit samples with the LoRA policy adapter merged into the base (restored
+bit-exactly afterwards); TRL samples through peft's unmerged adapter layers.
 """
 
 from __future__ import annotations
@@ -44,6 +54,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_train import matmul_peak  # noqa: E402
+
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "ppo.json"
 # model -> (batch, prompt_length, response_length, epochs, minibatches, micro-batch, steps incl. 1 warmup)
 # One minibatch per epoch: TRL accumulates gradients over `gradient_accumulation_steps` micro-batches
@@ -55,6 +68,25 @@ LORA = dict(rank=16, alpha=32)
 
 def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def counted_flops(run_one_step) -> float:
+    """Matmul/attention FLOPs (forward, backward, generation) of one PPO step, counted by torch's
+    FlopCounterMode around a run of exactly one step (set-up does no matmuls)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        run_one_step()
+    return float(counter.get_total_flops())
+
+
+def efficiency(result: dict, flops: float) -> dict:
+    """FLOPs per step, achieved FLOP/s on the fastest step, and that as a share of this process's
+    measured single-precision matmul peak at the same thread count (MFU)."""
+    peak = matmul_peak("fp32")
+    achieved = flops / result["step_s_best"]
+    return {"flops_per_step": flops, "achieved_gflops": achieved / 1e9, "peak_gflops": peak / 1e9,
+            "mfu": achieved / peak}
 
 
 def prepare(model: str, finetuning: str, out: Path) -> None:
@@ -107,28 +139,32 @@ def run_rlhfkit(cfg: dict) -> dict:
     d = Path(cfg["dir"])
     batch, prompt_len, resp_len, epochs, minis, micro, steps = SHAPES[cfg["model"]]
     steps = cfg.get("steps") or steps
-    c = build_config("ppo", dict(
+    values = dict(
         model_name_or_path=str(d / "sft"), reward_model=str(d / "rm"), dataset=str(d / "prompts.jsonl"),
         output_dir=str(d / "out_rlhfkit"), overwrite_output_dir=True, finetuning_type=cfg["finetuning"],
         lora_rank=LORA["rank"], lora_alpha=LORA["alpha"], rollout_batch_size=batch, per_device_train_batch_size=micro,
         per_device_eval_batch_size=batch, generation_batch_size=batch, num_mini_batches=minis,
         num_ppo_epochs=epochs, max_steps=steps,
         max_new_tokens=resp_len, max_prompt_length=prompt_len, temperature=0.7, report_to=[], disable_tqdm=True,
-        logging_steps=1, num_sample_generations=0))
+        logging_steps=1, num_sample_generations=0)
     t0 = time.perf_counter()
-    train_ppo(c)
+    train_ppo(build_config("ppo", values))
     total = time.perf_counter() - t0
     rows = [json.loads(x) for x in (d / "out_rlhfkit" / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "time/training" in r][1:]  # drop the warm-up step
     times = [r["time/generation"] + r["time/scoring"] + r["time/training"] for r in rows]
     split = {k: statistics.median(r[f"time/{k}"] for r in rows) for k in ("generation", "scoring", "training")}
-    return {**cfg, "impl": "rlhfkit", "threads": torch.get_num_threads(), "batch": batch, "steps_timed": len(times),
-            "step_s_best": min(times), "step_s_median": statistics.median(times),
-            "samples_per_s": batch / min(times), "split_s": split, "peak_rss_mb": peak_rss() / 2**20,
-            "wall_s": total}
+    result = {**cfg, "impl": "rlhfkit", "threads": torch.get_num_threads(), "batch": batch, "steps_timed": len(times),
+              "step_s_best": min(times), "step_s_median": statistics.median(times),
+              "samples_per_s": batch / min(times), "split_s": split, "peak_rss_mb": peak_rss() / 2**20,
+              "wall_s": total}
+    one = dict(values, output_dir=str(d / "out_rlhfkit_flops"), max_steps=1)
+    return {**result, **efficiency(result, counted_flops(lambda: train_ppo(build_config("ppo", one))))}
 
 
 def run_trl(cfg: dict) -> dict:
+    import dataclasses
+
     import torch
 
     torch.set_num_threads(cfg.get("threads", 1))  # small models on a shared CPU: oversubscription is ~50x slower
@@ -156,7 +192,7 @@ def run_trl(cfg: dict) -> dict:
         ref = AutoModelForCausalLM.from_pretrained(d / "sft")
     # TRL's rollout batch = per_device_train_batch_size x gradient_accumulation_steps; generation and
     # the no-grad forwards run in chunks of local_rollout_forward_batch_size (= the whole batch, as
-    # rlhfkit's generation_batch_size / per_device_eval_batch_size above)
+    # rlhfkit's generation_batch_size and reward-model per_device_eval_batch_size above)
     args = PPOConfig(output_dir=str(d / "out_trl"), per_device_train_batch_size=micro,
                      gradient_accumulation_steps=batch // micro, num_mini_batches=minis,
                      num_ppo_epochs=epochs, total_episodes=batch * steps, response_length=resp_len,
@@ -175,9 +211,19 @@ def run_trl(cfg: dict) -> dict:
     trainer.train()
     total = time.perf_counter() - t0
     times = [b - a for a, b in zip(stamps, stamps[1:])]
-    return {**cfg, "impl": "trl", "threads": torch.get_num_threads(), "batch": batch, "steps_timed": len(times),
-            "step_s_best": min(times), "step_s_median": statistics.median(times),
-            "samples_per_s": batch / min(times), "split_s": None, "peak_rss_mb": peak_rss() / 2**20, "wall_s": total}
+    result = {**cfg, "impl": "trl", "threads": torch.get_num_threads(), "batch": batch, "steps_timed": len(times),
+              "step_s_best": min(times), "step_s_median": statistics.median(times),
+              "samples_per_s": batch / min(times), "split_s": None, "peak_rss_mb": peak_rss() / 2**20,
+              "wall_s": total}
+
+    def one_step():  # a fresh trainer (fresh models) for exactly one step
+        one = dataclasses.replace(args, output_dir=str(d / "out_trl_flops"), total_episodes=batch)
+        models = {k: None if m is None else type(m).from_pretrained(d / ("sft" if k in ("model", "ref_model")
+                                                                        else "rm_merged"))
+                  for k, m in (("model", policy), ("ref_model", ref), ("reward_model", rm), ("value_model", vm))}
+        PPOTrainer(args=one, processing_class=tok, train_dataset=ds, peft_config=peft_config, **models).train()
+
+    return {**result, **efficiency(result, counted_flops(one_step))}
 
 
 def spawn(python: str, mode: str, cfg: dict, timeout: float) -> dict:
@@ -191,30 +237,33 @@ def spawn(python: str, mode: str, cfg: dict, timeout: float) -> dict:
         return {**cfg, "impl": mode.lstrip("-"), "error": f"timed out after {timeout:.0f}s"}
     load = {"load_before": load_before, "load_after": os.getloadavg()[0]}
     for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("{"):
-            return {**json.loads(line), **load}
+        if line.startswith("RESULT "):
+            return {**json.loads(line[len("RESULT "):]), **load}
     return {**cfg, "impl": mode.lstrip("-"), "error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
 
 
 def table(results: list[dict]) -> str:
     lines = ["| model | finetuning | round | impl | samples/s (best step) | step s (best / median) | generation / "
-             "scoring / training s (median) | peak RSS MB | load avg (1 min, before / after) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "scoring / training s (median) | GFLOP / step | GFLOP/s (best step) | MFU | peak RSS MB | "
+             "load avg (1 min, before / after) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         head = f"| {r['model']} | {r['finetuning']} | {r.get('round', '')} | {r['impl']} |"
         if "error" in r:
-            lines.append(f"{head} error: {r['error'][:80]} | | | | |")
+            lines.append(f"{head} error: {r['error'][:80]} | | | | | | | |")
             continue
         sp = r["split_s"]
         split = f"{sp['generation']:.2f} / {sp['scoring']:.2f} / {sp['training']:.2f}" if sp else "(not split)"
         lines.append(f"{head} {r['samples_per_s']:.2f} | {r['step_s_best']:.2f} / {r['step_s_median']:.2f} | "
-                     f"{split} | {r['peak_rss_mb']:.0f} | {r['load_before']:.1f} / {r['load_after']:.1f} |")
+                     f"{split} | {r['flops_per_step'] / 1e9:.1f} | {r['achieved_gflops']:.1f} | {r['mfu']:.0%} | "
+                     f"{r['peak_rss_mb']:.0f} | {r['load_before']:.1f} / {r['load_after']:.1f} |")
     return "\n".join(lines)
 
 
 def ratios(results: list[dict]) -> str:
     """rlhfkit / TRL per configuration and round (the two runs of a round are back to back)."""
-    lines = ["| model | finetuning | round | samples/s rlhfkit / TRL | peak RSS rlhfkit / TRL |", "|---|---|---|---|---|"]
+    lines = ["| model | finetuning | round | samples/s rlhfkit / TRL | FLOPs / step rlhfkit / TRL | MFU rlhfkit / TRL "
+             "| peak RSS rlhfkit / TRL |", "|---|---|---|---|---|---|---|"]
     for r in results:
         if r.get("impl") != "rlhfkit" or "error" in r:
             continue
@@ -222,7 +271,9 @@ def ratios(results: list[dict]) -> str:
                   and x["finetuning"] == r["finetuning"] and x.get("round") == r.get("round")), None)
         if t is not None:
             lines.append(f"| {r['model']} | {r['finetuning']} | {r['round']} | "
-                         f"{r['samples_per_s'] / t['samples_per_s']:.2f}x | {r['peak_rss_mb'] / t['peak_rss_mb']:.0%} |")
+                         f"{r['samples_per_s'] / t['samples_per_s']:.2f}x | "
+                         f"{r['flops_per_step'] / t['flops_per_step']:.2f} | {r['mfu']:.0%} / {t['mfu']:.0%} | "
+                         f"{r['peak_rss_mb'] / t['peak_rss_mb']:.0%} |")
     return "\n".join(lines)
 
 
@@ -232,9 +283,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = json.loads(argv[1])
         if argv[0] == "--prepare":
             prepare(cfg["model"], cfg["finetuning"], Path(cfg["dir"]))
-            print(json.dumps({"ok": True}))
+            print("RESULT " + json.dumps({"ok": True}))
         else:
-            print(json.dumps((run_rlhfkit if argv[0] == "--rlhfkit" else run_trl)(cfg)))
+            print("RESULT " + json.dumps((run_rlhfkit if argv[0] == "--rlhfkit" else run_trl)(cfg)))
         return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="tiny,smollm2-135m")

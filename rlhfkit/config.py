@@ -461,7 +461,8 @@ class PPOConfig(BaseConfig):
     per_device_train_batch_size: int = 8
     """Rollouts per forward/backward micro-batch (gradient accumulation fills a minibatch)."""
     per_device_eval_batch_size: int = 32
-    """Rows per forward pass when scoring rollouts (reference, values, reward)."""
+    """Rows per reward-model forward pass when scoring rollouts (old log-probs, values and
+    reference log-probs run in the first epoch's micro-batches of `per_device_train_batch_size`)."""
     cliprange: float = 0.2
     """Policy ratio clip epsilon."""
     cliprange_value: float = 0.2

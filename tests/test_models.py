@@ -626,3 +626,57 @@ def test_padding_free_check_catches_a_model_that_attends_across_sequences(tiny_m
     batch = pad_batch([tok(t)["input_ids"] for t in TEXTS], tok.pad_token_id, "right")
     assert padding_free_matches(tiny_model, batch["input_ids"], batch["attention_mask"])
     assert not padding_free_matches(_IgnoresPackedPositions(tiny_model), batch["input_ids"], batch["attention_mask"])
+
+
+# ---- sampling with LoRA merged: faster, and the base restored bit-exactly -------------------------
+
+def _lora_model(tok, seed: int = 0):
+    from rlhfkit.models.load import apply_lora
+
+    model = apply_lora(_fresh_model(tok, seed), rank=4, alpha=8, dropout=0.0, target="all-linear")
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # non-zero adapters (lora_B starts at 0)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+@torch.no_grad()
+def test_merged_lora_gives_the_adapter_logits_and_restores_the_base_bit_exactly(tiny_tokenizer):
+    from rlhfkit.models.load import merged_lora
+
+    model = _lora_model(tiny_tokenizer)
+    # some base weights near zero, where W + D rounds into another binade and fl(fl(W + D) - D) != W:
+    # the sparse fix-up must restore them
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    q.base_layer.weight[:4] = 1e-9 * torch.randn(4, q.base_layer.weight.shape[1])
+    d = q.get_delta_weight("default")
+    w = q.base_layer.weight
+    assert ((w + d) - d != w).any()  # the fix-up path is exercised
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = {k: p.requires_grad for k, p in model.named_parameters()}
+    ids = _ids(tiny_tokenizer, TEXTS[0])
+    expected = model(ids).logits
+    with merged_lora(model) as merged:
+        got = merged(ids).logits
+        assert not torch.equal(q.base_layer.weight, before["base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"])
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert {k: p.requires_grad for k, p in model.named_parameters()} == grads
+    torch.testing.assert_close(model(ids).logits, expected, atol=0, rtol=0)
+
+
+def test_merged_lora_leaves_plain_models_and_modules_to_save_alone(tiny_tokenizer):
+    from rlhfkit.models.load import apply_lora, merged_lora
+
+    plain = _fresh_model(tiny_tokenizer)
+    with merged_lora(plain) as m:
+        assert m is plain
+    saving = apply_lora(_fresh_model(tiny_tokenizer), rank=4, alpha=8, dropout=0.0, target=["q_proj"],
+                        modules_to_save=["lm_head"])
+    weight = saving.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.clone()
+    with merged_lora(saving) as m:  # disabling adapters would switch the trained lm_head off
+        assert m is saving
+        assert torch.equal(saving.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight, weight)

@@ -2,7 +2,8 @@
 
 `HFGenerator` batches left-padded prompts through `model.generate` (KV cache, no prompt
 recomputation), then truncates every response after its first EOS (tokens after it become pad;
-the EOS is kept). The pad token is never sampled.
+the EOS is kept). The pad token is never sampled. A LoRA model samples with its active adapters
+merged into the base weights (`merged_lora`: faster, and restored bit-exactly afterwards).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhfkit.data.collate import pad_batch
+from rlhfkit.models.load import merged_lora
 
 
 @dataclass
@@ -64,24 +66,25 @@ class HFGenerator:
         if generator_seed is not None:
             torch.manual_seed(generator_seed)
         chunks = []
-        for start in range(0, len(prompt_ids), self.batch_size):
-            batch = pad_batch(prompt_ids[start:start + self.batch_size], tok.pad_token_id, side="left")
-            ids = batch["input_ids"].to(device)
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=batch["attention_mask"].long().to(device),
-                max_new_tokens=params.max_new_tokens,
-                do_sample=params.do_sample,
-                temperature=params.temperature if params.do_sample else None,
-                top_k=params.top_k if params.do_sample else None,
-                top_p=params.top_p if params.do_sample else None,
-                pad_token_id=tok.pad_token_id,
-                eos_token_id=tok.eos_token_id,
-                suppress_tokens=[tok.pad_token_id],
-                stop_strings=list(params.stop) or None,
-                tokenizer=tok if params.stop else None,
-            )
-            chunks.append(out[:, ids.shape[1]:].cpu())
+        with merged_lora(model) as sampler:
+            for start in range(0, len(prompt_ids), self.batch_size):
+                batch = pad_batch(prompt_ids[start:start + self.batch_size], tok.pad_token_id, side="left")
+                ids = batch["input_ids"].to(device)
+                out = sampler.generate(
+                    input_ids=ids,
+                    attention_mask=batch["attention_mask"].long().to(device),
+                    max_new_tokens=params.max_new_tokens,
+                    do_sample=params.do_sample,
+                    temperature=params.temperature if params.do_sample else None,
+                    top_k=params.top_k if params.do_sample else None,
+                    top_p=params.top_p if params.do_sample else None,
+                    pad_token_id=tok.pad_token_id,
+                    eos_token_id=tok.eos_token_id,
+                    suppress_tokens=[tok.pad_token_id],
+                    stop_strings=list(params.stop) or None,
+                    tokenizer=tok if params.stop else None,
+                )
+                chunks.append(out[:, ids.shape[1]:].cpu())
         model.train(was_training)
         width = max(c.shape[1] for c in chunks)
         responses = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=tok.pad_token_id)

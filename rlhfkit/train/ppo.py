@@ -171,7 +171,9 @@ def compute_scores(roles: Roles, ro: Rollout, tokenizer, reward_funcs, weights: 
 
 @torch.no_grad()
 def score_rollout(roles: Roles, ro: Rollout, c: PPOConfig, micro_batches: list[torch.Tensor]) -> dict:
-    """# 3. old log-probs and values in the first epoch's micro-batches; reference log-probs."""
+    """# 3. old log-probs and values in the first epoch's micro-batches; reference log-probs in the
+    same micro-batches (a matmul kernel may round a row differently in a batch of another size, so
+    only the same batches make the KL exactly 0 while policy = reference)."""
     B, W = ro.responses.shape
     logps = torch.zeros(B, W, device=ro.input_ids.device)
     values = torch.zeros(B, W, device=ro.input_ids.device)
@@ -181,10 +183,9 @@ def score_rollout(roles: Roles, ro: Rollout, c: PPOConfig, micro_batches: list[t
         logps[idx] = policy_logps(roles.policy, ids, mask, P, T)[0]
         values[idx] = critic_values(roles, ids, mask, P)
     ref = torch.zeros_like(logps)
-    bs = c.per_device_eval_batch_size
     with roles.reference() as ref_model:
-        for i in range(0, B, bs):
-            ref[i:i + bs] = policy_logps(ref_model, ro.input_ids[i:i + bs], ro.attention_mask[i:i + bs], P, T)[0]
+        for idx in micro_batches:
+            ref[idx] = policy_logps(ref_model, ro.input_ids[idx], ro.attention_mask[idx], P, T)[0]
     m = ro.response_mask
     return {"logps": logps.masked_fill(~m, 0.0), "ref_logps": ref.masked_fill(~m, 0.0), "values": values}
 

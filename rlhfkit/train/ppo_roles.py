@@ -246,7 +246,11 @@ def build_roles(c: PPOConfig, tokenizer, device, printer=print) -> Roles:
     if separate_ref:
         ref_model = load_causal_lm(ref_path, tokenizer, trust_remote_code=c.trust_remote_code,
                                    gguf_file=c.gguf_file if ref_path == c.model_name_or_path else None)
-        ref_model.requires_grad_(False).eval()
+        # Never trained (not in `trainable`, only run under no_grad), but its weights carry the same
+        # requires_grad flag as the policy's base weights: on some CPUs (seen: MKL on AVX-512) a
+        # linear layer rounds differently when its weight requires grad, even under no_grad, and
+        # the KL must be exactly 0 while policy = reference.
+        ref_model.requires_grad_(c.finetuning_type == "full").eval()
 
     rm_dir = Path(c.reward_model) if c.reward_model else None
     rm_adapter_cfg = None
