@@ -410,9 +410,10 @@ class PPOConfig(BaseConfig):
 
     # ---- rollout -------------------------------------------------------------------------------
     rollout_batch_size: int = 64
-    """Prompts (= responses) per PPO step."""
+    """Prompts (= responses) per PPO step, over all processes: under torchrun / accelerate each
+    of N processes takes rollout_batch_size / N of them."""
     generation_batch_size: int | None = None
-    """Prompts per `generate` call; default `rollout_batch_size` (all at once)."""
+    """Prompts per `generate` call; default this process's whole share of `rollout_batch_size`."""
     max_prompt_length: int = 128
     """Prompts keep their last this-many tokens."""
     max_new_tokens: int = 32

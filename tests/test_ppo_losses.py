@@ -116,6 +116,11 @@ def test_advantage_whitening_over_real_tokens_only():
     # shift_mean=False keeps the mean (reward whitening)
     kept = whiten(adv, mask, shift_mean=False)
     assert masked_mean(kept, mask).item() == pytest.approx(masked_mean(adv, mask).item(), abs=1e-6)
+    # statistics given from elsewhere (several processes): the same result when they are this batch's
+    stats = (masked_mean(adv, mask).item(), masked_var(adv, mask).item())
+    torch.testing.assert_close(whiten(adv, mask, stats=stats), white)
+    shifted = whiten(adv, mask, stats=(stats[0] + 1.0, stats[1]))  # another mean: not centred here
+    assert masked_mean(shifted, mask).item() == pytest.approx(-1.0 / stats[1] ** 0.5, abs=1e-5)
 
 
 def test_pads_contribute_nothing_to_rewards():

@@ -105,12 +105,15 @@ def kl_shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, response_mask: tor
 
 
 def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
-           eps: float = 1e-8) -> torch.Tensor:
+           eps: float = 1e-8, stats: tuple[float, float] | None = None) -> torch.Tensor:
     """(x - mean) / sqrt(var + eps) over masked entries (biased variance; RLHF_NOTES 20). With
     `shift_mean=False` the mean is added back (how OpenAI whitens rewards). Entries outside the
-    mask are returned as 0."""
-    mean = masked_mean(values, mask)
-    var = masked_var(values, mask)
+    mask are returned as 0. `stats`: (mean, var) computed elsewhere (e.g. over several processes)
+    instead of from `values`."""
+    if stats is None:
+        mean, var = masked_mean(values, mask), masked_var(values, mask)
+    else:
+        mean, var = (torch.tensor(float(s), dtype=values.dtype, device=values.device) for s in stats)
     out = (values - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 
@@ -327,6 +328,53 @@ def evaluate(roles: Roles, c: PPOConfig, tokenizer, generator, params, prompt_id
 
 # ---- the stage -----------------------------------------------------------------------------------
 
+# ---- data parallel: what crosses processes ----------------------------------------------------------
+# Each process generates, scores and trains on its share of the rollout batch; whitening, the token
+# counts that normalise the losses, the KL controller's input and the logged metrics are global, and
+# the gradients are summed across processes before clipping, so N processes x B/N episodes follow
+# the same update as one process x B (tested). With one process nothing below communicates.
+
+def global_whiten(run: Run, values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """`whiten` with the masked mean and (biased) variance taken over every process's batch."""
+    if run.world_size == 1:
+        return whiten(values, mask, shift_mean)
+    count, total = run.reduce_sum([mask.sum().item(), masked_sum(values, mask).item()]).tolist()
+    mean = total / max(count, 1.0)
+    var = run.reduce_sum([masked_sum((values - mean) ** 2, mask).item()]).item() / max(count, 1.0)
+    return whiten(values, mask, shift_mean, stats=(mean, var))
+
+
+def global_mean(run: Run, values: torch.Tensor) -> float:
+    """Mean of a (B,) tensor over every process's rows."""
+    if run.world_size == 1:
+        return values.mean().item()
+    total, n = run.reduce_sum([values.sum().item(), values.numel()]).tolist()
+    return total / n
+
+
+def sum_gradients(run: Run, params: list[torch.nn.Parameter]) -> None:
+    """Sum the gradients of `params` across processes (one flat all-reduce)."""
+    if run.world_size == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def reduce_metrics(run: Run, metrics: dict[str, float], mean: bool = True) -> dict[str, float]:
+    """Metrics over every process: the mean of per-process values (`mean`), or their sum (for
+    partial sums of global means, like the losses normalised by global token counts)."""
+    if run.world_size == 1:
+        return metrics
+    keys = sorted(metrics)
+    values = run.reduce_sum([metrics[k] for k in keys]) / (run.world_size if mean else 1)
+    return dict(zip(keys, values.tolist()))
+
+
 def ppo_steps(c: PPOConfig, n_prompts: int) -> int:
     if c.max_steps > 0:
         return c.max_steps
@@ -341,8 +389,11 @@ def train_ppo(config: PPOConfig) -> Result:
     reward_funcs = load_reward_funcs(c.reward_funcs)
     task = config_task(c.task)
     run = start_run(c, "ppo")
-    if run.world_size > 1:
-        raise ConfigError("ppo runs in one process (no distributed launch yet)")
+    local_batch = c.rollout_batch_size // run.world_size
+    if c.rollout_batch_size % run.world_size or local_batch % (c.num_mini_batches * c.per_device_train_batch_size):
+        raise ConfigError(f"rollout_batch_size {c.rollout_batch_size} must split into {run.world_size} process(es) x "
+                          f"num_mini_batches {c.num_mini_batches} x per_device_train_batch_size "
+                          f"{c.per_device_train_batch_size}")
     device = run.device
     tokenizer = config_tokenizer(c, lambda: row_texts(train_rows))
     prompt_ids, train_rows, skipped = encode_prompts(tokenizer, train_rows, c.max_prompt_length)
@@ -378,16 +429,16 @@ def train_ppo(config: PPOConfig) -> Result:
         kl_ctl.value = state.get("kl_coef", kl_ctl.value)
         run.print(f"[ppo] resumed from {run.resume_from} at step {start_step} (kl_coef {kl_ctl.value:.4g})")
 
-    generator = HFGenerator(tokenizer, batch_size=c.generation_batch_size or c.rollout_batch_size)
+    generator = HFGenerator(tokenizer, batch_size=c.generation_batch_size or local_batch)
     params = SamplingParams(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_k=c.top_k,
                             top_p=c.top_p, stop=tuple(c.stop))
-    stream = BatchStream(len(prompt_ids), c.rollout_batch_size, seed=c.seed)
+    stream = BatchStream(len(prompt_ids), local_batch, run.world_size, run.rank, seed=c.seed)
     ev_ids, ev_rows = eval_prompts(c, tokenizer, eval_rows, task)
     do_eval = bool(ev_ids)
     diag = Diagnostics(run, c.max_new_tokens)
     params_list = [p for p in roles.trainable.parameters() if p.requires_grad]
     samples_path = run.output_dir / "samples.jsonl"
-    if run.resume_from is None and samples_path.exists():
+    if run.is_main and run.resume_from is None and samples_path.exists():
         samples_path.unlink()
 
     def run_eval(step: int) -> dict:
@@ -401,6 +452,7 @@ def train_ppo(config: PPOConfig) -> Result:
         return out
 
     first_eval = None
+    do_eval = do_eval and run.is_main  # evaluation (no collectives inside) runs on the main process
     if do_eval and start_step == 0:
         first_eval = run_eval(0)
         run.logger.log(0, first_eval)
@@ -415,7 +467,8 @@ def train_ppo(config: PPOConfig) -> Result:
         idx = stream.indices(step)
         # 1. generate
         ro = generate_rollout(roles, tokenizer, generator, [prompt_ids[i] for i in idx],
-                              [train_rows[i] for i in idx], params, c.seed * 7919 + step, device)
+                              [train_rows[i] for i in idx], params, c.seed * 7919 + step + 104_729 * run.rank,
+                              device)
         t_gen = time.perf_counter()
         # 2. score
         raw_scores, parts = compute_scores(roles, ro, tokenizer, reward_funcs, weights, c.per_device_eval_batch_size)
@@ -432,12 +485,12 @@ def train_ppo(config: PPOConfig) -> Result:
         kl = KL_ESTIMATORS[c.kl_estimator](data["logps"], data["ref_logps"]).masked_fill(~m, 0.0)
         rewards = kl_shaped_rewards(scores, kl, m, beta)
         if c.whiten_rewards:
-            rewards = whiten(rewards, vmask, shift_mean=False)
+            rewards = global_whiten(run, rewards, vmask, shift_mean=False)
         # 5. GAE over the value mask; advantages whitened over real tokens
         values = data["values"].masked_fill(~vmask, 0.0)
         advantages, returns = gae(rewards, values, c.gamma, c.lam)
         if c.whiten_advantages:
-            advantages = whiten(advantages, m)
+            advantages = global_whiten(run, advantages, m)
         data.update(values=values, advantages=advantages, returns=returns, value_mask=vmask)
         t_prep = time.perf_counter()
         # 6. PPO epochs over shuffled minibatches (gradient accumulation over micro-batches)
@@ -447,15 +500,15 @@ def train_ppo(config: PPOConfig) -> Result:
         for epoch in range(c.num_ppo_epochs):
             plan = plan0 if epoch == 0 else minibatch_plan(len(idx), c, step, epoch)
             for micro_batches in plan:
-                rows_mb = torch.cat(micro_batches)
-                n_tok = m[rows_mb].sum().clamp(min=1).item()
-                n_val = vmask[rows_mb].sum().clamp(min=1).item()
+                rows_mb = torch.cat(micro_batches)  # token counts of the whole (global) minibatch
+                n_tok, n_val = run.reduce_sum([m[rows_mb].sum().item(), vmask[rows_mb].sum().item()]).clamp(min=1).tolist()
                 for mb in micro_batches:
                     with run.accelerator.autocast():
                         loss, stats = ppo_micro_loss(roles, ro, data, mb, c, n_tok, n_val)
                     loss.backward()
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + v
+                sum_gradients(run, params_list)
                 grad_norm = (torch.nn.utils.clip_grad_norm_(params_list, c.max_grad_norm) if c.max_grad_norm > 0
                              else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params_list
                                                                         if p.grad is not None])))
@@ -467,10 +520,14 @@ def train_ppo(config: PPOConfig) -> Result:
                 if epoch == 0 and n_updates == 1:
                     first = {k: sums[k] for k in ("policy/ratio", "policy/clipfrac", "policy/approxkl")}
         roles.policy.eval()
+        # the loss statistics are per-process shares of global means; grad_norm is already global
+        sums = {**reduce_metrics(run, {k: v for k, v in sums.items() if k != "grad_norm"}, mean=False),
+                "grad_norm": sums["grad_norm"]}
+        first = reduce_metrics(run, first, mean=False)
         t_train = time.perf_counter()
         # 7. KL control (on the mean sequence KL of this batch)
         seq_kl = masked_sum(kl, m, dim=1)
-        kl_ctl.update(seq_kl.mean().item(), len(idx))
+        kl_ctl.update(global_mean(run, seq_kl), c.rollout_batch_size)
         # 8. metrics, samples, evaluation, checkpoint
         non_score = masked_sum(-beta * kl, m, dim=1)
         metrics = {
@@ -493,6 +550,7 @@ def train_ppo(config: PPOConfig) -> Result:
             "time/generation": t_gen - t0, "time/scoring": t_score - t_gen + t_prep - t_score,
             "time/training": t_train - t_prep,
         }
+        metrics = reduce_metrics(run, metrics)
         metrics.update(diag.step(step + 1, metrics))
         window.append(metrics)
         done = step + 1
@@ -504,7 +562,7 @@ def train_ppo(config: PPOConfig) -> Result:
             record["lr"] = metrics["lr"]
             record["objective/kl_coef"] = metrics["objective/kl_coef"]
             window = []
-            with samples_path.open("a") as f:
+            with samples_path.open("a") if run.is_main else open(os.devnull, "w") as f:
                 for i in range(min(c.num_sample_generations, len(ro.texts))):
                     f.write(json.dumps({"step": done, "split": "train", "prompt": ro.rows[i]["prompt"],
                                         "response": ro.texts[i], "score": scores[i].item(),
@@ -515,7 +573,8 @@ def train_ppo(config: PPOConfig) -> Result:
             run.logger.log(done, record)
         if c.save_steps and done % c.save_steps == 0 and done < steps:
             save_checkpoint(run.output_dir, done, roles.trainable, optimizer, scheduler, rank=run.rank,
-                            is_main=run.is_main, keep=c.save_total_limit, extra_state={"kl_coef": kl_ctl.value})
+                            is_main=run.is_main, barrier=run.accelerator.wait_for_everyone,
+                            keep=c.save_total_limit, extra_state={"kl_coef": kl_ctl.value})
     bar.close()
 
     # final: the policy (HF format; LoRA: the policy adapter only), the critic (a reward-model
@@ -540,6 +599,7 @@ def train_ppo(config: PPOConfig) -> Result:
         run.logger.plot(keys=[k for k in ("objective/scores", "objective/kl", "eval/gold_reward", "gen/length")
                               if any(k in r for r in history)])
         run.logger.close()
+    run.accelerator.wait_for_everyone()
     return Result(run.output_dir, summary, roles.policy, tokenizer, history)
 
 
