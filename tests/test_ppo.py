@@ -279,7 +279,8 @@ def test_config_errors_before_any_model_loads(fixtures, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(fixtures, tmp_path):
+@pytest.mark.parametrize("finetuning_type", ["full", "lora"])
+def test_two_processes_match_one(fixtures, tmp_path, finetuning_type):
     """torchrun with 2 CPU processes (gloo) x 4 episodes follows the same PPO updates as one process
     x 8 episodes: global advantage whitening, global token counts, gradients summed across
     processes. Sampling with top_k 1 makes every rollout a function of its prompt alone, and one
@@ -291,7 +292,9 @@ def test_two_processes_match_one(fixtures, tmp_path):
     from rlhfkit.config import dump_config
 
     common = dict(rollout_batch_size=8, per_device_train_batch_size=2, num_mini_batches=1, num_ppo_epochs=2,
-                  max_steps=2, top_k=1, logging_steps=1)
+                  max_steps=2, top_k=1, logging_steps=1, finetuning_type=finetuning_type)
+    if finetuning_type == "lora":  # one base serving all four roles, in each process
+        common["reward_model"] = str(fixtures / "rm_lora")
     cfg = tmp_path / "ppo.yaml"
     dump_config(ppo_config(fixtures, tmp_path / "ddp", **common), cfg)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -310,9 +313,13 @@ def test_two_processes_match_one(fixtures, tmp_path):
         for k in ("objective/scores", "objective/kl", "policy/loss", "val/loss", "grad_norm", "gen/length"):
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), k
         assert a["policy/first_ratio"] == b["policy/first_ratio"] == 1.0
-    w_ddp = load_file(str(tmp_path / "ddp" / "model.safetensors"))
-    w_single = load_file(str(tmp_path / "single" / "model.safetensors"))
-    initial = load_file(str(fixtures / "sft" / "model.safetensors"))
-    assert any(not torch.equal(w_single[k], v) for k, v in initial.items())  # it trained
+    name = "adapter_model.safetensors" if finetuning_type == "lora" else "model.safetensors"
+    w_ddp = load_file(str(tmp_path / "ddp" / name))
+    w_single = load_file(str(tmp_path / "single" / name))
+    if finetuning_type == "full":
+        initial = load_file(str(fixtures / "sft" / "model.safetensors"))
+        assert any(not torch.equal(w_single[k], v) for k, v in initial.items())  # it trained
+    else:  # peft starts lora_B at 0
+        assert any(v.abs().max() > 0 for k, v in w_single.items() if "lora_B" in k)
     for name, value in w_single.items():
         torch.testing.assert_close(w_ddp[name], value, atol=1e-5, rtol=1e-4, msg=name)
