@@ -136,7 +136,8 @@ def test_kto_raises_gold_reward(sentiment_sft, tmp_path):
     sentiment SFT model on its unpaired data: 40 steps x 32 examples at lr 1e-3, ~1 min on one
     thread. Gold reward of 128 held-out prompts at temperature 1, same prompts and sampling seed:
       measured SFT -0.277 / -0.249 / -0.091 (seeds 0 / 1 / 2: seed noise ~0.1);
-      KTO +0.298 / +0.467 / +0.369, i.e. +0.58 / +0.72 / +0.46 over SFT.
+      KTO (padding-free) +0.459 / +0.390 / +0.350, i.e. +0.74 / +0.64 / +0.44 over SFT
+      (padded, before packing: +0.298 / +0.467 / +0.369).
     Asserted: gold rises by >= 0.3, and desirable completions end with a higher implicit reward
     than undesirable ones on the held-out examples."""
     from rlhfkit.eval.generation import sample_and_score
