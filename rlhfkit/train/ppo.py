@@ -173,8 +173,8 @@ def compute_scores(roles: Roles, ro: Rollout, tokenizer, reward_funcs, weights: 
 @torch.no_grad()
 def score_rollout(roles: Roles, ro: Rollout, c: PPOConfig, micro_batches: list[torch.Tensor]) -> dict:
     """# 3. old log-probs and values in the first epoch's micro-batches; reference log-probs in the
-    same micro-batches (a matmul kernel may round a row differently in a batch of another size, so
-    only the same batches make the KL exactly 0 while policy = reference)."""
+    same micro-batches (the same batch shapes as the policy's, so the same kernels and rounding:
+    the KL is exactly 0 while policy = reference)."""
     B, W = ro.responses.shape
     logps = torch.zeros(B, W, device=ro.input_ids.device)
     values = torch.zeros(B, W, device=ro.input_ids.device)
@@ -326,8 +326,6 @@ def evaluate(roles: Roles, c: PPOConfig, tokenizer, generator, params, prompt_id
     return metrics, samples
 
 
-# ---- the stage -----------------------------------------------------------------------------------
-
 # ---- data parallel: what crosses processes ----------------------------------------------------------
 # Each process generates, scores and trains on its share of the rollout batch; whitening, the token
 # counts that normalise the losses, the KL controller's input and the logged metrics are global, and
@@ -374,6 +372,8 @@ def reduce_metrics(run: Run, metrics: dict[str, float], mean: bool = True) -> di
     values = run.reduce_sum([metrics[k] for k in keys]) / (run.world_size if mean else 1)
     return dict(zip(keys, values.tolist()))
 
+
+# ---- the stage -----------------------------------------------------------------------------------
 
 def ppo_steps(c: PPOConfig, n_prompts: int) -> int:
     if c.max_steps > 0:
