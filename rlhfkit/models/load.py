@@ -191,8 +191,8 @@ def apply_lora(model, *, rank: int, alpha: float, dropout: float, target: str | 
 @contextmanager
 def merged_lora(model) -> Iterator[torch.nn.Module]:
     """For inference only: a peft model's active LoRA adapters folded into its base weights, the
-    adapter branches switched off (one matmul per layer instead of three: ~30% faster sampling on
-    the 135M shape), and the base weights restored BIT-EXACTLY afterwards, so a reference that is
+    adapter branches switched off (one matmul per layer instead of three; sampling 8 x 32 tokens
+    on the 135M shape: 5.21 s merged vs 5.91 s through peft's adapter layers), and the base weights restored BIT-EXACTLY afterwards, so a reference that is
     "the base with adapters disabled" never drifts.
 
     Exact restore without a copy of the weights: with W' = fl(W + D), fl(W' - D) equals W except

@@ -49,12 +49,19 @@ def shifted_token_logps(model, input_ids, attention_mask, temperature: float = 1
     cross-entropy kernel on the unsliced logits (targets rolled left by one, last column dropped):
     slicing the (B, T, V) logits first costs a copy of the largest tensor in the step.
     """
-    logits = forward(model, input_ids, attention_mask).logits.float()
+    logits = forward(model, input_ids, attention_mask).logits
+    return next_token_logps(logits, input_ids, temperature)[:, :-1]
+
+
+def next_token_logps(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """(B, T) log p(input_ids[:, t+1]) under softmax(logits[:, t] / temperature), fused
+    cross-entropy against the ids rolled left by one; the last column scores a wrapped-around
+    token and is meaningless."""
+    logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
     targets = torch.roll(input_ids, shifts=-1, dims=1)
-    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-    return -nll[:, :-1]
+    return -torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
 
 
 def response_token_logps(model, batch: dict, temperature: float = 1.0,
@@ -150,14 +157,11 @@ def packed_shifted_token_logps(model, input_ids, attention_mask, temperature: fl
     checks a model)."""
     plan = pack_plan(attention_mask, pack_width(int(attention_mask.sum(-1).max())))
     ids, positions = packed_inputs(plan, input_ids)
-    logits = model(input_ids=ids, position_ids=positions, attention_mask=None, use_cache=False).logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    targets = torch.roll(ids, shifts=-1, dims=1)
-    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-    keep = ~plan.last
-    out = torch.zeros(input_ids.shape, dtype=nll.dtype, device=nll.device)
-    out = out.index_put((plan.src_row[keep], plan.src_col[keep]), -nll[plan.dst_row[keep], plan.dst_col[keep]])
+    logits = model(input_ids=ids, position_ids=positions, attention_mask=None, use_cache=False).logits
+    logps = next_token_logps(logits, ids, temperature)
+    keep = ~plan.last  # a sequence's last token predicts nothing of its own
+    out = torch.zeros(input_ids.shape, dtype=logps.dtype, device=logps.device)
+    out = out.index_put((plan.src_row[keep], plan.src_col[keep]), logps[plan.dst_row[keep], plan.dst_col[keep]])
     return out[:, :-1]
 
 
