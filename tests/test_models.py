@@ -561,7 +561,17 @@ def test_pack_plan_is_first_fit_decreasing_and_keeps_every_token():
     assert rows == {0: [0], 1: [2], 2: [1], 3: [1]}
     seq2 = plan.src_row == 2  # length 2 after the length-4 sequence in row 1
     assert plan.dst_col[seq2].tolist() == [4, 5] and plan.offset[seq2].tolist() == [0, 1]
-    assert plan.last[seq2].tolist() == [False, True]
+
+
+def test_pack_width_takes_the_width_with_the_fewest_slots():
+    """Lengths 9, 7, 5, 3: width 9 needs rows 9 | 7 | 5+3 (27 slots), 10 and 11 need 9 | 7+3 | 5
+    (30, 33), 12 packs 9+3 | 7+5 with no slot left empty (24): the best, though wider."""
+    from rlhfkit.models.logprobs import pack_width
+
+    assert pack_width([9, 7, 5, 3]) == 12
+    assert pack_width([4, 4, 4]) == 4  # 3 rows x 4 = 12 slots; width 8 holds two per row: 2 x 8 = 16
+    assert pack_width([6, 2, 2, 2]) == 6  # 6 | 2+2+2 and one row 6+2+2+2 of 12: a tie, the narrower wins
+    assert pack_width([300]) == 300
 
 
 def test_packed_inputs_restart_positions_at_each_sequence():
@@ -604,6 +614,65 @@ def test_packed_logps_equal_padded_logps_and_gradients(tiny_tokenizer, side, tem
     packed[real].sum().backward()
     for (name, a), b in zip(padded_model.named_parameters(), packed_model.parameters()):
         torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("lora, padding_free", [(False, False), (False, True), (True, True)])
+@torch.no_grad()
+def test_response_logps_run_the_lm_head_only_on_response_positions(tiny_tokenizer, lora, padding_free):
+    """The LM head sees exactly the positions that score a response token (a hook on the head
+    records its input), and the log-probs equal those of the full-logits pass there."""
+    from rlhfkit.data.collate import pad_batch
+    from rlhfkit.models.load import apply_lora
+    from rlhfkit.models.logprobs import response_token_logps
+
+    tok = tiny_tokenizer
+    seqs = [tok(t)["input_ids"] + [tok.eos_token_id] for t in TEXTS]
+    prompt_lengths = [2, 4, 1]
+    responses = [[i >= p for i in range(len(s))] for s, p in zip(seqs, prompt_lengths)]
+    batch = pad_batch(seqs, tok.pad_token_id, "left", responses)
+    model = _fresh_model(tok)
+    if lora:
+        model = apply_lora(model, rank=4, alpha=8, dropout=0.0, target="all-linear")
+    head_inputs = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, a, o: head_inputs.append(a[0].shape))
+    logps, mask = response_token_logps(model, batch, padding_free=padding_free)
+    handle.remove()
+    n_scored = sum(len(s) - p for s, p in zip(seqs, prompt_lengths))
+    assert int(mask.sum()) == n_scored
+    assert head_inputs == [torch.Size([1, n_scored, model.config.hidden_size])]
+    full = shifted_token_logps(model, batch["input_ids"], batch["attention_mask"])
+    torch.testing.assert_close(logps[mask], full[mask], atol=1e-5, rtol=1e-5)
+    assert (logps[~mask] == 0).all()
+
+
+class _HeadOutsideModules(torch.nn.Module):
+    """A model that applies its output embedding as a plain matmul (no module call to hook)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def get_output_embeddings(self):
+        return self.model.get_output_embeddings()
+
+    def forward(self, **kw):
+        from transformers.modeling_outputs import CausalLMOutput
+
+        hidden = self.model.model(**kw).last_hidden_state
+        return CausalLMOutput(logits=hidden @ self.model.lm_head.weight.T)
+
+
+@torch.no_grad()
+def test_response_logps_fall_back_to_full_logits_when_the_head_is_not_a_module_call(tiny_model, tiny_tokenizer):
+    from rlhfkit.data.collate import pad_batch
+    from rlhfkit.models.logprobs import response_token_logps
+
+    tok = tiny_tokenizer
+    seqs = [tok(t)["input_ids"] for t in TEXTS]
+    batch = pad_batch(seqs, tok.pad_token_id, "right", [[i > 0 for i in range(len(s))] for s in seqs])
+    expected, mask = response_token_logps(tiny_model, batch)
+    got, _ = response_token_logps(_HeadOutsideModules(tiny_model), batch)
+    torch.testing.assert_close(got[mask], expected[mask], atol=1e-5, rtol=1e-5)
 
 
 class _IgnoresPackedPositions(torch.nn.Module):
