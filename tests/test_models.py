@@ -616,6 +616,55 @@ def test_packed_logps_equal_padded_logps_and_gradients(tiny_tokenizer, side, tem
         torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_pack_plan_shares_a_group_s_common_prefix():
+    """Rows 0 and 2 (group 0) share their first 3 tokens: one unit 3 + 2 + 1 = 6 slots, the prefix
+    once, each row's own tokens as a branch; row 1 (group 1) is alone. The mask lets a branch see
+    the prefix and itself, never the other branch."""
+    from rlhfkit.models.logprobs import pack_plan, packed_inputs, shared_prefix_attention
+
+    ids = torch.tensor([[5, 6, 7, 8, 9], [1, 2, 0, 0, 0], [5, 6, 7, 4, 0]])
+    mask = ids != 0
+    plan = pack_plan(mask, input_ids=ids, groups=[0, 1, 0])
+    packed, positions = packed_inputs(plan, ids)
+    assert plan.width == 6 and packed.tolist() == [[5, 6, 7, 8, 9, 4], [1, 2, 0, 0, 0, 0]]
+    assert positions[0].tolist() == [0, 1, 2, 3, 4, 3]  # the branch of row 2 continues from the prefix
+    assert plan.branch[0].tolist() == [0, 0, 0, 1, 1, 2]
+    allowed = shared_prefix_attention(plan)[0, 0].int()
+    assert allowed[5].tolist() == [1, 1, 1, 0, 0, 1]  # row 2's own token: prefix + itself
+    assert allowed[4].tolist() == [1, 1, 1, 1, 1, 0]
+    assert shared_prefix_attention(plan)[1, 0].diagonal().all()  # an unused tail still sees itself
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_shared_prefix_logps_equal_padded_logps_and_gradients(tiny_tokenizer, attention):
+    """Prompt + two responses per group (one response a prefix of the other, one pair identical),
+    packed with their prompts shared: the same log-probs and gradients as the padded pass."""
+    from rlhfkit.data.collate import pad_batch
+    from rlhfkit.models.logprobs import pack_plan, packed_shifted_token_logps
+
+    tok = tiny_tokenizer
+    eos = [tok.eos_token_id]
+    prompts = ["The movie was", "What is 2 + 3?", "A dog"]
+    responses = [(" great today.", " bad."), (" It is 5.", " It is 5. Yes."), (" and a cat.", " and a cat.")]
+    seqs = [tok(p + r[k])["input_ids"] + eos for k in (0, 1) for p, r in zip(prompts, responses)]
+    groups = [0, 1, 2, 0, 1, 2]
+    batch = pad_batch(seqs, tok.pad_token_id, "right")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    shared = pack_plan(mask, input_ids=ids, groups=groups)
+    assert int((shared.segment >= 0).sum()) < int(mask.sum())  # prompts really computed once
+    padded_model = _fresh_model(tok)
+    padded_model.set_attn_implementation(attention)
+    packed_model = copy.deepcopy(padded_model)
+    padded = shifted_token_logps(padded_model, ids, mask)
+    packed = packed_shifted_token_logps(packed_model, ids, mask, groups=groups)
+    real = mask[:, 1:] & mask[:, :-1]
+    torch.testing.assert_close(packed[real], padded[real], atol=1e-5, rtol=1e-5)
+    padded[real].sum().backward()
+    packed[real].sum().backward()
+    for (name, a), b in zip(padded_model.named_parameters(), packed_model.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("lora, padding_free", [(False, False), (False, True), (True, True)])
 @torch.no_grad()
 def test_response_logps_run_the_lm_head_only_on_response_positions(tiny_tokenizer, lora, padding_free):

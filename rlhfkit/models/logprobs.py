@@ -67,34 +67,43 @@ def next_token_logps(logits: torch.Tensor, input_ids: torch.Tensor, temperature:
 def response_token_logps(model, batch: dict, temperature: float = 1.0,
                          padding_free: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of the response tokens of a training batch (`input_ids`, `attention_mask`,
-    `response_mask`). Returns `(token_logps, mask)`, both (B, T-1): position t scores token t+1,
-    `mask` is True where that token is a response token (and t a real token: a sequence's first
-    token has nothing to be scored from). Sum with `masked_sum` for sequence log-probs (B,); count
-    with `mask.sum(-1)` for averages. `padding_free`: the same values from a packed forward pass.
-    Logits are only computed where `mask` is True (`scored_token_logps`)."""
+    `response_mask`; optional `prefix_groups`, see `scored_token_logps`). Returns
+    `(token_logps, mask)`, both (B, T-1): position t scores token t+1, `mask` is True where that
+    token is a response token (and t a real token: a sequence's first token has nothing to be
+    scored from). Sum with `masked_sum` for sequence log-probs (B,); count with `mask.sum(-1)` for
+    averages. `padding_free`: the same values from a packed forward pass. Logits are only computed
+    where `mask` is True."""
     ids, attention = batch["input_ids"], batch["attention_mask"].bool()
     mask = batch["response_mask"][:, 1:] & attention[:, :-1]
-    return scored_token_logps(model, ids, attention, mask, temperature, padding_free), mask
+    logps = scored_token_logps(model, ids, attention, mask, temperature, padding_free, batch.get("prefix_groups"))
+    return logps, mask
 
 
 def scored_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, score_mask: torch.Tensor,
-                       temperature: float = 1.0, padding_free: bool = False) -> torch.Tensor:
+                       temperature: float = 1.0, padding_free: bool = False,
+                       groups: list[int] | None = None) -> torch.Tensor:
     """(B, T-1) log p(input_ids[:, t+1] | prefix) where `score_mask` (B, T-1) is True, 0 elsewhere.
 
     The output embedding (the LM head, a V-wide matmul per position, plus the softmax over V) runs
     only at the scored positions (`logits_at`): a prompt's positions cost no head, which is most
     of the saving for a large vocabulary (SmolLM2's head is a fifth of its FLOPs). With
     `padding_free` the sequences are packed first (`pack_plan`), so no transformer layer computes a
-    pad either; the values equal the padded pass's up to float rounding (tested), as long as the
-    model builds its attention mask from packed position ids (`padding_free_matches` checks)."""
+    pad either, and rows with the same `groups` id (a pair's chosen and rejected, say) share one
+    pass over their common prefix (`shared_prefix_attention`; models with SDPA or eager attention,
+    others pack without sharing). The values equal the padded pass's up to float rounding (tested),
+    as long as the model follows packed position ids and 4D masks (`padding_free_matches` checks)."""
     rows, cols = score_mask.nonzero(as_tuple=True)
     if padding_free:
-        plan = pack_plan(attention_mask, pack_width(attention_mask.sum(-1).tolist()))
+        mask_kind = _custom_mask_kind(model) if groups is not None else None
+        plan = pack_plan(attention_mask, "auto", input_ids=input_ids, groups=groups if mask_kind else None)
         packed_ids, positions = packed_inputs(plan, input_ids)
         flat = torch.full(input_ids.shape, -1, dtype=torch.long, device=input_ids.device)
         flat[plan.src_row, plan.src_col] = plan.dst_row * plan.width + plan.dst_col
         at = flat[rows, cols]
-        inputs = dict(input_ids=packed_ids, position_ids=positions, attention_mask=None)
+        mask = None if plan.segment is None else shared_prefix_attention(plan)
+        if mask is not None and mask_kind != "bool":
+            mask = torch.zeros(mask.shape, dtype=mask_kind, device=mask.device).masked_fill(~mask, torch.finfo(mask_kind).min)
+        inputs = dict(input_ids=packed_ids, position_ids=positions, attention_mask=mask)
         logits = logits_at(model, inputs, at // plan.width, at % plan.width)
     else:
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask.long(),
@@ -106,6 +115,18 @@ def scored_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Ten
     values = -torch.nn.functional.cross_entropy(logits, input_ids[rows, cols + 1], reduction="none")
     out = torch.zeros(score_mask.shape, dtype=values.dtype, device=values.device)
     return out.index_put((rows, cols), values)
+
+
+def _custom_mask_kind(model):
+    """How this model takes a custom 4D attention mask: "bool" (SDPA: True = attend), a float dtype
+    (eager attention adds the mask to the scores), or None (other kernels, e.g. flash attention)."""
+    inner = getattr(model, "module", model)
+    implementation = getattr(getattr(inner, "config", None), "_attn_implementation", None)
+    if implementation == "sdpa":
+        return "bool"
+    if implementation == "eager":
+        return next(inner.parameters()).dtype
+    return None
 
 
 def logits_at(model, inputs: dict, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -165,8 +186,15 @@ def _first_fit(lengths: list[int], width: int) -> tuple[list[int], list[int]]:
 class PackPlan:
     """Where each real token of a padded (B, T) batch goes in a packed (rows, width) batch: one entry
     per real token in `src_row`/`src_col` (padded batch) and `dst_row`/`dst_col` (packed batch);
-    `offset` is the token's index in its sequence; `used` is the number of filled columns of each
-    packed row, `width` the packed rows' width."""
+    `offset` is the token's index in its sequence (its position id); `used` is the number of filled
+    columns of each packed row, `width` the packed rows' width.
+
+    With shared prefixes (`pack_plan(..., groups=)`), the common prefix of a group's sequences has
+    one slot per token, shared by all of them (their entries have the same `dst`), and each
+    sequence's remaining tokens follow as a branch of their own; `segment` (rows, width) numbers
+    the groups (the unused tail of a row is a segment of its own) and `branch` (rows, width) is 0
+    on a prefix and k on the k-th sequence's own tokens (`shared_prefix_attention`). None without
+    groups: then every sequence is its own segment, which packed position ids already say."""
 
     src_row: torch.Tensor
     src_col: torch.Tensor
@@ -175,33 +203,90 @@ class PackPlan:
     offset: torch.Tensor
     used: torch.Tensor
     width: int
+    segment: torch.Tensor | None = None
+    branch: torch.Tensor | None = None
 
 
-def pack_plan(attention_mask: torch.Tensor, width: int | None = None) -> PackPlan:
+def common_prefix_units(input_ids: torch.Tensor, lengths: list[int], starts: list[int],
+                        groups: list[int] | None) -> list[tuple[list[int], int]]:
+    """[(batch rows, shared prefix length)]: rows with the same `groups` id form one unit, sharing
+    the longest common prefix of their real tokens (a prompt, and any first response tokens they
+    have in common); without groups every row is a unit of its own."""
+    if groups is None:
+        return [([i], n) for i, n in enumerate(lengths)]
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    units = []
+    for rows in members.values():
+        seqs = [input_ids[r, starts[r]:starts[r] + lengths[r]].tolist() for r in rows]
+        shared = min(len(s) for s in seqs)
+        for k in range(shared):
+            if any(s[k] != seqs[0][k] for s in seqs[1:]):
+                shared = k
+                break
+        units.append((rows, shared))
+    return units
+
+
+def pack_plan(attention_mask: torch.Tensor, width: int | str | None = None, *,
+              input_ids: torch.Tensor | None = None, groups: list[int] | None = None) -> PackPlan:
     """Lay the sequences of a padded (B, T) batch (real tokens contiguous, either padding side)
-    into rows of `width` (default T), first-fit decreasing: longest first, each into the first row
-    with room. No sequence is split; only the pads go."""
+    into rows of `width` (default T; "auto": `pack_width`), first-fit decreasing: longest first,
+    each into the first row with room. No sequence is split; only the pads go. With `groups`
+    (a group id per row; needs `input_ids`) a group's rows are one unit: their common prefix once,
+    then each row's own tokens (`common_prefix_units`)."""
     lengths = attention_mask.sum(-1).tolist()
     starts = attention_mask.int().argmax(-1).tolist()
-    width = width or attention_mask.shape[1]
-    order = sorted(range(len(lengths)), key=lambda k: -lengths[k])
-    rows, used = _first_fit([lengths[i] for i in order], width)
+    units = common_prefix_units(input_ids, lengths, starts, groups)
+    sizes = [shared + sum(lengths[r] - shared for r in rows) for rows, shared in units]
+    width = pack_width(sizes) if width == "auto" else width or max(attention_mask.shape[1], *sizes)
+    order = sorted(range(len(units)), key=lambda u: -sizes[u])
+    unit_rows, used = _first_fit([sizes[u] for u in order], width)
     filled = [0] * len(used)
     src_row, src_col, dst_row, dst_col, offset = [], [], [], [], []
-    for i, row in zip(order, rows):
-        n = lengths[i]
-        src_row += [i] * n
-        src_col += range(starts[i], starts[i] + n)
-        dst_row += [row] * n
-        dst_col += range(filled[row], filled[row] + n)
-        offset += range(n)
-        filled[row] += n
+    slot_row, slot_col, slot_segment, slot_branch = [], [], [], []
+    for u, row in zip(order, unit_rows):
+        rows, shared = units[u]
+        base = filled[row]
+        cursor = base + shared
+        slot_branch += [0] * shared
+        for k, r in enumerate(rows):
+            n, own = lengths[r], lengths[r] - shared
+            src_row += [r] * n
+            src_col += range(starts[r], starts[r] + n)
+            dst_row += [row] * n
+            dst_col += [*range(base, base + shared), *range(cursor, cursor + own)]
+            offset += range(n)
+            slot_branch += [k + 1] * own
+            cursor += own
+        slot_row += [row] * (cursor - base)
+        slot_col += range(base, cursor)
+        slot_segment += [u] * (cursor - base)
+        filled[row] = cursor
 
     def tensor(values):
         return torch.tensor(values, dtype=torch.long, device=attention_mask.device)
 
-    return PackPlan(tensor(src_row), tensor(src_col), tensor(dst_row), tensor(dst_col), tensor(offset),
+    plan = PackPlan(tensor(src_row), tensor(src_col), tensor(dst_row), tensor(dst_col), tensor(offset),
                     tensor(used), width)
+    if groups is not None:
+        tails = -1 - torch.arange(len(used), device=attention_mask.device)  # each row's unused tail
+        plan.segment = tails[:, None].repeat(1, width)
+        plan.branch = torch.zeros((len(used), width), dtype=torch.long, device=attention_mask.device)
+        plan.segment[tensor(slot_row), tensor(slot_col)] = tensor(slot_segment)
+        plan.branch[tensor(slot_row), tensor(slot_col)] = tensor(slot_branch)
+    return plan
+
+
+def shared_prefix_attention(plan: PackPlan) -> torch.Tensor:
+    """(rows, 1, width, width) bool, True where a query (dim 2) may attend to a key (dim 3): same
+    segment, not later, and the key on the shared prefix or on the query's own branch."""
+    columns = torch.arange(plan.width, device=plan.segment.device)
+    causal = columns[:, None] >= columns[None, :]
+    same = plan.segment[:, :, None] == plan.segment[:, None, :]
+    visible = (plan.branch[:, None, :] == 0) | (plan.branch[:, :, None] == plan.branch[:, None, :])
+    return (same & visible & causal).unsqueeze(1)
 
 
 def packed_inputs(plan: PackPlan, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,7 +294,8 @@ def packed_inputs(plan: PackPlan, input_ids: torch.Tensor) -> tuple[torch.Tensor
     position that is not its left neighbour + 1 starts a new sequence, and transformers (given
     `attention_mask=None`) builds a block-diagonal causal mask from the position ids: no token
     attends across sequences. A row's unused tail holds token 0 at positions 0, 1, ...: a block
-    of its own, after every real token, whose outputs are never read."""
+    of its own, after every real token, whose outputs are never read. (With shared prefixes a
+    branch's positions continue from its prefix, and `shared_prefix_attention` is the mask.)"""
     rows, width = plan.used.numel(), plan.width
     ids = torch.zeros((rows, width), dtype=input_ids.dtype, device=input_ids.device)
     ids[plan.dst_row, plan.dst_col] = input_ids[plan.src_row, plan.src_col]
@@ -219,19 +305,23 @@ def packed_inputs(plan: PackPlan, input_ids: torch.Tensor) -> tuple[torch.Tensor
     return ids, positions
 
 
-def packed_shifted_token_logps(model, input_ids, attention_mask, temperature: float = 1.0) -> torch.Tensor:
+def packed_shifted_token_logps(model, input_ids, attention_mask, temperature: float = 1.0,
+                               groups: list[int] | None = None) -> torch.Tensor:
     """`shifted_token_logps` without computing pads: (B, T-1), 0 where the padded version scores a
     pad or the token after a sequence's last one (`scored_token_logps` with `padding_free`)."""
     attention_mask = attention_mask.bool()
     real = attention_mask[:, 1:] & attention_mask[:, :-1]
-    return scored_token_logps(model, input_ids, attention_mask, real, temperature, padding_free=True)
+    return scored_token_logps(model, input_ids, attention_mask, real, temperature, True, groups)
 
 
 @torch.no_grad()
-def padding_free_matches(model, input_ids, attention_mask, atol: float = 1e-3) -> bool:
-    """True when the packed and the padded forward give the same log-probs on this batch (a
-    model whose attention ignores packed position ids would let sequences see each other)."""
+def padding_free_matches(model, input_ids, attention_mask, groups: list[int] | None = None,
+                         atol: float = 1e-3) -> bool:
+    """True when the packed forward (with shared prefixes for `groups`) gives the same log-probs as
+    the padded one on this batch (a model whose attention ignores packed position ids or custom
+    masks would let sequences see each other)."""
+    attention_mask = attention_mask.bool()
     mask = attention_mask[:, 1:] & attention_mask[:, :-1]
     padded = shifted_token_logps(model, input_ids, attention_mask)
-    packed = packed_shifted_token_logps(model, input_ids, attention_mask)
+    packed = packed_shifted_token_logps(model, input_ids, attention_mask, groups=groups)
     return bool(torch.allclose(padded[mask], packed[mask], atol=atol, rtol=0))

@@ -58,11 +58,15 @@ def collate_columns(items: list[Item], columns: list[int], pad_id: int, *, side:
                     ref_cache: torch.Tensor | None = None) -> dict:
     """Pad the sequences `columns` of `items` into one (len(columns) * B, T) batch, column-major.
 
-    Adds `n_items` (B), `labels` ((B,) bool, when items carry them) and, with `ref_cache` ((n, K)
-    reference log-probs of the whole split), `ref_logps` ((len(columns) * B,) in the same order)."""
+    Adds `n_items` (B), `labels` ((B,) bool, when items carry them), with several columns
+    `prefix_groups` (each row's item: an item's sequences share their prompt, which a padding-free
+    pass then computes once) and, with `ref_cache` ((n, K) reference log-probs of the whole split),
+    `ref_logps` ((len(columns) * B,) in the same order)."""
     seqs = [item.sequences[c] for c in columns for item in items]
     batch = pad_batch([s.input_ids for s in seqs], pad_id, side, [s.response_mask for s in seqs])
     batch["n_items"] = len(items)
+    if len(columns) > 1:
+        batch["prefix_groups"] = [i for _ in columns for i in range(len(items))]
     if items[0].label is not None:
         batch["labels"] = torch.tensor([bool(item.label) for item in items])
     if ref_cache is not None:
@@ -160,7 +164,7 @@ def resolve_padding_free(run: Run, model, items: list[Item], pad_id: int, n: int
         return False
     sample = items[:n]
     batch = to_device(collate_columns(sample, list(range(len(sample[0].sequences))), pad_id), run.device)
-    if padding_free_matches(model, batch["input_ids"], batch["attention_mask"]):
+    if padding_free_matches(model, batch["input_ids"], batch["attention_mask"], batch.get("prefix_groups")):
         return True
     run.print(f"[{run.stage}] WARNING: this model's packed forward pass (padding_free: true) does not match "
               "its padded one (its attention does not follow packed position ids): padding instead")
