@@ -11,16 +11,17 @@ import torch
 from rlhfkit.data.collate import collate_encoded
 from rlhfkit.data.encode import Encoded
 from rlhfkit.losses.nll import nll_sum
-from rlhfkit.models.logprobs import shifted_token_logps
+from rlhfkit.models.logprobs import response_token_logps
 from rlhfkit.train.common import config_task, gold_eval, save_final, shard, skipped_note, to_device
 from rlhfkit.train.loop import BatchStream, Result, Run, describe_batches, fit, total_steps
 from rlhfkit.train.tracking import progress, write_summary
 
 
 def lm_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
-    """Summed next-token NLL over target tokens (`response_mask[:, 1:]`)."""
-    logps = shifted_token_logps(model, batch["input_ids"], batch["attention_mask"])
-    loss_sum, _ = nll_sum(logps, batch["response_mask"][:, 1:])
+    """Summed next-token NLL over target tokens (`response_mask[:, 1:]`); the LM head only runs at
+    the positions that predict one (an SFT prompt costs no head)."""
+    logps, mask = response_token_logps(model, batch)
+    loss_sum, _ = nll_sum(logps, mask)
     return loss_sum, {}
 
 
