@@ -25,9 +25,13 @@ Identical work for both implementations:
 
 Measured in a fresh subprocess per (stage, implementation, model): the wall time of each
 optimizer step (rlhfkit: between consecutive `on_log` calls of `fit` with logging_steps 1; TRL: a
-`TrainerCallback.on_step_end`), after `--warmup` steps. Throughput = B / step time (pairs/s for
-DPO, examples/s for KTO), from the median step and from the fastest step (a shared machine only
-ever slows a step down). Peak memory: the child's `ru_maxrss` (model load, tokenisation and
+`TrainerCallback.on_step_end`), after `--warmup` steps. Throughput (pairs/s for DPO, examples/s
+for KTO): the mean, examples of the timed steps / their total time, which is what a run gets;
+also B / median step and B / fastest step. The data are exactly one epoch for both (rows =
+(warmup + steps) x B), so both process the same examples, though batched in a different order:
+steps differ in their sequences' lengths, and a padded step's cost follows its longest sequence,
+so a padding implementation's median and fastest steps say less about its throughput than the
+mean. Peak memory: the child's `ru_maxrss` (model load, tokenisation and
 training; both load the same model the same way), read after the last optimizer step (so saving
 the model and plotting afterwards do not count), and again at exit.
 """
@@ -92,6 +96,7 @@ def _result(marks: list[float], rss: list[float], batch: int, warmup: int, extra
     step_times = [b - a for a, b in zip(marks, marks[1:])]
     timed = step_times[warmup:]
     return {"step_s_median": statistics.median(timed), "step_s_best": min(timed),
+            "per_s_mean": batch * len(timed) / sum(timed),
             "per_s_median": batch / statistics.median(timed), "per_s_best": batch / min(timed),
             "steps_timed": len(timed), "step_times": step_times,
             "peak_rss_mb": rss[-1], "peak_rss_at_exit_mb": max_rss_mb(), **extra}
@@ -242,21 +247,24 @@ def main() -> int:
                 if "error" in r:
                     print(f"{stage} {model} {impl}: FAILED\n{r['error']}")
                 else:
-                    print(f"{stage} {model} {impl}: {r['per_s_median']:.1f}/s median, {r['per_s_best']:.1f}/s best, "
+                    print(f"{stage} {model} {impl}: {r['per_s_mean']:.1f}/s mean, {r['per_s_median']:.1f}/s median, "
+                          f"{r['per_s_best']:.1f}/s best, "
                           f"peak RSS {r['peak_rss_mb']:.0f} MB ({r['version']})", flush=True)
 
     unit = {"dpo": "pairs/s", "kto": "examples/s"}
-    lines = ["| stage | model | impl | version | median | best | peak RSS MB | speed-up (median) | RSS ratio |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| stage | model | impl | version | mean | median | best | peak RSS MB | speed-up (mean / median) "
+             "| RSS ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
             continue
         base = next((t for t in results if t["impl"] == "trl" and t["stage"] == r["stage"]
                      and t["model"] == r["model"] and "error" not in t), None)
-        speed = f"{r['per_s_median'] / base['per_s_median']:.2f}x" if base else "-"
+        speed = (f"{r['per_s_mean'] / base['per_s_mean']:.2f}x / {r['per_s_median'] / base['per_s_median']:.2f}x"
+                 if base else "-")
         rss = f"{r['peak_rss_mb'] / base['peak_rss_mb']:.2f}" if base else "-"
         lines.append(f"| {r['stage']} | {r['model']} | {r['impl']} | {r['version']} | "
-                     f"{r['per_s_median']:.1f} {unit[r['stage']]} | {r['per_s_best']:.1f} | {r['peak_rss_mb']:.0f} "
+                     f"{r['per_s_mean']:.1f} {unit[r['stage']]} | {r['per_s_median']:.1f} | {r['per_s_best']:.1f} | "
+                     f"{r['peak_rss_mb']:.0f} "
                      f"| {speed} | {rss} |")
     print("\n".join(lines))
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.processor()

@@ -217,9 +217,12 @@ class _ReferenceConfig(BaseConfig):
     padding_free: bool = True
     """Forward passes on packed sequences: a batch's sequences share rows (block-diagonal causal
     attention from their position ids) instead of being padded to the longest, so no compute is
-    spent on pads (1.5x faster on the `sentiment` pairs). Checked at start against the padded
-    forward on a few training examples; a model whose attention ignores packed position ids falls
-    back to padding with a warning. False: pad every sequence to the batch's longest."""
+    spent on pads, and the sequences of one example (a pair's chosen and rejected; KTO's completion
+    and mismatched completion in the reference pass) share one pass over their common prompt
+    (a 4D mask; SDPA and eager attention, other kernels pack without sharing). Checked at start
+    against the padded forward on a few training examples; a model whose attention ignores packed
+    position ids or the mask falls back to padding with a warning. False: pad every sequence to the
+    batch's longest. Either way the LM head only runs where a response token is scored."""
 
     @model_validator(mode="after")
     def _check_reference(self) -> "_ReferenceConfig":
