@@ -209,7 +209,7 @@ def main() -> int:
     p.add_argument("--stages", default="dpo,kto")
     p.add_argument("--impls", default="rlhfkit,trl")
     p.add_argument("--models", default="tiny,small")
-    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=64)

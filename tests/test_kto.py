@@ -136,8 +136,9 @@ def test_kto_raises_gold_reward(sentiment_sft, tmp_path):
     sentiment SFT model on its unpaired data: 40 steps x 32 examples at lr 1e-3, ~1 min on one
     thread. Gold reward of 128 held-out prompts at temperature 1, same prompts and sampling seed:
       measured SFT -0.277 / -0.249 / -0.091 (seeds 0 / 1 / 2: seed noise ~0.1);
-      KTO (padding-free) +0.459 / +0.390 / +0.350, i.e. +0.74 / +0.64 / +0.44 over SFT
-      (padded, before packing: +0.298 / +0.467 / +0.369).
+      KTO (padding-free, shared prompts in the reference pass) +0.361 / +0.340 / +0.391, i.e.
+      +0.64 / +0.59 / +0.48 over SFT (packed without sharing: +0.459 / +0.390 / +0.350; padded,
+      before packing: +0.298 / +0.467 / +0.369: seed noise through sampling).
     Asserted: gold rises by >= 0.3, and desirable completions end with a higher implicit reward
     than undesirable ones on the held-out examples."""
     from rlhfkit.eval.generation import sample_and_score

@@ -101,8 +101,9 @@ def scored_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Ten
         flat[plan.src_row, plan.src_col] = plan.dst_row * plan.width + plan.dst_col
         at = flat[rows, cols]
         mask = None if plan.segment is None else shared_prefix_attention(plan)
-        if mask is not None and mask_kind != "bool":
-            mask = torch.zeros(mask.shape, dtype=mask_kind, device=mask.device).masked_fill(~mask, torch.finfo(mask_kind).min)
+        if mask is not None and mask_kind != "bool":  # eager attention adds its mask to the scores
+            additive = torch.zeros(mask.shape, dtype=mask_kind, device=mask.device)
+            mask = additive.masked_fill(~mask, torch.finfo(mask_kind).min)
         inputs = dict(input_ids=packed_ids, position_ids=positions, attention_mask=mask)
         logits = logits_at(model, inputs, at // plan.width, at % plan.width)
     else:
