@@ -32,7 +32,7 @@ def forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwar
 def token_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log p(targets) under softmax(logits / temperature).
 
-    logits: (B, T, V) predicting `targets`: (B, T) (already shifted). Returns (B, T) float32.
+    logits: (..., V) predicting `targets`: (...) (already shifted). Returns (...) float32.
     Computed as gather - logsumexp to avoid materialising the (B, T, V) log-softmax.
     """
     logits = logits.float()
@@ -110,10 +110,7 @@ def scored_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Ten
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask.long(),
                       position_ids=position_ids_from_mask(attention_mask))
         logits = logits_at(model, inputs, rows, cols)
-    logits = logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    values = -torch.nn.functional.cross_entropy(logits, input_ids[rows, cols + 1], reduction="none")
+    values = token_logps(logits, input_ids[rows, cols + 1], temperature)
     out = torch.zeros(score_mask.shape, dtype=values.dtype, device=values.device)
     return out.index_put((rows, cols), values)
 
