@@ -22,7 +22,6 @@ from __future__ import annotations
 import importlib
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 
@@ -562,11 +561,12 @@ def train_ppo(config: PPOConfig) -> Result:
             record["lr"] = metrics["lr"]
             record["objective/kl_coef"] = metrics["objective/kl_coef"]
             window = []
-            with samples_path.open("a") if run.is_main else open(os.devnull, "w") as f:
-                for i in range(min(c.num_sample_generations, len(ro.texts))):
-                    f.write(json.dumps({"step": done, "split": "train", "prompt": ro.rows[i]["prompt"],
-                                        "response": ro.texts[i], "score": scores[i].item(),
-                                        "ended": bool(ro.ended[i])}) + "\n")
+            if run.is_main:  # the main process's own samples
+                with samples_path.open("a") as f:
+                    for i in range(min(c.num_sample_generations, len(ro.texts))):
+                        f.write(json.dumps({"step": done, "split": "train", "prompt": ro.rows[i]["prompt"],
+                                            "response": ro.texts[i], "score": scores[i].item(),
+                                            "ended": bool(ro.ended[i])}) + "\n")
         if do_eval and (done == steps or (c.eval_steps and done % c.eval_steps == 0)):
             record.update(run_eval(done))
         if record:

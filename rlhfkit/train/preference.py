@@ -158,7 +158,8 @@ def prepare_reference(run: Run, policy, tokenizer, *, needed: bool, splits: dict
 
 def resolve_padding_free(run: Run, model, items: list[Item], pad_id: int, n: int = 4) -> bool:
     """`padding_free` as asked, unless the packed forward disagrees with the padded one on the first
-    `n` training items (a model whose attention ignores packed position ids): then a warning, and
+    `n` training items (a model whose attention ignores packed position ids or the shared-prompt
+    mask): then a warning, and
     padding for the whole run (`run.config.padding_free` is set to False)."""
     if not run.config.padding_free or not items:
         return False
@@ -167,7 +168,8 @@ def resolve_padding_free(run: Run, model, items: list[Item], pad_id: int, n: int
     if padding_free_matches(model, batch["input_ids"], batch["attention_mask"], batch.get("prefix_groups")):
         return True
     run.print(f"[{run.stage}] WARNING: this model's packed forward pass (padding_free: true) does not match "
-              "its padded one (its attention does not follow packed position ids): padding instead")
+              "its padded one (its attention does not follow packed position ids or the shared-prompt mask): "
+              "padding instead")
     run.config.padding_free = False
     return False
 
