@@ -19,6 +19,8 @@ STAGE_FUNCTIONS = {
     "kto": "rlhfkit.train.kto:train_kto",
     "rm": "rlhfkit.train.rm:train_rm",
     "ppo": "rlhfkit.train.ppo:train_ppo",
+    "grpo": "rlhfkit.train.grpo:train_grpo",
+    "rloo": "rlhfkit.train.grpo:train_grpo",
 }
 
 USAGE = """rlhfkit STAGE CONFIG.yaml [key=value ...]   train a stage ({stages})

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
@@ -366,57 +366,50 @@ class RMConfig(BaseConfig):
         return self
 
 
-class PPOConfig(BaseConfig):
-    """`rlhfkit ppo`: RLHF with PPO against a reward model (and/or Python reward functions), with a
-    per-token KL penalty to the reference (SFT) model. One PPO step = sample `rollout_batch_size`
-    prompts, generate, score, compute KL-shaped rewards and GAE advantages, then
-    `num_ppo_epochs` passes over `num_mini_batches` shuffled minibatches (each split into
-    micro-batches of `per_device_train_batch_size`, gradients accumulated)."""
+class OnlineConfig(BaseConfig):
+    """Keys shared by the online stages (ppo, grpo, rloo): prompts, sampling, rewards, the reference
+    and the split of each rollout batch into minibatches and micro-batches."""
 
     dataset_format: DatasetFormat | None = "prompt"
     """Row format; `prompt` rows (a `prompt` column: a string or a message list; other columns are
     passed to reward functions)."""
-    learning_rate: float = 1e-5
-    """Peak learning rate (AdamW), shared by the policy and the critic; decays linearly (N+: 3e-6
-    for 1B-6.9B full fine-tuning; LoRA and tiny models take larger steps)."""
-    adam_epsilon: float = 1e-5
-    """AdamW epsilon (1e-5 as in the PPO implementations, RLHF_NOTES 23)."""
     max_length: int = 512
-    """Not used by PPO: prompts are cut to `max_prompt_length`, responses to `max_new_tokens`."""
+    """Not used by the online stages: prompts are cut to `max_prompt_length`, responses to
+    `max_new_tokens`."""
     max_steps: int = -1
-    """PPO steps (one rollout batch each); -1 derives them from `total_episodes` or
+    """Online steps (one rollout batch each); -1 derives them from `total_episodes` or
     `num_train_epochs` over the prompt dataset."""
     total_episodes: int | None = None
     """Prompts to sample over the whole run (TRL's name); steps = ceil(total_episodes /
     rollout_batch_size). Used when `max_steps` is -1."""
     gradient_accumulation_steps: int = 1
-    """Derived by PPO: rollout_batch_size / num_mini_batches / per_device_train_batch_size. Leave at 1."""
+    """Derived by the online stages from the rollout batch, `num_mini_batches` and
+    `per_device_train_batch_size`. Leave at 1."""
 
-    # ---- roles ---------------------------------------------------------------------------------
+    # ---- reference and rewards -----------------------------------------------------------------
     ref_model: str | None = None
-    """Reference model for the KL penalty; default `model_name_or_path` (the SFT model). Under LoRA
+    """Reference model for the KL term; default `model_name_or_path` (the SFT model). Under LoRA
     the default reference is the base with adapters disabled (no copy in memory)."""
     reward_model: str | None = None
     """A reward-model directory from `rlhfkit rm` (full or LoRA), scored with its stored
     normalisation. Needed unless `reward_funcs` is given."""
-    reward_funcs: list[str] = []
-    """Python reward functions `module:function` (imported from the Python path), called as
-    `fn(prompts=[...], completions=[...], ended=[...], **other_columns)` -> list of floats.
-    Alone, or added to the reward-model score (see `reward_weights`)."""
+    reward_funcs: list[str | dict[str, Any]] = []
+    """Reward functions: `module:function` (imported from the Python path), a built-in name
+    (`gold`, `exact_answer`, `regex_format`, `length_penalty`, `reasoning_gym`), or a mapping
+    `{name: BUILTIN, key: value}` with its arguments. Called TRL-style as
+    `fn(prompts=[...], completions=[...], completion_ids=[...], ended=[...], **other_columns)` ->
+    one float (or None: not applicable) per completion. Alone, or added to the reward-model score
+    (see `reward_weights`)."""
     reward_weights: list[float] | None = None
     """Weight of each reward source, in order [reward_model (when given), *reward_funcs];
     default 1 each."""
-    value_init: Literal["reward_model", "zero"] | None = None
-    """Critic initialisation: `reward_model` (default with an RM: its backbone and head, so values
-    start as the normalised RM score) or `zero` (value head zero). Without an RM the critic
-    starts from the policy with a zero value head."""
 
     # ---- rollout -------------------------------------------------------------------------------
     rollout_batch_size: int = 64
-    """Prompts (= responses) per PPO step, over all processes: under torchrun / accelerate each
-    of N processes takes rollout_batch_size / N of them."""
+    """Prompts per online step, over all processes: under torchrun / accelerate each of N
+    processes takes rollout_batch_size / N of them."""
     generation_batch_size: int | None = None
-    """Prompts per `generate` call; default this process's whole share of `rollout_batch_size`."""
+    """Prompts per generation call; default this process's whole share of `rollout_batch_size`."""
     max_prompt_length: int = 128
     """Prompts keep their last this-many tokens."""
     max_new_tokens: int = 32
@@ -425,9 +418,9 @@ class PPOConfig(BaseConfig):
     """Sampling temperature; log-probs for the ratio and the KL are taken from logits /
     temperature, identically at rollout and in training."""
     top_k: int = 0
-    """Top-k sampling (0: off). Leave off for PPO: the log-probs ignore the truncation."""
+    """Top-k sampling (0: off). Leave off for RL: the log-probs ignore the truncation."""
     top_p: float = 1.0
-    """Nucleus sampling (1: off). Leave off for PPO: the log-probs ignore the truncation."""
+    """Nucleus sampling (1: off). Leave off for RL: the log-probs ignore the truncation."""
     stop: list[str] = []
     """Stop strings: generation stops after one; such a response counts as finished (not
     penalised by the EOS trick)."""
@@ -435,12 +428,98 @@ class PPOConfig(BaseConfig):
     """EOS trick: subtract this from the score of a response that did not finish (TRL)."""
     missing_eos_score: float | None = None
     """EOS trick: replace the score of a response that did not finish by this value (N+: -1)."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """Per-token KL estimator: k1 = logp - logp_ref, k2 = (logp - logp_ref)^2 / 2,
+    k3 = exp(ref - logp) - (ref - logp) - 1."""
+
+    # ---- update --------------------------------------------------------------------------------
+    num_mini_batches: int = 1
+    """Minibatches (= optimizer steps) per pass over a rollout batch."""
+    per_device_train_batch_size: int = 8
+    """Responses per forward/backward micro-batch (gradient accumulation fills a minibatch)."""
+    per_device_eval_batch_size: int = 32
+    """Rows per reward-model forward pass when scoring rollouts."""
+    padding_free: bool = True
+    """Training-side forward passes on packed sequences (no compute on pads; the responses to one
+    prompt share one pass over it), checked at start against the padded pass. False: pad."""
+
+    # ---- logging -------------------------------------------------------------------------------
+    logging_steps: int = 1
+    """Log metrics every this many online steps."""
+    num_sample_generations: int = 4
+    """Rollout samples (prompt, response, score) written to samples.jsonl at each logging step."""
+
+    @property
+    def group_size(self) -> int:
+        """Responses per prompt in a rollout batch."""
+        return 1
+
+    @model_validator(mode="after")
+    def _check_online(self) -> "OnlineConfig":
+        problems = []
+        if self.reward_model is None and not self.reward_funcs:
+            problems.append("give reward_model (a directory from `rlhfkit rm`) and/or reward_funcs")
+        from rlhfkit.rollout.rewards import check_reward_spec
+
+        problems += [p for p in (check_reward_spec(s) for s in self.reward_funcs) if p]
+        n_sources = len(self.reward_funcs) + (self.reward_model is not None)
+        if self.reward_weights is not None and len(self.reward_weights) != n_sources:
+            problems.append(f"reward_weights has {len(self.reward_weights)} entries but there are {n_sources} "
+                            "reward sources ([reward_model,] *reward_funcs)")
+        if self.missing_eos_penalty is not None and self.missing_eos_score is not None:
+            problems.append("give missing_eos_penalty or missing_eos_score, not both")
+        if self.gradient_accumulation_steps != 1:
+            problems.append(f"gradient_accumulation_steps is derived in {self._stage} (rollout batch / "
+                            "num_mini_batches / per_device_train_batch_size); remove it")
+        for key in ("rollout_batch_size", "num_mini_batches", "max_prompt_length", "max_new_tokens"):
+            if getattr(self, key) < 1:
+                problems.append(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.num_sample_generations < 0:
+            problems.append(f"num_sample_generations must be >= 0, got {self.num_sample_generations}")
+        if self.generation_batch_size is not None and self.generation_batch_size < 1:
+            problems.append(f"generation_batch_size must be >= 1, got {self.generation_batch_size}")
+        rows = self.rollout_batch_size * self.group_size
+        if rows % self.num_mini_batches:
+            problems.append(f"the rollout batch ({self._rows_text} = {rows} responses) must be divisible by "
+                            f"num_mini_batches={self.num_mini_batches}")
+        elif (rows // self.num_mini_batches) % self.per_device_train_batch_size:
+            problems.append(f"the minibatch ({self._rows_text} / num_mini_batches = "
+                            f"{rows // self.num_mini_batches} responses) must be divisible by "
+                            f"per_device_train_batch_size={self.per_device_train_batch_size}")
+        if self.temperature <= 0:
+            problems.append(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0 or not 0 < self.top_p <= 1:
+            problems.append(f"top_k must be >= 0 and top_p in (0, 1], got {self.top_k}, {self.top_p}")
+        if self.total_episodes is not None and self.total_episodes < 1:
+            problems.append(f"total_episodes must be >= 1, got {self.total_episodes}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    _stage: ClassVar[str] = "online stages"
+    _rows_text: ClassVar[str] = "rollout_batch_size"
+
+
+class PPOConfig(OnlineConfig):
+    """`rlhfkit ppo`: RLHF with PPO against a reward model (and/or Python reward functions), with a
+    per-token KL penalty to the reference (SFT) model. One PPO step = sample `rollout_batch_size`
+    prompts, generate, score, compute KL-shaped rewards and GAE advantages, then
+    `num_ppo_epochs` passes over `num_mini_batches` shuffled minibatches (each split into
+    micro-batches of `per_device_train_batch_size`, gradients accumulated)."""
+
+    learning_rate: float = 1e-5
+    """Peak learning rate (AdamW), shared by the policy and the critic; decays linearly (N+: 3e-6
+    for 1B-6.9B full fine-tuning; LoRA and tiny models take larger steps)."""
+    adam_epsilon: float = 1e-5
+    """AdamW epsilon (1e-5 as in the PPO implementations, RLHF_NOTES 23)."""
+    value_init: Literal["reward_model", "zero"] | None = None
+    """Critic initialisation: `reward_model` (default with an RM: its backbone and head, so values
+    start as the normalised RM score) or `zero` (value head zero). Without an RM, or with an RM on
+    another tokenizer, the critic starts from the policy with a zero value head."""
 
     # ---- rewards and advantages ----------------------------------------------------------------
     kl_coef: float = 0.05
     """beta of the per-token KL penalty r_t = -beta * kl_t (the initial value when adaptive)."""
-    kl_estimator: Literal["k1", "k3"] = "k1"
-    """Per-token KL estimator: k1 = logp - logp_ref, k3 = exp(ref - logp) - (ref - logp) - 1."""
     target_kl: float | None = None
     """Adaptive KL control (Ziegler et al.): beta is steered to keep the sequence KL near this
     value. None: beta fixed."""
@@ -460,13 +539,6 @@ class PPOConfig(BaseConfig):
     # ---- PPO update ----------------------------------------------------------------------------
     num_ppo_epochs: int = 4
     """Passes over each rollout batch."""
-    num_mini_batches: int = 1
-    """Minibatches (= optimizer steps) per PPO epoch."""
-    per_device_train_batch_size: int = 8
-    """Rollouts per forward/backward micro-batch (gradient accumulation fills a minibatch)."""
-    per_device_eval_batch_size: int = 32
-    """Rows per reward-model forward pass when scoring rollouts (old log-probs, values and
-    reference log-probs run in the first epoch's micro-batches of `per_device_train_batch_size`)."""
     cliprange: float = 0.2
     """Policy ratio clip epsilon."""
     cliprange_value: float = 0.2
@@ -474,50 +546,19 @@ class PPOConfig(BaseConfig):
     vf_coef: float = 0.1
     """Weight of the value loss."""
     entropy_coef: float = 0.0
-    """Weight of the entropy bonus (0: off)."""
+    """Weight of the entropy bonus (0: off; the entropy is still logged, outside the graph)."""
 
-    # ---- logging -------------------------------------------------------------------------------
-    logging_steps: int = 1
-    """Log metrics every this many PPO steps."""
-    num_sample_generations: int = 4
-    """Rollout samples (prompt, response, score) written to samples.jsonl at each logging step."""
+    _stage: ClassVar[str] = "ppo"
 
     @model_validator(mode="after")
     def _check_ppo(self) -> "PPOConfig":
         problems = []
-        if self.reward_model is None and not self.reward_funcs:
-            problems.append("give reward_model (a directory from `rlhfkit rm`) and/or reward_funcs")
-        for spec in self.reward_funcs:
-            if spec.count(":") != 1 or not all(spec.split(":")):
-                problems.append(f"reward_funcs entry {spec!r} must look like 'module:function'")
-        n_sources = len(self.reward_funcs) + (self.reward_model is not None)
-        if self.reward_weights is not None and len(self.reward_weights) != n_sources:
-            problems.append(f"reward_weights has {len(self.reward_weights)} entries but there are {n_sources} "
-                            "reward sources ([reward_model,] *reward_funcs)")
         if self.value_init == "reward_model" and self.reward_model is None:
             problems.append("value_init: reward_model needs reward_model; use value_init: zero")
-        if self.missing_eos_penalty is not None and self.missing_eos_score is not None:
-            problems.append("give missing_eos_penalty or missing_eos_score, not both")
-        if self.gradient_accumulation_steps != 1:
-            problems.append("gradient_accumulation_steps is derived in ppo (rollout_batch_size / num_mini_batches "
-                            "/ per_device_train_batch_size); remove it")
-        for key in ("rollout_batch_size", "num_ppo_epochs", "num_mini_batches", "max_prompt_length",
-                    "max_new_tokens", "num_sample_generations"):
-            if getattr(self, key) < (0 if key == "num_sample_generations" else 1):
-                problems.append(f"{key} must be >= 1, got {getattr(self, key)}")
-        if self.generation_batch_size is not None and self.generation_batch_size < 1:
-            problems.append(f"generation_batch_size must be >= 1, got {self.generation_batch_size}")
-        if self.rollout_batch_size % self.num_mini_batches:
-            problems.append(f"rollout_batch_size={self.rollout_batch_size} must be divisible by "
-                            f"num_mini_batches={self.num_mini_batches}")
-        elif (self.rollout_batch_size // self.num_mini_batches) % self.per_device_train_batch_size:
-            problems.append(f"the minibatch (rollout_batch_size / num_mini_batches = "
-                            f"{self.rollout_batch_size // self.num_mini_batches}) must be divisible by "
-                            f"per_device_train_batch_size={self.per_device_train_batch_size}")
-        if self.temperature <= 0:
-            problems.append(f"temperature must be > 0, got {self.temperature}")
-        if self.top_k < 0 or not 0 < self.top_p <= 1:
-            problems.append(f"top_k must be >= 0 and top_p in (0, 1], got {self.top_k}, {self.top_p}")
+        if self.num_ppo_epochs < 1:
+            problems.append(f"num_ppo_epochs must be >= 1, got {self.num_ppo_epochs}")
+        if self.kl_estimator == "k2":
+            problems.append("kl_estimator k2 is not offered for ppo's reward shaping; use k1 or k3")
         if self.kl_coef < 0:
             problems.append(f"kl_coef must be >= 0, got {self.kl_coef}")
         if self.target_kl is not None and self.target_kl <= 0:
@@ -534,15 +575,128 @@ class PPOConfig(BaseConfig):
                 problems.append(f"{key} must be > 0, got {getattr(self, key)}")
         if self.vf_coef < 0 or self.entropy_coef < 0:
             problems.append("vf_coef and entropy_coef must be >= 0")
-        if self.total_episodes is not None and self.total_episodes < 1:
-            problems.append(f"total_episodes must be >= 1, got {self.total_episodes}")
         if problems:
             raise ValueError("; ".join(problems))
         return self
 
 
+AdvantageEstimator = Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"]
+
+
+class GRPOConfig(OnlineConfig):
+    """`rlhfkit grpo`: critic-free online RL. Each step samples `rollout_batch_size` prompts and
+    `num_generations` responses to each, scores them, turns the scores into advantages within each
+    prompt's group (`advantage_estimator`: GRPO, Dr. GRPO, RLOO, REINFORCE++), and takes
+    `num_iterations` passes of `num_mini_batches` clipped policy-gradient steps. No critic."""
+
+    learning_rate: float = 1e-6
+    """Peak learning rate (AdamW); TRL's GRPO default. LoRA and tiny models take larger steps."""
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    """Learning-rate schedule after warmup."""
+    temperature: float = 1.0
+    """Sampling temperature (TRL's GRPO default 1.0); log-probs use logits / temperature."""
+    num_generations: int = 8
+    """Responses sampled per prompt (the group G). The rollout batch holds rollout_batch_size x G
+    responses; a group never splits across processes."""
+    advantage_estimator: AdvantageEstimator = "grpo"
+    """`grpo` (group mean/std, see scale_rewards), `dr_grpo` (group mean only), `rloo` (leave-one-
+    out mean), `reinforce_pp` (REINFORCE++: token rewards with the KL, returns-to-go normalised
+    over the global batch), `reinforce_pp_baseline` (the group mean subtracted first)."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """`grpo`: divide the centred rewards by the group's std (+1e-4), the whole batch's std, or
+    not at all (Dr. GRPO)."""
+    beta: float = 0.0
+    """KL coefficient to the reference. 0 (TRL's GRPO default): no reference model is held and no
+    reference pass runs."""
+    kl_in_reward: bool | None = None
+    """Where the KL goes: False = a per-token term beta * KL inside the loss (GRPO), True = into
+    the reward before the advantages (RLOO: beta x summed k1 per sequence; REINFORCE++: per token).
+    Default: False for grpo/dr_grpo, True for rloo and reinforce_pp*."""
+    epsilon: float = 0.2
+    """Lower clip range of the ratio (and the upper one unless epsilon_high is set)."""
+    epsilon_high: float | None = None
+    """Upper clip range (DAPO clip-higher, e.g. 0.28); None: epsilon."""
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    """`token`: a ratio per token (GRPO/PPO); `sequence`: GSPO's length-normalised sequence ratio."""
+    loss_aggregation: Literal["token", "sequence", "constant"] = "token"
+    """`token` (DAPO: sum over every real token / real tokens of the global batch), `sequence`
+    (original GRPO: mean per response, then mean over responses), `constant` (Dr. GRPO: sum /
+    (responses x max_new_tokens))."""
+    num_iterations: int = 1
+    """Passes over each rollout batch (mu in GRPO). With 1 the ratio is exactly 1 and no old-log-
+    prob pass runs; with more, the ratio is to the sampling policy."""
+    mask_truncated_completions: bool = False
+    """Leave responses that hit max_new_tokens without EOS out of the loss (DAPO)."""
+    dynamic_sampling: bool = False
+    """DAPO dynamic sampling: drop groups whose rewards are all equal and sample more prompts to
+    refill the batch, at most `max_sampling_rounds` rounds (then train on what there is)."""
+    max_sampling_rounds: int = 3
+    """Generation rounds per step with dynamic_sampling."""
+    overlong_buffer: int | None = None
+    """DAPO overlong penalty: responses longer than max_new_tokens - overlong_buffer tokens lose up
+    to `overlong_penalty` linearly over the buffer. None: off."""
+    overlong_penalty: float = 1.0
+    """Size of the overlong penalty at max_new_tokens."""
+
+    _stage: ClassVar[str] = "grpo"
+    _rows_text: ClassVar[str] = "rollout_batch_size x num_generations"
+
+    @property
+    def group_size(self) -> int:
+        return self.num_generations
+
+    @property
+    def kl_goes_to_reward(self) -> bool:
+        if self.kl_in_reward is not None:
+            return self.kl_in_reward
+        return self.advantage_estimator not in ("grpo", "dr_grpo")
+
+    @model_validator(mode="after")
+    def _check_grpo(self) -> "GRPOConfig":
+        problems = []
+        if self.num_generations < 2:
+            problems.append(f"num_generations must be >= 2 (advantages compare a prompt's responses), "
+                            f"got {self.num_generations}")
+        if self.beta < 0:
+            problems.append(f"beta must be >= 0, got {self.beta}")
+        if self.epsilon <= 0 or (self.epsilon_high is not None and self.epsilon_high <= 0):
+            problems.append(f"epsilon and epsilon_high must be > 0, got {self.epsilon}, {self.epsilon_high}")
+        for key in ("num_iterations", "max_sampling_rounds"):
+            if getattr(self, key) < 1:
+                problems.append(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.overlong_buffer is not None and not 1 <= self.overlong_buffer <= self.max_new_tokens:
+            problems.append(f"overlong_buffer must be in [1, max_new_tokens={self.max_new_tokens}], "
+                            f"got {self.overlong_buffer}")
+        if self.kl_in_reward and self.kl_estimator != "k1" and self.advantage_estimator != "reinforce_pp":
+            problems.append("kl_in_reward folds the summed k1 log-ratio into the score; use kl_estimator: k1")
+        if self.kl_in_reward is not None and self.beta == 0:
+            problems.append("kl_in_reward is set but beta is 0 (no KL term at all)")
+        if self.advantage_estimator != "grpo" and self.scale_rewards != "group":
+            problems.append(f"scale_rewards applies to advantage_estimator grpo only, not "
+                            f"{self.advantage_estimator}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class RLOOConfig(GRPOConfig):
+    """`rlhfkit rloo`: REINFORCE Leave-One-Out (Ahmadian et al. 2024): the GRPO loop with each
+    response's baseline the mean reward of the OTHER responses to its prompt, and the KL to the
+    reference folded into the reward (beta x summed k1 per sequence, TRL's convention)."""
+
+    advantage_estimator: AdvantageEstimator = "rloo"
+    """Defaults to `rloo` (leave-one-out); any estimator of grpo may be chosen."""
+    beta: float = 0.05
+    """KL coefficient; with the default kl_in_reward the sequence's summed k1 times beta is
+    subtracted from its score before the leave-one-out baseline."""
+    num_generations: int = 4
+    """Responses sampled per prompt (k in RLOO)."""
+
+    _stage: ClassVar[str] = "rloo"
+
+
 STAGES: dict[str, type[BaseConfig]] = {"pt": PTConfig, "sft": SFTConfig, "dpo": DPOConfig, "kto": KTOConfig,
-                                       "rm": RMConfig, "ppo": PPOConfig}
+                                       "rm": RMConfig, "ppo": PPOConfig, "grpo": GRPOConfig, "rloo": RLOOConfig}
 
 
 def register_stage(name: str, config_cls: type[BaseConfig]) -> None:

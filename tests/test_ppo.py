@@ -17,6 +17,7 @@ from rlhfkit.config import build_config
 from rlhfkit.errors import ConfigError
 from rlhfkit.losses.masked import masked_sum
 from rlhfkit.losses.ppo import policy_loss, score_index
+from rlhfkit.models.logprobs import response_logps
 from rlhfkit.models.reward import (
     Normalization,
     apply_reward_lora,
@@ -87,7 +88,8 @@ def make_rollout(roles, tok, c, n=8):
     ids = [tok(p)["input_ids"] for p in PROMPTS[:n]]
     rows = [{"prompt": p} for p in PROMPTS[:n]]
     params = SamplingParams(max_new_tokens=c.max_new_tokens, temperature=c.temperature)
-    return generate_rollout(roles, tok, HFGenerator(tok), ids, rows, params, seed=1, device="cpu")
+    return generate_rollout(roles.policy, tok, HFGenerator(tok), ids, rows, params, seed=1, device="cpu",
+                            score_slot=True)
 
 
 @pytest.mark.parametrize("finetuning_type", ["full", "lora"])
@@ -100,13 +102,12 @@ def test_ratio_is_exactly_one_before_the_first_update(fixtures, tmp_path, tiny_t
     data = score_rollout(roles, ro, c, [mb for mini in plan for mb in mini])
     roles.policy.train()  # training mode: dropout is off, so nothing may change
     for mb in plan[0]:  # the first minibatch of the first epoch, in its micro-batches
-        logps, _ = policy_logps(roles.policy, ro.input_ids[mb], ro.attention_mask[mb], ro.context_length,
-                                c.temperature, with_entropy=True)
+        logps, _ = policy_logps(roles.policy, ro, mb, c, with_entropy=True)
         m = ro.response_mask[mb]
         out = policy_loss(logps, data["logps"][mb], torch.randn_like(logps), c.cliprange)
         assert (out["ratio"][m] == 1.0).all()
         assert masked_sum(out["clipped"], m) == 0
-        values = critic_values(roles, ro.input_ids[mb], ro.attention_mask[mb], ro.context_length)
+        values = critic_values(roles, ro, mb, c)
         assert torch.equal(values, data["values"][mb])
     # policy = reference at the start: the KL is exactly 0
     assert torch.equal(data["logps"], data["ref_logps"])
@@ -150,19 +151,21 @@ def test_lora_one_base_model_serves_four_roles(fixtures, tmp_path, tiny_tokenize
 
     # the shared-base reward equals the stand-alone LoRA reward model (normalised), and the critic
     # starts as that reward model: its value one past the last token is the normalised score
-    ro = make_rollout(lora, tiny_tokenizer, ppo_config(fixtures, tmp_path))
+    c = ppo_config(fixtures, tmp_path)
+    ro = make_rollout(lora, tiny_tokenizer, c)
+    rows = torch.arange(8)
     scorer = load_reward_model(fixtures / "rm_lora")
     expected = scorer.score(ro.input_ids, ro.attention_mask)
     torch.testing.assert_close(lora.reward(ro.input_ids, ro.attention_mask), expected, atol=1e-5, rtol=1e-5)
     with torch.no_grad():
-        values = critic_values(lora, ro.input_ids, ro.attention_mask, ro.context_length)
+        values = critic_values(lora, ro, rows, c)
     at_score = values.gather(1, score_index(ro.response_mask)[:, None]).squeeze(1)
     torch.testing.assert_close(at_score, expected, atol=1e-5, rtol=1e-5)
     # the reference (adapters disabled) is the untouched SFT model
     sft = full.ref_model
     with lora.reference() as ref, torch.no_grad():
-        a = policy_logps(ref, ro.input_ids, ro.attention_mask, ro.context_length, 1.0)[0]
-        b = policy_logps(sft, ro.input_ids, ro.attention_mask, ro.context_length, 1.0)[0]
+        a = policy_logps(ref, ro, rows, c)[0]
+        b = policy_logps(sft, ro, rows, c)[0]
     torch.testing.assert_close(a, b)
     # switching adapters leaves the trainable set intact
     assert all(p.requires_grad for p in lora.trainable.parameters() if id(p) in lora._trainable_ids)
@@ -170,13 +173,14 @@ def test_lora_one_base_model_serves_four_roles(fixtures, tmp_path, tiny_tokenize
 
 
 def test_full_rm_critic_starts_at_normalised_score(fixtures, tmp_path, tiny_tokenizer):
-    roles = build_roles(ppo_config(fixtures, tmp_path), tiny_tokenizer, "cpu", printer=lambda *a: None)
-    ro = make_rollout(roles, tiny_tokenizer, ppo_config(fixtures, tmp_path))
+    c = ppo_config(fixtures, tmp_path)
+    roles = build_roles(c, tiny_tokenizer, "cpu", printer=lambda *a: None)
+    ro = make_rollout(roles, tiny_tokenizer, c)
     scores = roles.reward(ro.input_ids, ro.attention_mask)
     raw = load_reward_model(fixtures / "rm_full").raw_score(ro.input_ids, ro.attention_mask)
     torch.testing.assert_close(scores, (raw - 0.3) / 2.0)
     with torch.no_grad():
-        values = critic_values(roles, ro.input_ids, ro.attention_mask, ro.context_length)
+        values = critic_values(roles, ro, torch.arange(8), c)
     torch.testing.assert_close(values.gather(1, score_index(ro.response_mask)[:, None]).squeeze(1), scores,
                                atol=1e-5, rtol=1e-5)
 
@@ -219,7 +223,7 @@ def test_saved_critic_loads_as_a_reward_model(fixtures, tmp_path, tiny_tokenizer
                 p.add_(torch.randn_like(p) * 0.05)
     ro = make_rollout(roles, tiny_tokenizer, c)
     with torch.no_grad():
-        values = critic_values(roles, ro.input_ids, ro.attention_mask, ro.context_length)
+        values = critic_values(roles, ro, torch.arange(8), c)
     expected = values.gather(1, score_index(ro.response_mask)[:, None]).squeeze(1)
     out = save_critic(tmp_path / "critic", roles, c, tiny_tokenizer)
     adapter = mode in ("lora", "lora_funcs")  # critic adapter on the policy's (reloadable) base
@@ -253,10 +257,10 @@ def test_left_padding_does_not_change_logps_or_values(fixtures, tmp_path, tiny_t
     ids = torch.nn.functional.pad(ro.input_ids, (3, 0), value=pad)
     mask = torch.nn.functional.pad(ro.attention_mask, (3, 0), value=False)
     with torch.no_grad():
-        a = policy_logps(roles.policy, ro.input_ids, ro.attention_mask, ro.context_length, 0.7)[0]
-        b = policy_logps(roles.policy, ids, mask, ro.context_length + 3, 0.7)[0]
-        va = critic_values(roles, ro.input_ids, ro.attention_mask, ro.context_length)
-        vb = critic_values(roles, ids, mask, ro.context_length + 3)
+        a = response_logps(roles.policy, ro.input_ids, ro.attention_mask, ro.context_length, 0.7)[0]
+        b = response_logps(roles.policy, ids, mask, ro.context_length + 3, 0.7)[0]
+        va = roles.values(ro.input_ids, ro.attention_mask, ro.context_length)
+        vb = roles.values(ids, mask, ro.context_length + 3)
     m = ro.response_mask
     torch.testing.assert_close(a[m], b[m], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(va[m], vb[m], atol=1e-5, rtol=1e-5)

@@ -92,27 +92,104 @@ def scored_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Ten
     pass over their common prefix (`shared_prefix_attention`; models with SDPA or eager attention,
     others pack without sharing). The values equal the padded pass's up to float rounding (tested),
     as long as the model follows packed position ids and 4D masks (`padding_free_matches` checks)."""
-    rows, cols = score_mask.nonzero(as_tuple=True)
-    if padding_free:
-        mask_kind = _custom_mask_kind(model) if groups is not None else None
-        plan = pack_plan(attention_mask, "auto", input_ids=input_ids, groups=groups if mask_kind else None)
-        packed_ids, positions = packed_inputs(plan, input_ids)
-        flat = torch.full(input_ids.shape, -1, dtype=torch.long, device=input_ids.device)
-        flat[plan.src_row, plan.src_col] = plan.dst_row * plan.width + plan.dst_col
-        at = flat[rows, cols]
-        mask = None if plan.segment is None else shared_prefix_attention(plan)
-        if mask is not None and mask_kind != "bool":  # eager attention adds its mask to the scores
-            additive = torch.zeros(mask.shape, dtype=mask_kind, device=mask.device)
-            mask = additive.masked_fill(~mask, torch.finfo(mask_kind).min)
-        inputs = dict(input_ids=packed_ids, position_ids=positions, attention_mask=mask)
-        logits = logits_at(model, inputs, at // plan.width, at % plan.width)
-    else:
-        inputs = dict(input_ids=input_ids, attention_mask=attention_mask.long(),
-                      position_ids=position_ids_from_mask(attention_mask))
-        logits = logits_at(model, inputs, rows, cols)
+    logits, rows, cols = scored_logits(model, input_ids, attention_mask, score_mask, padding_free, groups)
     values = token_logps(logits, input_ids[rows, cols + 1], temperature)
     out = torch.zeros(score_mask.shape, dtype=values.dtype, device=values.device)
     return out.index_put((rows, cols), values)
+
+
+def scored_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, score_mask: torch.Tensor,
+                  padding_free: bool = False, groups: list[int] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(K, V) logits at the K positions where `score_mask` (B, T-1) is True (position t predicts
+    token t+1), and those positions' (rows, cols) in the padded batch; see `scored_token_logps`."""
+    rows, cols = score_mask.nonzero(as_tuple=True)
+    inputs, at_rows, at_cols = _forward_inputs(model, input_ids, attention_mask, rows, cols, padding_free, groups)
+    return logits_at(model, inputs, at_rows, at_cols), rows, cols
+
+
+def hidden_at(backbone, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,
+              cols: torch.Tensor, padding_free: bool = False, groups: list[int] | None = None) -> torch.Tensor:
+    """(K, H) last hidden states of a transformer backbone (no LM head, e.g. LlamaModel) at the
+    padded-batch positions (rows[k], cols[k]), all real tokens; packed and prefix-shared like
+    `scored_logits` with `padding_free`."""
+    inputs, at_rows, at_cols = _forward_inputs(backbone, input_ids, attention_mask, rows, cols, padding_free, groups)
+    hidden = backbone(**inputs, use_cache=False).last_hidden_state
+    return hidden[at_rows, at_cols]
+
+
+def response_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, context_length: int,
+                   temperature: float = 1.0, *, padding_free: bool = False, groups: list[int] | None = None,
+                   suppress_ids: list[int] | None = None, with_entropy: bool = False,
+                   entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs of the response tokens of a rollout batch laid out as left-padded prompt | right-
+    padded response: `input_ids` (B, P + W), response token t at column P + t. Returns (B, W)
+    log-probs under softmax(logits / temperature) with `suppress_ids` (tokens the sampler never
+    emits, e.g. pad) removed from the distribution, 0 where the response has no token; and with
+    `with_entropy` the (B, W) entropy of that same distribution (in the graph only with
+    `entropy_grad`: a logged-only entropy costs no memory for backward).
+
+    THE function for every online pass (rollout, old, reference, training, evaluation), so the
+    sampler's distribution and every scored one are the same (the first ratio is exactly 1)."""
+    P = context_length
+    score_mask = torch.zeros_like(attention_mask[:, 1:], dtype=torch.bool)
+    score_mask[:, P - 1:] = attention_mask[:, P:].bool()
+    logits, rows, cols = scored_logits(model, input_ids, attention_mask, score_mask, padding_free, groups)
+    z = logits.float()
+    if temperature != 1.0:
+        z = z / temperature
+    if suppress_ids:
+        ids = torch.tensor(suppress_ids, device=z.device)
+        z = z.index_fill(-1, ids, torch.finfo(z.dtype).min)  # finite: 0 * min stays 0 in the entropy
+    logz = torch.logsumexp(z, dim=-1)
+    values = z.gather(-1, input_ids[rows, cols + 1].unsqueeze(-1)).squeeze(-1) - logz
+    B, W = input_ids.shape[0], input_ids.shape[1] - P
+    logps = torch.zeros((B, W), dtype=values.dtype, device=values.device).index_put((rows, cols - P + 1), values)
+    if not with_entropy:
+        return logps, None
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        zz = z if entropy_grad else z.detach()
+        ent = (torch.logsumexp(zz, -1) - (torch.softmax(zz, -1) * zz).sum(-1))
+        entropy = torch.zeros((B, W), dtype=ent.dtype, device=ent.device).index_put((rows, cols - P + 1), ent)
+    return logps, entropy
+
+
+def response_hidden(backbone, input_ids: torch.Tensor, attention_mask: torch.Tensor, context_length: int,
+                    *, padding_free: bool = False, groups: list[int] | None = None) -> torch.Tensor:
+    """(B, W, H) hidden states of `backbone` read *before* each response token t, at column P - 1 + t,
+    wherever that column is a real token: t = 0 .. last + 1 (the state after the last token
+    included); zeros elsewhere. What a critic's V(s_t) reads."""
+    P = context_length
+    real = attention_mask.bool()
+    read = torch.zeros_like(real)
+    read[:, P - 1:] = real[:, P - 1:]
+    rows, cols = read.nonzero(as_tuple=True)
+    hidden = hidden_at(backbone, input_ids, attention_mask, rows, cols, padding_free, groups)
+    B, W = input_ids.shape[0], input_ids.shape[1] - P
+    keep = cols - P + 1 < W
+    out = torch.zeros((B, W, hidden.shape[-1]), dtype=hidden.dtype, device=hidden.device)
+    return out.index_put((rows[keep], cols[keep] - P + 1), hidden[keep])
+
+
+def _forward_inputs(model, input_ids, attention_mask, rows, cols, padding_free, groups):
+    """Model inputs for a padded (B, T) batch (packed with `padding_free`, see `pack_plan`), and where
+    the padded positions (rows, cols) are in them."""
+    if not padding_free:
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask.long(),
+                      position_ids=position_ids_from_mask(attention_mask))
+        return inputs, rows, cols
+    mask_kind = _custom_mask_kind(model) if groups is not None else None
+    plan = pack_plan(attention_mask, "auto", input_ids=input_ids, groups=groups if mask_kind else None)
+    packed_ids, positions = packed_inputs(plan, input_ids)
+    flat = torch.full(input_ids.shape, -1, dtype=torch.long, device=input_ids.device)
+    flat[plan.src_row, plan.src_col] = plan.dst_row * plan.width + plan.dst_col
+    at = flat[rows, cols]
+    mask = None if plan.segment is None else shared_prefix_attention(plan)
+    if mask is not None and mask_kind != "bool":  # eager attention adds its mask to the scores
+        additive = torch.zeros(mask.shape, dtype=mask_kind, device=mask.device)
+        mask = additive.masked_fill(~mask, torch.finfo(mask_kind).min)
+    inputs = dict(input_ids=packed_ids, position_ids=positions, attention_mask=mask)
+    return inputs, at // plan.width, at % plan.width
 
 
 def _custom_mask_kind(model):

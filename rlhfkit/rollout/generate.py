@@ -58,8 +58,9 @@ class HFGenerator:
 
     @torch.no_grad()
     def generate(self, model, prompt_ids: list[list[int]], params: SamplingParams,
-                 generator_seed: int | None = None) -> Generation:
+                 generator_seed: int | None = None, num_generations: int = 1) -> Generation:
         tok = self.tokenizer
+        prompt_ids = [p for p in prompt_ids for _ in range(num_generations)]
         device = next(model.parameters()).device
         was_training = model.training
         model.eval()

@@ -103,6 +103,10 @@ class ArithmeticTask(Task):
         x = right if rng.random() < 0.5 else self.wrong_answer(rng, prompt)
         return rng.choice([f" {x} {x}", f" {x}=", f" {prompt}", f" {x}+", ""])
 
+    def correct(self, prompt: str, response: str, ended: bool = True) -> bool:
+        """Exact match: the right integer, followed by EOS (gold 1.0)."""
+        return self.score(prompt, response, ended) == 1.0
+
     def score(self, prompt: str, response: str, ended: bool = True) -> float:
         text = response.strip()
         if not ended or not _INT_RE.fullmatch(text):

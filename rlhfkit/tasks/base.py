@@ -101,6 +101,11 @@ class Task:
         """A row of kind `prompt`; tasks add columns a Python reward function needs."""
         return {"prompt": prompt}
 
+    def correct(self, prompt: str, response: str, ended: bool = True) -> bool | None:
+        """Whether a response is exactly right, for tasks with one right answer (evaluations report
+        the share as `accuracy`); None for tasks graded only by degree."""
+        return None
+
     # ---- provided ---------------------------------------------------------------------------
     def gold_reward(
         self, prompts: list[str], responses: list[str], ended: list[bool] | None = None

@@ -88,8 +88,14 @@ def config_tokenizer(c: BaseConfig, texts: Callable[[], Iterable[str]]):
 
 def setup_model(run: Run, texts: Callable[[], Iterable[str]]):
     """Tokenizer + causal LM from the config (LoRA applied when asked). Prints parameter counts."""
+    tokenizer = config_tokenizer(run.config, texts)
+    return build_model(run, tokenizer), tokenizer
+
+
+def build_model(run: Run, tokenizer):
+    """The config's causal LM for `tokenizer` (LoRA applied when asked), on the run's device, dropout
+    off. Prints parameter counts."""
     c = run.config
-    tokenizer = config_tokenizer(c, texts)
     torch.manual_seed(c.seed)
     model = load_causal_lm(c.model_name_or_path, tokenizer, gguf_file=c.gguf_file,
                            trust_remote_code=c.trust_remote_code)
@@ -100,7 +106,7 @@ def setup_model(run: Run, texts: Callable[[], Iterable[str]]):
     trainable, total = count_parameters(model)
     run.print(f"[{run.stage}] model {c.model_name_or_path}: {total / 1e6:.2f}M parameters, "
               f"{trainable / 1e6:.2f}M trainable ({c.finetuning_type})")
-    return model, tokenizer
+    return model
 
 
 def encode_all(rows: list[dict], encode: Callable[[dict], Encoded | None], *, desc: str,
@@ -125,26 +131,38 @@ def shard(items: list, run: Run) -> list:
     return items[run.rank::run.world_size]
 
 
-def save_final(run: Run, model, tokenizer) -> Path:
-    """The trained model in Hugging Face format (safetensors) + tokenizer in output_dir.
+def save_final(run: Run, model, tokenizer, adapter: str | None = None) -> Path:
+    """The trained model in Hugging Face format (safetensors) + tokenizer in output_dir: THE save
+    path of every stage.
 
-    LoRA runs save the adapter there, its `base_model_name_or_path` the absolute base path (so
-    `peft.AutoPeftModelForCausalLM.from_pretrained(output_dir)` works from any directory), and
-    the merged model under `merged/` when asked. A preset base has random weights that exist
-    nowhere else, so its LoRA runs always save `merged/` too."""
+    LoRA runs save the adapter there (`adapter`: only that one, when the model holds several, e.g.
+    PPO's policy next to its critic and reward adapters), its `base_model_name_or_path` the absolute
+    base path (so `peft.AutoPeftModelForCausalLM.from_pretrained(output_dir)` works from any
+    directory), and the merged model under `merged/` when asked. A preset base has random weights
+    that exist nowhere else, so its LoRA runs always save `merged/` too."""
     c = run.config
     out = run.output_dir
+    lora = c.finetuning_type == "lora"
     from_preset = preset_name(c.model_name_or_path) is not None
     if run.is_main:
-        if c.finetuning_type == "lora" and not from_preset:
-            for adapter in model.peft_config.values():
-                adapter.base_model_name_or_path = base_reference(c.model_name_or_path)
-        model.save_pretrained(out, safe_serialization=True)
+        names = list(model.peft_config) if lora else []
+        selected = [adapter] if adapter is not None and len(names) > 1 else None
+        if lora and not from_preset:
+            for name in names:
+                model.peft_config[name].base_model_name_or_path = base_reference(c.model_name_or_path)
+        model.save_pretrained(out, safe_serialization=True, **({"selected_adapters": selected} if selected else {}))
         tokenizer.save_pretrained(out)
-        if c.finetuning_type == "lora" and (c.merge_lora or from_preset):
+        if lora and (c.merge_lora or from_preset):
             if from_preset and not c.merge_lora:
                 run.print(f"[{run.stage}] LoRA on {c.model_name_or_path}: the random base exists only in "
                           f"this run, so the merged model is saved too ({out / 'merged'})")
+            if selected:  # merge only the chosen adapter, on a copy (the others stay in the live model)
+                import copy
+
+                model = copy.deepcopy(model)
+                for name in names:
+                    if name != adapter:
+                        model.delete_adapter(name)
             merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
             merged.save_pretrained(out / "merged", safe_serialization=True)
             tokenizer.save_pretrained(out / "merged")

@@ -63,6 +63,11 @@ class Run:
         if self.is_main:
             print(*args, flush=True)
 
+    def precision(self):
+        """The one precision context of every forward pass of the run (bf16 autocast with
+        `bf16: true`): sampling, old/reference log-probs, training and evaluation agree."""
+        return self.accelerator.autocast()
+
     def reduce_sum(self, values: list[float] | torch.Tensor) -> torch.Tensor:
         t = torch.as_tensor(values, dtype=torch.float64, device=self.device)
         if self.world_size > 1:
@@ -261,6 +266,8 @@ def fit(
     divided by the global weight of the step (`batch_weight` summed over the step's micro-batches
     on every process). Returns the unwrapped model and the logged history.
     """
+    from rlhfkit.train.distributed import optimizer_step
+
     c = run.config
     acc = run.accelerator
     optimizer = build_optimizer(model, c)
@@ -294,20 +301,13 @@ def fit(
                 acc.backward(loss_sum * (run.world_size / max(weight, 1e-12)))
             for k, v in {"loss": loss_sum, **metric_sums}.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
-        # 3. clip, step, schedule
-        if c.max_grad_norm > 0:
-            grad_norm = acc.clip_grad_norm_(params, c.max_grad_norm)
-        else:
-            grad_norm = torch.linalg.vector_norm(
-                torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        # 3. clip, step, schedule (DDP's hooks already summed the gradients)
+        grad_norm = optimizer_step(params, optimizer, scheduler, c.max_grad_norm, clip=acc.clip_grad_norm_)
         # 4. metrics: global sums / global weight
         keys = sorted(sums)
         totals = run.reduce_sum([sums[k] for k in keys]).tolist()
         metrics = {k: v / max(weight, 1e-12) for k, v in zip(keys, totals)}
-        metrics["grad_norm"] = float(grad_norm)
+        metrics["grad_norm"] = grad_norm
         metrics["lr"] = scheduler.get_last_lr()[0]
         window.append(metrics)
         done = step + 1

@@ -38,7 +38,7 @@ import torch
 from rlhfkit.config import PPOConfig
 from rlhfkit.errors import ConfigError
 from rlhfkit.models.load import apply_lora, disable_dropout, load_causal_lm
-from rlhfkit.models.logprobs import position_ids_from_mask
+from rlhfkit.models.logprobs import position_ids_from_mask, response_hidden
 from rlhfkit.models.reward import (
     Normalization,
     RewardScorer,
@@ -133,14 +133,14 @@ class Roles:
         self._restore_grads(self.policy)
 
     # ---- roles ---------------------------------------------------------------------------------
-    def values(self, input_ids, attention_mask, start: int, stop: int) -> torch.Tensor:
-        """(B, stop - start) critic values from the hidden states at positions [start, stop)."""
+    def values(self, input_ids, attention_mask, context_length: int, padding_free: bool = False) -> torch.Tensor:
+        """(B, W) critic values V(s_t), read from the hidden state before response token t of a rollout
+        batch (prompt | response layout; `response_hidden`); 0 where that state is not a real token."""
         peft = self.critic_peft
         with self.adapter(peft, CRITIC) if peft is not None else nullcontext():
-            hidden = self.critic_backbone(input_ids=input_ids, attention_mask=attention_mask.long(),
-                                          position_ids=position_ids_from_mask(attention_mask),
-                                          use_cache=False).last_hidden_state
-        return self.value_head(hidden[:, start:stop].float()).squeeze(-1)
+            hidden = response_hidden(self.critic_backbone, input_ids, attention_mask, context_length,
+                                     padding_free=padding_free)
+        return self.value_head(hidden.float()).squeeze(-1)
 
     @torch.no_grad()
     def reward(self, input_ids, attention_mask) -> torch.Tensor:

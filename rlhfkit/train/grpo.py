@@ -1,0 +1,350 @@
+"""`rlhfkit grpo` / `rlhfkit rloo`: critic-free online RL (GRPO, Shao et al. 2024; Dr. GRPO, Liu et
+al. 2025; DAPO, Yu et al. 2025; GSPO, Zheng et al. 2025; RLOO, Ahmadian et al. 2024; REINFORCE++,
+Hu 2025), one explicit loop per step:
+
+  # 1. generate       rollout_batch_size prompts x num_generations responses (a prompt's prefill
+                      shared by its group); dynamic sampling refills flat groups (bounded)
+  # 2. score          reward model and/or reward functions; EOS trick; overlong penalty
+  # 3. logps          old log-probs (only when num_iterations > 1 or the KL goes to the reward) and
+                      reference log-probs (only when beta > 0), in the training micro-batches
+  # 4. advantages     the estimator named by `advantage_estimator` (losses/advantages.py), the KL
+                      folded into the reward first when `kl_in_reward`
+  # 5. updates        num_iterations x num_mini_batches clipped policy-gradient steps, the loss
+                      aggregated per token / sequence / constant (losses/policy.py), + beta x KL
+  # 6. log, evaluate, checkpoint, diagnostics
+
+Everything around the loop is the shared online layer (rollout/, train/online.py,
+train/distributed.py), the same PPO uses. A loss near 0 at the start is expected: advantages are
+centred within each group and the ratio is 1, so the loss value is ~0 while its gradient is not.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import torch
+
+from rlhfkit.config import GRPOConfig
+from rlhfkit.losses.advantages import ADVANTAGE_ESTIMATORS, flat_groups
+from rlhfkit.losses.kl import KL_ESTIMATORS, kl_loss_term
+from rlhfkit.losses.masked import masked_sum
+from rlhfkit.losses.policy import aggregate_loss, clipped_policy_loss, overlong_penalty
+from rlhfkit.losses.ppo import eos_trick
+from rlhfkit.models.load import load_causal_lm
+from rlhfkit.models.logprobs import response_logps
+from rlhfkit.rollout.rollout import Rollout, Scorer, concat_rollouts, generate_rollout, select_rows
+from rlhfkit.train.checkpoint import load_checkpoint, save_checkpoint
+from rlhfkit.train.common import build_model, save_final
+from rlhfkit.train.distributed import reduce_metrics, reduce_sum_fn
+from rlhfkit.train.loop import Result, build_optimizer, build_scheduler
+from rlhfkit.train.online import (
+    Diagnostics,
+    SampleLog,
+    adapters_disabled,
+    check_padding_free,
+    evaluate_policy,
+    finish_online,
+    minibatch_plan,
+    rollout_samples,
+    rollout_seed,
+    run_updates,
+    start_online,
+    summary_metrics,
+)
+from rlhfkit.train.tracking import progress
+
+# ---- roles: policy, reference, reward model ----------------------------------------------------------
+
+
+def build_reference(c: GRPOConfig, tokenizer, policy, device):
+    """A context-manager factory yielding the reference model, or None when beta is 0 (nothing held in
+    memory, no reference pass). Under LoRA: the policy with adapters disabled; with full fine-tuning a
+    frozen copy of the initial model (`ref_model` to override)."""
+    if c.beta == 0 and c.finetuning_type == "full":
+        return None
+    if c.finetuning_type == "lora" and c.ref_model is None:
+        return lambda: adapters_disabled(policy)
+    ref = load_causal_lm(c.ref_model or c.model_name_or_path, tokenizer, trust_remote_code=c.trust_remote_code,
+                         gguf_file=c.gguf_file if c.ref_model is None else None)
+    # never trained, but with the policy's requires_grad flag: some CPUs (MKL on AVX-512) round a linear
+    # layer differently when its weight requires grad, and the KL must be exactly 0 at the start
+    ref.requires_grad_(c.finetuning_type == "full").eval().to(device)
+
+    @contextmanager
+    def frozen():
+        yield ref
+
+    return frozen
+
+
+def build_scorer(c: GRPOConfig, tokenizer, reward_funcs, device) -> Scorer:
+    """Reward functions and/or a reward model (a separate frozen model, scored with its stored
+    normalisation; texts re-encoded when its tokenizer differs from the policy's)."""
+    reward_model = rm_tokenizer = None
+    if c.reward_model is not None:
+        from rlhfkit.models.reward import load_reward_model
+
+        rm = load_reward_model(c.reward_model, device=device)
+        rm.model.requires_grad_(False).eval()
+        reward_model = rm.score
+        if rm.tokenizer.get_vocab() != tokenizer.get_vocab():
+            rm_tokenizer = rm.tokenizer
+    return Scorer(tokenizer, reward_funcs, c.reward_weights, reward_model=reward_model, rm_tokenizer=rm_tokenizer,
+                  batch_size=c.per_device_eval_batch_size)
+
+
+# ---- 1-2. sample and score a batch -------------------------------------------------------------------
+
+def score_batch(c: GRPOConfig, scorer: Scorer, ro: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Scores with the EOS trick and the overlong penalty applied; the parts as scored."""
+    raw, parts = scorer(ro)
+    scores = eos_trick(raw, ro.ended, penalty=c.missing_eos_penalty, replace=c.missing_eos_score)
+    if c.overlong_buffer is not None:
+        scores = scores + c.overlong_penalty * overlong_penalty(ro.lengths, c.max_new_tokens, c.overlong_buffer)
+    return scores, parts
+
+
+def sample_batch(c: GRPOConfig, setup, policy, scorer: Scorer, step: int) -> tuple[Rollout, torch.Tensor, dict, dict]:
+    """# 1-2. This process's prompts of this step, `num_generations` responses each, scored. With
+    `dynamic_sampling`, groups whose rewards are all equal are dropped and more prompts (a seeded
+    draw, a pure function of (seed, step, process, round)) are sampled, at most `max_sampling_rounds`
+    rounds; a batch still short after that is filled up with flat groups (zero advantage, so no
+    gradient) to keep its size, and the count is logged."""
+    run, G, n_prompts = setup.run, c.num_generations, setup.local_prompts
+    idx = setup.stream.indices(step)
+    kept: list[tuple[Rollout, torch.Tensor, dict]] = []
+    spare: list[tuple[Rollout, torch.Tensor, dict]] = []
+    n_kept, rounds, stats = 0, 0, {}
+    while True:
+        with run.precision():
+            ro = generate_rollout(policy, setup.tokenizer, setup.generator, [setup.prompt_ids[i] for i in idx],
+                                  [setup.rows[i] for i in idx], setup.params, rollout_seed(c, step, run.rank, rounds),
+                                  run.device, num_generations=G)
+            scores, parts = score_batch(c, scorer, ro)
+        rounds += 1
+        if not c.dynamic_sampling:
+            return ro, scores, parts, stats
+        flat = flat_groups(scores, G)
+        for good, bucket in ((~flat, kept), (flat, spare)):
+            rows = torch.nonzero(good.repeat_interleave(G), as_tuple=True)[0]
+            if rows.numel():
+                bucket.append((select_rows(ro, rows), scores[rows], {k: v[rows] for k, v in parts.items()}))
+        n_kept = sum(len(r.texts) for r, _, _ in kept) // G
+        if n_kept >= n_prompts or rounds >= c.max_sampling_rounds:
+            break
+        g = torch.Generator().manual_seed(rollout_seed(c, step, run.rank, rounds))
+        idx = torch.randint(len(setup.prompt_ids), (n_prompts - n_kept,), generator=g).tolist()
+    filled = max(0, n_prompts - n_kept)
+    pieces = kept + spare
+    ro = concat_rollouts([p[0] for p in pieces], setup.tokenizer.pad_token_id)
+    rows = torch.arange(n_prompts * G, device=ro.input_ids.device)
+    scores = torch.cat([p[1] for p in pieces])[rows]
+    parts = {k: torch.cat([p[2][k] for p in pieces])[rows] for k in pieces[0][2]}
+    stats = {"rollout/sampling_rounds": float(rounds), "rollout/filled_flat_groups": float(filled)}
+    return select_rows(ro, rows), scores, parts, stats
+
+
+# ---- 5. the loss of one micro-batch ------------------------------------------------------------------
+
+def grpo_micro_loss(policy, ro: Rollout, data: dict, idx: torch.Tensor, c: GRPOConfig,
+                    n_tokens: float, n_sequences: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped policy-gradient loss of rows `idx` (+ beta x KL to the reference inside the loss when
+    the KL does not go to the reward), aggregated with the global minibatch's counts, so the
+    micro-batches of a minibatch on every process add up to the minibatch loss."""
+    m = data["loss_mask"][idx]
+    logps, entropy = response_logps(policy, ro.input_ids[idx], ro.attention_mask[idx], ro.context_length,
+                                    c.temperature, padding_free=c.padding_free, groups=ro.group_ids_of(idx),
+                                    suppress_ids=[ro.pad_id], with_entropy=True)
+    old = data["old_logps"][idx] if "old_logps" in data else logps.detach()
+    pg = clipped_policy_loss(logps, old, data["advantages"][idx], m, epsilon=c.epsilon,
+                             epsilon_high=c.epsilon_high, importance_sampling_level=c.importance_sampling_level)
+    per_token = pg["loss"]
+    seq_kl = None
+    if "ref_logps" in data and not c.kl_goes_to_reward:
+        kl = kl_loss_term(logps, data["ref_logps"][idx], c.kl_estimator)
+        per_token = per_token + c.beta * kl
+        kl_share = (masked_sum(kl.detach(), m) / n_tokens).item()
+        seq_kl = (masked_sum(logps.detach() - data["ref_logps"][idx], m) / n_sequences).item()
+    loss = aggregate_loss(per_token, m, c.loss_aggregation, num_tokens=n_tokens, num_sequences=n_sequences,
+                          max_length=c.max_new_tokens)
+
+    def share(x: torch.Tensor) -> float:
+        return (masked_sum(x.detach().float(), m) / n_tokens).item()
+
+    stats = {"loss": loss.item(), "policy/clipfrac_low": share(pg["clipped_low"]),
+             "policy/clipfrac_high": share(pg["clipped_high"]),
+             "policy/clipfrac": share(pg["clipped_low"] + pg["clipped_high"]),
+             "policy/approxkl": share(pg["approxkl"]), "policy/ratio": share(pg["ratio"]),
+             "policy/entropy": share(entropy)}
+    if seq_kl is not None:  # k1 summed per response: the mean KL to the reference, over this pass
+        stats["policy/kl_loss"] = kl_share
+        stats["objective/kl"] = seq_kl
+    return loss, stats
+
+
+@torch.no_grad()
+def old_and_reference_logps(c: GRPOConfig, policy, reference, ro: Rollout, micro_batches: list[torch.Tensor],
+                            need_old: bool) -> dict:
+    """# 3. Old log-probs (`need_old`) and reference log-probs (a reference exists and beta > 0), in the
+    micro-batches the first pass trains on (same packing and kernels: the first ratio is exactly 1)."""
+    out = {}
+    B, W = ro.responses.shape
+
+    def logps_of(model) -> torch.Tensor:
+        t = torch.zeros(B, W, device=ro.input_ids.device)
+        for idx in micro_batches:
+            t[idx] = response_logps(model, ro.input_ids[idx], ro.attention_mask[idx], ro.context_length,
+                                    c.temperature, padding_free=c.padding_free, groups=ro.group_ids_of(idx),
+                                    suppress_ids=[ro.pad_id])[0]
+        return t.masked_fill(~ro.response_mask, 0.0)
+
+    if need_old:
+        out["old_logps"] = logps_of(policy)
+    if reference is not None and c.beta > 0:
+        with reference() as ref:
+            out["ref_logps"] = logps_of(ref)
+    return out
+
+
+# ---- the stage ---------------------------------------------------------------------------------------
+
+def train_grpo(config: GRPOConfig) -> Result:
+    c = config
+    stage = c._stage
+    G = c.num_generations
+    # 0. data, reward functions, run, prompts (validated before any model loads); policy, reference
+    setup = start_online(c, stage)
+    run, tokenizer = setup.run, setup.tokenizer
+    policy = build_model(run, tokenizer)
+    reference = build_reference(c, tokenizer, policy, run.device)
+    scorer = build_scorer(c, tokenizer, setup.reward_funcs, run.device)
+    check_padding_free(run, policy, setup.prompt_ids, tokenizer.pad_token_id)
+    kl_to_reward = c.beta > 0 and c.kl_goes_to_reward
+    need_old = c.num_iterations > 1 or kl_to_reward
+    rows = setup.local_prompts * G
+    updates = setup.steps * c.num_iterations * c.num_mini_batches
+    estimator = ADVANTAGE_ESTIMATORS[c.advantage_estimator]
+    run.print(f"[{stage}] advantages {c.advantage_estimator}"
+              + (f" (scale_rewards {c.scale_rewards})" if c.advantage_estimator == "grpo" else "")
+              + f" | KL: beta {c.beta}" + (f" {c.kl_estimator} in the {'reward' if kl_to_reward else 'loss'}"
+                                           if c.beta > 0 else " (no reference pass)")
+              + f" | loss per {c.loss_aggregation}, importance sampling per {c.importance_sampling_level}, clip "
+              f"[1-{c.epsilon}, 1+{c.epsilon_high or c.epsilon}]")
+    run.print(f"[{stage}] each process: {setup.local_prompts} prompts x {G} = {rows} responses per step -> "
+              f"{c.num_iterations} pass(es) x {c.num_mini_batches} minibatch(es) of {rows // c.num_mini_batches} "
+              f"in micro-batches of {c.per_device_train_batch_size} -> {updates} optimizer steps")
+    run.print(f"[{stage}] note: a loss near 0 is expected here (group-centred advantages, ratio 1); the "
+              "gradient is not 0. Watch rewards/mean, eval/ and rewards/flat_groups instead.")
+
+    optimizer = build_optimizer(policy, c)
+    scheduler = build_scheduler(optimizer, c, updates)
+    start_step = 0
+    if run.resume_from is not None:
+        start_step = load_checkpoint(run.resume_from, policy, optimizer, scheduler, rank=run.rank)["step"]
+        run.print(f"[{stage}] resumed from {run.resume_from} at step {start_step}")
+    params = [p for p in policy.parameters() if p.requires_grad]
+    reduce_sum = reduce_sum_fn(run)
+    diag = Diagnostics(run, c.max_new_tokens)
+    samples = SampleLog(run)
+    do_eval = bool(setup.eval_ids) and run.is_main
+
+    def run_eval(step: int) -> dict:
+        metrics, evs = evaluate_policy(run, setup, policy, reference, scorer, c.seed + 7, c.per_device_eval_batch_size)
+        samples.write(step, "eval", evs[:c.num_sample_generations])
+        out = {f"eval/{k}": v for k, v in metrics.items()}
+        out.update(diag.evaluation(step, metrics["scores"], metrics.get("gold_reward")))
+        return out
+
+    first_eval = None
+    if do_eval and start_step == 0:
+        first_eval = run_eval(0)
+        run.logger.log(0, first_eval)
+        run.print(f"[{stage}] step 0 (before training): "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in first_eval.items() if not k.startswith("diag")))
+
+    bar = progress(total=setup.steps, initial=start_step, disable=run.quiet, desc=stage)
+    window: list[dict] = []
+    for step in range(start_step, setup.steps):
+        t0 = time.perf_counter()
+        policy.eval()
+        # 1-2. generate and score (dynamic sampling refills flat groups)
+        ro, scores, parts, sampling_stats = sample_batch(c, setup, policy, scorer, step)
+        t_gen = time.perf_counter()
+        # 3. old and reference log-probs, in the micro-batches of the first pass
+        plan0 = minibatch_plan(rows, c, step, 0, group_size=G)
+        with run.precision():
+            data = old_and_reference_logps(c, policy, reference, ro, [mb for mini in plan0 for mb in mini], need_old)
+        m = ro.response_mask
+        seq_kl = None
+        if "ref_logps" in data:
+            old = data["old_logps"] if need_old else None
+            if old is not None:
+                seq_kl = masked_sum(KL_ESTIMATORS["k1"](old, data["ref_logps"]), m, dim=1)
+        # 4. advantages (the KL into the reward first, when it goes there)
+        token_kl = None
+        adv_scores = scores
+        if kl_to_reward:
+            token_kl = KL_ESTIMATORS[c.kl_estimator](data["old_logps"], data["ref_logps"]).masked_fill(~m, 0.0)
+            if c.advantage_estimator not in ("reinforce_pp", "reinforce_pp_baseline"):
+                adv_scores = scores - c.beta * masked_sum(token_kl, m, dim=1)
+        advantages = estimator(adv_scores, m, G, token_kl=token_kl if c.advantage_estimator.startswith("reinforce")
+                               else None, kl_coef=c.beta if kl_to_reward else 0.0, scale_rewards=c.scale_rewards,
+                               reduce_sum=reduce_sum)
+        loss_mask = m & ~ro.truncated[:, None] if c.mask_truncated_completions else m
+        data.update(advantages=advantages, loss_mask=loss_mask)
+        t_prep = time.perf_counter()
+        # 5. updates: num_iterations passes x num_mini_batches minibatches (micro-batches accumulated)
+        policy.train()
+        plans = (plan0 if e == 0 else minibatch_plan(rows, c, step, e, group_size=G) for e in range(c.num_iterations))
+        means, first = run_updates(
+            run, params, optimizer, scheduler, plans,
+            micro_loss=lambda mb, n: grpo_micro_loss(policy, ro, data, mb, c, n[0], n[1]),
+            counts=lambda r: [loss_mask[r].sum().item(), loss_mask[r].any(-1).sum().item()],
+            max_grad_norm=c.max_grad_norm)
+        policy.eval()
+        t_train = time.perf_counter()
+        # 6. metrics, samples, evaluation, checkpoint
+        flat = flat_groups(scores, G).float()
+        metrics = {
+            "rewards/mean": scores.mean().item(), "rewards/std": scores.std().item() if scores.numel() > 1 else 0.0,
+            "rewards/flat_groups": flat.mean().item(),
+            **{f"rewards/{k.removeprefix('func/')}": v.nanmean().item() for k, v in parts.items()},
+            "advantages/abs_mean": masked_sum(advantages.abs(), m).item() / max(m.sum().item(), 1),
+            "gen/length": m.sum(-1).float().mean().item(), "gen/eos_rate": ro.ended.float().mean().item(),
+            "gen/truncated_rate": ro.truncated.float().mean().item(),
+            **({"objective/kl": seq_kl.mean().item()} if seq_kl is not None else {}),
+            **sampling_stats, **means,
+            "policy/first_ratio": first["policy/ratio"],
+            "lr": scheduler.get_last_lr()[0], "episodes": (step + 1) * c.rollout_batch_size * G,
+            "time/generation": t_gen - t0, "time/scoring": t_prep - t_gen, "time/training": t_train - t_prep,
+        }
+        metrics = reduce_metrics(run, metrics)
+        metrics.update(diag.step(step + 1, metrics))
+        window.append(metrics)
+        done = step + 1
+        bar.update(1)
+        bar.set_postfix(reward=f"{metrics['rewards/mean']:.3f}", flat=f"{metrics['rewards/flat_groups']:.2f}")
+        record: dict = {}
+        if done % c.logging_steps == 0 or done == setup.steps:
+            keys = set().union(*window)
+            record = {k: sum(w[k] for w in window if k in w) / sum(k in w for w in window) for k in keys}
+            record["lr"] = metrics["lr"]
+            window = []
+            samples.write(done, "train", rollout_samples(ro, scores, c.num_sample_generations))
+        if do_eval and (done == setup.steps or (c.eval_steps and done % c.eval_steps == 0)):
+            record.update(run_eval(done))
+        if record:
+            run.logger.log(done, record)
+        if c.save_steps and done % c.save_steps == 0 and done < setup.steps:
+            save_checkpoint(run.output_dir, done, policy, optimizer, scheduler, rank=run.rank, is_main=run.is_main,
+                            barrier=run.accelerator.wait_for_everyone, keep=c.save_total_limit)
+    bar.close()
+
+    save_final(run, policy, tokenizer)
+    summary = {"stage": stage, "steps": setup.steps, "episodes": setup.steps * c.rollout_batch_size * G,
+               "optimizer_steps": updates, "prompts": len(setup.prompt_ids), "skipped_prompts": setup.skipped,
+               **summary_metrics(run.logger.history, first_eval, "rewards/mean"), "diagnostics": diag.summary()}
+    finish_online(run, summary, ["rewards/mean", "rewards/flat_groups", "eval/gold_reward", "eval/accuracy",
+                                 "gen/length"])
+    return Result(run.output_dir, summary, policy, tokenizer, run.logger.history)

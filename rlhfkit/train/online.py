@@ -1,0 +1,367 @@
+"""The parts every online stage (ppo, grpo, rloo; online preference methods next) shares, called by
+the stage loops in their numbered steps:
+
+  start_online      validate data and reward functions, start the run, split the rollout batch
+                    over processes, encode prompts, derive the steps; print it all once
+  minibatch_plan    shuffled minibatches -> micro-batches of row indices (whole groups shuffled)
+  run_updates       the epochs x minibatches x micro-batches driver: global token counts,
+                    backward per micro-batch, summed gradients, one optimizer step per minibatch
+  Diagnostics       warnings that explain a run going wrong, printed once and logged as diag/*
+  evaluate_policy   held-out prompts: proxy score, KL to the reference, gold reward / accuracy
+  SampleLog         samples.jsonl
+  save_policy, finish_online   final weights, summary, plots
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from rlhfkit.config import OnlineConfig
+from rlhfkit.errors import ConfigError
+from rlhfkit.losses.masked import masked_sum
+from rlhfkit.models.logprobs import response_logps
+from rlhfkit.rollout.generate import HFGenerator, SamplingParams
+from rlhfkit.rollout.rewards import load_reward_funcs
+from rlhfkit.rollout.rollout import Rollout, Scorer, encode_prompts, generate_rollout
+from rlhfkit.train.common import config_task, config_tokenizer, load_split, row_texts
+from rlhfkit.train.distributed import optimizer_step, reduce_metrics, sum_gradients
+from rlhfkit.train.loop import BatchStream, Run, start_run
+from rlhfkit.train.tracking import write_summary
+
+ONLINE_FORMATS = ("prompt", "prompt_completion", "messages")
+
+
+# ---- set-up ----------------------------------------------------------------------------------------
+
+@dataclass
+class OnlineSetup:
+    """What `start_online` prepared: the run, data, reward functions, sampler and step counts."""
+
+    run: Run
+    tokenizer: object
+    task: object
+    reward_funcs: list
+    rows: list[dict]
+    prompt_ids: list[list[int]]
+    skipped: int
+    eval_ids: list[list[int]]
+    eval_rows: list[dict]
+    steps: int
+    local_prompts: int
+    stream: BatchStream
+    generator: HFGenerator
+    params: SamplingParams
+
+
+def online_steps(c: OnlineConfig, n_prompts: int) -> int:
+    if c.max_steps > 0:
+        return c.max_steps
+    episodes = c.total_episodes if c.total_episodes is not None else c.num_train_epochs * n_prompts
+    return max(1, math.ceil(episodes / c.rollout_batch_size))
+
+
+def start_online(c: OnlineConfig, stage: str) -> OnlineSetup:
+    """# 0. validate data and reward functions before anything heavy loads, start the run, split the
+    rollout batch over processes, encode the prompts."""
+    train_rows, eval_rows = load_split(c, ONLINE_FORMATS)
+    task = config_task(c.task)
+    reward_funcs = load_reward_funcs(c.reward_funcs, task=task)
+    run = start_run(c, stage)
+    local_prompts = c.rollout_batch_size // run.world_size
+    rows_local = local_prompts * c.group_size
+    if c.rollout_batch_size % run.world_size or rows_local % (c.num_mini_batches * c.per_device_train_batch_size):
+        raise ConfigError(f"rollout_batch_size {c.rollout_batch_size} must split into {run.world_size} process(es) "
+                          f"(whole prompts each) with {c.group_size} response(s) per prompt, then into "
+                          f"num_mini_batches {c.num_mini_batches} x per_device_train_batch_size "
+                          f"{c.per_device_train_batch_size}")
+    tokenizer = config_tokenizer(c, lambda: row_texts(train_rows))
+    prompt_ids, train_rows, skipped = encode_prompts(tokenizer, train_rows, c.max_prompt_length)
+    if not prompt_ids:
+        raise ConfigError(f"dataset {c.dataset}: no non-empty prompts")
+    if task is not None:
+        ev_rows = task.make("prompt", c.eval_num_prompts, seed=c.seed, split="eval")
+    else:
+        ev_rows = eval_rows[:c.eval_num_prompts]
+    eval_ids, ev_rows, _ = encode_prompts(tokenizer, ev_rows, c.max_prompt_length)
+    steps = online_steps(c, len(prompt_ids))
+    run.print(f"[{stage}] {len(prompt_ids)} prompts ({skipped} empty skipped), {len(eval_ids)} held-out prompts | "
+              f"{steps} steps x {c.rollout_batch_size} prompts x {c.group_size} response(s) "
+              f"= {c.rollout_batch_size * c.group_size} per step over {run.world_size} process(es)")
+    params = SamplingParams(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_k=c.top_k,
+                            top_p=c.top_p, stop=tuple(c.stop))
+    return OnlineSetup(run=run, tokenizer=tokenizer, task=task, reward_funcs=reward_funcs, rows=train_rows,
+                       prompt_ids=prompt_ids, skipped=skipped, eval_ids=eval_ids, eval_rows=ev_rows, steps=steps,
+                       local_prompts=local_prompts,
+                       stream=BatchStream(len(prompt_ids), local_prompts, run.world_size, run.rank, seed=c.seed),
+                       generator=HFGenerator(tokenizer, batch_size=c.generation_batch_size or local_prompts),
+                       params=params)
+
+
+def rollout_seed(c: OnlineConfig, step: int, rank: int, round_: int = 0) -> int:
+    """The sampling seed of one generation call: a pure function of (seed, step, process, round),
+    so a resumed run samples what the uninterrupted one would have."""
+    return c.seed * 7919 + step + 104_729 * rank + 15_485_863 * round_
+
+
+# ---- the update driver ----------------------------------------------------------------------------
+
+def minibatch_plan(n: int, c: OnlineConfig, step: int, epoch: int, group_size: int = 1) -> list[list[torch.Tensor]]:
+    """Shuffled minibatches -> micro-batches of row indices, a pure function of (seed, step, epoch).
+    With groups (G consecutive rows per prompt) whole groups are shuffled, so a micro-batch that
+    holds whole groups shares their prompts in packed passes."""
+    g = torch.Generator().manual_seed(c.seed * 1_000_003 + step * 1_009 + epoch)
+    if group_size == 1:
+        perm = torch.randperm(n, generator=g)
+    else:
+        groups = torch.randperm(n // group_size, generator=g)
+        perm = (groups[:, None] * group_size + torch.arange(group_size)).reshape(-1)
+    mini = n // c.num_mini_batches
+    micro = c.per_device_train_batch_size
+    return [[perm[s + k:s + k + micro] for k in range(0, mini, micro)] for s in range(0, n, mini)]
+
+
+MicroLoss = Callable[[torch.Tensor, list[float]], tuple[torch.Tensor, dict[str, float]]]
+
+
+def run_updates(run: Run, params: list[torch.nn.Parameter], optimizer, scheduler, plans: Iterable[list[list[torch.Tensor]]],
+                micro_loss: MicroLoss, counts: Callable[[torch.Tensor], list[float]],
+                max_grad_norm: float) -> tuple[dict[str, float], dict[str, float]]:
+    """Epochs x minibatches x micro-batches: for each minibatch, `counts(rows)` gives this process's
+    normalisers (token / sequence counts) of its rows, summed over processes here; each micro-batch's
+    `micro_loss(idx, global_counts)` is a share of the minibatch loss (normalised by the global
+    counts), backpropagated under the run's precision; gradients are summed over processes, clipped,
+    and one optimizer step is taken. Returns (metric means over all updates, metrics of the first
+    update), both over every process."""
+    sums: dict[str, float] = {}
+    first: dict[str, float] = {}
+    n_updates = 0
+    for plan in plans:
+        for micro_batches in plan:
+            totals = run.reduce_sum(counts(torch.cat(micro_batches))).clamp(min=1).tolist()
+            step_sums: dict[str, float] = {}
+            for mb in micro_batches:
+                with run.precision():
+                    loss, stats = micro_loss(mb, totals)
+                loss.backward()
+                for k, v in stats.items():
+                    step_sums[k] = step_sums.get(k, 0.0) + v
+            sum_gradients(run, params)
+            grad_norm = optimizer_step(params, optimizer, scheduler, max_grad_norm)
+            for k, v in step_sums.items():
+                sums[k] = sums.get(k, 0.0) + v
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm
+            if n_updates == 0:
+                first = dict(step_sums)
+            n_updates += 1
+    # the loss statistics are per-process shares of global means; grad_norm is already global
+    grad = sums.pop("grad_norm")
+    means = {k: v / n_updates for k, v in reduce_metrics(run, sums, mean=False).items()}
+    means["grad_norm"] = grad / n_updates
+    return means, reduce_metrics(run, first, mean=False)
+
+
+def check_padding_free(run: Run, model, prompt_ids: list[list[int]], pad_id: int) -> bool:
+    """At start: does this model's packed forward (prompts shared by the responses of a group) match
+    its padded one? Checked on a few training prompts, each as a group of itself and itself + the
+    start of the next prompt. A model that does not follow packed position ids or the shared-prompt
+    mask trains padded for the whole run, with a warning."""
+    from rlhfkit.data.collate import pad_batch
+    from rlhfkit.models.logprobs import padding_free_matches
+
+    if not run.config.padding_free:
+        return False
+    sample = prompt_ids[:4]
+    seqs, groups = [], []
+    for i, p in enumerate(sample):
+        seqs += [p, p + sample[(i + 1) % len(sample)][:4]]
+        groups += [i, i]
+    batch = pad_batch(seqs, pad_id, side="right")
+    with torch.no_grad(), run.precision():
+        ok = padding_free_matches(model, batch["input_ids"].to(run.device), batch["attention_mask"].to(run.device),
+                                  groups)
+    if not ok:
+        run.print(f"[{run.stage}] WARNING: this model's packed forward pass (padding_free: true) does not match its "
+                  "padded one (its attention ignores packed position ids or the shared-prompt mask): padding instead")
+        run.config.padding_free = False
+    return ok
+
+
+# ---- reference ----------------------------------------------------------------------------------
+
+@contextmanager
+def adapters_disabled(model):
+    """The base of a peft model with its adapters switched off (the reference under LoRA), with every
+    parameter's requires_grad restored afterwards (peft rewrites it when re-enabling)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    with model.disable_adapter():
+        yield model
+    for p, flag in flags:
+        p.requires_grad_(flag)
+
+
+# ---- diagnostics ---------------------------------------------------------------------------------
+
+class Diagnostics:
+    """Warnings that explain a run going wrong, printed once each (with what to do) and logged as
+    `diag/*` flags; each check runs when the metrics it reads are logged by the stage."""
+
+    EXPLAIN = {
+        "negative_kl": "mean KL to the reference is negative: sampling and scoring disagree (temperature "
+                       "not applied the same way, pads attended, or tokens forced/suppressed at "
+                       "generation); the KL penalty then rewards drifting away",
+        "high_clipfrac": "policy clip fraction stayed above 0.3: updates are too large for the trust "
+                         "region; lower learning_rate or the passes over each batch, or raise the clip range",
+        "length_runaway": "responses are getting longer and EOS rarer: the policy is learning to not "
+                          "finish (check the EOS trick: missing_eos_penalty / missing_eos_score)",
+        "reward_hacking": "the proxy score rises while the gold reward falls: the policy is exploiting "
+                          "the reward model; raise the KL coefficient, or stop earlier",
+        "flat_groups": "most groups have rewards that are all equal (all right or all wrong): their "
+                       "advantages are 0, so they carry no learning signal; use prompts of the right "
+                       "difficulty, more num_generations, a denser reward, or dynamic_sampling",
+    }
+
+    def __init__(self, run: Run, max_new_tokens: int):
+        self.run = run
+        self.max_new_tokens = max_new_tokens
+        self.kl: list[float] = []
+        self.clip: list[float] = []
+        self.flat: list[float] = []
+        self.first_eos: float | None = None
+        self.first_length: float | None = None
+        self.evals: list[tuple[float, float]] = []  # (proxy score, gold)
+        self.fired: dict[str, int] = {}
+
+    def _flag(self, name: str, step: int) -> None:
+        if name not in self.fired:
+            self.fired[name] = step
+            self.run.print(f"[{self.run.stage}] WARNING (step {step}): {self.EXPLAIN[name]}")
+
+    def step(self, step: int, m: dict) -> dict:
+        flags = {}
+        if "objective/kl" in m:
+            self.kl.append(m["objective/kl"])
+            recent = self.kl[-5:]
+            flags["negative_kl"] = len(recent) >= 3 and sum(recent) / len(recent) < -0.01
+        if "policy/clipfrac" in m:
+            self.clip.append(m["policy/clipfrac"])
+            flags["high_clipfrac"] = len(self.clip) >= 3 and min(self.clip[-3:]) > 0.3
+        if "gen/eos_rate" in m:
+            if self.first_eos is None:
+                self.first_eos, self.first_length = m["gen/eos_rate"], m["gen/length"]
+            flags["length_runaway"] = (m["gen/eos_rate"] < 0.5 * self.first_eos and m["gen/length"]
+                                       > max(1.5 * self.first_length, 0.8 * self.max_new_tokens))
+        if "rewards/flat_groups" in m:
+            self.flat.append(m["rewards/flat_groups"])
+            flags["flat_groups"] = len(self.flat) >= 3 and min(self.flat[-3:]) > 0.5
+        for name, on in flags.items():
+            if on:
+                self._flag(name, step)
+        return {f"diag/{k}": float(v) for k, v in flags.items()}
+
+    def evaluation(self, step: int, proxy: float, gold: float | None) -> dict:
+        if gold is None:
+            return {}
+        self.evals.append((proxy, gold))
+        hacking = (len(self.evals) >= 3 and self.evals[-1][0] > self.evals[-3][0]
+                   and self.evals[-1][1] < self.evals[-2][1] < self.evals[-3][1])
+        if hacking:
+            self._flag("reward_hacking", step)
+        return {"diag/reward_hacking": float(hacking)}
+
+    def summary(self) -> list[dict]:
+        return [{"diagnostic": k, "first_step": s, "explanation": self.EXPLAIN[k]} for k, s in self.fired.items()]
+
+
+# ---- evaluation ----------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate_policy(run: Run, setup: OnlineSetup, policy, reference, scorer: Scorer, seed: int,
+                    batch_size: int) -> tuple[dict, list[dict]]:
+    """One response per held-out prompt from `policy` (the training sampling settings): the proxy
+    score (`scores`), the KL to the reference summed over response tokens (k1, the same log-probs as
+    training; when `reference` (a context manager factory yielding the reference model) is given),
+    length, EOS rate, and with a built-in task the gold reward and, where the task defines it,
+    accuracy."""
+    c, tok = run.config, setup.tokenizer
+    was_training = policy.training
+    policy.eval()
+    with run.precision():
+        ro = generate_rollout(policy, tok, setup.generator, setup.eval_ids, setup.eval_rows, setup.params, seed,
+                              run.device)
+        scores, _ = scorer(ro)
+        metrics = {"scores": scores.mean().item(), "length": ro.lengths.float().mean().item(),
+                   "eos_rate": ro.ended.float().mean().item()}
+        if reference is not None:
+            chunks = [torch.arange(i, min(i + batch_size, len(ro.texts))) for i in range(0, len(ro.texts), batch_size)]
+            kl = torch.zeros(len(ro.texts), device=run.device)
+            suppress = [tok.pad_token_id]
+            for idx in chunks:
+                ids, mask = ro.input_ids[idx], ro.attention_mask[idx]
+                lp, _ = response_logps(policy, ids, mask, ro.context_length, c.temperature, suppress_ids=suppress)
+                with reference() as ref:
+                    rp, _ = response_logps(ref, ids, mask, ro.context_length, c.temperature, suppress_ids=suppress)
+                kl[idx] = masked_sum(lp - rp, ro.response_mask[idx], dim=1)
+            metrics["kl"] = kl.mean().item()
+    policy.train(was_training)
+    gold = correct = None
+    prompts = [r["prompt"] for r in ro.rows]
+    if setup.task is not None:
+        gold = setup.task.gold_reward(prompts, ro.texts, ro.ended.tolist())
+        metrics["gold_reward"] = sum(gold) / len(gold)
+        correct = [setup.task.correct(p, t, e) for p, t, e in zip(prompts, ro.texts, ro.ended.tolist())]
+        if all(x is not None for x in correct):
+            metrics["accuracy"] = sum(correct) / len(correct)
+    samples = [{"prompt": p, "response": t, "score": s, "ended": e, **({"gold": gold[i]} if gold else {})}
+               for i, (p, t, s, e) in enumerate(zip(prompts, ro.texts, scores.tolist(), ro.ended.tolist()))]
+    return metrics, samples
+
+
+class SampleLog:
+    """samples.jsonl: rollout samples at logging steps and evaluation samples (main process only)."""
+
+    def __init__(self, run: Run):
+        self.path = run.output_dir / "samples.jsonl"
+        self.enabled = run.is_main
+        if self.enabled and run.resume_from is None and self.path.exists():
+            self.path.unlink()
+
+    def write(self, step: int, split: str, samples: list[dict]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            for s in samples:
+                f.write(json.dumps({"step": step, "split": split, **s}) + "\n")
+
+
+def rollout_samples(ro: Rollout, scores: torch.Tensor, n: int) -> list[dict]:
+    return [{"prompt": ro.rows[i]["prompt"], "response": ro.texts[i], "score": scores[i].item(),
+             "ended": bool(ro.ended[i])} for i in range(min(n, len(ro.texts)))]
+
+
+# ---- the end -------------------------------------------------------------------------------------
+
+def finish_online(run: Run, summary: dict, plot_keys: list[str]) -> dict:
+    """Write summary.json and plots (main process), close the logger, wait for every process."""
+    if run.is_main:
+        write_summary(run.output_dir, summary)
+        history = run.logger.history
+        run.logger.plot(keys=[k for k in plot_keys if any(k in r for r in history)])
+        run.logger.close()
+    run.accelerator.wait_for_everyone()
+    return summary
+
+
+def summary_metrics(history: list[dict], first_eval: dict | None, train_key: str) -> dict:
+    """The last logged training metrics, the last evaluation, and the evaluation at step 0
+    (prefixed `initial_`)."""
+    final = next((r for r in reversed(history) if train_key in r), {})
+    last_eval = next((r for r in reversed(history) if any(k.startswith("eval/") for k in r)), {})
+    return {**{k: v for k, v in final.items() if k != "step" and not k.startswith("eval/")},
+            **{k: v for k, v in last_eval.items() if k.startswith("eval/")},
+            **({f"initial_{k}": v for k, v in first_eval.items() if k.startswith("eval/")} if first_eval else {})}
