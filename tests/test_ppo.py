@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from rlhfkit.config import build_config
 from rlhfkit.errors import ConfigError
 from rlhfkit.losses.masked import masked_sum
-from rlhfkit.losses.ppo import policy_loss, score_index
+from rlhfkit.losses.policy import clipped_policy_loss
+from rlhfkit.losses.ppo import score_index
 from rlhfkit.models.reward import (
     Normalization,
     apply_reward_lora,
@@ -103,9 +104,9 @@ def test_ratio_is_exactly_one_before_the_first_update(fixtures, tmp_path, tiny_t
         logps, _ = policy_logps(roles.policy, ro.input_ids[mb], ro.attention_mask[mb], ro.context_length,
                                 c.temperature, with_entropy=True)
         m = ro.response_mask[mb]
-        out = policy_loss(logps, data["logps"][mb], torch.randn_like(logps), c.cliprange)
+        out = clipped_policy_loss(logps, data["logps"][mb], torch.randn_like(logps), m, epsilon=c.cliprange)
         assert (out["ratio"][m] == 1.0).all()
-        assert masked_sum(out["clipped"], m) == 0
+        assert masked_sum(out["clipped_low"] + out["clipped_high"], m) == 0
         values = critic_values(roles, ro.input_ids[mb], ro.attention_mask[mb], ro.context_length)
         assert torch.equal(values, data["values"][mb])
     # policy = reference at the start: the KL is exactly 0

@@ -31,21 +31,11 @@ from rlhfkit.config import PPOConfig
 from rlhfkit.data.collate import pad_batch
 from rlhfkit.data.encode import encode_prompt, encode_prompt_completion
 from rlhfkit.errors import ConfigError
-from rlhfkit.losses.masked import masked_mean, masked_sum
-from rlhfkit.losses.ppo import (
-    KL_ESTIMATORS,
-    AdaptiveKLController,
-    FixedKLController,
-    clip_scores,
-    entropy_from_logits,
-    eos_trick,
-    gae,
-    kl_shaped_rewards,
-    policy_loss,
-    value_loss,
-    value_mask,
-    whiten,
-)
+from rlhfkit.losses.advantages import gae
+from rlhfkit.losses.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController
+from rlhfkit.losses.masked import masked_mean, masked_sum, whiten
+from rlhfkit.losses.policy import clipped_policy_loss, entropy_from_logits
+from rlhfkit.losses.ppo import clip_scores, eos_trick, kl_shaped_rewards, value_loss, value_mask
 from rlhfkit.models.logprobs import forward, token_logps
 from rlhfkit.rollout.generate import HFGenerator, SamplingParams
 from rlhfkit.train.checkpoint import load_checkpoint, save_checkpoint
@@ -209,7 +199,7 @@ def ppo_micro_loss(roles: Roles, ro: Rollout, data: dict, idx: torch.Tensor, c: 
     m, vm = ro.response_mask[idx], data["value_mask"][idx]
     logps, entropy = policy_logps(roles.policy, ids, mask, ro.context_length, c.temperature, with_entropy=True)
     values = critic_values(roles, ids, mask, ro.context_length)
-    pg = policy_loss(logps, data["logps"][idx], data["advantages"][idx], c.cliprange)
+    pg = clipped_policy_loss(logps, data["logps"][idx], data["advantages"][idx], m, epsilon=c.cliprange)
     vf = value_loss(values, data["values"][idx], data["returns"][idx], c.cliprange_value)
     pg_loss = masked_sum(pg["loss"], m) / n_tokens
     vf_loss = masked_sum(vf["loss"], vm) / n_values
@@ -217,7 +207,7 @@ def ppo_micro_loss(roles: Roles, ro: Rollout, data: dict, idx: torch.Tensor, c: 
     loss = pg_loss + c.vf_coef * vf_loss - c.entropy_coef * ent
     stats = {
         "policy/loss": pg_loss.item(), "val/loss": vf_loss.item(), "policy/entropy": ent.item(),
-        "policy/clipfrac": (masked_sum(pg["clipped"], m) / n_tokens).item(),
+        "policy/clipfrac": (masked_sum(pg["clipped_low"] + pg["clipped_high"], m) / n_tokens).item(),
         "policy/approxkl": (masked_sum(pg["approxkl"], m) / n_tokens).item(),
         "policy/ratio": (masked_sum(pg["ratio"], m) / n_tokens).item(),
         "val/clipfrac": (masked_sum(vf["clipped"], vm) / n_values).item(),
