@@ -154,7 +154,7 @@ def reinforce_pp_advantages(scores: torch.Tensor, response_mask: torch.Tensor, g
     """(N, T) REINFORCE++ advantages (Hu 2025), gamma = 1:
 
         r_t = -kl_coef * kl_t on real tokens, + score at the last real token
-        A_t = sum_{s >= t} r_s = score - kl_coef * sum_{s >= t} kl_t
+        A_t = sum_{s >= t} r_s = score - kl_coef * sum_{s >= t} kl_s
         A   = (A - mean) / sqrt(var + eps)   over all real tokens of the global batch (biased var)
 
     `baseline=True` (REINFORCE++-baseline) first replaces each score by score - mean(group).
