@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from rlhfkit.config import build_config
 from rlhfkit.errors import ConfigError
 from rlhfkit.losses.masked import masked_sum
-from rlhfkit.losses.ppo import policy_loss, score_index
+from rlhfkit.losses.policy import clipped_policy_loss
+from rlhfkit.losses.ppo import score_index
 from rlhfkit.models.logprobs import response_logps
 from rlhfkit.models.reward import (
     Normalization,
@@ -104,9 +105,9 @@ def test_ratio_is_exactly_one_before_the_first_update(fixtures, tmp_path, tiny_t
     for mb in plan[0]:  # the first minibatch of the first epoch, in its micro-batches
         logps, _ = policy_logps(roles.policy, ro, mb, c, with_entropy=True)
         m = ro.response_mask[mb]
-        out = policy_loss(logps, data["logps"][mb], torch.randn_like(logps), c.cliprange)
+        out = clipped_policy_loss(logps, data["logps"][mb], torch.randn_like(logps), m, epsilon=c.cliprange)
         assert (out["ratio"][m] == 1.0).all()
-        assert masked_sum(out["clipped"], m) == 0
+        assert masked_sum(out["clipped_low"] + out["clipped_high"], m) == 0
         values = critic_values(roles, ro, mb, c)
         assert torch.equal(values, data["values"][mb])
     # policy = reference at the start: the KL is exactly 0

@@ -7,23 +7,12 @@ import math
 import pytest
 import torch
 
-from rlhfkit.losses.masked import masked_mean, masked_var
-from rlhfkit.losses.ppo import (
-    KL_ESTIMATORS,
-    AdaptiveKLController,
-    FixedKLController,
-    clip_scores,
-    entropy_from_logits,
-    eos_trick,
-    gae,
-    gae_loop,
-    kl_shaped_rewards,
-    policy_loss,
-    score_index,
-    value_loss,
-    value_mask,
-    whiten,
-)
+from rlhfkit.losses.advantages import gae, gae_loop
+from rlhfkit.losses.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController
+from rlhfkit.losses.masked import masked_mean, masked_var, whiten
+from rlhfkit.losses.policy import clipped_policy_loss
+from rlhfkit.models.logprobs import entropy_from_logits
+from rlhfkit.losses.ppo import clip_scores, eos_trick, kl_shaped_rewards, score_index, value_loss, value_mask
 from rlhfkit.rollout.generate import truncate_after_eos
 
 # The worked example of RLHF_NOTES.md ("A small example to check by hand").
@@ -136,20 +125,24 @@ def test_policy_loss_by_hand():
     max(.5, .8) = .8 (clipped). token 2: ratio 1: -2 (not clipped)."""
     old = torch.zeros(1, 3)
     logps = torch.log(torch.tensor([[1.5, 0.5, 1.0]]))
-    out = policy_loss(logps, old, torch.tensor([[1.0, -1.0, 2.0]]), 0.2)
+    real = torch.ones(1, 3, dtype=torch.bool)
+    out = clipped_policy_loss(logps, old, torch.tensor([[1.0, -1.0, 2.0]]), real, epsilon=0.2)
     torch.testing.assert_close(out["loss"], torch.tensor([[-1.2, .8, -2.0]]))
-    assert out["clipped"].tolist() == [[1.0, 1.0, 0.0]]
+    assert out["clipped_high"].tolist() == [[1.0, 0.0, 0.0]]
+    assert out["clipped_low"].tolist() == [[0.0, 1.0, 0.0]]
     torch.testing.assert_close(out["approxkl"], 0.5 * logps ** 2)
     # ratio 1 -> no clipping and loss = -A
-    same = policy_loss(old, old, torch.tensor([[1.0, -1.0, 2.0]]), 0.2)
-    assert same["clipped"].sum() == 0 and same["ratio"].tolist() == [[1.0, 1.0, 1.0]]
+    same = clipped_policy_loss(old, old, torch.tensor([[1.0, -1.0, 2.0]]), real)
+    assert (same["clipped_low"] + same["clipped_high"]).sum() == 0
+    assert same["ratio"].tolist() == [[1.0, 1.0, 1.0]]
 
 
 def test_policy_loss_masked_mean_ignores_pads():
     mask = torch.tensor([[True, True, False]])
     adv = torch.tensor([[1.0, 1.0, 0.0]])
-    a = policy_loss(torch.zeros(1, 3), torch.zeros(1, 3), adv, 0.2)["loss"]
-    b = policy_loss(torch.tensor([[0.0, 0.0, 5.0]]), torch.zeros(1, 3), adv.masked_fill(~mask, 99.0), 0.2)["loss"]
+    a = clipped_policy_loss(torch.zeros(1, 3), torch.zeros(1, 3), adv, mask, epsilon=0.2)["loss"]
+    b = clipped_policy_loss(torch.tensor([[0.0, 0.0, 5.0]]), torch.zeros(1, 3), adv.masked_fill(~mask, 99.0),
+                            mask, epsilon=0.2)["loss"]
     assert masked_mean(a, mask) == masked_mean(b, mask) == -1.0
 
 

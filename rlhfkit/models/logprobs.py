@@ -42,6 +42,14 @@ def token_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float 
     return picked - torch.logsumexp(logits, dim=-1)
 
 
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) along the last axis: logsumexp(z) - sum_v softmax(z)_v z_v.
+    Pass temperature-scaled logits to get the entropy of the sampling distribution."""
+    logits = logits.float()
+    probs = torch.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+
+
 def shifted_token_logps(model, input_ids, attention_mask, temperature: float = 1.0) -> torch.Tensor:
     """(B, T-1) log-probs of input_ids[:, 1:] given the prefix; position t predicts token t+1.
 
@@ -148,8 +156,7 @@ def response_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     if not with_entropy:
         return logps, None
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-        zz = z if entropy_grad else z.detach()
-        ent = (torch.logsumexp(zz, -1) - (torch.softmax(zz, -1) * zz).sum(-1))
+        ent = entropy_from_logits(z if entropy_grad else z.detach())
         entropy = torch.zeros((B, W), dtype=ent.dtype, device=ent.device).index_put((rows, cols - P + 1), ent)
     return logps, entropy
 

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhfkit.losses.masked import masked_sum
-from rlhfkit.losses.ppo import whiten
+from rlhfkit.losses.masked import masked_sum, whiten
 from rlhfkit.train.loop import Run
 
 

@@ -29,19 +29,11 @@ import time
 import torch
 
 from rlhfkit.config import PPOConfig
+from rlhfkit.losses.advantages import gae
+from rlhfkit.losses.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController
 from rlhfkit.losses.masked import masked_mean, masked_sum
-from rlhfkit.losses.ppo import (
-    KL_ESTIMATORS,
-    AdaptiveKLController,
-    FixedKLController,
-    clip_scores,
-    eos_trick,
-    gae,
-    kl_shaped_rewards,
-    policy_loss,
-    value_loss,
-    value_mask,
-)
+from rlhfkit.losses.policy import clipped_policy_loss
+from rlhfkit.losses.ppo import clip_scores, eos_trick, kl_shaped_rewards, value_loss, value_mask
 from rlhfkit.models.logprobs import response_logps
 from rlhfkit.rollout.rollout import Rollout, Scorer, generate_rollout
 from rlhfkit.train.checkpoint import load_checkpoint, save_checkpoint
@@ -108,7 +100,7 @@ def ppo_micro_loss(roles: Roles, ro: Rollout, data: dict, idx: torch.Tensor, c: 
     m, vm = ro.response_mask[idx], data["value_mask"][idx]
     logps, entropy = policy_logps(roles.policy, ro, idx, c, with_entropy=True)
     values = critic_values(roles, ro, idx, c)
-    pg = policy_loss(logps, data["logps"][idx], data["advantages"][idx], c.cliprange)
+    pg = clipped_policy_loss(logps, data["logps"][idx], data["advantages"][idx], m, epsilon=c.cliprange)
     vf = value_loss(values, data["values"][idx], data["returns"][idx], c.cliprange_value)
     pg_loss = masked_sum(pg["loss"], m) / n_tokens
     vf_loss = masked_sum(vf["loss"], vm) / n_values
@@ -116,7 +108,7 @@ def ppo_micro_loss(roles: Roles, ro: Rollout, data: dict, idx: torch.Tensor, c: 
     loss = pg_loss + c.vf_coef * vf_loss - c.entropy_coef * ent
     stats = {
         "policy/loss": pg_loss.item(), "val/loss": vf_loss.item(), "policy/entropy": ent.item(),
-        "policy/clipfrac": (masked_sum(pg["clipped"], m) / n_tokens).item(),
+        "policy/clipfrac": (masked_sum(pg["clipped_low"] + pg["clipped_high"], m) / n_tokens).item(),
         "policy/approxkl": (masked_sum(pg["approxkl"], m) / n_tokens).item(),
         "policy/ratio": (masked_sum(pg["ratio"], m) / n_tokens).item(),
         "val/clipfrac": (masked_sum(vf["clipped"], vm) / n_values).item(),
