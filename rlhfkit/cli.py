@@ -26,6 +26,7 @@ STAGE_FUNCTIONS = {
 USAGE = """rlhfkit STAGE CONFIG.yaml [key=value ...]   train a stage ({stages})
 rlhfkit STAGE --help-config                 list the stage's config keys
 rlhfkit data TASK OUT_DIR [--seed N]        write a built-in task's data files ({tasks})
+rlhfkit data reasoning-gym:TASK OUT_DIR     prompt files of a reasoning-gym task [--size N] [--seed N]
 rlhfkit demo [--output-dir DIR]             the built-in end-to-end demo
 rlhfkit eval-rm MODEL DATA                  evaluate a reward model on preference/ranking rows
 rlhfkit score MODEL DATA [--output F]       add a `reward` field to prompt/response rows"""
@@ -56,17 +57,59 @@ def run_stage(stage: str, argv: list[str]) -> int:
 
 def run_data(argv: list[str]) -> int:
     from rlhfkit.tasks import get_task
+    from rlhfkit.tasks import reasoning_gym as rgym
 
-    parser = argparse.ArgumentParser(prog="rlhfkit data", description="write a built-in task's data files")
+    parser = argparse.ArgumentParser(
+        prog="rlhfkit data", description="write a built-in task's data files, or prompt files of a "
+        f"reasoning-gym task ({rgym.PREFIX}TASK, e.g. {rgym.PREFIX}chain_sum; needs {rgym.INSTALL})")
     parser.add_argument("task")
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
+    rg_only = parser.add_argument_group(f"{rgym.PREFIX}TASK only")
+    rg_only.add_argument("--size", type=int, default=None,
+                         help=f"rows of prompt_train.jsonl (default {rgym.DEFAULT_SIZE})")
+    rg_only.add_argument("--eval-size", type=int, default=None,
+                         help=f"rows of prompt_eval.jsonl (default {rgym.DEFAULT_EVAL_SIZE})")
+    rg_only.add_argument("--chat", action="store_true", help="prompts as a user message (default: the text)")
+    rg_only.add_argument("--config", default=None, metavar="JSON",
+                         help="the reasoning-gym dataset's config keys as a JSON object (default: a small "
+                         "config for chain_sum and products, the library's default otherwise)")
     args = parser.parse_args(argv)
+    if args.task.startswith(rgym.PREFIX):
+        return _run_data_reasoning_gym(args)
+    rg_flags = (("--size", args.size), ("--eval-size", args.eval_size), ("--chat", args.chat or None),
+                ("--config", args.config))
+    given = [flag for flag, value in rg_flags if value is not None]
+    if given:
+        raise RlhfkitError(f"{', '.join(given)}: only for {rgym.PREFIX}TASK data (built-in task "
+                           f"{args.task!r} writes every data kind at its default sizes)")
     try:
         task = get_task(args.task)
     except ValueError as e:
         raise RlhfkitError(str(e)) from None
     paths = task.write(args.out_dir, seed=args.seed)
+    for key, path in paths.items():
+        print(f"{key:18s} {path}")
+    return 0
+
+
+def _run_data_reasoning_gym(args) -> int:
+    import json
+
+    from rlhfkit.tasks import reasoning_gym as rgym
+
+    config = None
+    if args.config is not None:
+        try:
+            config = json.loads(args.config)
+        except json.JSONDecodeError as e:
+            raise RlhfkitError(f"--config: not valid JSON ({e}): {args.config}") from None
+        if not isinstance(config, dict):
+            raise RlhfkitError(f"--config: expected a JSON object of config keys, got {args.config}")
+    paths = rgym.write(args.task[len(rgym.PREFIX):], args.out_dir, seed=args.seed, config=config,
+                       chat=args.chat,
+                       size=rgym.DEFAULT_SIZE if args.size is None else args.size,
+                       eval_size=rgym.DEFAULT_EVAL_SIZE if args.eval_size is None else args.eval_size)
     for key, path in paths.items():
         print(f"{key:18s} {path}")
     return 0

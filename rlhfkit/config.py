@@ -461,7 +461,7 @@ class OnlineConfig(BaseConfig):
             problems.append("give reward_model (a directory from `rlhfkit rm`) and/or reward_funcs")
         from rlhfkit.rollout.rewards import check_reward_spec
 
-        problems += [p for p in (check_reward_spec(s) for s in self.reward_funcs) if p]
+        problems += [p for p in (check_reward_spec(s, has_task=self.task is not None) for s in self.reward_funcs) if p]
         n_sources = len(self.reward_funcs) + (self.reward_model is not None)
         if self.reward_weights is not None and len(self.reward_weights) != n_sources:
             problems.append(f"reward_weights has {len(self.reward_weights)} entries but there are {n_sources} "

@@ -23,3 +23,13 @@ class DataError(RlhfkitError):
         self.source = source
         self.field = field
         super().__init__(f"{': '.join(where)}: {message}" if where else message)
+
+
+class RewardFunctionError(RlhfkitError):
+    """A reward function failed or returned something unusable while scoring completions. The
+    message names the function and, where it applies, the row and the offending value."""
+
+    def __init__(self, message: str, *, function: str | None = None, row: int | None = None):
+        self.function = function
+        self.row = row
+        super().__init__(message)
