@@ -176,10 +176,11 @@ def grpo_micro_loss(policy, ro: Rollout, data: dict, idx: torch.Tensor, c: GRPOC
              "policy/clipfrac_high": share(pg["clipped_high"]),
              "policy/clipfrac": share(pg["clipped_low"] + pg["clipped_high"]),
              "policy/approxkl": share(pg["approxkl"]), "policy/ratio": share(pg["ratio"]),
+             "policy/ratio_dev": share((pg["ratio"] - 1).abs()),
              "policy/entropy": share(entropy)}
     if seq_kl is not None:  # k1 summed per response: the mean KL to the reference, over this pass
         stats["policy/kl_loss"] = kl_share
-        stats["objective/kl"] = seq_kl
+        stats["policy/kl"] = seq_kl
     return loss, stats
 
 
@@ -313,9 +314,11 @@ def train_grpo(config: GRPOConfig) -> Result:
             "advantages/abs_mean": masked_sum(advantages.abs(), m).item() / max(m.sum().item(), 1),
             "gen/length": m.sum(-1).float().mean().item(), "gen/eos_rate": ro.ended.float().mean().item(),
             "gen/truncated_rate": ro.truncated.float().mean().item(),
-            **({"objective/kl": seq_kl.mean().item()} if seq_kl is not None else {}),
             **sampling_stats, **means,
-            "policy/first_ratio": first["policy/ratio"],
+            # the sampling policy's KL to the reference; without an old pass, the trained policy's
+            **({"objective/kl": seq_kl.mean().item()} if seq_kl is not None
+               else {"objective/kl": means["policy/kl"]} if "policy/kl" in means else {}),
+            "policy/first_ratio": first["policy/ratio"], "policy/first_ratio_dev": first["policy/ratio_dev"],
             "lr": scheduler.get_last_lr()[0], "episodes": (step + 1) * c.rollout_batch_size * G,
             "time/generation": t_gen - t0, "time/scoring": t_prep - t_gen, "time/training": t_train - t_prep,
         }

@@ -142,7 +142,15 @@ def start_run(config: BaseConfig, stage: str) -> Run:
         if config.bf16 and not cpu_has_native_bf16():
             log.warning("bf16: true on a CPU without native bfloat16 instructions (AVX512-BF16/AMX): "
                         "autocast emulates it and runs several times slower than fp32 here")
-    accelerator = Accelerator(mixed_precision="bf16" if config.bf16 else "no", cpu=on_cpu)
+    precision = "bf16" if config.bf16 else "no"
+    from accelerate.state import AcceleratorState
+
+    if (AcceleratorState._shared_state and not torch.distributed.is_initialized()
+            and AcceleratorState._shared_state.get("_mixed_precision") != precision):
+        # one process running several stages (the Python API, a pipeline) with different precision:
+        # accelerate keeps one state per process, so start it again
+        AcceleratorState._reset_state()
+    accelerator = Accelerator(mixed_precision=precision, cpu=on_cpu)
     out = Path(config.output_dir)
     resume_from = resolve_resume(out, config.resume_from_checkpoint)
     finished = (out / "summary.json").exists()

@@ -140,7 +140,7 @@ class Roles:
         with self.adapter(peft, CRITIC) if peft is not None else nullcontext():
             hidden = response_hidden(self.critic_backbone, input_ids, attention_mask, context_length,
                                      padding_free=padding_free)
-        return self.value_head(hidden.float()).squeeze(-1)
+        return self.value_head(hidden.float()).squeeze(-1).float()
 
     @torch.no_grad()
     def reward(self, input_ids, attention_mask) -> torch.Tensor:

@@ -1,0 +1,251 @@
+"""GRPO / RLOO stage on tiny untrained models: exact first ratio, every parameter trained, flat groups
+train nothing, dynamic sampling, resume (also after SIGKILL), config errors before loading, bf16
+precision, 2 processes = 1 process. The learning tests live in tests/test_grpo_learning.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhfkit.config import build_config, dump_config
+from rlhfkit.errors import ConfigError, RewardFunctionError
+from rlhfkit.train.grpo import train_grpo
+
+PROMPTS = ["The movie was", "This film is", "My friend said", "The plot", "What is 2 + 3?", "The cat",
+           "Our trip was", "The book"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def words_reward(prompts, completions, **kwargs):
+    """More words score higher (varied within a group, so advantages are not all 0)."""
+    return [len(c.split()) / 10 for c in completions]
+
+
+def constant_reward(prompts, completions, **kwargs):
+    """Every response scores 1: every group is flat."""
+    return [1.0] * len(completions)
+
+
+def slow_words_reward(prompts, completions, **kwargs):
+    time.sleep(0.4)  # long enough to kill the process between two checkpoints
+    return words_reward(prompts, completions)
+
+
+def short_reward(prompts, completions, **kwargs):
+    return [0.0] * (len(completions) - 1)
+
+
+@pytest.fixture(scope="module")
+def fx(tmp_path_factory, tiny_tokenizer):
+    from rlhfkit.models.presets import build_preset_model
+
+    out = tmp_path_factory.mktemp("grpo_fx")
+    torch.manual_seed(0)
+    build_preset_model("tiny", tiny_tokenizer).save_pretrained(out / "sft")
+    tiny_tokenizer.save_pretrained(out / "sft")
+    with (out / "prompts.jsonl").open("w") as f:
+        for p in PROMPTS:
+            f.write(json.dumps({"prompt": p, "extra": len(p)}) + "\n")
+    return out
+
+
+def grpo_config(fx: Path, out: Path, stage: str = "grpo", **kw):
+    values = dict(model_name_or_path=str(fx / "sft"), dataset=str(fx / "prompts.jsonl"), output_dir=str(out),
+                  reward_funcs=["test_grpo:words_reward"], rollout_batch_size=4, num_generations=4,
+                  per_device_train_batch_size=8, num_mini_batches=1, max_steps=1, max_new_tokens=6, report_to=[],
+                  disable_tqdm=True, learning_rate=1e-3, seed=0)
+    values.update(kw)
+    return build_config(stage, values)
+
+
+def initial_weights(c):
+    from rlhfkit.models.load import apply_lora, load_causal_lm
+    from rlhfkit.models.load import load_tokenizer
+
+    tok = load_tokenizer(c.model_name_or_path)
+    torch.manual_seed(c.seed)
+    model = load_causal_lm(c.model_name_or_path, tok)
+    if c.finetuning_type == "lora":
+        model = apply_lora(model, rank=c.lora_rank, alpha=c.lora_alpha, dropout=0.0, target=c.lora_target)
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(finetuning_type="lora", beta=0.04, num_iterations=2, num_mini_batches=2),
+                                dict(importance_sampling_level="sequence", loss_aggregation="sequence", beta=0.04,
+                                     num_iterations=2)],
+                         ids=["full", "lora_beta_iterations", "gspo"])
+def test_first_ratio_is_one_and_every_parameter_trains(fx, tmp_path, kw):
+    """Two steps (LoRA's A matrices move once B is non-zero): the first ratio is exactly 1 (no old
+    pass with num_iterations 1; the old pass in the training micro-batches otherwise) and every
+    trained tensor changed."""
+    c = grpo_config(fx, tmp_path / "run", max_steps=2, save_steps=1, **kw)
+    initial = initial_weights(c)
+    result = train_grpo(c)
+    step1 = next(r for r in result.history if r["step"] == 1)
+    assert step1["policy/first_ratio_dev"] == 0.0  # mean |ratio - 1| of the first update: every ratio is 1
+    assert step1["policy/first_ratio"] == pytest.approx(1.0, abs=1e-7)
+    after = load_file(str(tmp_path / "run" / "checkpoints" / "step-000001" / "model.safetensors"))
+    assert set(after) == set(initial)
+    unchanged = [n for n in initial if torch.equal(initial[n], after[n])]
+    assert not unchanged, unchanged[:5]
+    for key in ("rewards/mean", "rewards/flat_groups", "gen/length", "gen/eos_rate", "gen/truncated_rate", "loss",
+                "policy/entropy", "grad_norm", "policy/clipfrac_low", "policy/clipfrac_high"):
+        assert key in step1 and step1[key] == step1[key], key
+    if c.beta > 0:
+        assert step1["objective/kl"] == pytest.approx(0.0, abs=1e-6)  # the first batch comes from the reference
+    assert (tmp_path / "run" / "summary.json").is_file()
+
+
+def test_flat_groups_train_nothing_and_dynamic_sampling_is_bounded(fx, tmp_path):
+    """A constant reward makes every group flat: zero advantages, zero gradient, unchanged weights;
+    dynamic sampling draws max_sampling_rounds batches, then fills the batch with flat groups."""
+    c = grpo_config(fx, tmp_path / "run", reward_funcs=["test_grpo:constant_reward"], dynamic_sampling=True,
+                    max_sampling_rounds=3, max_steps=1, save_steps=None)
+    initial = initial_weights(c)
+    result = train_grpo(c)
+    step1 = next(r for r in result.history if r["step"] == 1)
+    assert step1["rewards/flat_groups"] == 1.0
+    assert step1["rollout/sampling_rounds"] == 3 and step1["rollout/filled_flat_groups"] == 4
+    assert step1["grad_norm"] == 0.0
+    after = load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert all(torch.equal(initial[n], after[n]) for n in initial)
+
+
+def test_rloo_folds_the_kl_into_the_reward(fx, tmp_path):
+    c = grpo_config(fx, tmp_path / "run", stage="rloo", max_steps=2, finetuning_type="lora")
+    assert c.advantage_estimator == "rloo" and c.kl_goes_to_reward and c.beta == 0.05
+    result = train_grpo(c)
+    step1 = next(r for r in result.history if r["step"] == 1)
+    assert step1["objective/kl"] == 0.0 and step1["policy/first_ratio_dev"] == 0.0
+    assert "policy/kl_loss" not in step1  # the KL is in the reward, not the loss
+    from peft import AutoPeftModelForCausalLM
+
+    AutoPeftModelForCausalLM.from_pretrained(tmp_path / "run")
+
+
+def test_resume_gives_the_same_weights(fx, tmp_path):
+    kw = dict(max_steps=3, finetuning_type="lora", beta=0.04, num_iterations=2, dynamic_sampling=True)
+    train_grpo(grpo_config(fx, tmp_path / "a", save_steps=2, **kw))
+    ckpt = tmp_path / "a" / "checkpoints" / "step-000002"
+    train_grpo(grpo_config(fx, tmp_path / "b", resume_from_checkpoint=str(ckpt), **kw))
+    a = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "adapter_model.safetensors"))
+    assert set(a) == set(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill(fx, tmp_path):
+    """`rlhfkit grpo` killed with SIGKILL during step 3 (checkpoint of step 2 on disk), then run again
+    with resume_from_checkpoint: true, ends with the same weights and metrics as an uninterrupted run."""
+    kw = dict(max_steps=4, save_steps=1, reward_funcs=["test_grpo:slow_words_reward"], logging_steps=1)
+    cfg = tmp_path / "grpo.yaml"
+    dump_config(grpo_config(fx, tmp_path / "killed", resume_from_checkpoint=True, **kw), cfg)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT / 'tests'}:{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [sys.executable, "-m", "rlhfkit", "grpo", str(cfg)]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    state = tmp_path / "killed" / "checkpoints" / "step-000002" / "trainer_state.json"
+    deadline = time.time() + 300
+    while not state.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert state.exists() and not (tmp_path / "killed" / "summary.json").exists(), proc.stderr.read()[-2000:]
+    resumed = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    straight = train_grpo(grpo_config(fx, tmp_path / "straight", **kw))
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "model.safetensors"))
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    killed = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in killed] == [1, 2, 3, 4]
+    for a_rec, b_rec in zip(straight.history, killed):
+        assert a_rec["rewards/mean"] == b_rec["rewards/mean"]
+
+
+def test_config_errors_before_any_model_loads(fx, tmp_path):
+    with pytest.raises(ConfigError, match="num_generations must be >= 2"):
+        grpo_config(fx, tmp_path, num_generations=1, per_device_train_batch_size=4)
+    with pytest.raises(ConfigError, match="must be divisible by per_device_train_batch_size"):
+        grpo_config(fx, tmp_path, rollout_batch_size=3, num_generations=4, per_device_train_batch_size=8)
+    with pytest.raises(ConfigError, match="kl_in_reward is set but beta is 0"):
+        grpo_config(fx, tmp_path, kl_in_reward=True)
+    with pytest.raises(ConfigError, match="scale_rewards applies to advantage_estimator grpo only"):
+        grpo_config(fx, tmp_path, advantage_estimator="rloo", scale_rewards="batch")
+    with pytest.raises(ConfigError, match="unknown reward function .exact_answr.*Did you mean .exact_answer"):
+        grpo_config(fx, tmp_path, reward_funcs=["exact_answr"])
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps is derived in grpo"):
+        grpo_config(fx, tmp_path, gradient_accumulation_steps=2)
+    with pytest.raises(ConfigError, match="cannot import"):
+        train_grpo(grpo_config(fx, tmp_path, reward_funcs=["no_such_module:f"]))
+    assert not (tmp_path / "config.yaml").exists()  # failed before the run started
+
+
+def test_reward_function_of_the_wrong_length_names_it(fx, tmp_path):
+    with pytest.raises(RewardFunctionError, match="short_reward.* returned 15 values for 16 completions"):
+        train_grpo(grpo_config(fx, tmp_path, reward_funcs=["test_grpo:short_reward"]))
+
+
+@pytest.mark.parametrize("stage", ["grpo", "ppo"])
+def test_bf16_first_ratio_is_one(fx, tmp_path, stage):
+    """Under bf16 autocast every pass (sampling, old, reference, training) runs in the same precision
+    context, so the first ratio is still exactly 1 and the KL at the first step exactly 0."""
+    if stage == "grpo":
+        result = train_grpo(grpo_config(fx, tmp_path, bf16=True, beta=0.04, num_iterations=2, max_new_tokens=4))
+    else:
+        from rlhfkit.train.ppo import train_ppo
+
+        result = train_ppo(build_config("ppo", dict(
+            model_name_or_path=str(fx / "sft"), dataset=str(fx / "prompts.jsonl"), output_dir=str(tmp_path),
+            reward_funcs=["test_grpo:words_reward"], rollout_batch_size=4, per_device_train_batch_size=2,
+            num_mini_batches=2, num_ppo_epochs=1, max_steps=1, max_new_tokens=4, report_to=[], disable_tqdm=True,
+            bf16=True, seed=0)))
+    step1 = next(r for r in result.history if r["step"] == 1)
+    assert step1.get("policy/first_ratio_dev", 0.0) == 0.0 and step1["policy/first_ratio"] == pytest.approx(1.0, abs=1e-7)
+    assert step1["objective/kl"] == 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kw", [dict(), dict(stage="rloo", finetuning_type="lora", num_mini_batches=2)],
+                         ids=["grpo_full", "rloo_lora"])
+def test_two_processes_match_one(fx, tmp_path, kw):
+    """torchrun with 2 CPU processes x 2 prompts follows the same updates as one process x 4 prompts:
+    groups stay whole on one process, the advantages are per group, the loss is normalised by the
+    token counts of the whole batch, gradients are summed. Sampling with top_k 1 makes every rollout a
+    function of its prompt alone."""
+    kw = dict(kw)
+    stage = kw.pop("stage", "grpo")
+    common = dict(max_steps=2, top_k=1, temperature=1.0, logging_steps=1, num_generations=2,
+                  per_device_train_batch_size=2, **kw)
+    cfg = tmp_path / "grpo.yaml"
+    dump_config(grpo_config(fx, tmp_path / "ddp", stage=stage, **common), cfg)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT / 'tests'}:{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                           "-m", "rlhfkit", stage, str(cfg)], env=env, cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train_grpo(grpo_config(fx, tmp_path / "single", stage=stage, **common))
+
+    def steps(out: Path) -> list[dict]:
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    ddp, single = steps(tmp_path / "ddp"), steps(tmp_path / "single")
+    assert len(ddp) == len(single) == 2
+    for a, b in zip(ddp, single):
+        for k in ("rewards/mean", "loss", "grad_norm", "gen/length", "policy/entropy"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
+    name = "adapter_model.safetensors" if kw.get("finetuning_type") == "lora" else "model.safetensors"
+    w_ddp, w_single = load_file(str(tmp_path / "ddp" / name)), load_file(str(tmp_path / "single" / name))
+    for n, value in w_single.items():
+        torch.testing.assert_close(w_ddp[n], value, atol=1e-5, rtol=1e-4, msg=n)
