@@ -328,3 +328,47 @@ def test_two_processes_match_one(fixtures, tmp_path, finetuning_type):
         assert any(v.abs().max() > 0 for k, v in w_single.items() if "lora_B" in k)
     for name, value in w_single.items():
         torch.testing.assert_close(w_ddp[name], value, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_lora_policy_reloads_from_another_directory(fixtures, tmp_path, monkeypatch):
+    """A LoRA PPO run given a RELATIVE model path records its base absolutely (one save path for every
+    stage), so the adapter loads from anywhere."""
+    import os
+
+    from peft import AutoPeftModelForCausalLM
+
+    monkeypatch.chdir(fixtures.parent)
+    c = ppo_config(fixtures, tmp_path / "run", finetuning_type="lora",
+                   model_name_or_path=os.path.relpath(fixtures / "sft", fixtures.parent))
+    train_ppo(c)
+    saved = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
+    assert Path(saved["base_model_name_or_path"]).is_absolute()
+    monkeypatch.chdir(tmp_path)
+    model = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "run")
+    assert set(model.peft_config) == {"default"}  # the policy adapter only, not the critic's
+
+
+def test_scoring_log_probs_use_the_sampling_distribution(tiny_model, tiny_tokenizer):
+    """The sampler never emits pad, so the scored distribution is softmax over every token but pad
+    (renormalised): response_logps with suppress_ids equals log-softmax of the logits with pad removed;
+    the entropy is of that same distribution, and stays out of the graph unless it is trained."""
+    pad = tiny_tokenizer.pad_token_id
+    ids = torch.tensor([[pad, 5, 6, 7, 8, 9], [10, 11, 12, 13, 14, pad]])
+    mask = ids != pad
+    model = tiny_model
+    logits = model(input_ids=ids, attention_mask=mask.long(),
+                   position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0)).logits.float() / 0.7
+    logits[..., pad] = float("-inf")
+    expected = torch.log_softmax(logits, -1)[:, 2:-1].gather(-1, ids[:, 3:].unsqueeze(-1)).squeeze(-1)
+    params = [p.requires_grad_(True) for p in model.parameters()]
+    try:
+        logps, entropy = response_logps(model, ids, mask, 3, 0.7, suppress_ids=[pad], with_entropy=True)
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+    real = mask[:, 3:]
+    torch.testing.assert_close(logps[real], expected[real], atol=1e-5, rtol=1e-5)
+    assert logps.requires_grad and not entropy.requires_grad
+    probs = torch.softmax(logits, -1)[:, 2:-1]
+    ent = -(probs * torch.log_softmax(logits, -1)[:, 2:-1]).nan_to_num().sum(-1)
+    torch.testing.assert_close(entropy[real], ent[real], atol=1e-4, rtol=1e-4)
