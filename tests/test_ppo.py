@@ -323,3 +323,13 @@ def test_two_processes_match_one(fixtures, tmp_path, finetuning_type):
         assert any(v.abs().max() > 0 for k, v in w_single.items() if "lora_B" in k)
     for name, value in w_single.items():
         torch.testing.assert_close(w_ddp[name], value, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_roles_have_no_active_dropout_even_with_lora_dropout(fixtures, tmp_path, tiny_tokenizer):
+    """ppo rejects lora_dropout > 0 in its config; a config that slipped past validation still gets
+    every dropout module of every role (policy, critic and reward adapters) switched off."""
+    c = ppo_config(fixtures, tmp_path, finetuning_type="lora", reward_model=str(fixtures / "rm_lora"))
+    roles = build_roles(c.model_copy(update={"lora_dropout": 0.5}), tiny_tokenizer, "cpu", printer=lambda *a: None)
+    dropouts = [m for mods in roles.modules.values() for mod in mods for m in mod.modules()
+                if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and all(m.p == 0 for m in dropouts)

@@ -14,7 +14,14 @@ from rlhfkit.data.encode import Encoded
 from rlhfkit.data.formats import to_canonical
 from rlhfkit.data.sources import load_rows
 from rlhfkit.errors import ConfigError
-from rlhfkit.models.load import apply_lora, base_reference, count_parameters, load_causal_lm, load_tokenizer
+from rlhfkit.models.load import (
+    apply_lora,
+    base_reference,
+    count_parameters,
+    disable_dropout,
+    load_causal_lm,
+    load_tokenizer,
+)
 from rlhfkit.models.presets import preset_name
 from rlhfkit.train.loop import Run
 from rlhfkit.train.tracking import progress
@@ -87,7 +94,11 @@ def config_tokenizer(c: BaseConfig, texts: Callable[[], Iterable[str]]):
 
 
 def setup_model(run: Run, texts: Callable[[], Iterable[str]]):
-    """Tokenizer + causal LM from the config (LoRA applied when asked). Prints parameter counts."""
+    """Tokenizer + causal LM from the config (LoRA applied when asked). Prints parameter counts.
+
+    Dropout is off (`load_causal_lm`). LoRA adds dropout modules of its own: pt and sft keep them
+    (`lora_dropout`, active in train mode only); the preference stages (`deterministic_forward`)
+    switch them off again, whatever the config says."""
     c = run.config
     tokenizer = config_tokenizer(c, texts)
     torch.manual_seed(c.seed)
@@ -96,6 +107,8 @@ def setup_model(run: Run, texts: Callable[[], Iterable[str]]):
     if c.finetuning_type == "lora":
         model = apply_lora(model, rank=c.lora_rank, alpha=c.lora_alpha, dropout=c.lora_dropout,
                            target=c.lora_target)
+        if c.deterministic_forward:
+            disable_dropout(model)
     model.to(run.device)
     trainable, total = count_parameters(model)
     run.print(f"[{run.stage}] model {c.model_name_or_path}: {total / 1e6:.2f}M parameters, "
