@@ -426,8 +426,10 @@ class PPOConfig(BaseConfig):
     default 1 each."""
     value_init: Literal["reward_model", "zero"] | None = None
     """Critic initialisation: `reward_model` (default with an RM: its backbone and head, so values
-    start as the normalised RM score) or `zero` (value head zero). Without an RM the critic
-    starts from the policy with a zero value head."""
+    start as the normalised RM score) or `zero` (value head zero). Without an RM, or with an RM
+    whose tokenizer (vocabulary) differs from the policy's (the critic reads the policy's token
+    ids), the critic starts from the policy with a zero value head; `reward_model` is then an
+    error."""
 
     # ---- rollout -------------------------------------------------------------------------------
     rollout_batch_size: int = 64
