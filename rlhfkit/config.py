@@ -27,6 +27,12 @@ class BaseConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
 
+    deterministic_forward: ClassVar[bool] = True
+    """The stage needs deterministic forward passes (every preference and RL stage: a policy's and a
+    reference's log-probs of the same sequence must agree, a reward must not depend on the pass):
+    dropout is off everywhere, LoRA's included, and `lora_dropout > 0` is a config error. pt and
+    sft set it False and keep `lora_dropout` as a training-time regulariser."""
+
     # ---- model -------------------------------------------------------------------------------
     model_name_or_path: str
     """A local Hugging Face model directory, a hub id (needs internet), a `.gguf` file, or
@@ -122,7 +128,9 @@ class BaseConfig(BaseModel):
     lora_alpha: float = 16
     """LoRA scaling numerator (scale = alpha / r)."""
     lora_dropout: float = 0.0
-    """Dropout on the LoRA input (0: deterministic, as RLHF needs)."""
+    """Dropout on the LoRA input. pt and sft only: a training-time regulariser, active in train mode
+    and off in evaluation and generation (eval mode). rm, dpo, kto and ppo reject a value > 0: RLHF
+    needs deterministic forward passes (the policy's and the reference's log-probs must agree)."""
     lora_target: str | list[str] = "all-linear"
     """Modules to adapt: `all-linear` or a list of module names (e.g. [q_proj, v_proj])."""
     merge_lora: bool = False
@@ -163,6 +171,12 @@ class BaseConfig(BaseModel):
             problems.append(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0 <= self.lora_dropout < 1:
             problems.append(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        elif self.lora_dropout > 0 and self.deterministic_forward:
+            problems.append(f"lora_dropout={self.lora_dropout}: this stage keeps every forward pass "
+                            "deterministic (RLHF needs deterministic forward passes: the policy's and the "
+                            "reference's log-probs of a sequence must agree and a reward must not change from "
+                            "one pass to the next, which dropout breaks); set lora_dropout: 0 (pt and sft "
+                            "accept it as a training-time regulariser)")
         if self.learning_rate < 0:
             problems.append(f"learning_rate must be >= 0, got {self.learning_rate}")
         if self.eval_steps is not None and self.eval_dataset is None and self.val_size == 0 and not self.task:
@@ -177,6 +191,8 @@ class BaseConfig(BaseModel):
 class PTConfig(BaseConfig):
     """`rlhfkit pt`: causal language modelling on raw text."""
 
+    deterministic_forward: ClassVar[bool] = False
+
     dataset_format: DatasetFormat | None = "text"
     """Row format; `text` (a `text` column) for pretraining."""
     packing: bool = True
@@ -187,6 +203,8 @@ class PTConfig(BaseConfig):
 
 class SFTConfig(BaseConfig):
     """`rlhfkit sft`: supervised fine-tuning; loss on assistant replies only."""
+
+    deterministic_forward: ClassVar[bool] = False
 
     learning_rate: float = 2e-5
     """Peak learning rate (AdamW)."""
@@ -514,8 +532,10 @@ class PPOConfig(OnlineConfig):
     """AdamW epsilon (1e-5 as in the PPO implementations, RLHF_NOTES 23)."""
     value_init: Literal["reward_model", "zero"] | None = None
     """Critic initialisation: `reward_model` (default with an RM: its backbone and head, so values
-    start as the normalised RM score) or `zero` (value head zero). Without an RM, or with an RM on
-    another tokenizer, the critic starts from the policy with a zero value head."""
+    start as the normalised RM score) or `zero` (value head zero). Without an RM, or with an RM
+    whose tokenizer (vocabulary) differs from the policy's (the critic reads the policy's token
+    ids), the critic starts from the policy with a zero value head; `reward_model` is then an
+    error."""
 
     # ---- rewards and advantages ----------------------------------------------------------------
     kl_coef: float = 0.05

@@ -127,3 +127,26 @@ def test_python_dash_m_help():
                          timeout=60)
     assert out.returncode == 0, out.stderr
     assert "rlhfkit STAGE CONFIG.yaml" in out.stdout
+
+
+@pytest.mark.parametrize("stage", ["rm", "dpo", "kto"])
+@pytest.mark.parametrize("row, field, message", [
+    ({"prompt": "What is 2 + 3?", "chosen": " It is 5."}, "rejected", "missing field"),
+    ({"prompt": "What is 2 + 3?", "rejected": " It is 6."}, "chosen", "missing field"),
+    ({"prompt": "What is 2 + 3?", "chosen": " It is 5.", "rejected": 6}, "rejected",
+     "expected a string, got a number"),
+])
+def test_bad_preference_row_names_file_line_and_field(tmp_path, capsys, no_model_loading, stage, row, field,
+                                                       message):
+    """Issue "Bad preference data": a pair with one side missing (or of the wrong type) in the FIRST
+    row, where the format is detected, gets the same file:line + field error as any other bad row
+    (it used to pass as a bare prompt row and crash later with KeyError: 'rejected'); kto converts
+    pairs to unpaired examples and needs the same check."""
+    good = {"prompt": "What is 1 + 1?", "chosen": " It is 2.", "rejected": " It is 3."}
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps(row) + "\n" + json.dumps(good) + "\n")
+    assert main([stage, str(_config(tmp_path, dataset=str(data)))]) == 2
+    err = capsys.readouterr().err
+    assert f"{data}:line 1: field '{field}': {message}" in err, err
+    assert "Traceback" not in err and "KeyError" not in err
+    assert not (tmp_path / "out").exists()  # failed before the run started

@@ -258,3 +258,19 @@ def test_check_example_config_itself(tmp_path):
 def test_example_config_validates(path):
     assert path is not None, "no example configs under configs/"
     check_example_config(path)
+
+
+@pytest.mark.parametrize("stage", ["rm", "dpo", "kto", "ppo"])
+def test_lora_dropout_is_an_error_where_forward_passes_must_be_deterministic(stage):
+    extra = {"reward_model": "runs/rm"} if stage == "ppo" else {}
+    message = _error(stage, **BASE, finetuning_type="lora", lora_dropout=0.1, **extra)
+    assert f"({stage}): lora_dropout=0.1" in message
+    assert "RLHF needs deterministic forward passes" in message and "log-probs" in message
+    assert "lora_dropout: 0" in message
+    assert build_config(stage, {**BASE, "finetuning_type": "lora", "lora_dropout": 0.0, **extra}).lora_dropout == 0
+
+
+@pytest.mark.parametrize("stage", ["pt", "sft"])
+def test_lora_dropout_is_a_training_regulariser_in_pt_and_sft(stage):
+    assert build_config(stage, {**BASE, "finetuning_type": "lora", "lora_dropout": 0.1}).lora_dropout == 0.1
+    assert "off in evaluation and generation" in describe_config(STAGES[stage])

@@ -424,3 +424,23 @@ def test_hh_rlhf_harmless_file():
             "reviewing the online forums on your social media networks for good advice and reviews."
         )
     ]
+
+
+@pytest.mark.parametrize("row, field", [({"prompt": "Q", "chosen": "a"}, "rejected"),
+                                        ({"prompt": "Q", "rejected": "b"}, "chosen"),
+                                        ({"chosen": "a"}, "rejected")])
+def test_pair_with_one_side_missing_is_a_preference_row_with_a_missing_field(row, field):
+    """A first row with only one of chosen / rejected is detected as a preference row (not a bare
+    prompt row whose extra column crashes a stage later), so the missing side is named."""
+    assert detect_format(row) == "preference"
+    message = bad(row, field, "missing field")
+    assert "format detected as 'preference' from the first row" in message
+
+
+def test_missing_rejected_in_a_real_file_names_file_and_line(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": "Q", "chosen": "a"}) + "\n"
+                    + json.dumps({"prompt": "Q", "chosen": "a", "rejected": "b"}) + "\n")
+    with pytest.raises(DataError, match=rf"^{path}:line 1: field 'rejected': missing field \(the row has: "
+                                        r"chosen, prompt\)"):
+        to_canonical(load_rows(str(path)))

@@ -1,9 +1,11 @@
-"""KTO: the loss against hand-worked values, z0 (detached, clamped), data handling (mismatched
-pairs, paired data, class balance), the stage on a tiny model and, marked slow, learning on the
-sentiment task."""
+"""KTO: the loss against hand-worked values, z0 (detached, clamped, over the global batch), data
+handling (mismatched pairs, paired data, class balance), the stage on a tiny model, invariance to
+how the global batch is split (accumulation; 2 processes, marked slow) and, marked slow, learning
+on the sentiment task."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -14,7 +16,7 @@ from safetensors.torch import load_file
 
 from rlhfkit.config import build_config
 from rlhfkit.errors import ConfigError
-from rlhfkit.losses.kto import kl_reference_point, kto_loss
+from rlhfkit.losses.kto import kl_reference_point, kto_loss, reference_point_from_sums
 from rlhfkit.tasks import get_task
 from rlhfkit.train.kto import class_balance, mismatched_partners, train_kto, unpaired_examples
 from rlhfkit.train.loop import BatchStream
@@ -51,6 +53,18 @@ def test_reference_point_is_clamped_and_detached():
     # d/drho [1 - sigmoid(beta (rho - z0))] = -beta s (1 - s), s = sigmoid(0.1 * (1 - 2))
     s = 1 / (1 + math.exp(0.1))
     assert grad.item() == pytest.approx(-0.1 * s * (1 - s), rel=1e-5)
+
+
+def test_reference_point_over_a_batch_split_into_pieces():
+    """Log-ratios [1, 2] on one micro-batch / process and [-1, 0] on another: per piece z0 would
+    be 1.5 and 0 (clamped from -0.5); over the global batch it is max(0, (3 - 1) / 4) = 0.5, the
+    same as one batch of all four."""
+    pieces = [torch.tensor([1.0, 2.0]), torch.tensor([-1.0, 0.0])]
+    total = sum(p.sum() for p in pieces)
+    z0 = reference_point_from_sums(total, torch.tensor(4.0))
+    assert z0.item() == 0.5 and not z0.requires_grad
+    assert kl_reference_point(torch.cat(pieces), torch.zeros(4)).item() == 0.5
+    assert reference_point_from_sums(torch.tensor(-2.0), torch.tensor(4.0)).item() == 0.0
 
 
 def test_mismatched_partners_pair_each_prompt_with_another_completion_of_its_form():
@@ -128,6 +142,90 @@ def test_kto_on_paired_data_with_lora_and_precomputed_reference_warns_on_balance
     # for the rejected (odd) ones, averaged over the first micro-batch of the stream
     idx = BatchStream(32, 8, seed=0).indices(0)
     assert first["loss"] == pytest.approx(sum(1.5 if i % 2 == 0 else 0.5 for i in idx) / 8, abs=1e-6)
+
+
+# ---- invariance: how the global batch is split does not matter ----------------------------------
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(a: Path, b: Path, weights: str = "model.safetensors") -> None:
+    """Every logged metric (train and eval) of every step, and the trained weights, agree."""
+    ma, mb = _metrics(a), _metrics(b)
+    assert len(ma) == len(mb) and ma
+    for ra, rb in zip(ma, mb):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-5), (ra["step"], k, ra[k], rb[k])
+    wa, wb = load_file(str(a / weights)), load_file(str(b / weights))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+@pytest.fixture(scope="module")
+def unpaired_file(tmp_path_factory) -> Path:
+    rows = get_task("sentiment").make("unpaired", 40, seed=0)
+    return _write(tmp_path_factory.mktemp("kto") / "unpaired.jsonl", rows)
+
+
+@pytest.fixture(scope="module")
+def noisy_ref_dir(tmp_path_factory, tiny_model, tiny_tokenizer) -> Path:
+    """The tiny model with N(0, 0.05^2) noise on every weight, as a `ref_model`: its log-probs of any
+    text are lower than the (near-uniform) initial policy's, so z0 > 0 from the first step on and
+    the way it is averaged matters."""
+    ref = copy.deepcopy(tiny_model)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    out = tmp_path_factory.mktemp("noisy_ref")
+    ref.save_pretrained(out, safe_serialization=True)
+    tiny_tokenizer.save_pretrained(out)
+    return out
+
+
+INVARIANCE = dict(max_steps=4, learning_rate=5e-4, eval_steps=2)
+
+
+def test_kto_accumulation_matches_one_big_batch(tiny_model_dir, noisy_ref_dir, unpaired_file, tmp_path):
+    """batch 8 x accumulation 1 and batch 1 x accumulation 8 give the same losses, metrics, z0
+    (`kl`) and weights: z0 is the mean over the mismatched pairs of the whole global batch, not of
+    each micro-batch (with one example per micro-batch that would be one clamped log-ratio each).
+    Evaluation too, with 16 vs 3 examples per evaluation batch: its z0 is over the whole set."""
+    common = dict(eval_dataset=str(unpaired_file), ref_model=str(noisy_ref_dir), **INVARIANCE)
+    big = tmp_path / "big"
+    train_kto(kto_config(tiny_model_dir, unpaired_file, big, **common))
+    small = tmp_path / "small"
+    train_kto(kto_config(tiny_model_dir, unpaired_file, small, per_device_train_batch_size=1,
+                         gradient_accumulation_steps=8, per_device_eval_batch_size=3, **common))
+    z0 = [r["kl"] for r in _metrics(big) if "kl" in r]
+    assert z0[0] > 1.0 and len(z0) == 4  # z0 is active (not clamped at 0) from the first step
+    assert_same_run(big, small)
+
+
+@pytest.mark.slow
+def test_kto_two_processes_match_one(tiny_model_dir, noisy_ref_dir, unpaired_file, tmp_path):
+    """torchrun with 2 CPU processes (gloo) x batch 4 gives the same losses, metrics and weights as
+    one process with batch 8: z0 is reduced across processes (and over the sharded evaluation set)."""
+    import os
+    import subprocess
+    import sys
+
+    from rlhfkit.config import dump_config
+
+    common = dict(eval_dataset=str(unpaired_file), ref_model=str(noisy_ref_dir), **INVARIANCE)
+    cfg = tmp_path / "kto.yaml"
+    dump_config(kto_config(tiny_model_dir, unpaired_file, tmp_path / "ddp", per_device_train_batch_size=4,
+                           **common), cfg)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
+    proc = subprocess.run([*torchrun, "-m", "rlhfkit", "kto", str(cfg)], env=env,
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train_kto(kto_config(tiny_model_dir, unpaired_file, tmp_path / "single", **common))
+    assert_same_run(tmp_path / "ddp", tmp_path / "single")
 
 
 @pytest.mark.slow

@@ -169,6 +169,36 @@ def test_lora_adapter_records_absolute_base_and_reloads_alone(sft_file, tmp_path
     assert (tmp_path / "preset_lora" / "merged" / "model.safetensors").exists()
 
 
+def test_sft_lora_dropout_is_active_in_training_and_off_in_evaluation(sft_file, tiny_model_dir, tmp_path,
+                                                                      monkeypatch):
+    """lora_dropout in SFT is a training-time regulariser: the dropout modules keep their rate, but
+    `fit` evaluates in eval mode, so every evaluation is deterministic (each is run twice here)."""
+    import rlhfkit.train.lm as lm
+
+    real, seen = lm.lm_eval, []
+
+    def twice(run, model, examples, pad):
+        first, second = real(run, model, examples, pad), real(run, model, examples, pad)
+        seen.append((first, second, model.training))
+        return first
+
+    monkeypatch.setattr(lm, "lm_eval", twice)
+    result = train_sft(sft_config(sft_file, tmp_path, model_name_or_path=str(tiny_model_dir), max_steps=2,
+                                  finetuning_type="lora", lora_rank=4,
+                                  lora_dropout=0.5, learning_rate=1e-2, val_size=8, eval_steps=1))
+    assert len(seen) == 2
+    for first, second, training in seen:
+        assert first == second and not training
+    model = result.model
+    dropouts = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout) and "lora_dropout" in n]
+    assert dropouts and all(m.p == 0.5 for m in dropouts)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    model.train()  # the trained adapters are non-zero, so train-mode passes differ through the dropout
+    with torch.no_grad():
+        assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+    model.eval()
+
+
 @pytest.mark.slow
 def test_two_processes_match_one(sft_file, tmp_path):
     """torchrun with 2 CPU processes (gloo) x batch 4 follows the same loss curve as one process

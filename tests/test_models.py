@@ -297,6 +297,53 @@ def test_disable_dropout_zeroes_dropout_modules(tiny_tokenizer):
     assert torch.equal(a, b)
 
 
+def _stage_lora_setup(stage: str, model_dir, out_dir, lora_dropout: float):
+    """The model a stage's own set-up builds under LoRA (`setup_reward_model` for rm, `setup_model`
+    otherwise), its config given `lora_dropout` past validation (as if a config had slipped
+    through), with trained-looking adapters (lora_B != 0) so that the LoRA path and its dropout
+    matter."""
+    from types import SimpleNamespace
+
+    from rlhfkit.config import build_config
+    from rlhfkit.train.common import setup_model
+    from rlhfkit.train.rm import setup_reward_model
+
+    config = build_config(stage, dict(model_name_or_path=str(model_dir), dataset="d.jsonl", output_dir=str(out_dir),
+                                      finetuning_type="lora", lora_rank=4, lora_target=["q_proj", "v_proj"]))
+    config = config.model_copy(update={"lora_dropout": lora_dropout})  # model_copy does not validate
+    run = SimpleNamespace(config=config, device=torch.device("cpu"), stage=stage, print=lambda *a: None,
+                          output_dir=out_dir, is_main=True)
+    setup = setup_reward_model if stage == "rm" else setup_model
+    model, tok = setup(run, lambda: TEXTS)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    return model, tok
+
+
+@pytest.mark.parametrize("stage", ["dpo", "kto", "rm"])
+def test_preference_stage_setups_switch_lora_dropout_off(tiny_model_dir, tmp_path, stage):
+    """rm / dpo / kto keep every forward pass deterministic: their set-up switches LoRA's dropout off
+    again after applying LoRA (config validation rejects lora_dropout > 0 there in the first place),
+    so two train-mode passes agree exactly."""
+    model, tok = _stage_lora_setup(stage, tiny_model_dir, tmp_path, lora_dropout=0.5)
+    assert all(m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    a, b = _two_train_mode_passes(model, tok)
+    assert torch.equal(a, b)
+
+
+def test_sft_setup_keeps_lora_dropout_in_train_mode_only(tiny_model_dir, tmp_path):
+    """pt / sft honour lora_dropout as a regulariser: train-mode passes differ, eval-mode passes agree."""
+    model, tok = _stage_lora_setup("sft", tiny_model_dir, tmp_path, lora_dropout=0.5)
+    a, b = _two_train_mode_passes(model, tok)
+    assert not torch.equal(a, b)
+    model.eval()
+    with torch.no_grad():
+        ids = _ids(tok, TEXTS[0])
+        assert torch.equal(model(ids).logits, model(ids).logits)
+
+
 # ---- checkpoints: safetensors only, reload gives the same outputs ------------------------------------
 
 @torch.no_grad()

@@ -372,3 +372,106 @@ def test_scoring_log_probs_use_the_sampling_distribution(tiny_model, tiny_tokeni
     probs = torch.softmax(logits, -1)[:, 2:-1]
     ent = -(probs * torch.log_softmax(logits, -1)[:, 2:-1]).nan_to_num().sum(-1)
     torch.testing.assert_close(entropy[real], ent[real], atol=1e-4, rtol=1e-4)
+
+
+def test_roles_have_no_active_dropout_even_with_lora_dropout(fixtures, tmp_path, tiny_tokenizer):
+    """ppo rejects lora_dropout > 0 in its config; a config that slipped past validation still gets
+    every dropout module of every role (policy, critic and reward adapters) switched off."""
+    c = ppo_config(fixtures, tmp_path, finetuning_type="lora", reward_model=str(fixtures / "rm_lora"))
+    roles = build_roles(c.model_copy(update={"lora_dropout": 0.5}), tiny_tokenizer, "cpu", printer=lambda *a: None)
+    dropouts = [m for mods in roles.modules.values() for mod in mods for m in mod.modules()
+                if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and all(m.p == 0 for m in dropouts)
+
+
+# ---- a reward model on another tokenizer -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def other_vocab_rm(tmp_path_factory, corpus):
+    """A reward model built on a second BPE tokenizer (another corpus, 320 tokens instead of the
+    policy's 512) and a tiny backbone of its own: the policy's token ids mean nothing to it, and
+    most are past the end of its embedding table."""
+    from rlhfkit.models.presets import build_preset_model, train_tokenizer
+
+    other_corpus = [" ".join(reversed(s.split())).upper() for s in corpus] + ["zebra quartz fjord"] * 5
+    tok = train_tokenizer(other_corpus, vocab_size=320)
+    out = tmp_path_factory.mktemp("other_vocab")
+    torch.manual_seed(2)
+    build_preset_model("tiny", tok).save_pretrained(out / "base")
+    tok.save_pretrained(out / "base")
+    rm = build_reward_model(str(out / "base"), tok)
+    rm.save_pretrained(out / "rm")
+    tok.save_pretrained(out / "rm")
+    save_normalization(out / "rm", Normalization(mean=0.1, std=1.0))
+    return out / "rm"
+
+
+@pytest.mark.parametrize("finetuning_type", ["full", "lora"])
+def test_reward_model_on_another_tokenizer_scores_its_own_encoding_and_critic_runs_on_policy_ids(
+        fixtures, other_vocab_rm, tmp_path, tiny_tokenizer, finetuning_type):
+    """The RM scores the responses re-encoded with its own tokenizer; the critic is built on the
+    POLICY backbone (a copy / adapter `critic` on the policy base) with a zero value head, so it
+    runs on the policy's token ids (on the RM's backbone it raised IndexError), and the run says
+    which critic it built and why."""
+    from rlhfkit.data.collate import pad_batch
+    from rlhfkit.data.encode import encode_prompt_completion
+    from rlhfkit.train.ppo import roles_scorer
+
+    rm_tok = load_reward_model(other_vocab_rm).tokenizer
+    assert rm_tok.get_vocab() != tiny_tokenizer.get_vocab() and len(rm_tok) < len(tiny_tokenizer)
+    c = ppo_config(fixtures, tmp_path, finetuning_type=finetuning_type, reward_model=str(other_vocab_rm))
+    printed: list[str] = []
+    roles = build_roles(c, tiny_tokenizer, "cpu", printer=printed.append)
+    assert not roles.reward_same_vocab
+    ro = make_rollout(roles, tiny_tokenizer, c)
+    assert ro.input_ids.max() >= len(rm_tok)  # policy ids the RM's embedding table does not have
+    # 1. scores: the RM on the texts re-encoded with ITS tokenizer
+    scores, parts = roles_scorer(c, roles, tiny_tokenizer, [])(ro)
+    enc = [encode_prompt_completion(rm_tok, r["prompt"], t) for r, t in zip(ro.rows, ro.texts)]
+    seqs = [e.input_ids if ended else e.input_ids[:-1] for e, ended in zip(enc, ro.ended.tolist())]
+    batch = pad_batch(seqs, rm_tok.pad_token_id, side="right")
+    expected = load_reward_model(other_vocab_rm).score(batch["input_ids"], batch["attention_mask"])
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
+    # 2. the critic on the policy's ids: runs, and starts at exactly 0
+    with torch.no_grad():
+        values = critic_values(roles, ro, torch.arange(len(ro.texts)), c)
+    assert values.shape == ro.responses.shape and torch.equal(values, torch.zeros_like(values))
+    # 3. where the critic lives, and the run says so
+    assert not roles.critic_on_reward_model
+    n_policy = roles.policy.get_input_embeddings().num_embeddings
+    assert roles.critic_backbone.get_input_embeddings().num_embeddings == n_policy
+    assert roles.value_head.weight.abs().sum() == 0 and roles.value_head.bias.item() == 0.0
+    if finetuning_type == "lora":
+        assert roles.critic_peft is roles.policy and "critic" in roles.policy.peft_config
+    assert any("critic:" in line and "another tokenizer" in line and "zero value head" in line for line in printed)
+
+
+@pytest.mark.parametrize("finetuning_type", ["full", "lora"])
+def test_ppo_with_a_reward_model_on_another_tokenizer_trains_and_saves_a_policy_critic(
+        fixtures, other_vocab_rm, tmp_path, tiny_tokenizer, finetuning_type):
+    """One PPO step end to end; the saved critic is a reward-model directory on the policy's
+    tokenizer and backbone that scores policy token ids."""
+    result = train_ppo(ppo_config(fixtures, tmp_path, finetuning_type=finetuning_type,
+                                  reward_model=str(other_vocab_rm)))
+    step = next(r for r in result.history if r["step"] == 1)
+    assert step["policy/first_ratio"] == 1.0 and step["val/error"] == step["val/error"]
+    critic = load_reward_model(tmp_path / "critic")
+    assert critic.tokenizer.get_vocab() == tiny_tokenizer.get_vocab()
+    ids = torch.tensor([[len(tiny_tokenizer) - 1, 5, 6, 7]])
+    assert critic.score(ids, torch.ones_like(ids, dtype=torch.bool)).shape == (1,)
+
+
+def test_value_init_reward_model_with_another_tokenizer_is_a_config_error(fixtures, other_vocab_rm, tmp_path,
+                                                                         tiny_tokenizer, monkeypatch):
+    import rlhfkit.train.ppo_roles as ppo_roles
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a model was loaded before the error was reported")
+
+    monkeypatch.setattr(ppo_roles, "load_causal_lm", forbidden)
+    for finetuning_type in ("full", "lora"):
+        c = ppo_config(fixtures, tmp_path, finetuning_type=finetuning_type, reward_model=str(other_vocab_rm),
+                       value_init="reward_model")
+        with pytest.raises(ConfigError, match="value_init: reward_model: the reward model .* uses another "
+                                              "tokenizer than the policy .* use value_init: zero"):
+            build_roles(c, tiny_tokenizer, "cpu", printer=lambda *a: None)

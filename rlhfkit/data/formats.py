@@ -75,6 +75,8 @@ def detect_format(row: dict) -> str:
     First match wins: chosen+rejected -> preference; responses -> ranking;
     completion+label -> unpaired; prompt+completion -> prompt_completion;
     messages or conversations -> messages; instruction+output -> alpaca;
+    chosen or rejected alone -> preference (a pair with one side missing: the preference
+    converter then names the missing field, instead of the row passing as a bare prompt);
     prompt -> prompt; text -> text.
     """
     cols = set(row) - {"_source"}
@@ -90,6 +92,8 @@ def detect_format(row: dict) -> str:
         return "messages"
     if {"instruction", "output"} <= cols:
         return "alpaca"
+    if cols & {"chosen", "rejected"}:
+        return "preference"
     if "prompt" in cols:
         return "prompt"
     if "text" in cols:

@@ -5,7 +5,10 @@ Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization
     rho   = logp(y | x) - logp_ref(y | x)           summed over response tokens
     z0    = max(0, mean_j [logp(y_j' | x_j) - logp_ref(y_j' | x_j)])   detached
             (a batch estimate of KL(pi || pi_ref) from *mismatched* prompt/response pairs
-             (x_j, y_j'), y_j' a completion written for another prompt)
+             (x_j, y_j'), y_j' a completion written for another prompt; the mean runs over
+             the whole global batch of an optimizer step, which may be split across
+             micro-batches and processes: sum the log-ratios and count them there, then
+             `reference_point_from_sums`)
     loss  = w_D (1 - sigmoid(beta (rho - z0)))      desirable y
             w_U (1 - sigmoid(beta (z0 - rho)))      undesirable y
 
@@ -21,11 +24,19 @@ from dataclasses import dataclass
 import torch
 
 
+def reference_point_from_sums(log_ratio_sum: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """z0 = max(0, log_ratio_sum / count), detached (a scalar tensor): the mean log-ratio of
+    mismatched pairs given as its sum and count, so that a mean over a batch split into pieces
+    (micro-batches, processes) is one division after summing both over the pieces."""
+    return (log_ratio_sum / count.clamp(min=1)).clamp(min=0).detach()
+
+
 def kl_reference_point(kl_logps: torch.Tensor, kl_ref_logps: torch.Tensor) -> torch.Tensor:
-    """z0 = max(0, mean(kl_logps - kl_ref_logps)), detached (a scalar tensor).
+    """z0 = max(0, mean(kl_logps - kl_ref_logps)), detached (a scalar tensor), over one batch.
 
     kl_logps, kl_ref_logps: (M,) policy / reference sequence log-probs of mismatched pairs."""
-    return (kl_logps - kl_ref_logps).mean().clamp(min=0).detach()
+    ratios = kl_logps - kl_ref_logps
+    return reference_point_from_sums(ratios.sum(), torch.tensor(float(ratios.numel()), device=ratios.device))
 
 
 @dataclass(frozen=True)

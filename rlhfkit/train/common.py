@@ -14,7 +14,14 @@ from rlhfkit.data.encode import Encoded
 from rlhfkit.data.formats import to_canonical
 from rlhfkit.data.sources import load_rows
 from rlhfkit.errors import ConfigError
-from rlhfkit.models.load import apply_lora, base_reference, count_parameters, load_causal_lm, load_tokenizer
+from rlhfkit.models.load import (
+    apply_lora,
+    base_reference,
+    count_parameters,
+    disable_dropout,
+    load_causal_lm,
+    load_tokenizer,
+)
 from rlhfkit.models.presets import preset_name
 from rlhfkit.train.loop import Run
 from rlhfkit.train.tracking import progress
@@ -93,8 +100,12 @@ def setup_model(run: Run, texts: Callable[[], Iterable[str]]):
 
 
 def build_model(run: Run, tokenizer):
-    """The config's causal LM for `tokenizer` (LoRA applied when asked), on the run's device, dropout
-    off. Prints parameter counts."""
+    """The config's causal LM for `tokenizer` (LoRA applied when asked), on the run's device. Prints
+    parameter counts.
+
+    Dropout is off (`load_causal_lm`). LoRA adds dropout modules of its own: pt and sft keep them
+    (`lora_dropout`, active in train mode only); the preference and RL stages
+    (`deterministic_forward`) switch them off again, whatever the config says."""
     c = run.config
     torch.manual_seed(c.seed)
     model = load_causal_lm(c.model_name_or_path, tokenizer, gguf_file=c.gguf_file,
@@ -102,6 +113,8 @@ def build_model(run: Run, tokenizer):
     if c.finetuning_type == "lora":
         model = apply_lora(model, rank=c.lora_rank, alpha=c.lora_alpha, dropout=c.lora_dropout,
                            target=c.lora_target)
+        if c.deterministic_forward:
+            disable_dropout(model)
     model.to(run.device)
     trainable, total = count_parameters(model)
     run.print(f"[{run.stage}] model {c.model_name_or_path}: {total / 1e6:.2f}M parameters, "

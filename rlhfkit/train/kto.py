@@ -6,15 +6,21 @@ KL(policy || reference) from mismatched pairs: every example i is given, once at
 the completion of another example j (a fixed, seeded pairing among rows whose prompts have the
 same form, string or messages), so (prompt_i, completion_j) is a response the policy was not
 conditioned to write. Fixing the pairing up front lets `precompute_ref_log_probs` cache the
-reference log-probs of the mismatched pairs too. The policy scores them without gradient (z0 is
-detached), in a forward pass of its own.
+reference log-probs of the mismatched pairs too.
+
+z0 is taken over the GLOBAL batch: the mean log-ratio of the mismatched pairs of every
+micro-batch of the optimizer step on every process (detached, clamped at 0), so batch 8 x
+accumulation 1, batch 1 x accumulation 8 and 2 processes x batch 4 give the same z0, losses and
+updates. `fit` runs `prepare_kto_batches` as its `prepare_step`: a no-grad pre-pass over the
+step's micro-batches (policy on the mismatched pairs, reference on both columns), the sums
+reduced across processes, before any backward pass; the loss passes then run the policy on the
+completions only. Evaluation takes z0 over the whole evaluation set the same way.
 
 Metrics (train batches, and with an `eval/` prefix on held-out examples): `loss`,
 `rewards/chosen` / `rewards/rejected` (mean implicit reward beta * rho of desirable / undesirable
 examples), `rewards/margins` (their difference), `logps/chosen` / `logps/rejected` (mean policy
-log-prob per class), `kl` (z0); `eval/gold_reward` on a built-in `task`. On training batches the
-class means are taken per micro-batch and averaged over the micro-batches of a step (a
-micro-batch without one class counts 0 for it); evaluation means are exact.
+log-prob per class), `kl` (z0); `eval/gold_reward` on a built-in `task`. Class means are exact
+over the global batch (a class absent from it counts 0) and over the evaluation set.
 """
 
 from __future__ import annotations
@@ -26,9 +32,9 @@ import torch
 
 from rlhfkit.config import KTOConfig
 from rlhfkit.data.encode import encode_responses
-from rlhfkit.losses.kto import kl_reference_point, kto_loss
+from rlhfkit.losses.kto import kto_loss, reference_point_from_sums
 from rlhfkit.train.common import load_split, row_texts, setup_model
-from rlhfkit.train.loop import Result, start_run
+from rlhfkit.train.loop import Result, Run, start_run
 from rlhfkit.train.preference import (
     Item,
     Reference,
@@ -113,21 +119,51 @@ def take_rows(batch: dict, start: int, stop: int) -> dict:
     return {k: batch[k][start:stop] for k in keys if k in batch}
 
 
-def kto_outputs(config: KTOConfig, reference: Reference, model, batch: dict):
-    """Per-example KTO losses, rewards, policy log-probs and z0 of one batch."""
-    b, pf = batch["n_items"], config.padding_free
-    # 1. policy log-probs of the completions (with gradient)
-    logps, _ = sequence_logps(model, take_rows(batch, 0, b), pf)
-    # 2. policy log-probs of the mismatched pairs without gradient (z0 is detached); the reference
-    #    scores completions and mismatched pairs in one forward pass
+def mismatched_log_ratios(config: KTOConfig, reference: Reference, model,
+                          batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """No gradient: (B,) policy - reference log-probs of the mismatched pairs (for z0) and (B,)
+    reference log-probs of the completions. The reference scores both columns in one pass (an
+    item's two sequences share their prompt there)."""
+    b = batch["n_items"]
     with torch.no_grad():
-        kl_logps, _ = sequence_logps(model, take_rows(batch, b, 2 * b), pf)
-    ref = reference.logps(batch)
-    z0 = kl_reference_point(kl_logps, ref[b:])
-    # 3. the loss against the reference log-probs of the completions
-    out = kto_loss(logps, ref[:b], batch["labels"], z0, beta=config.beta,
+        kl_logps, _ = sequence_logps(model, take_rows(batch, b, 2 * b), config.padding_free)
+        ref = reference.logps(batch)
+    return kl_logps - ref[b:], ref[:b]
+
+
+def prepare_kto_batches(run: Run, config: KTOConfig, reference: Reference, model,
+                        batches: list[dict]) -> list[dict]:
+    """The pre-pass over a GLOBAL batch (fit's `prepare_step`: every micro-batch of an optimizer
+    step on every process; in evaluation every evaluation batch on every process): z0 is the mean
+    log-ratio of ALL its mismatched pairs, so it does not depend on how the global batch is split
+    into micro-batches and processes. Also counts the global desirable / undesirable examples (for
+    exact class means) and keeps each batch's reference log-probs of the completions (the loss
+    pass then runs the policy alone).
+
+    Returns per batch `{"z0": scalar, "ref_completion_logps": (B,), "global_counts": (N, N_D, N_U)}`."""
+    extras, local = [], torch.zeros(4, dtype=torch.float64)  # log-ratio sum, examples, desirable, undesirable
+    for batch in batches:
+        ratios, ref_completions = mismatched_log_ratios(config, reference, model, batch)
+        labels = batch["labels"]
+        local += torch.tensor([ratios.double().sum().item(), labels.numel(), labels.sum().item(),
+                               (~labels).sum().item()], dtype=torch.float64)
+        extras.append({"ref_completion_logps": ref_completions})
+    totals = run.reduce_sum(local)
+    z0 = reference_point_from_sums(totals[0], totals[1]).float()
+    counts = tuple(totals[1:].tolist())
+    return [{**e, "z0": z0, "global_counts": counts} for e in extras]
+
+
+def kto_outputs(config: KTOConfig, model, batch: dict):
+    """Per-example KTO losses, rewards and policy log-probs of one batch, given the z0 and the
+    reference log-probs of `prepare_kto_batches` in the batch."""
+    b = batch["n_items"]
+    # 1. policy log-probs of the completions (with gradient)
+    logps, _ = sequence_logps(model, take_rows(batch, 0, b), config.padding_free)
+    # 2. the loss against the reference log-probs of the completions and the global z0
+    out = kto_loss(logps, batch["ref_completion_logps"], batch["labels"], batch["z0"], beta=config.beta,
                    desirable_weight=config.desirable_weight, undesirable_weight=config.undesirable_weight)
-    return out, logps.detach(), z0
+    return out, logps.detach()
 
 
 def class_sums(out, logps, labels, z0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -144,13 +180,16 @@ def class_sums(out, logps, labels, z0) -> dict[str, tuple[torch.Tensor, torch.Te
     }
 
 
-def kto_loss_fn(config: KTOConfig, reference: Reference, model, batch: dict):
-    """(sum of per-example losses, metric sums) for `fit` (which divides by the example count):
-    each class mean is scaled by the micro-batch size so that the division returns it."""
-    out, logps, z0 = kto_outputs(config, reference, model, batch)
-    sums = class_sums(out, logps, batch["labels"], z0)
-    n = batch["n_items"]
-    metrics = {k: s / max(float(c), 1.0) * n for k, (s, c) in sums.items() if k != "loss"}
+def kto_loss_fn(config: KTOConfig, model, batch: dict):
+    """(sum of per-example losses, metric sums) for `fit`, which divides by the global example
+    count N: each class sum is scaled by N / (that class's count in the global batch), so that the
+    division returns the exact class mean over the global batch."""
+    out, logps = kto_outputs(config, model, batch)
+    sums = class_sums(out, logps, batch["labels"], batch["z0"])
+    n, n_desirable, n_undesirable = batch["global_counts"]
+    class_count = {"chosen": n_desirable, "rejected": n_undesirable}
+    metrics = {k: s * (n / max(class_count.get(k.rsplit("/", 1)[-1], n), 1.0))
+               for k, (s, _) in sums.items() if k != "loss"}
     metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
     return out.losses.sum(), metrics
 
@@ -182,20 +221,23 @@ def train_kto(config: KTOConfig) -> Result:
     #    (LoRA), a frozen copy / ref_model, or precomputed
     resolve_padding_free(run, model, train, pad)
     reference = prepare_reference(run, model, tokenizer, needed=True, splits={"train": train, "eval": evaluation})
-    loss_fn = partial(kto_loss_fn, config, reference)
+    # z0 over the global batch: a no-grad pre-pass over each step's micro-batches (and over the
+    # whole evaluation set when evaluating), then the loss passes
+    prepare = partial(prepare_kto_batches, run, config, reference)
 
     def eval_sums(m, batch) -> dict:
-        out, logps, z0 = kto_outputs(config, reference, m, batch)
-        return class_sums(out, logps, batch["labels"], z0)
+        out, logps = kto_outputs(config, m, batch)
+        return class_sums(out, logps, batch["labels"], batch["z0"])
 
     def evaluate_items(m, items, cache) -> dict:
-        metrics = evaluate_batches(run, m, items, cache, partial(make_kto_batch, pad), eval_sums)
+        metrics = evaluate_batches(run, m, items, cache, partial(make_kto_batch, pad), eval_sums,
+                                   prepare=prepare)
         metrics["rewards/margins"] = metrics.get("rewards/chosen", 0.0) - metrics.get("rewards/rejected", 0.0)
         return metrics
 
     # 5. train, evaluate, save
     return run_preference(run, model, tokenizer, train=train, evaluation=evaluation,
-                          make_batch=partial(make_kto_batch, pad), loss_fn=loss_fn,
-                          evaluate_items=evaluate_items, reference=reference,
+                          make_batch=partial(make_kto_batch, pad), loss_fn=partial(kto_loss_fn, config),
+                          prepare_step=prepare, evaluate_items=evaluate_items, reference=reference,
                           skipped={"train": skipped_train, "eval": skipped_eval},
                           extra_summary={"beta": config.beta, "padding_free": config.padding_free, **balance})

@@ -5,7 +5,8 @@ clipping, logging, evaluation and checkpoints.
 Losses are normalised by the *global* batch: a stage's `loss_fn` returns a sum and the caller
 divides by the total weight (tokens or pairs) of all micro-batches of the step on all processes.
 So batch 8 x accumulation 1, batch 1 x accumulation 8 and 2 processes x batch 4 give the same
-gradient.
+gradient. A loss that needs a statistic of the whole global batch (KTO's reference point z0)
+gets it from `prepare_step`, a no-grad pre-pass over the step's micro-batches.
 """
 
 from __future__ import annotations
@@ -254,6 +255,7 @@ def describe_batches(run: Run, n_train: int, steps: int, per_epoch: int) -> None
 # ---- the loop ----------------------------------------------------------------------------------
 
 LossFn = Callable[[object, dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+PrepareStep = Callable[[object, list[dict]], list[dict]]
 
 
 def fit(
@@ -267,12 +269,21 @@ def fit(
     steps: int,
     evaluate: Callable[[object], dict] | None = None,
     on_log: Callable[[int, dict], None] | None = None,
+    prepare_step: PrepareStep | None = None,
 ) -> tuple[object, list[dict]]:
     """Optimise `model` for `steps` optimizer steps.
 
     `loss_fn(model, batch)` returns `(loss_sum, metric_sums)`: sums over the micro-batch that are
     divided by the global weight of the step (`batch_weight` summed over the step's micro-batches
     on every process). Returns the unwrapped model and the logged history.
+
+    `prepare_step(model, micro_batches) -> extras`, when given, runs once per step before any
+    backward pass, under no_grad and autocast, with the (wrapped) model in the state the step's
+    forward passes see. It returns one dict per micro-batch, merged into that micro-batch before
+    `loss_fn` sees it. It is how a loss gets a statistic of the whole GLOBAL batch that a
+    micro-batch alone cannot give (KTO's z0: a mean over every micro-batch of the step on every
+    process), keeping the gradient independent of how the global batch is split. Every process
+    calls it once per step, so it may reduce across processes (`run.reduce_sum`).
     """
     from rlhfkit.train.distributed import optimizer_step
 
@@ -300,6 +311,10 @@ def fit(
         # 1. fetch this step's micro-batches and the global normaliser
         micro = [make_batch(stream.indices(step * accum + i)) for i in range(accum)]
         weight = run.reduce_sum([sum(batch_weight(b) for b in micro)]).item()
+        if prepare_step is not None:  # statistics of the global batch, before any weight moves
+            with torch.no_grad(), acc.autocast():
+                extras = prepare_step(wrapped, micro)
+            micro = [{**b, **e} for b, e in zip(micro, extras, strict=True)]
         # 2. forward/backward each micro-batch; gradients sync on the last one only
         sums: dict[str, float] = {}
         for i, batch in enumerate(micro):

@@ -91,6 +91,15 @@ def score_rollout(roles: Roles, ro: Rollout, c: PPOConfig, micro_batches: list[t
     return {"logps": logps.masked_fill(~m, 0.0), "ref_logps": ref.masked_fill(~m, 0.0), "values": values}
 
 
+def roles_scorer(c: PPOConfig, roles: Roles, tokenizer, reward_funcs) -> Scorer:
+    """# 2. the scorer: the roles' reward model (normalised; on its own tokenizer's re-encoding of the
+    texts when its vocabulary differs) and the reward functions, weighted."""
+    return Scorer(tokenizer, reward_funcs, c.reward_weights,
+                  reward_model=roles.reward if roles.has_reward_model else None,
+                  rm_tokenizer=None if roles.reward_same_vocab else roles.reward_scorer.tokenizer,
+                  batch_size=c.per_device_eval_batch_size)
+
+
 # ---- training ------------------------------------------------------------------------------------
 
 def ppo_micro_loss(roles: Roles, ro: Rollout, data: dict, idx: torch.Tensor, c: PPOConfig,
@@ -126,10 +135,7 @@ def train_ppo(config: PPOConfig) -> Result:
     setup = start_online(c, "ppo")
     run, tokenizer = setup.run, setup.tokenizer
     roles = build_roles(c, tokenizer, run.device, printer=run.print)
-    scorer = Scorer(tokenizer, setup.reward_funcs, c.reward_weights,
-                    reward_model=roles.reward if roles.has_reward_model else None,
-                    rm_tokenizer=None if roles.reward_same_vocab else roles.reward_scorer.tokenizer,
-                    batch_size=c.per_device_eval_batch_size)
+    scorer = roles_scorer(c, roles, tokenizer, setup.reward_funcs)
     check_padding_free(run, roles.policy, setup.prompt_ids, tokenizer.pad_token_id)
 
     # derived sizes, printed once

@@ -13,6 +13,12 @@ LoRA, reward model on another base (full RM, or LoRA over a different base): the
 LoRA, reward functions only: the critic is adapter `critic` on the policy base.
 Full fine-tuning: separate copies (policy, frozen reference, critic backbone copy, frozen RM).
 
+A reward model whose tokenizer (vocabulary) differs from the policy's scores re-encoded texts
+with its own tokenizer, but the critic reads the POLICY's token ids at every response position,
+so it cannot live on the reward model's backbone: it is then built on the policy backbone (full
+fine-tuning: a copy of it; LoRA: adapter `critic` on the policy base, as with reward functions
+only) with a zero value head, and `value_init: reward_model` is a ConfigError.
+
 The value head is a Linear(hidden, 1) with bias. Initialised from the reward model it is the
 RM head with the stored normalisation folded in (w / s, (b - mean) / s), so at step 0 the value
 read at the reward model's position equals the normalised score exactly. `value_init: zero`
@@ -96,6 +102,7 @@ class Roles:
     reward_head_shared: torch.nn.Linear | None = None
     reward_normalization: Normalization | None = None
     reward_same_vocab: bool = True
+    critic_on_reward_model: bool = False               # critic backbone = the separate reward model's
     modules: dict[str, list[torch.nn.Module]] = field(default_factory=dict)
     _trainable_ids: set[int] = field(default_factory=set)
 
@@ -234,8 +241,38 @@ def _score_head_from_state(rest: dict[str, torch.Tensor], hidden: int) -> torch.
     return head
 
 
+def _reward_vocab_check(c: PPOConfig, rm_dir: Path, tokenizer, printer) -> bool:
+    """True when the reward model's tokenizer has the policy's vocabulary. When it does not, says
+    where the critic goes and why, or raises ConfigError for an explicit `value_init: reward_model`
+    (checked from the tokenizer alone, before any model loads)."""
+    from rlhfkit.models.load import load_tokenizer
+
+    rm_vocab, vocab = load_tokenizer(str(rm_dir)).get_vocab(), tokenizer.get_vocab()
+    if rm_vocab == vocab:
+        return True
+    why = (f"the reward model {rm_dir} uses another tokenizer than the policy ({len(rm_vocab)} vs "
+           f"{len(vocab)} tokens, different vocabularies) and a critic reads the policy's token ids")
+    if c.value_init == "reward_model":
+        raise ConfigError(f"value_init: reward_model: {why}, so it cannot start from the reward model's "
+                          "backbone and head; use value_init: zero (or leave it unset)")
+    layout = ("adapter 'critic' on the policy base" if c.finetuning_type == "lora"
+              else "a copy of the policy backbone")
+    printer(f"[ppo] critic: {layout} with a zero value head, not the reward model: {why}. The reward model "
+            "scores the texts re-encoded with its own tokenizer")
+    return False
+
+
 def build_roles(c: PPOConfig, tokenizer, device, printer=print) -> Roles:
     """Load/build every role for `c` (see the module docstring). Dropout is off in all."""
+    rm_dir = Path(c.reward_model) if c.reward_model else None
+    rm_adapter_cfg = None
+    same_vocab = True
+    if rm_dir is not None:
+        if not rm_dir.is_dir():
+            raise ConfigError(f"reward_model: {rm_dir} is not a directory")
+        if (rm_dir / "adapter_config.json").is_file():
+            rm_adapter_cfg = json.loads((rm_dir / "adapter_config.json").read_text())
+        same_vocab = _reward_vocab_check(c, rm_dir, tokenizer, printer)
     torch.manual_seed(c.seed)
     policy = load_causal_lm(c.model_name_or_path, tokenizer, gguf_file=c.gguf_file,
                             trust_remote_code=c.trust_remote_code)
@@ -252,16 +289,9 @@ def build_roles(c: PPOConfig, tokenizer, device, printer=print) -> Roles:
         # the KL must be exactly 0 while policy = reference.
         ref_model.requires_grad_(c.finetuning_type == "full").eval()
 
-    rm_dir = Path(c.reward_model) if c.reward_model else None
-    rm_adapter_cfg = None
-    if rm_dir is not None:
-        if not rm_dir.is_dir():
-            raise ConfigError(f"reward_model: {rm_dir} is not a directory")
-        if (rm_dir / "adapter_config.json").is_file():
-            rm_adapter_cfg = json.loads((rm_dir / "adapter_config.json").read_text())
-    shares_base = (c.finetuning_type == "lora" and rm_adapter_cfg is not None
+    shares_base = (c.finetuning_type == "lora" and rm_adapter_cfg is not None and same_vocab
                    and _same_path(rm_adapter_cfg.get("base_model_name_or_path"), c.model_name_or_path))
-    critic_from_rm = rm_dir is not None and (c.value_init or "reward_model") == "reward_model"
+    critic_from_rm = rm_dir is not None and same_vocab and (c.value_init or "reward_model") == "reward_model"
 
     if c.finetuning_type == "lora":
         policy = apply_lora(policy, **_lora_kwargs(c))
@@ -287,7 +317,7 @@ def build_roles(c: PPOConfig, tokenizer, device, printer=print) -> Roles:
                              "critic": [policy, value_head], "reward": [policy, rm_head]}
             printer("[ppo] LoRA: one base model serves policy (adapter 'default'), reference (adapters "
                     "disabled), critic (adapter 'critic' + value head) and reward (adapter 'reward' + head)")
-        elif rm_dir is not None:
+        elif rm_dir is not None and same_vocab:
             scorer = load_reward_model(rm_dir, device="cpu")
             from peft import get_peft_model
 
@@ -303,12 +333,17 @@ def build_roles(c: PPOConfig, tokenizer, device, printer=print) -> Roles:
                           trainable=torch.nn.ModuleDict({"policy": policy, "critic": critic_peft,
                                                          "value_head": value_head}),
                           ref_model=ref_model, critic_peft=critic_peft, reward_scorer=scorer,
-                          reward_same_vocab=scorer.tokenizer.get_vocab() == tokenizer.get_vocab())
+                          critic_on_reward_model=True)
             roles.modules = {"policy": [policy], "reference": [ref_model or policy],
                              "critic": [critic_peft, value_head], "reward": [critic_peft]}
             printer("[ppo] LoRA: the policy base serves policy and reference; the reward model (another "
                     "base) serves reward (adapters disabled) and critic (adapter 'critic' + value head)")
         else:
+            # reward functions only, or a reward model on another tokenizer: the critic is adapter
+            # `critic` on the policy base with a zero value head; such a reward model stays separate
+            scorer = load_reward_model(rm_dir, device="cpu") if rm_dir is not None else None
+            if scorer is not None:
+                scorer.model.requires_grad_(False)
             policy.add_adapter(CRITIC, _lora_config_like(c))
             policy.set_adapter(POLICY)
             for n, p in policy.named_parameters():
@@ -316,18 +351,23 @@ def build_roles(c: PPOConfig, tokenizer, device, printer=print) -> Roles:
             value_head = value_head_from_reward(None, None, hidden)
             roles = Roles(policy=policy, value_head=value_head, critic_backbone=reward_backbone_of_lm(policy),
                           trainable=torch.nn.ModuleDict({"policy": policy, "value_head": value_head}),
-                          ref_model=ref_model, critic_peft=policy)
+                          ref_model=ref_model, critic_peft=policy, reward_scorer=scorer,
+                          reward_same_vocab=same_vocab)
             roles.modules = {"policy": [policy], "reference": [ref_model or policy], "critic": [policy, value_head]}
+            if scorer is not None:
+                roles.modules["reward"] = [scorer.model]
             printer("[ppo] LoRA: one base model serves policy, reference (adapters disabled) and critic "
-                    "(adapter 'critic' + zero value head); rewards from Python functions")
+                    "(adapter 'critic' + zero value head); rewards from "
+                    + ("a separate reward model" if scorer is not None else "Python functions"))
     else:
         scorer = load_reward_model(rm_dir, device="cpu") if rm_dir is not None else None
         if scorer is not None:
             scorer.model.requires_grad_(False)
+        if scorer is not None and same_vocab:
             critic_backbone = copy.deepcopy(reward_backbone(scorer.model))
             value_head = value_head_from_reward(reward_head(scorer.model) if critic_from_rm else None,
                                                 scorer.normalization, scorer.model.config.hidden_size)
-        else:
+        else:  # reward functions only, or a reward model on another tokenizer: the policy backbone
             critic_backbone = copy.deepcopy(reward_backbone_of_lm(policy))
             value_head = value_head_from_reward(None, None, hidden)
         critic_backbone.requires_grad_(True)
@@ -335,8 +375,8 @@ def build_roles(c: PPOConfig, tokenizer, device, printer=print) -> Roles:
         roles = Roles(policy=policy, value_head=value_head, critic_backbone=critic_backbone,
                       trainable=torch.nn.ModuleDict({"policy": policy, "critic": critic_backbone,
                                                      "value_head": value_head}),
-                      ref_model=ref_model, reward_scorer=scorer,
-                      reward_same_vocab=scorer is None or scorer.tokenizer.get_vocab() == tokenizer.get_vocab())
+                      ref_model=ref_model, reward_scorer=scorer, reward_same_vocab=same_vocab,
+                      critic_on_reward_model=scorer is not None and same_vocab)
         roles.modules = {"policy": [policy], "reference": [ref_model], "critic": [critic_backbone, value_head]}
         if scorer is not None:
             roles.modules["reward"] = [scorer.model]
@@ -440,9 +480,9 @@ def save_critic(out_dir, roles: Roles, c: PPOConfig, tokenizer) -> Path:
             backbone, config = _merged_critic(roles)
         else:
             backbone, config = roles.critic_backbone, roles.policy.config
-            if roles.reward_scorer is not None:
+            if roles.critic_on_reward_model:
                 config = roles.reward_scorer.model.config
-        critic_tokenizer = roles.reward_scorer.tokenizer if roles.reward_scorer is not None else tokenizer
+        critic_tokenizer = roles.reward_scorer.tokenizer if roles.critic_on_reward_model else tokenizer
         model, norm = _seq_cls_around(backbone, config, head, critic_tokenizer.pad_token_id)
         model.save_pretrained(str(out), safe_serialization=True)
     critic_tokenizer.save_pretrained(str(out))

@@ -33,7 +33,7 @@ from rlhfkit.errors import ConfigError
 from rlhfkit.losses.masked import masked_sum
 from rlhfkit.models.logprobs import padding_free_matches, response_token_logps
 from rlhfkit.train.common import config_task, gold_eval, save_final, shard, skipped_note, to_device
-from rlhfkit.train.loop import BatchStream, Result, Run, describe_batches, fit, total_steps
+from rlhfkit.train.loop import BatchStream, PrepareStep, Result, Run, describe_batches, fit, total_steps
 from rlhfkit.train.tracking import progress, write_summary
 
 log = logging.getLogger("rlhfkit")
@@ -267,12 +267,14 @@ StepFn = Callable[[object, dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 def run_preference(run: Run, model, tokenizer, *, train: list[Item], evaluation: list[Item],
                    make_batch: Callable[[list[Item], torch.Tensor | None], dict],
                    loss_fn: StepFn, evaluate_items: Callable[[object, list[Item], torch.Tensor | None], dict],
-                   reference: Reference, skipped: dict[str, int], extra_summary: dict | None = None) -> Result:
+                   reference: Reference, skipped: dict[str, int], extra_summary: dict | None = None,
+                   prepare_step: PrepareStep | None = None) -> Result:
     """Train on items with `fit`, evaluate (`evaluate_items` + gold reward on built-in tasks)
     every `eval_steps` and at the end, save the model and write summary.json.
 
     `make_batch(items, ref_cache)` builds a (CPU) batch; `loss_fn(model, batch)` returns sums
-    over the batch's items (fit divides by the item count of the global batch)."""
+    over the batch's items (fit divides by the item count of the global batch); `prepare_step`
+    is fit's no-grad pre-pass over a step's micro-batches (KTO: z0 of the global batch)."""
     c = run.config
     train_cache, eval_cache = reference.split_cache("train"), reference.split_cache("eval")
 
@@ -306,7 +308,7 @@ def run_preference(run: Run, model, tokenizer, *, train: list[Item], evaluation:
         run, model, stream=stream,
         make_batch=lambda idx: to_device(make_batch([train[i] for i in idx], train_cache), run.device),
         batch_weight=lambda b: float(b["n_items"]), loss_fn=loss_fn, steps=steps,
-        evaluate=evaluate if has_eval else None, on_log=on_log,
+        evaluate=evaluate if has_eval else None, on_log=on_log, prepare_step=prepare_step,
     )
 
     # 5. save, summarise
@@ -327,14 +329,25 @@ def run_preference(run: Run, model, tokenizer, *, train: list[Item], evaluation:
 
 
 @torch.no_grad()
-def evaluate_batches(run: Run, model, items: list[Item], ref_cache, make_batch, batch_sums) -> dict[str, float]:
+def evaluate_batches(run: Run, model, items: list[Item], ref_cache, make_batch, batch_sums,
+                     prepare: PrepareStep | None = None) -> dict[str, float]:
     """Sum `batch_sums(model, batch) -> {name: (sum, count)}` over this process's share of `items`
-    (batches of `per_device_eval_batch_size`), reduce across processes, return sum / count."""
+    (batches of `per_device_eval_batch_size`), reduce across processes, return sum / count.
+
+    `prepare(model, batches) -> extras` (as fit's `prepare_step`, here over every evaluation batch
+    of every process: the whole evaluation set is one "global batch") runs first; its dicts are
+    merged into the batches."""
     mine = shard(items, run)
     bs = run.config.per_device_eval_batch_size
+    batches = [make_batch(mine[i:i + bs], ref_cache) for i in range(0, len(mine), bs)]
+    extras: list[dict] = [{} for _ in batches]
+    if prepare is not None:
+        with run.accelerator.autocast():
+            extras = prepare(model, [to_device(b, run.device) for b in batches])
     sums: dict[str, list[float]] = {}
-    for i in progress(range(0, len(mine), bs), disable=run.quiet, desc="eval", leave=False):
-        batch = to_device(make_batch(mine[i:i + bs], ref_cache), run.device)
+    for cpu_batch, extra in progress(list(zip(batches, extras, strict=True)), disable=run.quiet, desc="eval",
+                                     leave=False):
+        batch = {**to_device(cpu_batch, run.device), **extra}
         with run.accelerator.autocast():
             for k, (s, n) in batch_sums(model, batch).items():
                 acc = sums.setdefault(k, [0.0, 0.0])

@@ -20,7 +20,7 @@ from rlhfkit.data.sources import load_rows
 from rlhfkit.errors import ConfigError
 from rlhfkit.eval.reward import evaluate_rewards, format_metrics, score_examples
 from rlhfkit.losses.preference import RM_LOSSES, centering_penalty
-from rlhfkit.models.load import base_reference, count_parameters
+from rlhfkit.models.load import base_reference, count_parameters, disable_dropout
 from rlhfkit.models.presets import preset_name
 from rlhfkit.models.reward import (
     Normalization,
@@ -73,7 +73,7 @@ def rows_in_batch(batch: dict) -> float:
 # ---- model set-up ----------------------------------------------------------------------------
 
 def setup_reward_model(run: Run, texts):
-    """Tokenizer + reward model from the config (LoRA applied when asked)."""
+    """Tokenizer + reward model from the config (LoRA applied when asked); dropout off, LoRA's too."""
     c = run.config
     tokenizer = config_tokenizer(c, texts)
     torch.manual_seed(c.seed)
@@ -95,6 +95,7 @@ def setup_reward_model(run: Run, texts):
             base_path = base_reference(c.model_name_or_path)  # what save_final records too
         model = apply_reward_lora(model, base_model_name_or_path=base_path, rank=c.lora_rank,
                                   alpha=c.lora_alpha, dropout=c.lora_dropout, target=c.lora_target)
+        disable_dropout(model)  # LoRA's own dropout modules: a reward must not vary between passes
     model.to(run.device)
     trainable, total = count_parameters(model)
     run.print(f"[{run.stage}] reward model from {c.model_name_or_path}: {total / 1e6:.2f}M parameters, "
