@@ -38,6 +38,10 @@ def _samples_table(before: list[dict], after: list[dict], n: int = 5) -> list[st
 
 
 def demo(output_dir: str = "runs/demo", task: str = "sentiment", seed: int = 0, quick: bool = False) -> dict:
+    """`sentiment` (default): pt -> sft -> rm -> ppo and dpo; `arithmetic`: pt -> sft -> grpo, a task
+    with one right answer, reported as held-out accuracy before and after GRPO."""
+    if task == "arithmetic":
+        return arithmetic_demo(output_dir, seed=seed, quick=quick)
     from rlhfkit.eval.generation import sample_and_score
     from rlhfkit.train.pt import train_pt
     from rlhfkit.train.sft import train_sft
@@ -207,3 +211,73 @@ def _comparison(out: Path, task, seed: int) -> tuple[list[str], dict]:
         lines.append(f"| {name.upper()} | {m['gold_reward']:+.3f} | {m['kl']:.2f} | {m['eos_rate']:.2f} "
                      f"| {m['length']:.1f} |")
     return lines + [""], rows
+
+
+# ---- arithmetic: sft -> grpo (issue #11) ---------------------------------------------------------
+
+ARITHMETIC_SIZES = {"pt": 6000, "sft": 3000, "prompt": 512}
+"""Rows per data kind of the arithmetic demo (the rest: the task's defaults)."""
+
+ARITHMETIC_PT = dict(max_length=64, per_device_train_batch_size=32, num_train_epochs=3, learning_rate=2e-3)
+ARITHMETIC_SFT = dict(max_length=32, per_device_train_batch_size=32, num_train_epochs=6, learning_rate=2e-3)
+ARITHMETIC_GRPO = dict(reward_funcs=["gold"], rollout_batch_size=16, num_generations=8, per_device_train_batch_size=32,
+                       num_mini_batches=2, max_steps=40, learning_rate=2e-4, lr_scheduler_type="constant",
+                       temperature=1.0, max_new_tokens=6, eval_num_prompts=98, eval_steps=10, logging_steps=5)
+"""The demo's GRPO run: the gold reward (1 right, 0.1 a wrong integer, 0 otherwise), 16 prompts x 8."""
+
+
+def arithmetic_demo(output_dir: str = "runs/demo_arithmetic", seed: int = 0, quick: bool = False) -> dict:
+    """data -> pt (the tiny preset, tokenizer trained on the corpus) -> sft -> grpo with the gold
+    reward; writes report.md / report.json with held-out accuracy and gold reward before and after."""
+    from rlhfkit.train.grpo import train_grpo
+    from rlhfkit.train.pt import train_pt
+    from rlhfkit.train.sft import train_sft
+
+    out = Path(output_dir)
+    data = out / "data"
+    print(f"== rlhfkit demo: task 'arithmetic' -> {out}")
+    print(f"== 1. data: writing the task's files to {data}")
+    get_task("arithmetic").write(data, seed=seed, sizes=ARITHMETIC_SIZES)
+    common = dict(seed=seed, logging_steps=50, overwrite_output_dir=True, lr_scheduler_type="cosine",
+                  warmup_ratio=0.05)
+    print("== 2. pretraining a tiny Llama-style model from scratch on the task's corpus")
+    train_pt(build_config("pt", dict(common, **ARITHMETIC_PT, model_name_or_path="preset:tiny",
+                                     dataset=str(data / "pt_train.jsonl"), output_dir=str(out / "pt"),
+                                     num_train_epochs=1 if quick else ARITHMETIC_PT["num_train_epochs"]),
+                          source="demo"))
+    print("== 3. supervised fine-tuning on demonstrations (70% of them correct)")
+    train_sft(build_config("sft", dict(common, **ARITHMETIC_SFT, model_name_or_path=str(out / "pt"),
+                                       dataset=str(data / "sft_train.jsonl"), output_dir=str(out / "sft"),
+                                       num_train_epochs=1 if quick else ARITHMETIC_SFT["num_train_epochs"]),
+                           source="demo"))
+    print("== 4. GRPO from the SFT model with the gold reward (no critic, no reward model)")
+    config = dict(ARITHMETIC_GRPO, model_name_or_path=str(out / "sft"), dataset=str(data / "prompt_train.jsonl"),
+                  output_dir=str(out / "grpo"), overwrite_output_dir=True, seed=seed, task="arithmetic")
+    if quick:
+        config.update(max_steps=4, eval_steps=2)
+    s = train_grpo(build_config("grpo", config, source="demo")).summary
+    samples = [json.loads(line) for line in (out / "grpo" / "samples.jsonl").read_text().splitlines()]
+    evals = [r for r in samples if r["split"] == "eval"]
+    before = [r for r in evals if r["step"] == 0]
+    after = [r for r in evals if r["step"] == s["steps"]]
+    lines = ["# rlhfkit demo report (task: arithmetic)", "",
+             f"## GRPO ({s['steps']} steps x {config['rollout_batch_size']} prompts x {config['num_generations']} "
+             f"responses) on {config['eval_num_prompts']} held-out prompts, sampled at temperature "
+             f"{config['temperature']}", "",
+             "| model | accuracy (exact answer) | gold reward | EOS rate | mean length |", "|---|---|---|---|---|"]
+    for name, prefix in (("SFT (GRPO step 0)", "initial_eval/"), (f"GRPO ({s['steps']} steps)", "eval/")):
+        lines.append(f"| {name} | {s[prefix + 'accuracy']:.3f} | {s[prefix + 'gold_reward']:+.3f} | "
+                     f"{s[prefix + 'eos_rate']:.2f} | {s[prefix + 'length']:.1f} |")
+    lines += ["", "| prompt | SFT | gold | GRPO | gold |", "|---|---|---|---|---|"]
+    for b, a in list(zip(before, after))[:8]:
+        lines.append(f"| {b['prompt']} | {b['response'].strip()} | {b['gold']:+.2f} | {a['response'].strip()} "
+                     f"| {a['gold']:+.2f} |")
+    report = {k: s[k] for k in ("initial_eval/accuracy", "eval/accuracy", "initial_eval/gold_reward",
+                                "eval/gold_reward")}
+    text = "\n".join(lines) + "\n"
+    (out / "report.md").write_text(text)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print()
+    print(text)
+    print(f"== done: report in {out / 'report.md'}; models under {out} (pt, sft, grpo)")
+    return report
