@@ -35,11 +35,11 @@ from rlhfkit.models.load import load_causal_lm
 from rlhfkit.models.logprobs import response_logps
 from rlhfkit.rollout.rollout import Rollout, Scorer, concat_rollouts, generate_rollout, select_rows
 from rlhfkit.train.checkpoint import load_checkpoint, save_checkpoint
+from rlhfkit.train.diagnostics import Monitor
 from rlhfkit.train.common import build_model, save_final
 from rlhfkit.train.distributed import reduce_metrics, reduce_sum_fn
 from rlhfkit.train.loop import Result, build_optimizer, build_scheduler
 from rlhfkit.train.online import (
-    Diagnostics,
     SampleLog,
     adapters_disabled,
     check_padding_free,
@@ -246,7 +246,7 @@ def train_grpo(config: GRPOConfig) -> Result:
         run.print(f"[{stage}] resumed from {run.resume_from} at step {start_step}")
     params = [p for p in policy.parameters() if p.requires_grad]
     reduce_sum = reduce_sum_fn(run)
-    diag = Diagnostics(run, c.max_new_tokens)
+    diag = Monitor(run.print, run.stage, max_new_tokens=c.max_new_tokens)
     samples = SampleLog(run)
     do_eval = bool(setup.eval_ids) and run.is_main
 
@@ -254,7 +254,7 @@ def train_grpo(config: GRPOConfig) -> Result:
         metrics, evs = evaluate_policy(run, setup, policy, reference, scorer, c.seed + 7, c.per_device_eval_batch_size)
         samples.write(step, "eval", evs[:c.num_sample_generations])
         out = {f"eval/{k}": v for k, v in metrics.items()}
-        out.update(diag.evaluation(step, metrics["scores"], metrics.get("gold_reward")))
+        out.update(diag.evaluation(step, out))
         return out
 
     first_eval = None

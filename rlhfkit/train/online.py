@@ -6,7 +6,6 @@ the stage loops in their numbered steps:
   minibatch_plan    shuffled minibatches -> micro-batches of row indices (whole groups shuffled)
   run_updates       the epochs x minibatches x micro-batches driver: global token counts,
                     backward per micro-batch, summed gradients, one optimizer step per minibatch
-  Diagnostics       warnings that explain a run going wrong, printed once and logged as diag/*
   evaluate_policy   held-out prompts: proxy score, KL to the reference, gold reward / accuracy
   SampleLog         samples.jsonl
   save_policy, finish_online   final weights, summary, plots
@@ -203,79 +202,6 @@ def adapters_disabled(model):
         yield model
     for p, flag in flags:
         p.requires_grad_(flag)
-
-
-# ---- diagnostics ---------------------------------------------------------------------------------
-
-class Diagnostics:
-    """Warnings that explain a run going wrong, printed once each (with what to do) and logged as
-    `diag/*` flags; each check runs when the metrics it reads are logged by the stage."""
-
-    EXPLAIN = {
-        "negative_kl": "mean KL to the reference is negative: sampling and scoring disagree (temperature "
-                       "not applied the same way, pads attended, or tokens forced/suppressed at "
-                       "generation); the KL penalty then rewards drifting away",
-        "high_clipfrac": "policy clip fraction stayed above 0.3: updates are too large for the trust "
-                         "region; lower learning_rate or the passes over each batch, or raise the clip range",
-        "length_runaway": "responses are getting longer and EOS rarer: the policy is learning to not "
-                          "finish (check the EOS trick: missing_eos_penalty / missing_eos_score)",
-        "reward_hacking": "the proxy score rises while the gold reward falls: the policy is exploiting "
-                          "the reward model; raise the KL coefficient, or stop earlier",
-        "flat_groups": "most groups have rewards that are all equal (all right or all wrong): their "
-                       "advantages are 0, so they carry no learning signal; use prompts of the right "
-                       "difficulty, more num_generations, a denser reward, or dynamic_sampling",
-    }
-
-    def __init__(self, run: Run, max_new_tokens: int):
-        self.run = run
-        self.max_new_tokens = max_new_tokens
-        self.kl: list[float] = []
-        self.clip: list[float] = []
-        self.flat: list[float] = []
-        self.first_eos: float | None = None
-        self.first_length: float | None = None
-        self.evals: list[tuple[float, float]] = []  # (proxy score, gold)
-        self.fired: dict[str, int] = {}
-
-    def _flag(self, name: str, step: int) -> None:
-        if name not in self.fired:
-            self.fired[name] = step
-            self.run.print(f"[{self.run.stage}] WARNING (step {step}): {self.EXPLAIN[name]}")
-
-    def step(self, step: int, m: dict) -> dict:
-        flags = {}
-        if "objective/kl" in m:
-            self.kl.append(m["objective/kl"])
-            recent = self.kl[-5:]
-            flags["negative_kl"] = len(recent) >= 3 and sum(recent) / len(recent) < -0.01
-        if "policy/clipfrac" in m:
-            self.clip.append(m["policy/clipfrac"])
-            flags["high_clipfrac"] = len(self.clip) >= 3 and min(self.clip[-3:]) > 0.3
-        if "gen/eos_rate" in m:
-            if self.first_eos is None:
-                self.first_eos, self.first_length = m["gen/eos_rate"], m["gen/length"]
-            flags["length_runaway"] = (m["gen/eos_rate"] < 0.5 * self.first_eos and m["gen/length"]
-                                       > max(1.5 * self.first_length, 0.8 * self.max_new_tokens))
-        if "rewards/flat_groups" in m:
-            self.flat.append(m["rewards/flat_groups"])
-            flags["flat_groups"] = len(self.flat) >= 3 and min(self.flat[-3:]) > 0.5
-        for name, on in flags.items():
-            if on:
-                self._flag(name, step)
-        return {f"diag/{k}": float(v) for k, v in flags.items()}
-
-    def evaluation(self, step: int, proxy: float, gold: float | None) -> dict:
-        if gold is None:
-            return {}
-        self.evals.append((proxy, gold))
-        hacking = (len(self.evals) >= 3 and self.evals[-1][0] > self.evals[-3][0]
-                   and self.evals[-1][1] < self.evals[-2][1] < self.evals[-3][1])
-        if hacking:
-            self._flag("reward_hacking", step)
-        return {"diag/reward_hacking": float(hacking)}
-
-    def summary(self) -> list[dict]:
-        return [{"diagnostic": k, "first_step": s, "explanation": self.EXPLAIN[k]} for k, s in self.fired.items()]
 
 
 # ---- evaluation ----------------------------------------------------------------------------------

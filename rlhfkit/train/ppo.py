@@ -37,11 +37,11 @@ from rlhfkit.losses.ppo import clip_scores, eos_trick, kl_shaped_rewards, value_
 from rlhfkit.models.logprobs import response_logps
 from rlhfkit.rollout.rollout import Rollout, Scorer, generate_rollout
 from rlhfkit.train.checkpoint import load_checkpoint, save_checkpoint
+from rlhfkit.train.diagnostics import Monitor
 from rlhfkit.train.common import save_final
 from rlhfkit.train.distributed import global_mean, global_whiten, reduce_metrics
 from rlhfkit.train.loop import Result, build_optimizer, build_scheduler
 from rlhfkit.train.online import (
-    Diagnostics,
     SampleLog,
     check_padding_free,
     evaluate_policy,
@@ -162,7 +162,7 @@ def train_ppo(config: PPOConfig) -> Result:
         kl_ctl.value = state.get("kl_coef", kl_ctl.value)
         run.print(f"[ppo] resumed from {run.resume_from} at step {start_step} (kl_coef {kl_ctl.value:.4g})")
 
-    diag = Diagnostics(run, c.max_new_tokens)
+    diag = Monitor(run.print, run.stage, max_new_tokens=c.max_new_tokens)
     params_list = [p for p in roles.trainable.parameters() if p.requires_grad]
     samples = SampleLog(run)
     do_eval = bool(setup.eval_ids) and run.is_main  # evaluation (no collectives inside): main process
@@ -172,7 +172,7 @@ def train_ppo(config: PPOConfig) -> Result:
                                        c.per_device_eval_batch_size)
         samples.write(step, "eval", evs[:c.num_sample_generations])
         out = {f"eval/{k}": v for k, v in metrics.items()}
-        out.update(diag.evaluation(step, metrics["scores"], metrics.get("gold_reward")))
+        out.update(diag.evaluation(step, out))
         return out
 
     first_eval = None

@@ -32,6 +32,7 @@ from rlhfkit.data.encode import Encoded
 from rlhfkit.errors import ConfigError
 from rlhfkit.losses.masked import masked_sum
 from rlhfkit.models.logprobs import padding_free_matches, response_token_logps
+from rlhfkit.train.diagnostics import DIAGNOSTICS, Monitor, falling_chosen  # noqa: F401 (falling_chosen: API)
 from rlhfkit.train.common import config_task, gold_eval, save_final, shard, skipped_note, to_device
 from rlhfkit.train.loop import BatchStream, PrepareStep, Result, Run, describe_batches, fit, total_steps
 from rlhfkit.train.tracking import progress, write_summary
@@ -239,24 +240,7 @@ def pair_metric_sums(chosen_rewards, rejected_rewards, chosen_logps, rejected_lo
     }
 
 
-FALLING_CHOSEN_EXPLANATION = (
-    "the policy's log-prob of the CHOSEN responses has fallen steadily while the reward margin grew: "
-    "DPO only widens the gap between chosen and rejected, and here it does so by making both less "
-    "likely (probability mass moves to responses in neither set). Samples may drift or degrade. "
-    "Remedies: a larger beta, a lower learning rate or fewer steps, sft_weight > 0 (RPO: NLL on the "
-    "chosen response), or IPO.")
-
-
-def falling_chosen(history: list[dict], window: int = 5, min_drop: float = 1.0) -> bool:
-    """True when, over the last `window` logged training records, `logps/chosen` fell at every
-    step but at most one and by at least `min_drop` nats in total, while `rewards/margins` grew."""
-    recs = [r for r in history if "logps/chosen" in r and "rewards/margins" in r][-window:]
-    if len(recs) < window:
-        return False
-    chosen = [r["logps/chosen"] for r in recs]
-    margins = [r["rewards/margins"] for r in recs]
-    falls = sum(b < a for a, b in zip(chosen, chosen[1:]))
-    return falls >= window - 2 and chosen[0] - chosen[-1] >= min_drop and margins[-1] > margins[0]
+FALLING_CHOSEN_EXPLANATION = DIAGNOSTICS["falling_chosen_logps"].explanation
 
 
 # ---- the run -----------------------------------------------------------------------------------
@@ -291,16 +275,15 @@ def run_preference(run: Run, model, tokenizer, *, train: list[Item], evaluation:
         metrics = evaluate_items(m, evaluation, eval_cache) if evaluation else {}
         return {**metrics, **gold_eval(run, m, tokenizer, task)}
 
-    # 3. the diagnostic for a known failure mode, checked at every log
-    diagnostics: list[dict] = []
+    # 3. diagnostics of known failure modes (the shared registry), checked at every log
+    monitor = Monitor(run.print, run.stage)
 
     def on_log(step: int, record: dict) -> None:
-        if not diagnostics and falling_chosen(run.logger.history if run.is_main else []):
-            run.print(f"[{run.stage}] WARNING at step {step}: {FALLING_CHOSEN_EXPLANATION}")
-            log.warning("falling chosen log-prob at step %d", step)
-            diagnostics.append({"step": step, "diagnostic": "falling_chosen_logps",
-                                "explanation": FALLING_CHOSEN_EXPLANATION})
-            run.logger.log(step, {"diagnostic/falling_chosen_logps": 1.0})
+        fired = set(monitor.fired)
+        flags = monitor.step(step, record)
+        for name in set(monitor.fired) - fired:
+            log.warning("%s at step %d", name, step)
+            run.logger.log(step, {f"diag/{name}": flags[f"diag/{name}"]})
 
     # 4. optimise
     has_eval = bool(evaluation) or task is not None
@@ -315,11 +298,11 @@ def run_preference(run: Run, model, tokenizer, *, train: list[Item], evaluation:
     save_final(run, model, tokenizer)
     final: dict = {}
     for record in history:  # the last value of every metric (the final eval included)
-        final.update({k: v for k, v in record.items() if k != "step" and not k.startswith("diagnostic")})
+        final.update({k: v for k, v in record.items() if k != "step" and not k.startswith("diag")})
     summary = {"stage": run.stage, "steps": steps, "train_examples": len(train),
                "eval_examples": len(evaluation), "reference": reference.kind,
                **{f"skipped_{k}": v for k, v in skipped.items()}, **(extra_summary or {}),
-               **final, "diagnostics": diagnostics}
+               **final, "diagnostics": monitor.summary()}
     if run.is_main:
         write_summary(run.output_dir, summary)
         run.logger.plot(keys=[k for k in ("rewards/margins", "rewards/accuracies", "eval/rewards/accuracies",
