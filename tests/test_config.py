@@ -198,8 +198,12 @@ def _task_files() -> dict[str, set[str]]:
     from rlhfkit.tasks import KINDS, task_names
     from rlhfkit.tasks.base import SPLITS
 
+    from rlhfkit.tasks.reasoning_gym import RECOMMENDED_CONFIGS
+
     files = {f"{kind}_{split}.jsonl" for kind in KINDS for split in SPLITS} | {"task.json"}
-    return {name: files for name in task_names()}
+    # `rlhfkit data reasoning-gym:NAME data/NAME` writes prompt files for a reasoning-gym dataset
+    rg_files = {"prompt_train.jsonl", "prompt_eval.jsonl", "reasoning_gym.json"}
+    return {**{name: files for name in task_names()}, **{name: rg_files for name in RECOMMENDED_CONFIGS}}
 
 
 def check_example_config(path: Path, repo: Path = REPO) -> BaseConfig:

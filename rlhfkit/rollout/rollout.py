@@ -171,3 +171,14 @@ class Scorer:
                 ended=ro.ended.tolist(), rows=ro.rows).items()})
         total, _ = combine_rewards(parts, self.weights)
         return total.to(device), parts
+
+
+def source_metrics(parts: dict[str, torch.Tensor]) -> dict[str, float]:
+    """`rewards/<source>` (mean) and `rewards/<source>/std` over the rows each source applies to."""
+    out = {}
+    for name, x in parts.items():
+        vals = x[~torch.isnan(x)]
+        if vals.numel():
+            out[f"rewards/{name}"] = vals.mean().item()
+            out[f"rewards/{name}/std"] = vals.std(correction=0).item()
+    return out

@@ -33,7 +33,7 @@ from rlhfkit.losses.policy import aggregate_loss, clipped_policy_loss, overlong_
 from rlhfkit.losses.ppo import eos_trick
 from rlhfkit.models.load import load_causal_lm
 from rlhfkit.models.logprobs import response_logps
-from rlhfkit.rollout.rollout import Rollout, Scorer, concat_rollouts, generate_rollout, select_rows
+from rlhfkit.rollout.rollout import Rollout, Scorer, concat_rollouts, generate_rollout, select_rows, source_metrics
 from rlhfkit.train.checkpoint import load_checkpoint, save_checkpoint
 from rlhfkit.train.diagnostics import Monitor
 from rlhfkit.train.common import build_model, save_final
@@ -310,7 +310,7 @@ def train_grpo(config: GRPOConfig) -> Result:
         metrics = {
             "rewards/mean": scores.mean().item(), "rewards/std": scores.std().item() if scores.numel() > 1 else 0.0,
             "rewards/flat_groups": flat.mean().item(),
-            **{f"rewards/{k.removeprefix('func/')}": v.nanmean().item() for k, v in parts.items()},
+            **source_metrics(parts),
             "advantages/abs_mean": masked_sum(advantages.abs(), m).item() / max(m.sum().item(), 1),
             "gen/length": m.sum(-1).float().mean().item(), "gen/eos_rate": ro.ended.float().mean().item(),
             "gen/truncated_rate": ro.truncated.float().mean().item(),
