@@ -1,26 +1,33 @@
 """Sampling behind a small interface, so a faster engine (e.g. vLLM) can plug in later.
 
-`HFGenerator` samples `num_generations` responses per prompt with its own KV-cache decode loop
-over a transformers `DynamicCache`, built for online RL (several samples per prompt, responses
-of very different lengths):
+`HFGenerator.generate(model, prompt_ids, params, generator_seed, num_generations=G)` samples G
+responses per prompt, rows prompt-major (row p*G + g is sample g of prompt p), with its own
+KV-cache decode loop over a transformers `DynamicCache`, built for online RL (several samples per
+prompt, responses of very different lengths). What it does that HF
+`generate(num_return_sequences=G)` does not:
 
-- shared prefill: each prompt's forward pass runs once; its cache is repeated G times for the
-  decode (HF `generate(num_return_sequences=G)` prefills every copy);
-- finished rows leave the batch: when a row samples EOS (or completes a stop string) it is
-  dropped from the cache, so it costs nothing for the remaining steps (HF keeps decoding it
-  until the whole batch is done), and cache columns that are padding in every remaining row are
-  cut off.
+- shared prefill: each prompt goes through the model once and its cache is laid out G times
+  (HF prefills all P x G rows); prompts of similar length are prefilled together, so little
+  compute goes to padding (`length_groups`);
+- finished rows leave the batch: a row that samples EOS (or completes a stop string) costs
+  nothing in the remaining steps (HF keeps decoding it, as pad, until the last row ends);
+  cache columns that are padding in every remaining row are cut off;
+- the cache is preallocated (`SlabLayer`): a step writes one column where `DynamicLayer`
+  concatenates (copies) the whole cache, and dropping rows copies only the rows that move.
 
-The tokens are what HF `generate` gives for the same settings (the tests compare greedy outputs
-token for token): left-padded prompts with position ids `cumsum(mask) - 1`, so padding never
-changes a row's logits; logits in float32, then HF's own processors in HF's order: the pad token
-suppressed (it is never sampled), temperature, top-k, top-p; softmax + multinomial, or argmax
-with `do_sample=False`; stop strings matched by HF's `StopStringCriteria` on prompt + response.
-Only `SamplingParams` count: a model's own `generation_config` (e.g. a repetition penalty in a
-downloaded checkpoint) is not applied. Responses end at their first EOS (kept) or at the token
-that completes a stop string; everything after is pad. A LoRA model samples with its active
-adapters merged into the base weights (`merged_lora`: faster, and restored bit-exactly
-afterwards).
+The tokens are HF's for the same settings (tests compare greedy and top_k=1 outputs token for
+token): left-padded prompts with position ids `cumsum(mask) - 1`, so padding never changes a
+row's logits; float32 logits through HF's own processors in HF's order (pad suppressed, so it is
+never sampled; then temperature, top-k, top-p), softmax + `torch.multinomial`, or argmax with
+`do_sample=False`; stop strings matched by HF's `StopStringCriteria` on prompt + response so far.
+Only `SamplingParams` apply: a model's own `generation_config` (e.g. a repetition penalty in a
+downloaded checkpoint) does not. A response ends at its first EOS (kept) or at the token that
+completes a stop string (kept); everything after is pad; `ended` says which rows did either.
+`generator_seed` seeds a private `torch.Generator` (same seed and batch size, same samples; the
+global RNG is left alone); without it the global RNG is used. A LoRA model samples with its
+active adapters merged into the base weights (`merged_lora`: faster, and restored bit-exactly
+afterwards). Models whose cache has other layer types (e.g. sliding windows) use their own cache
+with one padded prefill per chunk and no column cutting; everything else is the same.
 """
 
 from __future__ import annotations
