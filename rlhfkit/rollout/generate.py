@@ -144,7 +144,9 @@ def _slab_layer_class():
         head_dim): `keys`/`values` are the views [:rows, :, first:first + length]. A decode step
         writes its token into the next free column, where `DynamicLayer.update` concatenates
         (copies) the whole cache every step; dropping rows copies only the rows that move into
-        the holes (`compact`), and dropping leading columns only moves `first`."""
+        the holes (`compact`), and dropping leading columns only moves `first`. Only `update`
+        and `compact` keep the buffers in step (the inherited batch/crop methods do not): such a
+        cache never leaves `HFGenerator`."""
 
         def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
             super().__init__()
