@@ -524,7 +524,7 @@ def _prompts(tok):
     return [tok(t)["input_ids"] for t in ["the movie was", "What is 2 + 3?", "hi", "A dog", "the book is"]]
 
 
-def _check_generation(gen, tok, prompts, max_new_tokens):
+def _check_generation(gen, tok, prompts, max_new_tokens, stop=()):
     B = len(prompts)
     assert gen.prompt_ids == prompts
     assert gen.response_ids.ndim == 2 and gen.response_ids.shape[0] == B
@@ -540,9 +540,9 @@ def _check_generation(gen, tok, prompts, max_new_tokens):
         assert mask[:n].all() and not mask[n:].any()  # a prefix
         assert (row[n:] == pad).all()
         is_eos = (row[:n] == eos).nonzero().flatten().tolist()
-        if gen.ended[i]:
+        if gen.ended[i] and not any(gen.texts[i].endswith(s) for s in stop):
             assert is_eos == [n - 1]  # ends with its one EOS
-        else:
+        else:  # running out of tokens, or a stop string (which also counts as ended)
             assert is_eos == []
 
 
@@ -589,7 +589,8 @@ def test_generate_with_stop_strings_masks_out_pads(tiny_tokenizer):
     gen = HFGenerator(tok).generate(model, prompts, SamplingParams(max_new_tokens=10, stop=(".",)),
                                     generator_seed=1)
     assert any(t.endswith(".") for t in gen.texts)  # the stop string fired
-    _check_generation(gen, tok, prompts, 10)
+    _check_generation(gen, tok, prompts, 10, stop=(".",))
+    assert all(e == t.endswith(".") for e, t in zip(gen.ended.tolist(), gen.texts))  # a stop string ends a row
 
 
 # ---- padding-free (packed) forward: same log-probs, no compute on pads ----------------------------
