@@ -80,8 +80,7 @@ def generate_rollout(model, tokenizer, generator: HFGenerator, prompt_ids: list[
     extra = 1 if score_slot else 0
     responses = torch.nn.functional.pad(gen.response_ids, (0, extra), value=pad)
     rmask = torch.nn.functional.pad(gen.response_mask, (0, extra), value=False)
-    stopped = torch.tensor([any(s in t for s in params.stop) for t in gen.texts], dtype=torch.bool)
-    ended = gen.ended | stopped
+    ended = gen.ended  # EOS or a stop string
     truncated = ~ended & (gen.response_mask.sum(-1) >= params.max_new_tokens)
     return Rollout(
         input_ids=torch.cat([queries["input_ids"], responses], 1).to(device),
