@@ -6,17 +6,16 @@ steps), full fine-tuning, lr 2e-4, beta 0.05 (k1), temperature 0.7, 24 new token
 and KL (summed over response tokens) are measured on 64 fixed held-out prompts at step 0 (the
 SFT model) and after the last step.
 
-Measured (sentiment_sft + sentiment_rm fixtures, seeds 0 / 1 / 2; re-measured 2026-11-30 on the shared
-online layer, and the code before it gives the same numbers on these fixtures: seed 0 0.053 -> 0.269,
-KL 1.877 vs 1.878):
-  held-out gold  SFT 0.053 / -0.017 / -0.085  ->  PPO 0.269 / 0.156 / 0.038
-  gain           +0.216 / +0.173 / +0.123   (mean +0.171, std 0.047)
-  KL to SFT      1.88 / 3.78 / 2.56 nats per response
-  RM score       -0.85 / -0.98 / -1.10  ->  0.51 / 0.70 / 0.75
-(The fixtures changed since the first measurement, +0.330 / +0.246 / +0.483 with RM scores -0.66 / -0.79 /
--0.88 at step 0, through earlier float-rounding changes to SFT/RM training.) Run-to-run noise: the SFT
-model's held-out gold varies by seed (sampling) with std ~0.07, so the required gain of 0.1 is ~1.4x that
-noise and below the smallest gain measured (0.123); the KL bound 6 is ~1.6x the largest KL measured.
+Measured (sentiment_sft + sentiment_rm fixtures, seeds 0 / 1 / 2; re-measured 2026-11-30 with the
+shared online layer and rlhfkit's own sampler, whose private seeded generator draws other samples than
+HF generate did):
+  held-out gold  SFT 0.091 / -0.187 / -0.098  ->  PPO 0.338 / 0.122 / 0.185
+  gain           +0.247 / +0.309 / +0.283   (mean +0.280, std 0.031)
+  KL to SFT      2.69 / 4.72 / 3.36 nats per response
+  RM score       -0.70 / -1.33 / -1.08  ->  0.74 / 0.80 / 0.70
+Run-to-run noise: the SFT model's held-out gold varies by seed (sampling) with std ~0.14 here, so the
+required gain of 0.15 is ~1x that noise but 4 std of the measured gains below their mean and below the
+smallest gain measured (0.247); the KL bound 6 is ~1.3x the largest KL measured.
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ PPO_LEARNING = dict(rollout_batch_size=64, per_device_train_batch_size=16, num_m
                     max_steps=10, learning_rate=2e-4, kl_coef=0.05, temperature=0.7, max_new_tokens=24,
                     task="sentiment", eval_num_prompts=64, eval_steps=10, logging_steps=1, report_to=[],
                     disable_tqdm=True)
-MIN_GOLD_GAIN = 0.1
+MIN_GOLD_GAIN = 0.15
 MAX_KL = 6.0
 
 
