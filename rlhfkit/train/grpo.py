@@ -35,22 +35,18 @@ from rlhfkit.models.load import load_causal_lm
 from rlhfkit.models.logprobs import response_logps
 from rlhfkit.rollout.rollout import Rollout, Scorer, concat_rollouts, generate_rollout, select_rows, source_metrics
 from rlhfkit.train.checkpoint import load_checkpoint, save_checkpoint
-from rlhfkit.train.diagnostics import Monitor
 from rlhfkit.train.common import build_model, save_final
 from rlhfkit.train.distributed import reduce_metrics, reduce_sum_fn
 from rlhfkit.train.loop import Result, build_optimizer, build_scheduler
 from rlhfkit.train.online import (
-    SampleLog,
+    OnlineLog,
     adapters_disabled,
     check_padding_free,
-    evaluate_policy,
     finish_online,
     minibatch_plan,
-    rollout_samples,
     rollout_seed,
     run_updates,
     start_online,
-    summary_metrics,
 )
 from rlhfkit.train.tracking import progress
 
@@ -246,26 +242,10 @@ def train_grpo(config: GRPOConfig) -> Result:
         run.print(f"[{stage}] resumed from {run.resume_from} at step {start_step}")
     params = [p for p in policy.parameters() if p.requires_grad]
     reduce_sum = reduce_sum_fn(run)
-    diag = Monitor(run.print, run.stage, max_new_tokens=c.max_new_tokens)
-    samples = SampleLog(run)
-    do_eval = bool(setup.eval_ids) and run.is_main
-
-    def run_eval(step: int) -> dict:
-        metrics, evs = evaluate_policy(run, setup, policy, reference, scorer, c.seed + 7, c.per_device_eval_batch_size)
-        samples.write(step, "eval", evs[:c.num_sample_generations])
-        out = {f"eval/{k}": v for k, v in metrics.items()}
-        out.update(diag.evaluation(step, out))
-        return out
-
-    first_eval = None
-    if do_eval and start_step == 0:
-        first_eval = run_eval(0)
-        run.logger.log(0, first_eval)
-        run.print(f"[{stage}] step 0 (before training): "
-                  + ", ".join(f"{k} {v:.3f}" for k, v in first_eval.items() if not k.startswith("diag")))
+    log = OnlineLog(run, setup, policy, reference, scorer)
+    log.start(start_step)
 
     bar = progress(total=setup.steps, initial=start_step, disable=run.quiet, desc=stage)
-    window: list[dict] = []
     for step in range(start_step, setup.steps):
         t0 = time.perf_counter()
         policy.eval()
@@ -323,22 +303,10 @@ def train_grpo(config: GRPOConfig) -> Result:
             "time/generation": t_gen - t0, "time/scoring": t_prep - t_gen, "time/training": t_train - t_prep,
         }
         metrics = reduce_metrics(run, metrics)
-        metrics.update(diag.step(step + 1, metrics))
-        window.append(metrics)
         done = step + 1
+        log.step(done, metrics, ro, scores)
         bar.update(1)
         bar.set_postfix(reward=f"{metrics['rewards/mean']:.3f}", flat=f"{metrics['rewards/flat_groups']:.2f}")
-        record: dict = {}
-        if done % c.logging_steps == 0 or done == setup.steps:
-            keys = set().union(*window)
-            record = {k: sum(w[k] for w in window if k in w) / sum(k in w for w in window) for k in keys}
-            record["lr"] = metrics["lr"]
-            window = []
-            samples.write(done, "train", rollout_samples(ro, scores, c.num_sample_generations))
-        if do_eval and (done == setup.steps or (c.eval_steps and done % c.eval_steps == 0)):
-            record.update(run_eval(done))
-        if record:
-            run.logger.log(done, record)
         if c.save_steps and done % c.save_steps == 0 and done < setup.steps:
             save_checkpoint(run.output_dir, done, policy, optimizer, scheduler, rank=run.rank, is_main=run.is_main,
                             barrier=run.accelerator.wait_for_everyone, keep=c.save_total_limit)
@@ -347,7 +315,7 @@ def train_grpo(config: GRPOConfig) -> Result:
     save_final(run, policy, tokenizer)
     summary = {"stage": stage, "steps": setup.steps, "episodes": setup.steps * c.rollout_batch_size * G,
                "optimizer_steps": updates, "prompts": len(setup.prompt_ids), "skipped_prompts": setup.skipped,
-               **summary_metrics(run.logger.history, first_eval, "rewards/mean"), "diagnostics": diag.summary()}
+               **log.summary("rewards/mean")}
     finish_online(run, summary, ["rewards/mean", "rewards/flat_groups", "eval/gold_reward", "eval/accuracy",
                                  "gen/length"])
     return Result(run.output_dir, summary, policy, tokenizer, run.logger.history)

@@ -7,7 +7,7 @@ the stage loops in their numbered steps:
   run_updates       the epochs x minibatches x micro-batches driver: global token counts,
                     backward per micro-batch, summed gradients, one optimizer step per minibatch
   evaluate_policy   held-out prompts: proxy score, KL to the reference, gold reward / accuracy
-  SampleLog         samples.jsonl
+  OnlineLog         per step: diagnostics, the logging window, samples.jsonl, evaluation
   save_policy, finish_online   final weights, summary, plots
 """
 
@@ -29,6 +29,7 @@ from rlhfkit.rollout.generate import HFGenerator, SamplingParams
 from rlhfkit.rollout.rewards import load_reward_funcs
 from rlhfkit.rollout.rollout import Rollout, Scorer, encode_prompts, generate_rollout
 from rlhfkit.train.common import config_task, config_tokenizer, load_split, row_texts
+from rlhfkit.train.diagnostics import Monitor
 from rlhfkit.train.distributed import optimizer_step, reduce_metrics, sum_gradients
 from rlhfkit.train.loop import BatchStream, Run, start_run
 from rlhfkit.train.tracking import write_summary
@@ -246,6 +247,65 @@ def evaluate_policy(run: Run, setup: OnlineSetup, policy, reference, scorer: Sco
     samples = [{"prompt": p, "response": t, "score": s, "ended": e, **({"gold": gold[i]} if gold else {})}
                for i, (p, t, s, e) in enumerate(zip(prompts, ro.texts, scores.tolist(), ro.ended.tolist()))]
     return metrics, samples
+
+
+class OnlineLog:
+    """Per-step bookkeeping of an online stage: diagnostics (the shared registry), the logging window
+    (means over the steps since the last log; `latest` keys keep their last value), samples.jsonl,
+    and held-out evaluation at step 0, every `eval_steps` and at the end (main process only: no
+    collectives inside)."""
+
+    def __init__(self, run: Run, setup: OnlineSetup, policy, reference, scorer: Scorer,
+                 latest: tuple[str, ...] = ("lr",)):
+        c = run.config
+        self.run, self.setup, self.latest = run, setup, latest
+        self.monitor = Monitor(run.print, run.stage, max_new_tokens=c.max_new_tokens)
+        self.samples = SampleLog(run)
+        self.do_eval = bool(setup.eval_ids) and run.is_main
+        self.window: list[dict] = []
+        self.first_eval: dict | None = None
+        self._evaluate = lambda: evaluate_policy(run, setup, policy, reference, scorer, c.seed + 7,
+                                                 c.per_device_eval_batch_size)
+
+    def evaluate(self, step: int) -> dict:
+        metrics, samples = self._evaluate()
+        self.samples.write(step, "eval", samples[:self.run.config.num_sample_generations])
+        out = {f"eval/{k}": v for k, v in metrics.items()}
+        out.update(self.monitor.evaluation(step, out))
+        return out
+
+    def start(self, start_step: int) -> None:
+        """Evaluate the initial policy (step 0) unless the run resumes."""
+        if self.do_eval and start_step == 0:
+            self.first_eval = self.evaluate(0)
+            self.run.logger.log(0, self.first_eval)
+            self.run.print(f"[{self.run.stage}] step 0 (before training): " + ", ".join(
+                f"{k} {v:.3f}" for k, v in self.first_eval.items() if not k.startswith("diag")))
+
+    def step(self, done: int, metrics: dict, ro: Rollout, scores: torch.Tensor) -> dict:
+        """After step `done` (metrics already reduced over processes): diagnostics, and at logging
+        steps the window's means + samples, at evaluation steps the evaluation; logged together."""
+        c = self.run.config
+        metrics.update(self.monitor.step(done, metrics))
+        self.window.append(metrics)
+        record: dict = {}
+        if done % c.logging_steps == 0 or done == self.setup.steps:
+            keys = dict.fromkeys(k for w in self.window for k in w)
+            record = {k: sum(w[k] for w in self.window if k in w) / sum(k in w for w in self.window) for k in keys}
+            record.update({k: metrics[k] for k in self.latest if k in metrics})
+            self.window = []
+            self.samples.write(done, "train", rollout_samples(ro, scores, c.num_sample_generations))
+        if self.do_eval and (done == self.setup.steps or (c.eval_steps and done % c.eval_steps == 0)):
+            record.update(self.evaluate(done))
+        if record:
+            self.run.logger.log(done, record)
+        return record
+
+    def summary(self, train_key: str) -> dict:
+        """summary.json's metrics: the last training record, the last and the first evaluation, and the
+        diagnostics that fired."""
+        return {**summary_metrics(self.run.logger.history, self.first_eval, train_key),
+                "diagnostics": self.monitor.summary()}
 
 
 class SampleLog:

@@ -37,21 +37,17 @@ from rlhfkit.losses.ppo import clip_scores, eos_trick, kl_shaped_rewards, value_
 from rlhfkit.models.logprobs import response_logps
 from rlhfkit.rollout.rollout import Rollout, Scorer, generate_rollout
 from rlhfkit.train.checkpoint import load_checkpoint, save_checkpoint
-from rlhfkit.train.diagnostics import Monitor
 from rlhfkit.train.common import save_final
 from rlhfkit.train.distributed import global_mean, global_whiten, reduce_metrics
 from rlhfkit.train.loop import Result, build_optimizer, build_scheduler
 from rlhfkit.train.online import (
-    SampleLog,
+    OnlineLog,
     check_padding_free,
-    evaluate_policy,
     finish_online,
     minibatch_plan,
-    rollout_samples,
     rollout_seed,
     run_updates,
     start_online,
-    summary_metrics,
 )
 from rlhfkit.train.ppo_roles import CRITIC_DIR, POLICY, Roles, build_roles, save_critic
 from rlhfkit.train.tracking import progress
@@ -162,28 +158,11 @@ def train_ppo(config: PPOConfig) -> Result:
         kl_ctl.value = state.get("kl_coef", kl_ctl.value)
         run.print(f"[ppo] resumed from {run.resume_from} at step {start_step} (kl_coef {kl_ctl.value:.4g})")
 
-    diag = Monitor(run.print, run.stage, max_new_tokens=c.max_new_tokens)
     params_list = [p for p in roles.trainable.parameters() if p.requires_grad]
-    samples = SampleLog(run)
-    do_eval = bool(setup.eval_ids) and run.is_main  # evaluation (no collectives inside): main process
-
-    def run_eval(step: int) -> dict:
-        metrics, evs = evaluate_policy(run, setup, roles.policy, roles.reference, scorer, c.seed + 7,
-                                       c.per_device_eval_batch_size)
-        samples.write(step, "eval", evs[:c.num_sample_generations])
-        out = {f"eval/{k}": v for k, v in metrics.items()}
-        out.update(diag.evaluation(step, out))
-        return out
-
-    first_eval = None
-    if do_eval and start_step == 0:
-        first_eval = run_eval(0)
-        run.logger.log(0, first_eval)
-        run.print("[ppo] step 0 (before training): " + ", ".join(f"{k} {v:.3f}" for k, v in first_eval.items()
-                                                                if not k.startswith("diag")))
+    log = OnlineLog(run, setup, roles.policy, roles.reference, scorer, latest=("lr", "objective/kl_coef"))
+    log.start(start_step)
 
     bar = progress(total=steps, initial=start_step, disable=run.quiet, desc="ppo")
-    window: list[dict] = []
     for step in range(start_step, steps):
         t0 = time.perf_counter()
         roles.policy.eval()
@@ -254,22 +233,10 @@ def train_ppo(config: PPOConfig) -> Result:
             "time/training": t_train - t_prep,
         }
         metrics = reduce_metrics(run, metrics)
-        metrics.update(diag.step(step + 1, metrics))
-        window.append(metrics)
         done = step + 1
+        log.step(done, metrics, ro, scores)
         bar.update(1)
         bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
-        record: dict = {}
-        if done % c.logging_steps == 0 or done == steps:
-            record = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
-            record["lr"] = metrics["lr"]
-            record["objective/kl_coef"] = metrics["objective/kl_coef"]
-            window = []
-            samples.write(done, "train", rollout_samples(ro, scores, c.num_sample_generations))
-        if do_eval and (done == steps or (c.eval_steps and done % c.eval_steps == 0)):
-            record.update(run_eval(done))
-        if record:
-            run.logger.log(done, record)
         if c.save_steps and done % c.save_steps == 0 and done < steps:
             save_checkpoint(run.output_dir, done, roles.trainable, optimizer, scheduler, rank=run.rank,
                             is_main=run.is_main, barrier=run.accelerator.wait_for_everyone,
@@ -286,7 +253,6 @@ def train_ppo(config: PPOConfig) -> Result:
     summary = {"stage": "ppo", "steps": steps, "episodes": steps * c.rollout_batch_size,
                "optimizer_steps": updates, "prompts": len(setup.prompt_ids), "skipped_prompts": setup.skipped,
                "parameters_in_memory": mem_total, "trainable_parameters": trainable,
-               **summary_metrics(run.logger.history, first_eval, "objective/kl"),
-               "diagnostics": diag.summary()}
+               **log.summary("objective/kl")}
     finish_online(run, summary, ["objective/scores", "objective/kl", "eval/gold_reward", "gen/length"])
     return Result(run.output_dir, summary, roles.policy, tokenizer, run.logger.history)
