@@ -241,15 +241,13 @@ def arithmetic_demo(output_dir: str = "runs/demo_arithmetic", seed: int = 0, qui
     common = dict(seed=seed, logging_steps=50, overwrite_output_dir=True, lr_scheduler_type="cosine",
                   warmup_ratio=0.05)
     print("== 2. pretraining a tiny Llama-style model from scratch on the task's corpus")
-    train_pt(build_config("pt", dict(common, **ARITHMETIC_PT, model_name_or_path="preset:tiny",
-                                     dataset=str(data / "pt_train.jsonl"), output_dir=str(out / "pt"),
-                                     num_train_epochs=1 if quick else ARITHMETIC_PT["num_train_epochs"]),
-                          source="demo"))
+    pt = dict(common, **ARITHMETIC_PT, model_name_or_path="preset:tiny", dataset=str(data / "pt_train.jsonl"),
+              output_dir=str(out / "pt"))
+    train_pt(build_config("pt", {**pt, "num_train_epochs": 1} if quick else pt, source="demo"))
     print("== 3. supervised fine-tuning on demonstrations (70% of them correct)")
-    train_sft(build_config("sft", dict(common, **ARITHMETIC_SFT, model_name_or_path=str(out / "pt"),
-                                       dataset=str(data / "sft_train.jsonl"), output_dir=str(out / "sft"),
-                                       num_train_epochs=1 if quick else ARITHMETIC_SFT["num_train_epochs"]),
-                           source="demo"))
+    sft = dict(common, **ARITHMETIC_SFT, model_name_or_path=str(out / "pt"), dataset=str(data / "sft_train.jsonl"),
+               output_dir=str(out / "sft"))
+    train_sft(build_config("sft", {**sft, "num_train_epochs": 1} if quick else sft, source="demo"))
     print("== 4. GRPO from the SFT model with the gold reward (no critic, no reward model)")
     config = dict(ARITHMETIC_GRPO, model_name_or_path=str(out / "sft"), dataset=str(data / "prompt_train.jsonl"),
                   output_dir=str(out / "grpo"), overwrite_output_dir=True, seed=seed, task="arithmetic")

@@ -249,3 +249,18 @@ def test_two_processes_match_one(fx, tmp_path, kw):
     w_ddp, w_single = load_file(str(tmp_path / "ddp" / name)), load_file(str(tmp_path / "single" / name))
     for n, value in w_single.items():
         torch.testing.assert_close(w_ddp[n], value, atol=1e-5, rtol=1e-4, msg=n)
+
+
+@pytest.mark.slow
+def test_arithmetic_demo_runs_sft_then_grpo(tmp_path):
+    """`rlhfkit demo --task arithmetic --quick`: pt -> sft -> grpo, a report with held-out accuracy
+    before and after (quick: too few steps to expect learning; tests/test_grpo_learning.py measures it)."""
+    from rlhfkit.cli import main
+
+    assert main(["demo", "--task", "arithmetic", "--quick", "--output-dir", str(tmp_path / "demo")]) == 0
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert set(report) == {"initial_eval/accuracy", "eval/accuracy", "initial_eval/gold_reward", "eval/gold_reward"}
+    assert all(0.0 <= report[k] <= 1.0 for k in ("initial_eval/accuracy", "eval/accuracy"))
+    text = (tmp_path / "demo" / "report.md").read_text()
+    assert "| SFT (GRPO step 0) |" in text and "| GRPO (4 steps) |" in text
+    assert (tmp_path / "demo" / "grpo" / "model.safetensors").is_file()
