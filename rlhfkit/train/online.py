@@ -27,7 +27,7 @@ from rlhfkit.losses.masked import masked_sum
 from rlhfkit.models.logprobs import response_logps
 from rlhfkit.rollout.generate import HFGenerator, SamplingParams
 from rlhfkit.rollout.rewards import load_reward_funcs
-from rlhfkit.rollout.rollout import Rollout, Scorer, encode_prompts, generate_rollout
+from rlhfkit.rollout.rollout import Rollout, Scorer, encode_prompts, generate_rollout, source_metrics
 from rlhfkit.train.common import config_task, config_tokenizer, load_split, row_texts
 from rlhfkit.train.diagnostics import Monitor
 from rlhfkit.train.distributed import optimizer_step, reduce_metrics, sum_gradients
@@ -211,7 +211,7 @@ def adapters_disabled(model):
 def evaluate_policy(run: Run, setup: OnlineSetup, policy, reference, scorer: Scorer, seed: int,
                     batch_size: int) -> tuple[dict, list[dict]]:
     """One response per held-out prompt from `policy` (the training sampling settings): the proxy
-    score (`scores`), the KL to the reference summed over response tokens (k1, the same log-probs as
+    score (`scores`; with several reward sources also each one's mean and std, `rewards/<source>`), the KL to the reference summed over response tokens (k1, the same log-probs as
     training; when `reference` (a context manager factory yielding the reference model) is given),
     length, EOS rate, and with a built-in task the gold reward and, where the task defines it,
     accuracy."""
@@ -221,9 +221,9 @@ def evaluate_policy(run: Run, setup: OnlineSetup, policy, reference, scorer: Sco
     with run.precision():
         ro = generate_rollout(policy, tok, setup.generator, setup.eval_ids, setup.eval_rows, setup.params, seed,
                               run.device)
-        scores, _ = scorer(ro)
+        scores, parts = scorer(ro)
         metrics = {"scores": scores.mean().item(), "length": ro.lengths.float().mean().item(),
-                   "eos_rate": ro.ended.float().mean().item()}
+                   "eos_rate": ro.ended.float().mean().item(), **(source_metrics(parts) if len(parts) > 1 else {})}
         if reference is not None:
             chunks = [torch.arange(i, min(i + batch_size, len(ro.texts))) for i in range(0, len(ro.texts), batch_size)]
             kl = torch.zeros(len(ro.texts), device=run.device)
