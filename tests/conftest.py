@@ -151,3 +151,48 @@ def sentiment_rm(tmp_path_factory, sentiment_sft):
     Built once per session (~1 min after `sentiment_sft`). Read-only."""
     out = build_once(tmp_path_factory, "sentiment_rm", lambda d: _build_sentiment_rm(sentiment_sft, d))
     return out / "rm"
+
+
+# ---- a trained arithmetic pipeline, for the learning tests of the critic-free online stages --------
+
+ARITHMETIC_SIZES = {"pt": 30000, "pt_eval": 0, "sft": 3000, "sft_eval": 0, "preference": 0, "preference_eval": 0,
+                    "ranking": 0, "ranking_eval": 0, "unpaired": 0, "unpaired_eval": 0, "prompt": 512,
+                    "prompt_eval": 0}
+"""Only the kinds the arithmetic learning tests use (held-out prompts come from the task itself)."""
+
+
+def _build_arithmetic_sft(out):
+    from rlhfkit.config import build_config
+    from rlhfkit.tasks import get_task
+    from rlhfkit.train.pt import train_pt
+    from rlhfkit.train.sft import train_sft
+
+    data = out / "data"
+    get_task("arithmetic").write(data, seed=0, sizes=ARITHMETIC_SIZES)
+    common = dict(seed=0, report_to=[], disable_tqdm=True, logging_steps=200, lr_scheduler_type="cosine",
+                  warmup_ratio=0.05)
+    # one document per row (no packing): a document is ~6 tokens, so 16-token rows cost ~3x less than
+    # packed 64-token blocks, and the ~1900 small steps learn the facts that a few big ones do not
+    train_pt(build_config("pt", dict(common, model_name_or_path="preset:tiny",
+                                     dataset=str(data / "pt_train.jsonl"), output_dir=str(out / "pt"),
+                                     packing=False, max_length=16, per_device_train_batch_size=16,
+                                     num_train_epochs=1, learning_rate=2e-4)))
+    train_sft(build_config("sft", dict(common, model_name_or_path=str(out / "pt"),
+                                       dataset=str(data / "sft_train.jsonl"), output_dir=str(out / "sft"),
+                                       max_length=16, per_device_train_batch_size=32, num_train_epochs=1,
+                                       learning_rate=1e-4)))
+
+
+@pytest.fixture(scope="session")
+def arithmetic_sft(tmp_path_factory):
+    """`{"data": dir, "sft": dir}`: the arithmetic task's files (ARITHMETIC_SIZES: 30000 pretraining
+    documents over all 492 prompts, 3000 demonstrations and 512 prompt rows on the 386 train prompts)
+    and a preset:tiny model pretrained 1 epoch on the documents (one per row, batch 16, lr 2e-4),
+    then SFT'd 1 epoch on the demonstrations (lr 1e-4). Built once per session (~80 s of one core).
+
+    What it knows (exact probabilities over the 106 held-out prompts): after pretraining the greedy
+    answer is right on all of them and a T=1 sample on 59%; SFT on the 70%-correct demonstrations
+    of the train prompts blurs that to 89% greedy and 53% at T=1 - the room RL has on held-out
+    prompts. Read-only: stages that start from it write to their own output_dir."""
+    out = build_once(tmp_path_factory, "arithmetic_sft", _build_arithmetic_sft)
+    return {"data": out / "data", "sft": out / "sft"}

@@ -5,7 +5,10 @@ results); "a*b=" with a, b in 0..9 -> 492 distinct prompts. Responses: a space a
 an integer, " 12". Demonstrations are correct with probability 0.7, otherwise a
 plausible wrong answer (off by 1-3 or 10, a neighbouring product, or a random number
 in range), so a policy that imitates them is right about 70% of the time and RL has
-room to push towards 100%.
+room to push towards 100%. Pretraining text ("world knowledge", kind `pt`, every prompt
+of both splits) is more reliable than the demonstrators: its answers are right with
+probability 0.9 (10% of its documents are rough), so a pretrained model can know a
+held-out prompt's answer that SFT on the sloppy demonstrations blurs and RL recovers.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from rlhfkit.tasks.base import Task
 ADD_MAX = 15
 MUL_MAX = 9
 CORRECT_FRACTION = 0.7
+PT_CORRECT_FRACTION = 0.9  # world knowledge beats the demonstrators
 WRONG_SCORE = 0.1
 _PROMPT_RE = re.compile(r"^\s*(\d+)\s*([+\-*])\s*(\d+)\s*=\s*$")
 _INT_RE = re.compile(r"^-?\d+$")  # a well-formed integer
@@ -94,6 +98,15 @@ class ArithmeticTask(Task):
 
     def demo(self, rng: random.Random, prompt: str) -> str:
         if rng.random() < CORRECT_FRACTION:
+            return f" {answer(prompt)}"
+        return f" {self.wrong_answer(rng, prompt)}"
+
+    def pt_response(self, rng: random.Random, prompt: str) -> str:
+        """World knowledge: rough with prob. `rough_fraction`, else right with prob. 0.9 (the
+        demonstrators: 0.7), else a plausible wrong answer."""
+        if rng.random() < self.rough_fraction:
+            return self.rough(rng, prompt)
+        if rng.random() < PT_CORRECT_FRACTION:
             return f" {answer(prompt)}"
         return f" {self.wrong_answer(rng, prompt)}"
 

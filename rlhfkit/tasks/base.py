@@ -142,6 +142,12 @@ class Task:
             return self.rough(rng, prompt)
         return self.demo(rng, prompt)
 
+    def pt_response(self, rng: random.Random, prompt: str) -> str:
+        """The response of one pretraining document ("world knowledge"): by default a candidate
+        (a demo, or with prob. `rough_fraction` a rough response). Tasks whose world knowledge is
+        better than their demonstrators override it."""
+        return self.candidate(rng, prompt)
+
     def _distinct_candidates(self, rng: random.Random, prompt: str, k: int) -> list[str]:
         out: list[str] = []
         for _ in range(200 * k):
@@ -156,8 +162,9 @@ class Task:
         """`n` rows of one data kind, deterministic given (kind, n, seed, split).
 
         Kinds and columns:
-          pt          {"text"}: prompt + response, demos mixed with `rough_fraction` rough ones;
-                      drawn from all prompts (pretraining knowledge), both splits.
+          pt          {"text"}: prompt + `pt_response` (by default demos mixed with
+                      `rough_fraction` rough ones); drawn from all prompts (pretraining
+                      knowledge), both splits.
           sft         {"prompt", "completion"}: demonstrations.
           preference  {"prompt", "chosen", "rejected", "gold_chosen", "gold_rejected"}: two
                       distinct candidates, chosen with P = sigmoid((g_a - g_b) / T).
@@ -193,7 +200,7 @@ class Task:
         for _ in range(n):
             prompt = rng.choice(pool)
             if kind == "pt":
-                rows.append({"text": prompt + self.candidate(rng, prompt)})
+                rows.append({"text": prompt + self.pt_response(rng, prompt)})
             elif kind == "sft":
                 rows.append({"prompt": prompt, "completion": self.demo(rng, prompt)})
             elif kind == "preference":
