@@ -256,7 +256,8 @@ def arithmetic_demo(output_dir: str = "runs/demo_arithmetic", seed: int = 0, qui
     config = dict(ARITHMETIC_GRPO, model_name_or_path=str(out / "sft"), dataset=str(data / "prompt_train.jsonl"),
                   output_dir=str(out / "grpo"), overwrite_output_dir=True, seed=seed, task="arithmetic")
     if quick:
-        config.update(max_steps=4, eval_steps=2, eval_num_prompts=106, rollout_batch_size=16)
+        config.update(max_steps=4, eval_steps=2, eval_num_prompts=106, rollout_batch_size=16,
+                      per_device_train_batch_size=64)
     s = train_grpo(build_config("grpo", config, source="demo")).summary
     samples = [json.loads(line) for line in (out / "grpo" / "samples.jsonl").read_text().splitlines()]
     evals = [r for r in samples if r["split"] == "eval"]
