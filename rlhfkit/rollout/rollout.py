@@ -56,16 +56,12 @@ class Rollout:
     pad_id: int = 0
 
     @property
-    def groups(self) -> list[int]:
-        """Group id of each row (rows of one prompt share their prompt in packed passes)."""
-        return [i // self.group_size for i in range(len(self.texts))]
-
-    @property
     def lengths(self) -> torch.Tensor:
         """(B,) response tokens (EOS included)."""
         return self.response_mask.sum(-1)
 
     def group_ids_of(self, idx: torch.Tensor) -> list[int]:
+        """Group (prompt) id of rows `idx`: rows of one prompt share it in packed passes."""
         return [int(i) // self.group_size for i in idx.tolist()]
 
 
@@ -141,10 +137,6 @@ class Scorer:
         self.batch_size = batch_size
         n_sources = len(self.funcs) + (reward_model is not None)
         self.weights = list(weights) if weights else [1.0] * n_sources
-
-    @property
-    def names(self) -> list[str]:
-        return (["reward_model"] if self.reward_model is not None else []) + [f.name for f in self.funcs]
 
     @torch.no_grad()
     def __call__(self, ro: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
