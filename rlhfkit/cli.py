@@ -29,10 +29,12 @@ rlhfkit data TASK OUT_DIR [--seed N]        write a built-in task's data files (
 rlhfkit data reasoning-gym:TASK OUT_DIR     prompt files of a reasoning-gym task [--size N] [--seed N]
 rlhfkit demo [--output-dir DIR]             the built-in end-to-end demo
 rlhfkit eval-rm MODEL DATA                  evaluate a reward model on preference/ranking rows
-rlhfkit score MODEL DATA [--output F]       add a `reward` field to prompt/response rows"""
+rlhfkit score MODEL DATA [--output F]       add a `reward` field to prompt/response rows
+rlhfkit eval [CONFIG.yaml] [--model N=REF]  compare models: rewards, KL, win rates vs a baseline"""
 
 # reward-model commands: name -> "module:function" taking argv (imported lazily)
-RM_COMMANDS = {"eval-rm": "rlhfkit.eval.reward_cli:run_eval_rm", "score": "rlhfkit.eval.reward_cli:run_score"}
+RM_COMMANDS = {"eval-rm": "rlhfkit.eval.reward_cli:run_eval_rm", "score": "rlhfkit.eval.reward_cli:run_score",
+               "eval": "rlhfkit.eval.compare:run_eval_cli"}
 
 
 def stage_function(stage: str):

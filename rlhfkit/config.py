@@ -763,12 +763,14 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def build_config(stage: str, values: dict[str, Any], source: str = "config") -> BaseConfig:
-    """Validate `values` for `stage`; raise one ConfigError listing every problem."""
-    if stage not in STAGES:
+def build_config(stage: str, values: dict[str, Any], source: str = "config",
+                 config_cls: type[BaseModel] | None = None) -> BaseConfig:
+    """Validate `values` for `stage` (or for `config_cls`, a config outside STAGES such as `rlhfkit
+    eval`'s); raise one ConfigError listing every problem."""
+    if config_cls is None and stage not in STAGES:
         raise ConfigError(f"unknown stage '{stage}'{_suggest(stage, list(STAGES))}; "
                           f"choose one of {', '.join(STAGES)}")
-    cls = STAGES[stage]
+    cls = config_cls or STAGES[stage]
     fields = list(cls.model_fields)
     problems = []
     for key in values:
