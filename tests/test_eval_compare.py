@@ -282,6 +282,22 @@ def test_errors_before_loading(tmp_path, two_models, capsys, no_loading):
     assert "expected NAME=REFERENCE" in err
 
 
+def test_config_file_with_overrides(tmp_path, two_models, capsys, no_loading):
+    """A YAML config takes the same keys; flags and key=value override it; a bad key names the file."""
+    import yaml
+
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump({"models": {"a": two_models["a"]}, "task": "sentiment", "judgs": ["gold"]}))
+    err = _fail([str(path)], capsys)
+    assert str(path) in err and "unknown key 'judgs'" in err and "did you mean 'judges'" in err
+    path.write_text(yaml.safe_dump({"models": {"a": two_models["a"]}, "task": "sentiment", "num_prompts": 4}))
+    _, values = compare.parse_eval_args([str(path), "num_prompts=9", "--model", f"b={two_models['b']}",
+                                         "--judges", "gold", "--disable-tqdm"])
+    c = build_eval_config(values)
+    assert c.num_prompts == 9 and c.models == {"a": two_models["a"], "b": two_models["b"]}
+    assert c.judges == ["gold"] and c.disable_tqdm is True and c.baseline_name == "a"
+
+
 def test_missing_rouge_package_names_the_install_command(tmp_path, two_models, monkeypatch, no_loading):
     import sys
 
