@@ -282,6 +282,15 @@ def test_errors_before_loading(tmp_path, two_models, capsys, no_loading):
     assert "expected NAME=REFERENCE" in err
 
 
+def test_a_missing_relative_path_is_not_taken_for_a_hub_id(tmp_path, two_models, capsys, no_loading, monkeypatch):
+    """`runs/sfft` (one slash, like owner/name) is a path when `runs/` exists: 'does not exist', not a
+    hub lookup."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    err = _fail(["--model", f"a={two_models['a']}", "--model", "b=runs/sfft", "--task", "sentiment"], capsys)
+    assert "models.b: runs/sfft does not exist" in err
+
+
 def test_config_file_with_overrides(tmp_path, two_models, capsys, no_loading):
     """A YAML config takes the same keys; flags and key=value override it; a bad key names the file."""
     import yaml

@@ -41,6 +41,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
+from rlhfkit.config import DatasetFormat
 from rlhfkit.errors import ConfigError
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
@@ -63,7 +64,7 @@ class EvalConfig(BaseModel):
     Default: the held-out prompts of `task`."""
     column_map: dict[str, str] = {}
     """Rename columns of `prompts` before format detection: `{their_name: our_name}`."""
-    dataset_format: str | None = None
+    dataset_format: DatasetFormat | None = None
     """Row format of `prompts`; detected from the columns when omitted."""
     task: str | None = None
     """A built-in task (e.g. `sentiment`): its gold reward is scored (judge `gold`), and without
@@ -308,7 +309,9 @@ def check_model_reference(label: str, reference: str) -> None:
         if not path.is_file():
             raise ConfigError(f"{label}: GGUF file {reference} does not exist")
         return
-    looks_local = reference.startswith((".", "/", "~")) or path.exists() or reference.count("/") != 1
+    parent = path.parent
+    looks_local = (reference.startswith((".", "/", "~")) or path.exists() or reference.count("/") != 1
+                   or parent.is_dir())  # `runs/sft` next to an existing `runs/` is a path, not a hub id
     if not looks_local:
         return  # a hub id owner/name
     if not path.exists():
@@ -361,7 +364,8 @@ def _load_model(reference: str, *, device=None, trust_remote_code: bool = False,
                                dtype=dtype)
         from peft import PeftModel
 
-        tokenizer = load_tokenizer(str(path), trust_remote_code=trust_remote_code)
+        has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+        tokenizer = load_tokenizer(str(path) if has_tokenizer else base, trust_remote_code=trust_remote_code)
         model = load_causal_lm(base, tokenizer, trust_remote_code=trust_remote_code, dtype=dtype)
         model = PeftModel.from_pretrained(model, str(path))
     else:
@@ -424,9 +428,8 @@ def _score(c: EvalConfig, ro, tokenizer, task, funcs, rm) -> dict[str, list[floa
         out[REWARD_MODEL] = scorer(ro)[1][REWARD_MODEL].cpu().tolist()
     if funcs:
         ids = [r[m].tolist() for r, m in zip(ro.responses.cpu(), ro.response_mask.cpu())]
-        rows = [{k: v for k, v in r.items() if k != "reference"} for r in ro.rows]
         parts = score_completions(funcs, prompts=prompts, completions=ro.texts, completion_ids=ids, ended=ended,
-                                  rows=rows)
+                                  rows=ro.rows)  # every column reaches the functions, `reference` too
         out.update({name: v.tolist() for name, v in parts.items() if name not in out})
     return out
 
