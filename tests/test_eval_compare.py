@@ -280,6 +280,10 @@ def test_errors_before_loading(tmp_path, two_models, capsys, no_loading):
     assert "holds no model" in err
     err = _fail(["--model", "a", "--task", "sentiment"], capsys)
     assert "expected NAME=REFERENCE" in err
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"prompt": [{"role": "user", "content": "hi"}]}) + "\n")
+    err = _fail(["--model", a, "--task", "sentiment", "--prompts", str(chat)], capsys)
+    assert f"{chat}:line 1" in err and "message list" in err
 
 
 def test_a_missing_relative_path_is_not_taken_for_a_hub_id(tmp_path, two_models, capsys, no_loading, monkeypatch):

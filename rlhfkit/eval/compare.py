@@ -476,6 +476,10 @@ def run_eval(c: EvalConfig, printer=print) -> dict:
         if not rm_dir.is_dir() or not ((rm_dir / "config.json").is_file() or (rm_dir / "adapter_config.json").is_file()):
             raise ConfigError(f"reward_model: {c.reward_model} is not a reward-model directory (from `rlhfkit rm`)")
     rows = load_eval_rows(c, task)
+    if task is not None and not all(isinstance(r["prompt"], str) for r in rows):
+        first = next(r for r in rows if not isinstance(r["prompt"], str))
+        raise ConfigError(f"{first.get('_source')}: task {c.task}'s gold reward scores text prompts, and this "
+                          "prompt is a message list; drop `task` or use the task's own prompt files")
     references = [r["reference"] for r in rows] if rows and "reference" in rows[0] else None
     if references is not None:
         _rouge_scorer()  # the package is there (else the install command), before any model loads
