@@ -315,7 +315,7 @@ def test_rows_that_do_not_fit_are_skipped_and_counted(tiny_model_dir, pref_file,
     assert result.summary["skipped_train"] == 0 and result.summary["train_examples"] == 48
 
 
-def test_sample_kl_to_itself_is_zero(tiny_model, tiny_tokenizer):
+def test_rollout_kl_to_itself_is_zero(tiny_model, tiny_tokenizer):
     """`sample_and_score(..., reference=m)` adds `kl`; a model has KL 0 to itself, and a perturbed
     copy a positive one on its own samples (the demo compares SFT and DPO this way)."""
     from rlhfkit.eval.generation import sample_and_score

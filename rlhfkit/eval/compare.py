@@ -10,7 +10,7 @@ per chunk: same seed and batch size, same samples). Per model:
     reward/<name>      mean of each reward function (rows it applies to)
     kl_to_reference    KL(model || reference) summed over response tokens, mean over prompts:
                        the k1 estimator on the model's own samples, log-probs at the sampling
-                       temperature (`eval.generation.sample_kl`, the demo's KL)
+                       temperature (`eval.generation.rollout_kl`, the demo's KL)
     length, eos_rate   mean response tokens (EOS included), share ended by EOS / a stop string
     distinct_1/2       unique n-grams / all n-grams over all responses (whitespace words)
     rouge1/2/L         mean ROUGE F1 against the rows' references (`rouge-score`)
@@ -399,16 +399,15 @@ def _responses(c: EvalConfig, model, tokenizer, rows: list[dict], device):
     return ids, ro
 
 
-def _kl(c: EvalConfig, model, tokenizer, reference, ref_tokenizer, ids, ro) -> float:
-    """`sample_kl` (the demo's KL: k1 summed over response tokens, mean over prompts) on the rollout."""
-    from rlhfkit.eval.generation import sample_kl
-    from rlhfkit.rollout.generate import Generation
+def _kl(c: EvalConfig, model, tokenizer, reference, ref_tokenizer, ro) -> float:
+    """`rollout_kl` (k1 summed over response tokens, the online stages' and the demo's KL), mean
+    over prompts."""
+    from rlhfkit.eval.generation import rollout_kl
 
     if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise ConfigError(f"reference {c.reference}: its tokenizer differs from the model's, so the KL over "
                           "token log-probs is undefined; compare models that share a vocabulary")
-    gen = Generation(ids, ro.responses.cpu(), ro.response_mask.cpu(), ro.ended.cpu(), ro.texts)
-    return sample_kl(model, reference, gen, tokenizer.pad_token_id, c.temperature, c.batch_size)
+    return rollout_kl(model, reference, ro, c.temperature, c.batch_size).mean().item()
 
 
 def _score(c: EvalConfig, ro, tokenizer, task, funcs, rm) -> dict[str, list[float]]:
@@ -528,7 +527,7 @@ def run_eval(c: EvalConfig, printer=print) -> dict:
             bar.set_postfix_str(f"{name}: KL")
             if name == c.reference:
                 reference, ref_tokenizer = model, tokenizer
-            metrics["kl_to_reference"] = _kl(c, model, tokenizer, reference, ref_tokenizer, ids, ro)
+            metrics["kl_to_reference"] = _kl(c, model, tokenizer, reference, ref_tokenizer, ro)
             bar.update(1)
         metrics.update({"length": ro.lengths.float().mean().item(), "eos_rate": ro.ended.float().mean().item(),
                         "distinct_1": distinct_n(ro.texts, 1), "distinct_2": distinct_n(ro.texts, 2)})

@@ -23,8 +23,7 @@ import torch
 
 from rlhfkit.config import OnlineConfig
 from rlhfkit.errors import ConfigError
-from rlhfkit.losses.masked import masked_sum
-from rlhfkit.models.logprobs import response_logps
+from rlhfkit.eval.generation import rollout_kl
 from rlhfkit.rollout.generate import HFGenerator, SamplingParams
 from rlhfkit.rollout.rewards import load_reward_funcs
 from rlhfkit.rollout.rollout import Rollout, Scorer, encode_prompts, generate_rollout, source_metrics
@@ -225,16 +224,7 @@ def evaluate_policy(run: Run, setup: OnlineSetup, policy, reference, scorer: Sco
         metrics = {"scores": scores.mean().item(), "length": ro.lengths.float().mean().item(),
                    "eos_rate": ro.ended.float().mean().item(), **(source_metrics(parts) if len(parts) > 1 else {})}
         if reference is not None:
-            chunks = [torch.arange(i, min(i + batch_size, len(ro.texts))) for i in range(0, len(ro.texts), batch_size)]
-            kl = torch.zeros(len(ro.texts), device=run.device)
-            suppress = [tok.pad_token_id]
-            for idx in chunks:
-                ids, mask = ro.input_ids[idx], ro.attention_mask[idx]
-                lp, _ = response_logps(policy, ids, mask, ro.context_length, c.temperature, suppress_ids=suppress)
-                with reference() as ref:
-                    rp, _ = response_logps(ref, ids, mask, ro.context_length, c.temperature, suppress_ids=suppress)
-                kl[idx] = masked_sum(lp - rp, ro.response_mask[idx], dim=1)
-            metrics["kl"] = kl.mean().item()
+            metrics["kl"] = rollout_kl(policy, reference, ro, c.temperature, batch_size).mean().item()
     policy.train(was_training)
     gold = correct = None
     prompts = [r["prompt"] for r in ro.rows]
