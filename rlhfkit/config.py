@@ -932,7 +932,7 @@ def build_config(stage: str, values: dict[str, Any], source: str = "config") -> 
         raise ConfigError(f"{source} ({stage}): {e}") from None
     fields = list(cls.model_fields)
     problems = []
-    if values.get("dataset_dir") is not None and not problems:
+    if values.get("dataset_dir") is not None:
         from rlhfkit.data.llamafactory import check_names
 
         for key in ("dataset", "eval_dataset"):
@@ -943,7 +943,7 @@ def build_config(stage: str, values: dict[str, Any], source: str = "config") -> 
                     problems.append(f"{key}: {e}")
     for key in values:
         if key not in cls.model_fields:
-            problems.append(f"unknown key '{key}'{_suggest(key, fields)}")
+            problems.append(f"unknown key '{key}'{_suggest(key, fields + list(KEY_ALIASES) + list(IGNORED_KEYS))}")
     if problems:
         raise ConfigError(f"{source} ({stage}): " + "; ".join(problems))
     try:
