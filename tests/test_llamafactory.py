@@ -311,6 +311,9 @@ def test_ranking_entries_alpaca_and_sharegpt_to_preference(tmp_path):
         assert row["prompt"] == [{"role": "user", "content": "Rate it"}]
         assert row["chosen"] == [{"role": "assistant", "content": "Good."}]
         assert row["rejected"] == [{"role": "assistant", "content": "Bad."}]
+    prompts, fmt = load_stage_rows("a,s", d, ("prompt", "prompt_completion", "messages"))   # ppo: the prompts
+    assert fmt == "prompt" and [r["prompt"] for r in to_canonical(prompts, fmt)] == [
+        [{"role": "user", "content": "Rate it"}]] * 2
 
 
 def test_sharegpt_and_kto_entries(tmp_path):

@@ -23,7 +23,7 @@ system turn. The rows become what the stage trains on (`to_stage_rows`):
     messages (sft)          {"messages": system, history, user, assistant}   every reply trains
     preference (rm, dpo)    {"prompt": messages up to the user turn, "chosen", "rejected"}   ranking: true
     unpaired (kto)          {"prompt", "completion", "label": kto_tag}   (kto also takes ranking pairs)
-    prompt (ppo, grpo)      {"prompt": messages up to the last user turn}
+    prompt (ppo, grpo)      {"prompt": messages up to the last user turn}   any entry
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ def _target(entries: list[dict], formats: tuple[str, ...]) -> str:
     """The rlhfkit format the stage trains on that every entry can give."""
     def gives(entry: dict) -> set[str]:
         if entry["ranking"]:
-            return {"preference"}
+            return {"preference", "prompt"}
         kto = entry["columns"]["kto_tag"] is not None
         return {"text", "prompt"} | ({"unpaired"} if kto else {"messages", "prompt_completion"})
 
@@ -196,7 +196,8 @@ def to_stage_row(row: dict, entry: dict, fmt: str) -> dict:
     except _Bad as e:
         raise DataError(str(e), source=source, field=e.field) from None
     cols = entry["columns"]
-    consumed = {v for v in cols.values() if v}
+    consumed = {v for v in cols.values() if v} | ({cols["chosen"] or "chosen", cols["rejected"] or "rejected"}
+                                                   if entry["ranking"] else set())
     extras = {k: v for k, v in row.items() if k not in consumed}
     if fmt == "text":
         return {**extras, "text": prompt[-1]["content"]}
