@@ -860,10 +860,11 @@ IGNORED_KEYS = {
 `do_train` and `do_predict` are checked instead: rlhfkit STAGE always trains."""
 
 
-def translate_keys(values: dict[str, Any]) -> tuple[dict[str, Any], list[str], list[str]]:
+def translate_keys(values: dict[str, Any], logging_steps: int = 10) -> tuple[dict[str, Any], list[str], list[str]]:
     """LLaMA-Factory / Hugging Face names -> rlhfkit's keys (see KEY_ALIASES, VALUE_ALIASES,
     IGNORED_KEYS). Returns (new values, notes on what was translated, the ignored keys that were
-    dropped). Raises ConfigError on contradictions."""
+    dropped). `logging_steps` is the stage's default (eval_strategy: steps falls back to it, as in HF).
+    Raises ConfigError on contradictions."""
     out = dict(values)
     notes: list[str] = []
     problems: list[str] = []
@@ -892,7 +893,7 @@ def translate_keys(values: dict[str, Any]) -> tuple[dict[str, Any], list[str], l
         out["warmup_steps"] = int(warmup)
     strategy = out.get("eval_strategy")
     if strategy == "steps" and out.get("eval_steps") is None:
-        out["eval_steps"] = out.get("logging_steps", 10)
+        out["eval_steps"] = out.get("logging_steps", logging_steps)
         notes.append(f"eval_strategy: steps without eval_steps -> eval_steps: {out['eval_steps']} (logging_steps)")
     elif strategy == "no" and out.get("eval_steps") is not None:
         notes.append(f"eval_strategy: no -> eval_steps {out['eval_steps']} not used (evaluation at the end only)")
@@ -927,7 +928,7 @@ def build_config(stage: str, values: dict[str, Any], source: str = "config") -> 
         if named != stage:
             raise ConfigError(f"{source}: the config says stage: {named} but it is being run as {stage}")
     try:
-        values, notes, ignored = translate_keys(values)
+        values, notes, ignored = translate_keys(values, cls.model_fields["logging_steps"].default)
     except ConfigError as e:
         raise ConfigError(f"{source} ({stage}): {e}") from None
     fields = list(cls.model_fields)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -103,12 +104,23 @@ def test_mlflow_file_store_gets_metrics_params_and_summary(tmp_path, monkeypatch
     assert "summary.json" in artifacts
 
 
-def _wandb_records(run_dir: Path) -> list:
-    """Records of an offline run's .wandb file (a LevelDB-style log: 7-byte file header, 32 KiB
-    blocks, each record chunk with a 7-byte header crc32/length/type)."""
+def _wandb_records(run_dir: Path, timeout: float = 60.0) -> list:
+    """Records of an offline run's .wandb file, once its `exit` record is there: wandb's service
+    process writes the file after `finish()` returns (seen with wandb 0.31 offline)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = _read_wandb_file(next(run_dir.glob("*.wandb")))
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
+def _read_wandb_file(path: Path) -> list:
+    """A .wandb file's records (a LevelDB-style log: 7-byte file header, 32 KiB blocks, each record
+    chunk with a 7-byte header crc32/length/type)."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    data = next(run_dir.glob("*.wandb")).read_bytes()
+    data = path.read_bytes()
     assert data[:4] == b":W&B"
     chunks, pending, pos, block = [], b"", 7, 32768
     while pos + 7 <= len(data):
