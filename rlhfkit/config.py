@@ -9,6 +9,7 @@ LLaMA-Factory so that users' habits carry over.
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -47,11 +48,20 @@ class BaseConfig(BaseModel):
     chat_template: str | None = None
     """A Jinja chat template overriding the tokenizer's (default: the tokenizer's own, or
     rlhfkit's ChatML template when it has none)."""
+    template: str | None = None
+    """LLaMA-Factory's template name (`qwen`, `llama3`, `chatml`, `default`, ...; the list is
+    `rlhfkit.data.templates.TEMPLATES`): use that chat template instead of the tokenizer's, and its
+    end-of-turn marker as EOS when the tokenizer has it as one token. Not with `chat_template`."""
 
     # ---- data --------------------------------------------------------------------------------
     dataset: str | list[str]
     """Training data: a file (.json/.jsonl/.csv/.parquet), a list of files (mixed), a dataset
     saved with `save_to_disk`, or a hub id (needs internet). `name:split` selects a split."""
+    dataset_dir: str | None = None
+    """LLaMA-Factory: a directory holding `dataset_info.json`. When set, `dataset` and
+    `eval_dataset` are names of its entries (a list or comma-separated), read with the entry's
+    `file_name`, `formatting` (alpaca / sharegpt), `columns`, `tags` and `ranking`, and mapped onto
+    the rows this stage trains on. Without it `dataset` is a path or hub id."""
     dataset_format: DatasetFormat | None = None
     """Row format; detected from the columns when omitted."""
     column_map: dict[str, str] = {}
@@ -90,7 +100,8 @@ class BaseConfig(BaseModel):
     warmup_ratio: float = 0.0
     """Fraction of the steps spent warming up linearly from 0."""
     warmup_steps: int = 0
-    """Warmup steps; overrides `warmup_ratio` when > 0."""
+    """Warmup steps; overrides `warmup_ratio` when > 0. A value in (0, 1) is read as a ratio
+    (as transformers >= 4.57 and LLaMA-Factory users do) and moved to `warmup_ratio`, with a note."""
     weight_decay: float = 0.0
     """AdamW weight decay (not applied to biases and norms)."""
     adam_beta1: float = 0.9
@@ -109,6 +120,10 @@ class BaseConfig(BaseModel):
     """Log training metrics every this many optimizer steps."""
     eval_steps: int | None = None
     """Evaluate every this many steps (needs `eval_dataset` or `val_size`); always at the end."""
+    eval_strategy: Literal["no", "steps", "epoch"] | None = None
+    """Hugging Face's name (also `evaluation_strategy`): `steps` evaluates every `eval_steps`
+    (default: `logging_steps`), `epoch` at the end of every epoch (pt, sft, rm, dpo, kto), `no`
+    only at the end of the run. None: every `eval_steps` when set."""
     save_steps: int | None = None
     """Write a resumable checkpoint every this many steps."""
     save_total_limit: int | None = 2
@@ -117,8 +132,13 @@ class BaseConfig(BaseModel):
     """A checkpoint directory, or `true` for the latest one in `output_dir`."""
     disable_tqdm: bool | None = None
     """Hide progress bars (default: shown only on a terminal)."""
-    report_to: list[Literal["tensorboard"]] = ["tensorboard"]
-    """Loggers besides metrics.jsonl; [] for none."""
+    report_to: str | list[str] = ["tensorboard"]
+    """Experiment trackers besides metrics.jsonl (Hugging Face's convention: a name or a list):
+    `tensorboard`, `wandb`, `mlflow`, `all` (tensorboard and every installed one of wandb, mlflow) or
+    `none` / []. wandb and mlflow are optional extras (`pip install 'rlhfkit[wandb]'`); each gets the
+    same metric names and the resolved config as parameters."""
+    run_name: str | None = None
+    """The run's name in wandb and mlflow (default: the name of `output_dir`)."""
 
     # ---- parameter-efficient fine-tuning and precision ---------------------------------------
     finetuning_type: Literal["full", "lora"] = "full"
@@ -139,6 +159,10 @@ class BaseConfig(BaseModel):
     """Recompute activations in backward to save memory."""
     bf16: bool = False
     """Train with bfloat16 autocast (weights and optimizer stay fp32)."""
+    fp16: bool = False
+    """float16 mixed precision is not implemented (it needs loss scaling in every loop). On a CPU,
+    `fp16: true` trains in fp32 and says so at start (CPU autocast has no fp16 training path worth
+    having); on a GPU it is an error that suggests `bf16: true`."""
 
     # ---- built-in task evaluation ------------------------------------------------------------
     task: str | None = None
@@ -183,9 +207,51 @@ class BaseConfig(BaseModel):
             problems.append("eval_steps needs eval_dataset or val_size > 0 (or a built-in `task`) to evaluate on")
         if self.merge_lora and self.finetuning_type != "lora":
             problems.append("merge_lora: true needs finetuning_type: lora")
+        if self.dataset_dir is not None and self.column_map:
+            problems.append("column_map does not apply with dataset_dir: the columns come from dataset_info.json")
+        if self.fp16 and self.bf16:
+            problems.append("give fp16 or bf16, not both")
+        if self.template is not None and self.chat_template is not None:
+            problems.append("give template (a LLaMA-Factory template name) or chat_template (Jinja), not both")
+        if self.template is not None:
+            from rlhfkit.data.templates import TEMPLATES
+
+            if self.template not in TEMPLATES:
+                problems.append(f"template '{self.template}' is not one rlhfkit knows"
+                                f"{_suggest(self.template, list(TEMPLATES))}; known: {', '.join(TEMPLATES)} "
+                                "(or leave it out to use the tokenizer's own chat template)")
+        try:
+            from rlhfkit.train.tracking import check_trackers
+
+            check_trackers(self.trackers)
+        except (ValueError, ConfigError) as e:
+            problems.append(str(e))
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @property
+    def trackers(self) -> list[str]:
+        """`report_to` resolved: a list of tracker names out of TRACKERS (`all` expanded to
+        tensorboard and every installed optional tracker)."""
+        names = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
+        if names in (["none"], ["None"]):
+            return []
+        out: list[str] = []
+        for name in names:
+            if name == "all":
+                import importlib.util
+
+                out += ["tensorboard"] + [t for t in ("wandb", "mlflow") if importlib.util.find_spec(t)]
+            elif name in TRACKERS:
+                out.append(name)
+            else:
+                raise ValueError(f"report_to: '{name}' is not a tracker rlhfkit supports{_suggest(name, TRACKERS)}; "
+                                 f"choose from {', '.join(TRACKERS)}, all, none")
+        return list(dict.fromkeys(out))
+
+
+TRACKERS = ["tensorboard", "wandb", "mlflow"]
 
 
 class PTConfig(BaseConfig):
@@ -486,6 +552,9 @@ class OnlineConfig(BaseConfig):
                             "reward sources ([reward_model,] *reward_funcs)")
         if self.missing_eos_penalty is not None and self.missing_eos_score is not None:
             problems.append("give missing_eos_penalty or missing_eos_score, not both")
+        if self.eval_strategy == "epoch":
+            problems.append(f"eval_strategy: epoch is not offered by {self._stage} (an online step is not a pass "
+                            "over the data); use eval_strategy: steps with eval_steps")
         if self.gradient_accumulation_steps != 1:
             problems.append(f"gradient_accumulation_steps is derived in {self._stage} (rollout batch / "
                             "num_mini_batches / per_device_train_batch_size); remove it")
@@ -763,23 +832,126 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+# ---- LLaMA-Factory / Hugging Face names -------------------------------------------------------
+# rlhfkit's own keys are the primary ones; these are translated by `translate_keys` before
+# validation, and what was translated is printed in one line.
+
+KEY_ALIASES = {"cutoff_len": "max_length", "evaluation_strategy": "eval_strategy"}
+"""Other projects' name -> rlhfkit's key with the same meaning. Giving both with different values
+is an error."""
+
+VALUE_ALIASES = {("lora_target", "all"): "all-linear"}
+"""(key, their value) -> rlhfkit's value."""
+
+IGNORED_KEYS = {
+    "preprocessing_num_workers": "data is encoded in the training process",
+    "preprocessing_batch_size": "data is encoded in the training process",
+    "dataloader_num_workers": "batches are built in the training process",
+    "overwrite_cache": "rlhfkit keeps no cache of preprocessed data",
+    "ddp_timeout": "torch.distributed's default timeout applies",
+    "do_eval": "rlhfkit evaluates whenever there is eval_dataset or val_size",
+    "flash_attn": "the model's default attention kernel is used",
+    "save_only_model": "checkpoints always hold what resuming needs",
+    "logging_dir": "TensorBoard events go to output_dir/tensorboard",
+    "plot_loss": "plots/loss.png is always written",
+    "include_num_input_tokens_seen": "not tracked",
+}
+"""Keys that mean nothing here (or that rlhfkit always does): accepted, listed in one printed line.
+`do_train` and `do_predict` are checked instead: rlhfkit STAGE always trains."""
+
+
+def translate_keys(values: dict[str, Any], logging_steps: int = 10) -> tuple[dict[str, Any], list[str], list[str]]:
+    """LLaMA-Factory / Hugging Face names -> rlhfkit's keys (see KEY_ALIASES, VALUE_ALIASES,
+    IGNORED_KEYS). Returns (new values, notes on what was translated, the ignored keys that were
+    dropped). `logging_steps` is the stage's default (eval_strategy: steps falls back to it, as in HF).
+    Raises ConfigError on contradictions."""
+    out = dict(values)
+    notes: list[str] = []
+    problems: list[str] = []
+    for theirs, ours in KEY_ALIASES.items():
+        if theirs in out:
+            value = out.pop(theirs)
+            if ours in out and out[ours] != value:
+                problems.append(f"{theirs}={value!r} and {ours}={out[ours]!r} disagree ({theirs} is "
+                                f"LLaMA-Factory's / Hugging Face's name for {ours}); give one")
+            out[ours] = value
+            notes.append(f"{theirs} -> {ours}")
+    for (key, theirs), ours in VALUE_ALIASES.items():
+        if out.get(key) == theirs:
+            out[key] = ours
+            notes.append(f"{key}: {theirs} -> {ours}")
+    if isinstance(out.get("lora_target"), str) and "," in out["lora_target"]:
+        out["lora_target"] = [t.strip() for t in out["lora_target"].split(",") if t.strip()]
+    warmup = out.get("warmup_steps")
+    if isinstance(warmup, float) and 0 < warmup < 1:
+        if out.get("warmup_ratio") not in (None, 0, 0.0, warmup):
+            problems.append(f"warmup_steps={warmup} (a fraction: a ratio) and warmup_ratio={out['warmup_ratio']} "
+                            "disagree; give one")
+        out["warmup_ratio"] = out.pop("warmup_steps")
+        notes.append(f"warmup_steps: {warmup} is a fraction, read as warmup_ratio: {warmup}")
+    elif isinstance(warmup, float) and warmup == int(warmup):
+        out["warmup_steps"] = int(warmup)
+    strategy = out.get("eval_strategy")
+    if strategy == "steps" and out.get("eval_steps") is None:
+        out["eval_steps"] = out.get("logging_steps", logging_steps)
+        notes.append(f"eval_strategy: steps without eval_steps -> eval_steps: {out['eval_steps']} (logging_steps)")
+    elif strategy == "no" and out.get("eval_steps") is not None:
+        notes.append(f"eval_strategy: no -> eval_steps {out['eval_steps']} not used (evaluation at the end only)")
+        out["eval_steps"] = None
+    if out.get("dataset_dir") is not None:
+        for key in ("dataset", "eval_dataset"):
+            if isinstance(out.get(key), str) and "," in out[key]:
+                out[key] = [name.strip() for name in out[key].split(",") if name.strip()]
+    for key, want in (("do_train", True), ("do_predict", False)):
+        if key in out:
+            if out.pop(key) is not want:
+                problems.append(f"{key}: {not want}: rlhfkit STAGE trains (evaluate a model with "
+                                "`rlhfkit eval-rm`, or a run's eval data at its end)")
+    ignored = [k for k in out if k in IGNORED_KEYS]
+    for k in ignored:
+        del out[k]
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return out, notes, ignored
+
+
 def build_config(stage: str, values: dict[str, Any], source: str = "config",
                  config_cls: type[BaseModel] | None = None) -> BaseConfig:
     """Validate `values` for `stage` (or for `config_cls`, a config outside STAGES such as `rlhfkit
-    eval`'s); raise one ConfigError listing every problem."""
+    eval`'s, which takes its keys as they are); raise one ConfigError listing every problem.
+    For a training stage LLaMA-Factory / Hugging Face names are translated first
+    (`translate_keys`) and the translation printed."""
     if config_cls is None and stage not in STAGES:
         raise ConfigError(f"unknown stage '{stage}'{_suggest(stage, list(STAGES))}; "
                           f"choose one of {', '.join(STAGES)}")
     cls = config_cls or STAGES[stage]
+    if "stage" in values:
+        values = dict(values)
+        named = values.pop("stage")
+        if named != stage:
+            raise ConfigError(f"{source}: the config says stage: {named} but it is being run as {stage}")
+    try:
+        values, notes, ignored = translate_keys(values, cls.model_fields["logging_steps"].default)
+    except ConfigError as e:
+        raise ConfigError(f"{source} ({stage}): {e}") from None
     fields = list(cls.model_fields)
     problems = []
+    if values.get("dataset_dir") is not None:
+        from rlhfkit.data.llamafactory import check_names
+
+        for key in ("dataset", "eval_dataset"):
+            if values.get(key) is not None:
+                try:
+                    check_names(values[key], values["dataset_dir"])
+                except ValueError as e:
+                    problems.append(f"{key}: {e}")
     for key in values:
         if key not in cls.model_fields:
-            problems.append(f"unknown key '{key}'{_suggest(key, fields)}")
+            problems.append(f"unknown key '{key}'{_suggest(key, fields + list(KEY_ALIASES) + list(IGNORED_KEYS))}")
     if problems:
         raise ConfigError(f"{source} ({stage}): " + "; ".join(problems))
     try:
-        return cls(**values)
+        config = cls(**values)
     except ValidationError as e:
         for err in e.errors():
             loc = ".".join(str(p) for p in err["loc"])
@@ -791,13 +963,38 @@ def build_config(stage: str, values: dict[str, Any], source: str = "config",
                 value = values.get(str(err["loc"][0]), err.get("input"))
                 problems.append(f"key '{loc}' = {value!r}: {err['msg']}")
         raise ConfigError(f"{source} ({stage}): " + "; ".join(dict.fromkeys(problems))) from None
+    if config.template is not None:
+        from rlhfkit.data.templates import TEMPLATES
+
+        notes.append(f"template: {config.template} -> {TEMPLATES[config.template].description} "
+                     "(rlhfkit/data/templates.py)")
+    if int(os.environ.get("RANK", "0")) == 0:
+        if notes:
+            print(f"[{stage}] LLaMA-Factory / Hugging Face keys: " + "; ".join(notes), flush=True)
+        if ignored:
+            print(f"[{stage}] ignored keys (no meaning in rlhfkit): "
+                  + "; ".join(f"{k} ({IGNORED_KEYS[k]})" for k in ignored), flush=True)
+    return config
 
 
-def load_config(stage: str, path: str | Path | None, overrides: list[str] | None = None) -> BaseConfig:
-    """Read a YAML config, apply `key=value` overrides, validate for `stage`."""
+def load_config(stage: str | None, path: str | Path | None, overrides: list[str] | None = None) -> BaseConfig:
+    """Read a YAML config, apply `key=value` overrides, validate for `stage`.
+
+    A `stage:` key in the file (LLaMA-Factory's) names the stage when `stage` is None
+    (`rlhfkit train CONFIG.yaml`); when both are given they must agree."""
     values = read_yaml(path) if path else {}
     values.update(parse_overrides(overrides or []))
-    return build_config(stage, values, source=str(path) if path else "command line")
+    source = str(path) if path else "command line"
+    named = values.pop("stage", None)
+    if stage is None:
+        if named is None:
+            raise ConfigError(f"{source}: no `stage:` key; add one ({', '.join(STAGES)}) or run "
+                              "`rlhfkit STAGE CONFIG.yaml`")
+        stage = str(named)
+    elif named is not None and named != stage:
+        raise ConfigError(f"{source}: the config says stage: {named} but the command is `rlhfkit {stage}`; "
+                          f"run `rlhfkit {named}` (or `rlhfkit train`), or fix the stage key")
+    return build_config(stage, values, source=source)
 
 
 def describe_config(cls: type[BaseConfig]) -> str:

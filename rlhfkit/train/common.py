@@ -31,10 +31,18 @@ def load_split(config: BaseConfig, formats: tuple[str, ...]) -> tuple[list[dict]
     """Read, validate and canonicalise train (and eval) rows; split `val_size` off when asked.
 
     Every row is validated here, before any model is loaded."""
-    train = to_canonical(load_rows(config.dataset, config.column_map), config.dataset_format)
+    def read(spec) -> list[dict]:
+        if config.dataset_dir is not None:  # LLaMA-Factory names in dataset_dir/dataset_info.json
+            from rlhfkit.data.llamafactory import load_stage_rows
+
+            rows, fmt = load_stage_rows(spec, config.dataset_dir, formats, seed=config.seed)
+            return to_canonical(rows, fmt)
+        return to_canonical(load_rows(spec, config.column_map), config.dataset_format)
+
+    train = read(config.dataset)
     check_format(train, formats, config.dataset)
     if config.eval_dataset is not None:
-        evaluation = to_canonical(load_rows(config.eval_dataset, config.column_map), config.dataset_format)
+        evaluation = read(config.eval_dataset)
         check_format(evaluation, formats, config.eval_dataset)
     else:
         evaluation = []
@@ -88,9 +96,18 @@ def row_texts(rows: Iterable[dict]) -> Iterable[str]:
 def config_tokenizer(c: BaseConfig, texts: Callable[[], Iterable[str]]):
     """The tokenizer a config names (`tokenizer_name_or_path` or the model's; a preset trains one
     on `texts()`), with a dedicated pad token and the configured chat template."""
-    return load_tokenizer(c.model_name_or_path, tokenizer_name_or_path=c.tokenizer_name_or_path,
-                          gguf_file=c.gguf_file, trust_remote_code=c.trust_remote_code,
-                          chat_template=c.chat_template, preset_texts=texts)
+    if c.template is None:
+        return load_tokenizer(c.model_name_or_path, tokenizer_name_or_path=c.tokenizer_name_or_path,
+                              gguf_file=c.gguf_file, trust_remote_code=c.trust_remote_code,
+                              chat_template=c.chat_template, preset_texts=texts)
+    from rlhfkit.data.templates import TEMPLATES, use_stop_as_eos
+
+    template = TEMPLATES[c.template]
+    tokenizer = load_tokenizer(c.model_name_or_path, tokenizer_name_or_path=c.tokenizer_name_or_path,
+                               gguf_file=c.gguf_file, trust_remote_code=c.trust_remote_code,
+                               chat_template=template.jinja, preset_texts=texts)
+    use_stop_as_eos(tokenizer, template)
+    return tokenizer
 
 
 def setup_model(run: Run, texts: Callable[[], Iterable[str]]):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -138,6 +139,13 @@ def start_run(config: BaseConfig, stage: str) -> Run:
     from accelerate import Accelerator
 
     on_cpu = not torch.cuda.is_available()
+    if config.fp16:
+        if not on_cpu:
+            raise ConfigError("fp16: true: float16 mixed precision (with loss scaling) is not implemented in "
+                              "rlhfkit; use bf16: true (GPUs since Ampere) or fp16: false")
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"[{stage}] fp16: true cannot be honoured on a CPU (no float16 mixed-precision training "
+                  "there): training in fp32 (bf16: true gives bfloat16 autocast)", flush=True)
     if on_cpu:
         tune_cpu_allocator()
         if config.bf16 and not cpu_has_native_bf16():
@@ -170,8 +178,9 @@ def start_run(config: BaseConfig, stage: str) -> Run:
         import json
 
         resume_step = json.loads((resume_from / "trainer_state.json").read_text())["step"]
-    logger = MetricsLogger(out, enabled=accelerator.is_main_process,
-                           tensorboard="tensorboard" in config.report_to, resume_step=resume_step)
+    logger = MetricsLogger(out, enabled=accelerator.is_main_process, trackers=config.trackers,
+                           resume_step=resume_step, config={"stage": stage, **config.model_dump(mode="json")},
+                           run_name=config.run_name)
     return Run(config, stage, accelerator, out, logger, resume_from)
 
 
@@ -343,7 +352,9 @@ def fit(
             record["lr"] = metrics["lr"]
             record["epoch"] = done * accum / stream.per_epoch
             window = []
-        if evaluate is not None and (done == steps or (c.eval_steps and done % c.eval_steps == 0)):
+        epoch_end = (done * accum) // stream.per_epoch > (step * accum) // stream.per_epoch
+        if evaluate is not None and (done == steps or (c.eval_steps and done % c.eval_steps == 0)
+                                     or (c.eval_strategy == "epoch" and epoch_end)):
             model.eval()
             record.update({f"eval/{k}": v for k, v in evaluate(model).items()})
             model.train()
