@@ -29,10 +29,16 @@ rlhfkit data TASK OUT_DIR [--seed N]        write a built-in task's data files (
 rlhfkit data reasoning-gym:TASK OUT_DIR     prompt files of a reasoning-gym task [--size N] [--seed N]
 rlhfkit demo [--output-dir DIR]             the built-in end-to-end demo
 rlhfkit eval-rm MODEL DATA                  evaluate a reward model on preference/ranking rows
-rlhfkit score MODEL DATA [--output F]       add a `reward` field to prompt/response rows"""
+rlhfkit score MODEL DATA [--output F]       add a `reward` field to prompt/response rows
+rlhfkit generate MODEL PROMPTS OUT.jsonl    sample responses to a prompt file (resumable)
+rlhfkit chat MODEL [--compare MODEL2]       chat in the terminal (streaming)
+rlhfkit webchat MODEL [--compare MODEL2]    chat in a local web page (needs rlhfkit[web])"""
 
 # reward-model commands: name -> "module:function" taking argv (imported lazily)
 RM_COMMANDS = {"eval-rm": "rlhfkit.eval.reward_cli:run_eval_rm", "score": "rlhfkit.eval.reward_cli:run_score"}
+# using a trained model: name -> "module:function" taking argv (imported lazily)
+USE_COMMANDS = {"generate": "rlhfkit.use.generate:run_generate", "chat": "rlhfkit.use.chat:run_chat",
+                "webchat": "rlhfkit.use.webchat:run_webchat"}
 
 
 def stage_function(stage: str):
@@ -146,12 +152,13 @@ def main(argv: list[str] | None = None) -> int:
             return run_data(rest)
         if command == "demo":
             return run_demo(rest)
-        if command in RM_COMMANDS:
-            module, fn = RM_COMMANDS[command].split(":")
+        if command in RM_COMMANDS or command in USE_COMMANDS:
+            module, fn = {**RM_COMMANDS, **USE_COMMANDS}[command].split(":")
             return getattr(importlib.import_module(module), fn)(rest)
         import difflib
 
-        close = difflib.get_close_matches(command, [*STAGE_FUNCTIONS, "data", "demo", *RM_COMMANDS], n=1)
+        close = difflib.get_close_matches(command, [*STAGE_FUNCTIONS, "data", "demo", *RM_COMMANDS,
+                                                   *USE_COMMANDS], n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         print(f"error: unknown command '{command}'{hint}\n\n{usage}", file=sys.stderr)
         return 2
