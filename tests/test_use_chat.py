@@ -16,7 +16,8 @@ import torch
 from rlhfkit.data.encode import encode_prompt
 from rlhfkit.models.presets import build_preset_model
 from rlhfkit.rollout.generate import HFGenerator, SamplingParams
-from rlhfkit.use.chat import ChatModel, ChatSession, ContextFull, Settings, TextStream, chat_loop, stream_tokens
+from rlhfkit.use.chat import (ChatModel, ChatSession, ContextFull, Settings, TextStream, chat_loop,
+                              stream_tokens)
 
 
 def _other_model(tok, seed=1):
@@ -53,8 +54,9 @@ def test_text_stream_pieces_add_up_to_the_decoded_reply(tiny_tokenizer):
 def test_session_compare_same_seed_own_histories(tiny_model, tiny_tokenizer):
     tok = tiny_tokenizer
     other = _other_model(tok)
-    session = ChatSession([ChatModel("a", tiny_model, tok), ChatModel("b", other, tok), ChatModel("a2", tiny_model, tok)],
-                          Settings(max_new_tokens=10, temperature=1.0), system="You are a helpful assistant.")
+    models = [ChatModel("a", tiny_model, tok), ChatModel("b", other, tok), ChatModel("a2", tiny_model, tok)]
+    session = ChatSession(models, Settings(max_new_tokens=10, temperature=1.0),
+                          system="You are a helpful assistant.")
     events = list(session.respond("Hello, how are you?"))
     assert [(e.kind, e.index) for e in events if e.kind != "text"] == \
         [("start", 0), ("end", 0), ("start", 1), ("end", 1), ("start", 2), ("end", 2)]
@@ -79,7 +81,8 @@ def test_session_commands(tiny_model, tiny_tokenizer):
     session = ChatSession([ChatModel("a", tiny_model, tiny_tokenizer)], Settings(max_new_tokens=3))
     list(session.respond("hi"))
     assert "temperature=0.5" in session.command("/set temperature=0.5 top_k=7 max_new_tokens=4")
-    assert (session.settings.temperature, session.settings.top_k, session.settings.max_new_tokens) == (0.5, 7, 4)
+    s = session.settings
+    assert (s.temperature, s.top_k, s.max_new_tokens) == (0.5, 7, 4)
     assert session.command("/set top_p=1.5").startswith("not changed: SamplingParams.top_p")
     assert "is not a number" in session.command("/set temperature=hot")
     assert "cannot set 'foo=1'" in session.command("/set foo=1")
@@ -115,7 +118,8 @@ def test_session_needs_a_chat_template(tiny_model, tiny_tokenizer):
 
     tok = copy.deepcopy(tiny_tokenizer)
     tok.chat_template = None
-    with pytest.raises(ConfigError, match="chat: message lists need a chat template, and model base-model"):
+    with pytest.raises(ConfigError, match=r"chat \(or --completion for a text model\): message lists need a "
+                       "chat template, and model base-model"):
         ChatSession([ChatModel("base", tiny_model, tok, "base-model")])
 
 
@@ -157,8 +161,9 @@ def test_chat_through_a_pseudo_terminal(tiny_model_dir):
     reply, /set and /exit work."""
     master, slave = pty.openpty()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen([sys.executable, "-m", "rlhfkit", "chat", str(tiny_model_dir), "--max-new-tokens", "6",
-                             "--device", "cpu"], stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
+    command = [sys.executable, "-m", "rlhfkit", "chat", str(tiny_model_dir), "--max-new-tokens", "6",
+               "--device", "cpu"]
+    proc = subprocess.Popen(command, stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
     os.close(slave)
     try:
         banner = _read_until(master, b"you> ", 120)
@@ -208,3 +213,14 @@ def test_smollm2_gguf_and_a_lora_adapter_over_it_chat_with_their_template(tmp_pa
     session = ChatSession([ChatModel("lora", adapted, adapted_tok)], settings)
     list(session.respond("What is the capital of France?"))
     assert session.turns[0][1][0] == reply
+
+
+def test_completion_mode_sends_each_message_as_text_without_history(tiny_model, tiny_tokenizer):
+    import copy
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = None  # a text model needs no template in completion mode
+    session = ChatSession([ChatModel("text", tiny_model, tok)], Settings(max_new_tokens=3), completion=True)
+    list(session.respond("the movie was"))
+    assert session.prompt_ids(0, "the plot was") == tok("the plot was")["input_ids"]
+    assert len(session.turns) == 1

@@ -67,7 +67,8 @@ def test_load_for_use_lora_adapter_loads_over_its_base_merged(tiny_model_dir, ti
 def test_load_for_use_adapter_over_a_preset_uses_the_merged_copy(tiny_model_dir, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_model_dir, run / "merged")
-    (run / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": None, "peft_type": "LORA"}))
+    adapter_config = {"base_model_name_or_path": None, "peft_type": "LORA"}
+    (run / "adapter_config.json").write_text(json.dumps(adapter_config))
     model, _ = load_for_use(str(run))
     assert type(model).__name__ == "LlamaForCausalLM"
     (run / "merged" / "config.json").unlink()
@@ -146,10 +147,9 @@ def test_generate_resumes_to_the_uninterrupted_result(tiny_model, tiny_tokenizer
 def test_generate_greedy_is_temperature_zero(tiny_model, tiny_tokenizer, tmp_path):
     prompts = _write_prompts(tmp_path / "prompts.jsonl", chat_rows=0)
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
-    generate_file(tiny_model, tiny_tokenizer, str(prompts), a, GenerateOptions(max_new_tokens=5, temperature=0,
-                                                                                seed=0), quiet=True)
-    generate_file(tiny_model, tiny_tokenizer, str(prompts), b, GenerateOptions(max_new_tokens=5, temperature=0,
-                                                                                seed=9), quiet=True)
+    for out, seed in ((a, 0), (b, 9)):
+        options = GenerateOptions(max_new_tokens=5, temperature=0, seed=seed)
+        generate_file(tiny_model, tiny_tokenizer, str(prompts), out, options, quiet=True)
     assert [json.loads(x)["responses"] for x in a.read_text().splitlines()] == \
         [json.loads(x)["responses"] for x in b.read_text().splitlines()]
 

@@ -125,7 +125,8 @@ def test_webchat_compare_in_a_headless_browser(tiny_tokenizer):
         while not driver.find_elements(By.CSS_SELECTOR, "#msg textarea"):
             assert time.time() < deadline, "the page did not load"
             time.sleep(0.2)
-        assert [driver.find_element(By.ID, f"pane-{i}").text.split("\n")[0] for i in range(2)] == ["rlhf", "sft"]
+        labels = [driver.find_element(By.ID, f"pane-{i}").text.split("\n")[0] for i in range(2)]
+        assert labels == ["rlhf", "sft"]
         driver.find_element(By.CSS_SELECTOR, "#msg textarea").send_keys(MESSAGE)
         driver.find_element(By.ID, "send").click()
         seen = [[], []]  # distinct texts of each pane's reply while it streams

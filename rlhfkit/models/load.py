@@ -313,7 +313,8 @@ def load_for_use(reference: str, *, device=None, trust_remote_code: bool = False
     unless `chat_template` names one (`chat_template_text`: `chatml`, a Jinja file or text).
     A model that cannot be found or loaded is a ConfigError naming the reference."""
     if preset_name(reference) is not None:
-        raise ConfigError(f"{reference}: a preset is an untrained random model; pass a run's output directory")
+        raise ConfigError(f"{reference}: a preset is an untrained random model; pass a run's output "
+                          "directory")
     source, adapter = _use_source(reference)
     template = chat_template_text(chat_template)
     try:

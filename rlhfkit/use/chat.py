@@ -18,6 +18,10 @@ turn, and each sees its own earlier replies (so a pane or label shows exactly wh
 dropped to fit the context: a message that would not leave room for one reply token is refused
 with a message saying so (/reset starts over), and a reply that reaches the context's end stops
 there, saying so.
+
+Completion mode (`completion=True`, --completion) is for models trained on plain-text prompts (the
+built-in tasks' runs, e.g. `runs/demo/ppo`): each message is a fresh text prompt that the model
+continues, with no chat template and no history.
 """
 
 from __future__ import annotations
@@ -134,7 +138,8 @@ class Settings:
 
     def params(self) -> SamplingParams:
         greedy = self.temperature == 0
-        return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=1.0 if greedy else self.temperature,
+        return SamplingParams(max_new_tokens=self.max_new_tokens,
+                              temperature=1.0 if greedy else self.temperature,
                               top_p=self.top_p, top_k=self.top_k, do_sample=not greedy)
 
 
@@ -149,6 +154,7 @@ class ChatSession:
     settings: Settings = field(default_factory=Settings)
     system: str | None = None
     shared_history: bool = False
+    completion: bool = False
     turns: list[tuple[str, list[str]]] = field(default_factory=list)  # (user text, reply per model)
     exit: bool = False
 
@@ -156,7 +162,9 @@ class ChatSession:
         from rlhfkit.models.load import require_chat_template
 
         for m in self.models:
-            require_chat_template(m.tokenizer, m.reference or m.label, "chat")
+            if not self.completion:
+                require_chat_template(m.tokenizer, m.reference or m.label,
+                                      "chat (or --completion for a text model)")
 
     def messages(self, index: int, user: str | None = None) -> list[dict]:
         """Model `index`'s conversation (plus a new user message)."""
@@ -171,6 +179,8 @@ class ChatSession:
     def prompt_ids(self, index: int, user: str) -> list[int]:
         from rlhfkit.data.encode import encode_prompt
 
+        if self.completion:  # the message alone, as text
+            return encode_prompt(self.models[index].tokenizer, user)
         return encode_prompt(self.models[index].tokenizer, self.messages(index, user))
 
     def respond(self, user: str) -> Iterator[Event]:
@@ -232,7 +242,8 @@ class ChatSession:
             try:
                 values[key] = SETTINGS[key](value)
             except ValueError:
-                return f"cannot set {key}: {value!r} is not a{'n integer' if SETTINGS[key] is int else ' number'}"
+                kind = "an integer" if SETTINGS[key] is int else "a number"
+                return f"cannot set {key}: {value!r} is not {kind}"
         candidate = replace(self.settings, **values)
         try:
             check_sampling_params(candidate.params(), 1)
@@ -251,7 +262,8 @@ def model_label(reference: str) -> str:
 def add_chat_args(parser: argparse.ArgumentParser) -> None:
     from rlhfkit.use.generate import add_model_args
 
-    parser.add_argument("model", help="run output directory (full model or LoRA adapter), hub id, .gguf or pkg:")
+    parser.add_argument("model", help="run output directory (full model or LoRA adapter), hub id, .gguf "
+                        "or pkg:")
     parser.add_argument("--compare", default=None, metavar="MODEL2",
                         help="a second model that answers every message too (e.g. the SFT model)")
     parser.add_argument("--system", default=None, help="system prompt")
@@ -261,8 +273,12 @@ def add_chat_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=d.top_k, help="0: off")
     parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     parser.add_argument("--seed", type=int, default=d.seed, help="turn t samples with seed + t (both models)")
+    parser.add_argument("--completion", action="store_true",
+                        help="for models trained on text prompts (e.g. the built-in tasks' runs): each "
+                        "message is a fresh prompt to continue, no chat template, no history")
     parser.add_argument("--shared-history", action="store_true",
-                        help="with --compare: both models see MODEL's earlier replies (default: each its own)")
+                        help="with --compare: both models see MODEL's earlier replies (default: each "
+                        "its own)")
     add_model_args(parser)
 
 
@@ -284,14 +300,17 @@ def session_from_args(args) -> ChatSession:
         check_sampling_params(settings.params(), 1)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    return ChatSession(models, settings, system=args.system, shared_history=args.shared_history)
+    return ChatSession(models, settings, system=args.system, shared_history=args.shared_history,
+                       completion=args.completion)
 
 
 def chat_loop(session: ChatSession, read=input, write=sys.stdout.write) -> None:
     """The terminal: read a line, run a command or stream the replies, until /exit or EOF."""
     compare = len(session.models) > 1
     names = " and ".join(m.label for m in session.models)
-    write(f"chatting with {names}; /help for commands, /exit to quit\n")
+    mode = (" (completion mode: every message is a fresh text prompt, no history)" if session.completion
+            else "")
+    write(f"chatting with {names}{mode}; /help for commands, /exit to quit\n")
     while not session.exit:
         try:
             line = read("you> ")

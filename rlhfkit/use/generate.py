@@ -52,7 +52,8 @@ class GenerateOptions:
         from rlhfkit.rollout.generate import SamplingParams
 
         greedy = self.temperature == 0
-        return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=1.0 if greedy else self.temperature,
+        return SamplingParams(max_new_tokens=self.max_new_tokens,
+                              temperature=1.0 if greedy else self.temperature,
                               top_k=self.top_k, top_p=self.top_p, do_sample=not greedy, stop=tuple(self.stop))
 
 
@@ -82,7 +83,8 @@ def read_prompts(spec: str) -> list[tuple[str | list[dict], dict, str]]:
             last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
             prompt = messages[:last]
             if not prompt:
-                raise DataError("the conversation starts with its only assistant turn: no prompt", source=source)
+                raise DataError("the conversation starts with its only assistant turn: no prompt",
+                                source=source)
         else:
             raise DataError("rows in 'text' format have no prompt; give prompt rows (a `prompt` column) "
                             "or conversations", source=source)
@@ -107,14 +109,16 @@ def _existing_rows(out_path: Path, prompts: list) -> dict[int, dict]:
             if lineno == len(lines) and not line.endswith("\n"):
                 print(f"[generate] {source}: half-written line from an interrupted run, generating it again")
                 break
-            raise DataError(f"invalid JSON ({e.msg}); not an output of `rlhfkit generate`?", source=source) from None
+            raise DataError(f"invalid JSON ({e.msg}); not an output of `rlhfkit generate`?",
+                            source=source) from None
         i = row.get("row") if isinstance(row, dict) else None
         if not isinstance(i, int) or not 0 <= i < len(prompts) or "responses" not in row:
             raise DataError("not a row of `rlhfkit generate` for this prompt file (bad or missing `row`)",
                             source=source)
         if row.get("prompt") != prompts[i][0]:
             raise DataError(f"its prompt differs from row {i} of the prompt file ({prompts[i][2]}); "
-                            "OUT belongs to another prompt file: pass --overwrite or another OUT", source=source)
+                            "OUT belongs to another prompt file: pass --overwrite or another OUT",
+                            source=source)
         done[i] = row
         keep += len(line.encode("utf-8"))
     if keep != out_path.stat().st_size:
@@ -163,7 +167,8 @@ def generate_file(model, tokenizer, prompts_spec: str, out_path, options: Genera
     done = _existing_rows(out_path, prompts)
 
     # encode every prompt (all of them: a bad one fails before any sampling)
-    ids, kept, _ = encode_prompts(tokenizer, [{"prompt": p, "_i": i} for i, (p, _, _) in enumerate(prompts)], 10**9)
+    rows = [{"prompt": p, "_i": i} for i, (p, _, _) in enumerate(prompts)]
+    ids, kept, _ = encode_prompts(tokenizer, rows, 10**9)  # kept: the rows with a non-empty prompt
     encoded: list[list[int] | None] = [None] * len(prompts)
     for row_ids, row in zip(ids, kept):
         encoded[row["_i"]] = row_ids
@@ -192,7 +197,8 @@ def generate_file(model, tokenizer, prompts_spec: str, out_path, options: Genera
             if not todo:
                 continue
             gen = sampler.generate(model, [encoded[i] for i in todo], params, num_generations=G,
-                                   sample_seeds=[sample_seed(options.seed, i, g) for i in todo for g in range(G)])
+                                   sample_seeds=[sample_seed(options.seed, i, g)
+                                                 for i in todo for g in range(G)])
             lengths = gen.response_mask.sum(-1).tolist()
             for k, i in enumerate(todo):
                 prompt, extras, source = prompts[i]
@@ -236,7 +242,8 @@ def run_generate(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="rlhfkit generate", description=(
         "sample responses to every prompt of PROMPTS with MODEL; one JSON line per prompt in OUT "
         "(an interrupted run continues where it stopped)"))
-    parser.add_argument("model", help="run output directory (full model or LoRA adapter), hub id, .gguf or pkg:")
+    parser.add_argument("model", help="run output directory (full model or LoRA adapter), hub id, .gguf "
+                        "or pkg:")
     parser.add_argument("prompts", help="prompt file (.jsonl/.json/.csv/.parquet), saved dataset or hub id")
     parser.add_argument("out", help="output JSONL")
     d = GenerateOptions()
@@ -251,12 +258,14 @@ def run_generate(argv: list[str]) -> int:
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
                         help="also end a response at TEXT (kept; repeatable)")
     parser.add_argument("--max-prompt-length", type=int, default=None,
-                        help="keep only the last N prompt tokens (default: a prompt that does not fit is an error)")
+                        help="keep only the last N prompt tokens (default: a prompt that does not fit is "
+                        "an error)")
     parser.add_argument("--overwrite", action="store_true", help="start over instead of resuming OUT")
     add_model_args(parser)
     args = parser.parse_args(argv)
     options = GenerateOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              top_p=args.top_p, top_k=args.top_k, num_return_sequences=args.num_return_sequences,
+                              top_p=args.top_p, top_k=args.top_k,
+                              num_return_sequences=args.num_return_sequences,
                               seed=args.seed, batch_size=args.batch_size, stop=tuple(args.stop),
                               max_prompt_length=args.max_prompt_length)
     read_prompts(args.prompts)  # a bad prompt file fails before the model loads
@@ -264,8 +273,8 @@ def run_generate(argv: list[str]) -> int:
     result = generate_file(model, tokenizer, args.prompts, args.out, options, reference=args.model,
                            overwrite=args.overwrite)
     resumed = f" ({result['resumed']} were already there)" if result["resumed"] else ""
+    cut = result["truncated_prompts"]
     print(f"[generate] {result['rows']} prompts{resumed}; generated {result['generated']}: "
           f"{result['stop']} responses ended (stop), {result['length']} hit max_new_tokens (length)"
-          + (f"; {result['truncated_prompts']} prompts cut to --max-prompt-length" if result["truncated_prompts"]
-             else "") + f" -> {args.out}")
+          + (f"; {cut} prompts cut to --max-prompt-length" if cut else "") + f" -> {args.out}")
     return 0

@@ -45,16 +45,17 @@ def _pane(turns: list, index: int, user: str | None = None, partial: str | None 
 
 
 def build_app(models: list[ChatModel], settings: Settings | None = None, system: str | None = None,
-              shared_history: bool = False, title: str | None = None):
+              shared_history: bool = False, completion: bool = False, title: str | None = None):
     """The gradio Blocks app (not launched). Element ids for scripts and tests: `msg` (textbox),
     `send`, `clear`, `pane-0`, `pane-1` (chatbots), `status`."""
     gr = import_gradio()
     settings = settings or Settings()
-    ChatSession(models)  # every model has a chat template: fail before the page is served
+    ChatSession(models, completion=completion)  # chat templates there: fail before the page is served
     names = " vs ".join(m.label for m in models)
 
     with gr.Blocks(title=title or f"rlhfkit webchat: {names}") as app:
-        gr.Markdown(f"### rlhfkit webchat: {names}")
+        gr.Markdown(f"### rlhfkit webchat: {names}"
+                    + (" (completion mode: every message is a fresh text prompt)" if completion else ""))
         turns = gr.State([])  # [(user text, [reply per model])], per browser tab
         with gr.Row():
             panes = [gr.Chatbot(label=m.label, elem_id=f"pane-{i}", height=460) for i, m in enumerate(models)]
@@ -71,7 +72,8 @@ def build_app(models: list[ChatModel], settings: Settings | None = None, system:
                                         label="temperature (0: greedy)")
                 top_p = gr.Slider(0.05, 1.0, value=settings.top_p, step=0.05, label="top_p")
                 top_k = gr.Number(value=settings.top_k, precision=0, minimum=0, label="top_k (0: off)")
-                max_new = gr.Number(value=settings.max_new_tokens, precision=0, minimum=1, label="max_new_tokens")
+                max_new = gr.Number(value=settings.max_new_tokens, precision=0, minimum=1,
+                                    label="max_new_tokens")
                 seed = gr.Number(value=settings.seed, precision=0, label="seed (turn t uses seed + t)")
 
         def respond(message, history, system_text, temp, p, k, n, s):
@@ -80,7 +82,7 @@ def build_app(models: list[ChatModel], settings: Settings | None = None, system:
                 yield (*[_pane(history, i) for i in range(len(models))], history, "", "")
                 return
             session = ChatSession(models, Settings(), system=system_text.strip() or None,
-                                  shared_history=shared_history, turns=list(history))
+                                  shared_history=shared_history, completion=completion, turns=list(history))
             out = session.set(f"temperature={float(temp)} top_p={float(p)} top_k={int(k or 0)} "
                               f"max_new_tokens={int(n or 1)} seed={int(s or 0)}")
             if not out.startswith("settings:"):
@@ -104,7 +106,8 @@ def build_app(models: list[ChatModel], settings: Settings | None = None, system:
                 gr.Warning(str(e))
                 yield (*[_pane(history, i) for i in range(len(models))], history, message, str(e))
                 return
-            yield (*[_pane(session.turns, i) for i in range(len(models))], session.turns, "", "; ".join(notes))
+            final = [_pane(session.turns, i) for i in range(len(models))]
+            yield (*final, session.turns, "", "; ".join(notes))
 
         inputs = [msg, turns, system_box, temperature, top_p, top_k, max_new, seed]
         outputs = [*panes, turns, msg, status]
@@ -128,9 +131,10 @@ def run_webchat(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     gr = import_gradio()  # before loading models: a missing gradio fails fast
     session = session_from_args(args)
-    app = build_app(session.models, session.settings, system=args.system, shared_history=args.shared_history)
-    print(f"[webchat] serving {' vs '.join(m.label for m in session.models)} on http://{args.host}:{args.port}"
-          " (Ctrl-C to stop)")
+    app = build_app(session.models, session.settings, system=args.system, shared_history=args.shared_history,
+                    completion=args.completion)
+    names = " vs ".join(m.label for m in session.models)
+    print(f"[webchat] serving {names} on http://{args.host}:{args.port} (Ctrl-C to stop)")
     app.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port, share=False,
                                                   inbrowser=False, theme=gr.themes.Default())
     return 0
