@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 DEMO_DIR ?= runs/demo
 
-.PHONY: install demo test lint unit smollm trackers bench clean
+.PHONY: install demo test lint unit smollm trackers web browser bench clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,7 @@ demo: install
 lint: install
 	$(VENV)/bin/ruff check --select F .
 
-test: lint trackers
+test: lint trackers web
 	$(PY) -m pytest -n 2 --durations=15 tests
 
 unit: install
@@ -41,6 +41,21 @@ trackers: $(VENV)/.trackers
 $(VENV)/.trackers: $(VENV)/.installed
 	$(PIP) install -q -c constraints.txt -e '.[trackers]'
 	touch $@
+
+# The web extra (gradio) for `rlhfkit webchat` and its tests; `make test` installs it.
+web: $(VENV)/.web
+$(VENV)/.web: $(VENV)/.installed
+	$(PIP) install -q -c constraints.txt -e '.[web]'
+	touch $@
+
+# The webchat browser test also needs Debian's chromium + chromium-driver (apt as root, else
+# through sudo); without them that one test skips. Idempotent and quiet; .ci/run runs it first.
+
+browser: $(VENV)/.web
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
 bench: install
 	$(PY) benchmarks/bench_train.py

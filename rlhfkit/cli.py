@@ -31,11 +31,17 @@ rlhfkit data reasoning-gym:TASK OUT_DIR     prompt files of a reasoning-gym task
 rlhfkit demo [--output-dir DIR]             the built-in end-to-end demo
 rlhfkit eval-rm MODEL DATA                  evaluate a reward model on preference/ranking rows
 rlhfkit score MODEL DATA [--output F]       add a `reward` field to prompt/response rows
-rlhfkit eval [CONFIG.yaml] [--model N=REF]  compare models: rewards, KL, win rates vs a baseline"""
+rlhfkit eval [CONFIG.yaml] [--model N=REF]  compare models: rewards, KL, win rates vs a baseline
+rlhfkit generate MODEL PROMPTS OUT.jsonl    sample responses to a prompt file (resumable)
+rlhfkit chat MODEL [--compare MODEL2]       chat in the terminal (streaming)
+rlhfkit webchat MODEL [--compare MODEL2]    chat in a local web page (needs rlhfkit[web])"""
 
 # reward-model commands: name -> "module:function" taking argv (imported lazily)
 RM_COMMANDS = {"eval-rm": "rlhfkit.eval.reward_cli:run_eval_rm", "score": "rlhfkit.eval.reward_cli:run_score",
                "eval": "rlhfkit.eval.compare:run_eval_cli"}
+# using a trained model: name -> "module:function" taking argv (imported lazily)
+USE_COMMANDS = {"generate": "rlhfkit.use.generate:run_generate", "chat": "rlhfkit.use.chat:run_chat",
+                "webchat": "rlhfkit.use.webchat:run_webchat"}
 
 
 def stage_function(stage: str):
@@ -158,12 +164,13 @@ def main(argv: list[str] | None = None) -> int:
             return run_data(rest)
         if command == "demo":
             return run_demo(rest)
-        if command in RM_COMMANDS:
-            module, fn = RM_COMMANDS[command].split(":")
+        if command in RM_COMMANDS or command in USE_COMMANDS:
+            module, fn = {**RM_COMMANDS, **USE_COMMANDS}[command].split(":")
             return getattr(importlib.import_module(module), fn)(rest)
         import difflib
 
-        close = difflib.get_close_matches(command, [*STAGE_FUNCTIONS, "train", "data", "demo", *RM_COMMANDS], n=1)
+        close = difflib.get_close_matches(command, [*STAGE_FUNCTIONS, "train", "data", "demo", *RM_COMMANDS,
+                                                   *USE_COMMANDS], n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         print(f"error: unknown command '{command}'{hint}\n\n{usage}", file=sys.stderr)
         return 2

@@ -95,10 +95,13 @@ def load_tokenizer(
     trust_remote_code: bool = False,
     chat_template: str | None = None,
     preset_texts: Callable[[], Iterable[str]] | None = None,
+    default_chat_template: bool = True,
 ):
     """Return a fast tokenizer with a dedicated pad token and a chat template.
 
-    For `preset:NAME` a BPE tokenizer is trained on `preset_texts()` (the run's own data).
+    For `preset:NAME` a BPE tokenizer is trained on `preset_texts()` (the run's own data). A
+    tokenizer without a template gets rlhfkit's ChatML default unless `default_chat_template` is
+    False (then it keeps none: `load_for_use`, where chatting with an untrained template is an error).
     """
     from transformers import AutoTokenizer
 
@@ -117,7 +120,7 @@ def load_tokenizer(
     ensure_pad_token(tokenizer)
     if chat_template:
         tokenizer.chat_template = chat_template
-    elif not tokenizer.chat_template:
+    elif not tokenizer.chat_template and default_chat_template:
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
     tokenizer.padding_side = "right"
     return tokenizer
@@ -249,3 +252,99 @@ def count_parameters(model) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, total
+
+
+# ---- using a trained model (generate, chat, webchat, eval) -----------------------------------------
+
+CHATML = "chatml"
+"""`chat_template=CHATML` in `load_for_use`: rlhfkit's default ChatML template (what models trained
+by rlhfkit from a base without a template learned)."""
+
+
+def chat_template_text(value: str | None) -> str | None:
+    """A `--chat-template` value -> template text: None (the tokenizer's own), `chatml` (rlhfkit's
+    default), a path to a Jinja file, or the template itself (it contains `{%` or `{{`)."""
+    if value is None:
+        return None
+    if value == CHATML:
+        return DEFAULT_CHAT_TEMPLATE
+    if "{%" in value or "{{" in value:
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"chat template {value!r}: not a file, not `{CHATML}` and not a Jinja template")
+    return path.read_text(encoding="utf-8")
+
+
+def _use_source(reference: str) -> tuple[str, Path | None]:
+    """(what the tokenizer/model load from, the adapter directory or None). A run directory of a
+    LoRA stage holds an adapter over the base named in its adapter_config.json."""
+    path = Path(reference).expanduser()
+    if reference.startswith("pkg:") or reference.endswith(".gguf") or not path.is_dir():
+        return reference, None
+    if (path / "adapter_config.json").is_file():
+        import json
+
+        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base or preset_name(base) is not None:
+            if (path / "merged" / "config.json").is_file():  # a preset base: the run saved it merged
+                return str(path / "merged"), None
+            raise ConfigError(f"{reference}: the LoRA adapter's base ({base!r}) cannot be reloaded; "
+                              f"use the merged model ({path / 'merged'}) if the run saved one")
+        return str(path), path
+    if not (path / "config.json").is_file():
+        gguf = sorted(path.glob("*.gguf"))
+        hint = f" (a GGUF model: pass the file, e.g. {gguf[0]})" if gguf else ""
+        raise ConfigError(f"{reference}: neither config.json nor adapter_config.json found{hint}")
+    return str(path), None
+
+
+def load_for_use(reference: str, *, device=None, trust_remote_code: bool = False,
+                 dtype: torch.dtype = torch.float32, chat_template: str | None = None):
+    """(model, tokenizer) for inference, from anything the stages accept as `model_name_or_path`:
+    a run's output directory (a full model, or a LoRA adapter loaded over the base its
+    adapter_config.json names and merged into it: inference needs no separate adapter, and one
+    matmul per layer is faster than three; an adapter over a preset base, which exists only in its
+    run, loads from the run's `merged/`), a hub id, a `.gguf` file or a `pkg:` reference.
+
+    The model is in eval mode on `device` (default: cuda when available, else cpu), dropout off,
+    with a dedicated pad token (`load_causal_lm`). The tokenizer keeps its own chat template; one
+    without a template keeps none (message lists are then an error, see `require_chat_template`)
+    unless `chat_template` names one (`chat_template_text`: `chatml`, a Jinja file or text).
+    A model that cannot be found or loaded is a ConfigError naming the reference."""
+    if preset_name(reference) is not None:
+        raise ConfigError(f"{reference}: a preset is an untrained random model; pass a run's output "
+                          "directory")
+    source, adapter = _use_source(reference)
+    template = chat_template_text(chat_template)
+    try:
+        tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code, chat_template=template,
+                                   default_chat_template=False)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model {reference}: could not load its tokenizer: {e}") from None
+    if adapter is not None:
+        import json
+
+        from peft import PeftModel
+
+        base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+        try:  # the base sized to the run's tokenizer (its pad row added), as the run trained it
+            model = load_causal_lm(base, tokenizer, trust_remote_code=trust_remote_code, dtype=dtype)
+        except ConfigError as e:
+            raise ConfigError(f"{reference}: its LoRA base {base}: {e}") from None
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        disable_dropout(model)
+    else:
+        model = load_causal_lm(source, tokenizer, trust_remote_code=trust_remote_code, dtype=dtype)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device=device, dtype=dtype).eval()
+    return model, tokenizer
+
+
+def require_chat_template(tokenizer, reference: str, where: str) -> None:
+    """ConfigError when message lists meet a tokenizer without a chat template (`where`: what
+    needed one, e.g. a prompt file's line)."""
+    if not tokenizer.chat_template:
+        raise ConfigError(f"{where}: message lists need a chat template, and model {reference} has none "
+                          f"(a base model?); pass --chat-template {CHATML} (rlhfkit's default), a Jinja "
+                          "file, or give string prompts")

@@ -24,7 +24,9 @@ Only `SamplingParams` apply: a model's own `generation_config` (e.g. a repetitio
 downloaded checkpoint) does not. A response ends at its first EOS (kept) or at the token that
 completes a stop string (kept); everything after is pad; `ended` says which rows did either.
 `generator_seed` seeds a private `torch.Generator` (same seed and batch size, same samples; the
-global RNG is left alone); without it the global RNG is used. A LoRA model samples with its
+global RNG is left alone); without it the global RNG is used. `sample_seeds` (one per output row)
+gives every row a generator of its own instead, so a row's samples do not depend on which rows
+share its batch (`rlhfkit generate`: a resumed run samples what an uninterrupted one did). A LoRA model samples with its
 active adapters merged into the base weights (`merged_lora`: faster, and restored bit-exactly
 afterwards). Models whose cache has other layer types (e.g. sliding windows) use their own cache
 with one padded prefill per chunk and no column cutting; everything else is the same.
@@ -95,10 +97,12 @@ def check_sampling_params(params: SamplingParams, num_generations: int) -> None:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {params.top_p}")
 
 
-def token_chooser(params: SamplingParams, pad_id: int, device, generator: torch.Generator | None):
+def token_chooser(params: SamplingParams, pad_id: int, device, generator: torch.Generator | None,
+                  row_generators: list[torch.Generator] | None = None):
     """(n, V) logits -> (n,) next tokens, as HF `generate` picks them: float32 logits, pad
     suppressed, then (sampling only) temperature, top-k, top-p, softmax and multinomial; greedy
-    is argmax. HF's own processor classes, in the order HF's `_get_logits_processor` builds them."""
+    is argmax. HF's own processor classes, in the order HF's `_get_logits_processor` builds them.
+    With `row_generators`, `choose(logits, rows)` draws row k's token from `row_generators[rows[k]]`."""
     from transformers.generation.logits_process import (
         LogitsProcessorList,
         SuppressTokensLogitsProcessor,
@@ -116,11 +120,14 @@ def token_chooser(params: SamplingParams, pad_id: int, device, generator: torch.
         if params.top_p < 1.0:
             processors.append(TopPLogitsWarper(top_p=float(params.top_p), min_tokens_to_keep=1))
 
-    def choose(logits: torch.Tensor) -> torch.Tensor:
+    def choose(logits: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         scores = processors(None, logits.float())  # HF's processors here ignore input_ids
         if not params.do_sample:
             return scores.argmax(-1)
         probs = torch.softmax(scores, dim=-1)
+        if row_generators is not None:  # one draw per row from its own stream
+            return torch.cat([torch.multinomial(probs[k], num_samples=1, generator=row_generators[r])
+                              for k, r in enumerate(rows.tolist())])
         return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
 
     return choose
@@ -233,16 +240,23 @@ class HFGenerator:
 
     @torch.no_grad()
     def generate(self, model, prompt_ids: list[list[int]], params: SamplingParams,
-                 generator_seed: int | None = None, num_generations: int = 1) -> Generation:
+                 generator_seed: int | None = None, num_generations: int = 1,
+                 sample_seeds: list[int] | None = None) -> Generation:
         check_sampling_params(params, num_generations)
         if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
             raise ValueError("HFGenerator.generate: prompt_ids must be a non-empty list of non-empty prompts")
+        if sample_seeds is not None and len(sample_seeds) != len(prompt_ids) * num_generations:
+            raise ValueError(f"HFGenerator.generate: {len(sample_seeds)} sample_seeds for "
+                             f"{len(prompt_ids) * num_generations} rows")
         tok = self.tokenizer
         device = next(model.parameters()).device
         generator = None
         if generator_seed is not None:
             generator = torch.Generator(device=device).manual_seed(generator_seed)
-        choose = token_chooser(params, tok.pad_token_id, device, generator)
+        rows_per_chunk = self.batch_size * num_generations
+        row_generators = None
+        if sample_seeds is not None:
+            row_generators = [torch.Generator(device=device).manual_seed(s) for s in sample_seeds]
         stop = None
         if params.stop:
             from transformers.generation.stopping_criteria import StopStringCriteria
@@ -254,6 +268,10 @@ class HFGenerator:
         try:
             with merged_lora(model) as sampler:
                 for start in range(0, len(prompt_ids), self.batch_size):
+                    first = start * num_generations
+                    chunk_generators = (None if row_generators is None
+                                        else row_generators[first:first + rows_per_chunk])
+                    choose = token_chooser(params, tok.pad_token_id, device, generator, chunk_generators)
                     chunk_tokens, chunk_ended = self._sample_chunk(
                         sampler, prompt_ids[start:start + self.batch_size], params, num_generations,
                         choose, stop, device)
@@ -338,7 +356,7 @@ class HFGenerator:
         ended = torch.zeros(n, dtype=torch.bool, device=device)
         width = 0
         for t in range(params.max_new_tokens):
-            next_tokens = choose(logits)
+            next_tokens = choose(logits, row_of)
             tokens[row_of, t] = next_tokens
             width = t + 1
             done = next_tokens == eos
