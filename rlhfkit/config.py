@@ -930,10 +930,13 @@ def build_config(stage: str, values: dict[str, Any], source: str = "config",
         named = values.pop("stage")
         if named != stage:
             raise ConfigError(f"{source}: the config says stage: {named} but it is being run as {stage}")
-    try:
-        values, notes, ignored = translate_keys(values, cls.model_fields["logging_steps"].default)
-    except ConfigError as e:
-        raise ConfigError(f"{source} ({stage}): {e}") from None
+    notes: list[str] = []
+    ignored: list[str] = []
+    if config_cls is None:
+        try:
+            values, notes, ignored = translate_keys(values, cls.model_fields["logging_steps"].default)
+        except ConfigError as e:
+            raise ConfigError(f"{source} ({stage}): {e}") from None
     fields = list(cls.model_fields)
     problems = []
     if values.get("dataset_dir") is not None:
@@ -963,7 +966,7 @@ def build_config(stage: str, values: dict[str, Any], source: str = "config",
                 value = values.get(str(err["loc"][0]), err.get("input"))
                 problems.append(f"key '{loc}' = {value!r}: {err['msg']}")
         raise ConfigError(f"{source} ({stage}): " + "; ".join(dict.fromkeys(problems))) from None
-    if config.template is not None:
+    if getattr(config, "template", None) is not None:
         from rlhfkit.data.templates import TEMPLATES
 
         notes.append(f"template: {config.template} -> {TEMPLATES[config.template].description} "

@@ -346,40 +346,11 @@ def _judges(c: EvalConfig, func_names: list[str]) -> list[str]:
 
 # ---- loading models ----------------------------------------------------------------------------------
 
-def _load_model(reference: str, *, device=None, trust_remote_code: bool = False, dtype=None):
-    """(model, tokenizer) for a model reference, eval mode, dropout off: an output directory (a LoRA
-    adapter is loaded over the base its adapter_config.json names; over `merged/` for a preset base),
-    a hub id, a `.gguf` file, a `pkg:` file. Stand-in for `rlhfkit.models.load.load_for_use`."""
-    import torch
-
-    from rlhfkit.models.load import load_causal_lm, load_tokenizer
-
-    dtype = dtype or torch.float32
-    path = Path(reference).expanduser()
-    adapter = path / "adapter_config.json"
-    if path.is_dir() and adapter.is_file() and not (path / "config.json").is_file():
-        base = json.loads(adapter.read_text()).get("base_model_name_or_path") or ""
-        if base.startswith("preset:") or not base:
-            return _load_model(str(path / "merged"), device=device, trust_remote_code=trust_remote_code,
-                               dtype=dtype)
-        from peft import PeftModel
-
-        has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
-        tokenizer = load_tokenizer(str(path) if has_tokenizer else base, trust_remote_code=trust_remote_code)
-        model = load_causal_lm(base, tokenizer, trust_remote_code=trust_remote_code, dtype=dtype)
-        model = PeftModel.from_pretrained(model, str(path))
-    else:
-        tokenizer = load_tokenizer(reference, trust_remote_code=trust_remote_code)
-        model = load_causal_lm(reference, tokenizer, trust_remote_code=trust_remote_code, dtype=dtype)
-    model.requires_grad_(False)
-    return model.to(device or "cpu").eval(), tokenizer
-
-
 def _loader() -> Callable:
-    """`load_for_use` once it exists in rlhfkit.models.load, else the stand-in above."""
-    from rlhfkit.models import load
+    """`rlhfkit.models.load.load_for_use` (a function so that tests can forbid loading)."""
+    from rlhfkit.models.load import load_for_use
 
-    return getattr(load, "load_for_use", _load_model)
+    return load_for_use
 
 
 # ---- evaluation ---------------------------------------------------------------------------------
