@@ -843,6 +843,21 @@ is an error."""
 VALUE_ALIASES = {("lora_target", "all"): "all-linear"}
 """(key, their value) -> rlhfkit's value."""
 
+_TRL_GRPO_KEYS = {"max_completion_length": "max_new_tokens"}
+_TRL_GRPO_LOSS_TYPES = {"grpo": "sequence", "dapo": "token", "bnpo": "token", "dr_grpo": "constant"}
+STAGE_KEY_ALIASES: dict[str, dict[str, str]] = {
+    "grpo": _TRL_GRPO_KEYS, "rloo": _TRL_GRPO_KEYS, "ppo": {"response_length": "max_new_tokens"}}
+"""TRL's names that mean one of rlhfkit's keys in one stage only."""
+
+STAGE_VALUE_KEYS: dict[str, dict[str, tuple[str, dict[str, str]]]] = {
+    "grpo": {"loss_type": ("loss_aggregation", _TRL_GRPO_LOSS_TYPES)},
+    "rloo": {"loss_type": ("loss_aggregation", _TRL_GRPO_LOSS_TYPES)}}
+"""TRL keys whose values name one of ours: stage -> {their key: (our key, {their value: our value})}.
+GRPOTrainer's `loss_type`: `grpo` normalises each completion by its own length (our `sequence`),
+`dapo` by the tokens of the global batch (`token`), `bnpo` by the local batch's tokens (`token`:
+the same with one process; rlhfkit always normalises globally), `dr_grpo` by a constant (`constant`).
+(`loss_type` in dpo/kto is their own key.)"""
+
 IGNORED_KEYS = {
     "preprocessing_num_workers": "data is encoded in the training process",
     "preprocessing_batch_size": "data is encoded in the training process",
@@ -860,20 +875,32 @@ IGNORED_KEYS = {
 `do_train` and `do_predict` are checked instead: rlhfkit STAGE always trains."""
 
 
-def translate_keys(values: dict[str, Any], logging_steps: int = 10) -> tuple[dict[str, Any], list[str], list[str]]:
-    """LLaMA-Factory / Hugging Face names -> rlhfkit's keys (see KEY_ALIASES, VALUE_ALIASES,
-    IGNORED_KEYS). Returns (new values, notes on what was translated, the ignored keys that were
-    dropped). `logging_steps` is the stage's default (eval_strategy: steps falls back to it, as in HF).
-    Raises ConfigError on contradictions."""
+def translate_keys(values: dict[str, Any], logging_steps: int = 10,
+                   stage: str | None = None) -> tuple[dict[str, Any], list[str], list[str]]:
+    """LLaMA-Factory / Hugging Face / TRL names -> rlhfkit's keys (see KEY_ALIASES, VALUE_ALIASES,
+    STAGE_KEY_ALIASES, STAGE_VALUE_KEYS, IGNORED_KEYS). Returns (new values, notes on what was
+    translated, the ignored keys that were dropped). `logging_steps` is the stage's default
+    (eval_strategy: steps falls back to it, as in HF). Raises ConfigError on contradictions."""
     out = dict(values)
     notes: list[str] = []
     problems: list[str] = []
-    for theirs, ours in KEY_ALIASES.items():
+    for theirs, (ours, table) in STAGE_VALUE_KEYS.get(stage, {}).items():
+        if theirs in out:
+            value = out.pop(theirs)
+            if value not in table:
+                problems.append(f"{theirs}: {value!r} is not one of TRL's {', '.join(table)} (rlhfkit's key: {ours})")
+                continue
+            if ours in out and out[ours] != table[value]:
+                problems.append(f"{theirs}={value!r} (= {ours}: {table[value]}) and {ours}={out[ours]!r} disagree; "
+                                "give one")
+            out[ours] = table[value]
+            notes.append(f"{theirs}: {value} -> {ours}: {table[value]}")
+    for theirs, ours in {**KEY_ALIASES, **STAGE_KEY_ALIASES.get(stage, {})}.items():
         if theirs in out:
             value = out.pop(theirs)
             if ours in out and out[ours] != value:
                 problems.append(f"{theirs}={value!r} and {ours}={out[ours]!r} disagree ({theirs} is "
-                                f"LLaMA-Factory's / Hugging Face's name for {ours}); give one")
+                                f"another project's name for {ours}); give one")
             out[ours] = value
             notes.append(f"{theirs} -> {ours}")
     for (key, theirs), ours in VALUE_ALIASES.items():
@@ -934,7 +961,7 @@ def build_config(stage: str, values: dict[str, Any], source: str = "config",
     ignored: list[str] = []
     if config_cls is None:
         try:
-            values, notes, ignored = translate_keys(values, cls.model_fields["logging_steps"].default)
+            values, notes, ignored = translate_keys(values, cls.model_fields["logging_steps"].default, stage)
         except ConfigError as e:
             raise ConfigError(f"{source} ({stage}): {e}") from None
     fields = list(cls.model_fields)
@@ -948,9 +975,10 @@ def build_config(stage: str, values: dict[str, Any], source: str = "config",
                     check_names(values[key], values["dataset_dir"])
                 except ValueError as e:
                     problems.append(f"{key}: {e}")
+    known = fields + list(KEY_ALIASES) + list(IGNORED_KEYS) + list(STAGE_KEY_ALIASES.get(stage, {}))
     for key in values:
         if key not in cls.model_fields:
-            problems.append(f"unknown key '{key}'{_suggest(key, fields + list(KEY_ALIASES) + list(IGNORED_KEYS))}")
+            problems.append(f"unknown key '{key}'{_suggest(key, known)}")
     if problems:
         raise ConfigError(f"{source} ({stage}): " + "; ".join(problems))
     try:
@@ -973,7 +1001,7 @@ def build_config(stage: str, values: dict[str, Any], source: str = "config",
                      "(rlhfkit/data/templates.py)")
     if int(os.environ.get("RANK", "0")) == 0:
         if notes:
-            print(f"[{stage}] LLaMA-Factory / Hugging Face keys: " + "; ".join(notes), flush=True)
+            print(f"[{stage}] LLaMA-Factory / Hugging Face / TRL keys: " + "; ".join(notes), flush=True)
         if ignored:
             print(f"[{stage}] ignored keys (no meaning in rlhfkit): "
                   + "; ".join(f"{k} ({IGNORED_KEYS[k]})" for k in ignored), flush=True)

@@ -193,6 +193,27 @@ def test_config_errors_before_any_model_loads(fx, tmp_path):
     assert not (tmp_path / "config.yaml").exists()  # failed before the run started
 
 
+def test_trl_grpo_names_translate(fx, tmp_path, capsys):
+    """TRL GRPOConfig habits: max_completion_length is max_new_tokens; loss_type names our
+    loss_aggregation (grpo: per sequence, dapo/bnpo: per token, dr_grpo: constant). In dpo
+    `loss_type` stays DPO's own key."""
+    values = grpo_config(fx, tmp_path).model_dump(exclude_unset=True)
+    del values["max_new_tokens"]
+    c = build_config("grpo", {**values, "max_completion_length": 5, "loss_type": "dr_grpo"})
+    assert (c.max_new_tokens, c.loss_aggregation) == (5, "constant")
+    assert "loss_type: dr_grpo -> loss_aggregation: constant" in capsys.readouterr().out
+    for theirs, ours in (("grpo", "sequence"), ("dapo", "token"), ("bnpo", "token")):
+        assert grpo_config(fx, tmp_path, stage="rloo", loss_type=theirs).loss_aggregation == ours
+    with pytest.raises(ConfigError, match="loss_type: 'sigmoid' is not one of TRL's"):
+        grpo_config(fx, tmp_path, loss_type="sigmoid")
+    with pytest.raises(ConfigError, match="disagree"):
+        grpo_config(fx, tmp_path, max_completion_length=5, max_new_tokens=6)
+    with pytest.raises(ConfigError, match="disagree"):
+        grpo_config(fx, tmp_path, loss_type="grpo", loss_aggregation="token")
+    with pytest.raises(ConfigError, match="unknown key 'max_completion_len'.*max_completion_length"):
+        grpo_config(fx, tmp_path, max_completion_len=5)
+
+
 def test_reward_function_of_the_wrong_length_names_it(fx, tmp_path):
     with pytest.raises(RewardFunctionError, match="short_reward.* returned 15 values for 16 completions"):
         train_grpo(grpo_config(fx, tmp_path, reward_funcs=["test_grpo:short_reward"]))
