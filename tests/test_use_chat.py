@@ -224,3 +224,25 @@ def test_completion_mode_sends_each_message_as_text_without_history(tiny_model, 
     list(session.respond("the movie was"))
     assert session.prompt_ids(0, "the plot was") == tok("the plot was")["input_ids"]
     assert len(session.turns) == 1
+
+
+def test_runs_of_builtin_text_tasks_chat_in_completion_mode(tmp_path):
+    """The demo's runs (config.yaml names the sentiment task, whose prompts are plain text) turn
+    completion mode on by themselves, so `rlhfkit chat runs/demo/ppo --compare runs/demo/sft` works
+    as the issue writes it; a run without a task, or a mix, keeps chat mode."""
+    import argparse
+
+    from rlhfkit.use.chat import completion_mode, text_task_of
+
+    ppo, sft, chat_run = tmp_path / "ppo", tmp_path / "sft", tmp_path / "chat"
+    for d, text in ((ppo, "task: sentiment\n"), (sft, "task: arithmetic\n"), (chat_run, "dataset: x.jsonl\n")):
+        d.mkdir()
+        (d / "config.yaml").write_text(text)
+    (ppo / "merged").mkdir()
+    assert text_task_of(str(ppo)) == "sentiment" and text_task_of(str(ppo / "merged")) == "sentiment"
+    assert text_task_of(str(chat_run)) is None and text_task_of("HuggingFaceTB/SmolLM2-135M") is None
+    said = []
+    args = argparse.Namespace(model=str(ppo), compare=str(sft), completion=False)
+    assert completion_mode(args, said.append) and "completion mode is on" in said[0]
+    assert not completion_mode(argparse.Namespace(model=str(ppo), compare=str(chat_run), completion=False))
+    assert completion_mode(argparse.Namespace(model=str(chat_run), compare=None, completion=True))

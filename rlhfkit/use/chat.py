@@ -282,6 +282,42 @@ def add_chat_args(parser: argparse.ArgumentParser) -> None:
     add_model_args(parser)
 
 
+def text_task_of(reference: str) -> str | None:
+    """The built-in task a run directory was trained on, when it is one with plain-text prompts
+    (every built-in task's: the demo's runs): its `config.yaml` (or, for `merged/`, its parent's)
+    names `task`. Such a model never saw a chat template, so chat talks to it in completion mode."""
+    import yaml
+
+    from rlhfkit.tasks import TASKS
+
+    path = Path(reference).expanduser()
+    for cfg in (path / "config.yaml", path.parent / "config.yaml"):
+        if cfg.is_file():
+            try:
+                task = (yaml.safe_load(cfg.read_text()) or {}).get("task")
+            except yaml.YAMLError:
+                return None
+            if task in TASKS:
+                sample = TASKS[task]().make("prompt", 1, seed=0)[0]["prompt"]
+                return task if isinstance(sample, str) else None
+            return None
+    return None
+
+
+def completion_mode(args, printer=print) -> bool:
+    """--completion, or on by itself when every model is a run of a built-in text task (said so)."""
+    if args.completion:
+        return True
+    references = [args.model] + ([args.compare] if args.compare else [])
+    tasks = [text_task_of(r) for r in references]
+    if all(tasks):
+        printer(f"[chat] {' and '.join(references)}: trained on the built-in {', '.join(sorted(set(tasks)))} "
+                "task's plain-text prompts (config.yaml), so completion mode is on: each message is a fresh "
+                "text prompt to continue, no chat template, no history")
+        return True
+    return False
+
+
 def session_from_args(args) -> ChatSession:
     from rlhfkit.errors import ConfigError
     from rlhfkit.use.generate import load_model_from_args
@@ -300,6 +336,7 @@ def session_from_args(args) -> ChatSession:
         check_sampling_params(settings.params(), 1)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    args.completion = completion_mode(args)
     return ChatSession(models, settings, system=args.system, shared_history=args.shared_history,
                        completion=args.completion)
 
