@@ -57,8 +57,14 @@ def _trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous().clone() for n, p in named}
 
 
+DEEPSPEED_DIR, DEEPSPEED_TAG = "deepspeed", "state"
+"""Under DeepSpeed the weights and optimizer state are the engine's own (partitioned) checkpoint,
+written by every rank to `step-N/deepspeed/state/`, instead of model.safetensors + optimizer.pt."""
+
+
 def save_checkpoint(output_dir, step: int, model, optimizer, scheduler, *, rank: int, is_main: bool,
-                    barrier=lambda: None, keep: int | None = None, extra_state: dict | None = None) -> Path:
+                    barrier=lambda: None, keep: int | None = None, extra_state: dict | None = None,
+                    deepspeed_engine=None) -> Path:
     root = checkpoint_root(output_dir)
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}"
@@ -67,9 +73,12 @@ def save_checkpoint(output_dir, step: int, model, optimizer, scheduler, *, rank:
         tmp.mkdir(parents=True)
     barrier()
     torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / f"rng-{rank}.pt")
+    if deepspeed_engine is not None:  # collective: every rank writes its partition
+        deepspeed_engine.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
     if is_main:
-        save_file(_trainable_state(model), str(tmp / "model.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if deepspeed_engine is None:
+            save_file(_trainable_state(model), str(tmp / "model.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     barrier()
     if is_main:
@@ -85,18 +94,27 @@ def save_checkpoint(output_dir, step: int, model, optimizer, scheduler, *, rank:
     return final
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, *, rank: int) -> dict:
-    """Restore weights, optimizer, scheduler and this rank's RNG; returns trainer_state."""
+def load_checkpoint(path: Path, model, optimizer, scheduler, *, rank: int, deepspeed_engine=None) -> dict:
+    """Restore weights, optimizer, scheduler and this rank's RNG; returns trainer_state. Under
+    DeepSpeed (`deepspeed_engine`, after `prepare`) the engine loads its own partitions."""
     state = json.loads((path / "trainer_state.json").read_text())
-    weights = load_file(str(path / "model.safetensors"))
-    params = dict(model.named_parameters())
-    missing = [n for n in weights if n not in params]
-    if missing:
-        raise ConfigError(f"checkpoint {path} does not match the model: unknown weights {missing[:3]}")
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    has_engine_state = (path / DEEPSPEED_DIR).is_dir()
+    if has_engine_state != (deepspeed_engine is not None):
+        raise ConfigError(f"checkpoint {path} was written " + ("under DeepSpeed" if has_engine_state else "without DeepSpeed")
+                          + ": resume it under the same engine")
+    if deepspeed_engine is not None:
+        deepspeed_engine.load_checkpoint(str(path / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, load_optimizer_states=True,
+                                         load_lr_scheduler_states=False)
+    else:
+        weights = load_file(str(path / "model.safetensors"))
+        params = dict(model.named_parameters())
+        missing = [n for n in weights if n not in params]
+        if missing:
+            raise ConfigError(f"checkpoint {path} does not match the model: unknown weights {missing[:3]}")
+        with torch.no_grad():
+            for name, value in weights.items():
+                params[name].copy_(value)
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng_path = path / f"rng-{rank}.pt"
     if rng_path.exists():

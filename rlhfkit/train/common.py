@@ -157,30 +157,39 @@ def save_final(run: Run, model, tokenizer, adapter: str | None = None) -> Path:
     out = run.output_dir
     lora = c.finetuning_type == "lora"
     from_preset = preset_name(c.model_name_or_path) is not None
-    if run.is_main:
-        names = list(model.peft_config) if lora else []
-        selected = [adapter] if adapter is not None and len(names) > 1 else None
-        if lora and not from_preset:
-            for name in names:
-                model.peft_config[name].base_model_name_or_path = base_reference(c.model_name_or_path)
-        model.save_pretrained(out, safe_serialization=True, **({"selected_adapters": selected} if selected else {}))
-        tokenizer.save_pretrained(out)
-        if lora and (c.merge_lora or from_preset):
-            if from_preset and not c.merge_lora:
-                run.print(f"[{run.stage}] LoRA on {c.model_name_or_path}: the random base exists only in "
-                          f"this run, so the merged model is saved too ({out / 'merged'})")
-            if selected:  # merge only the chosen adapter, on a copy (the others stay in the live model)
-                import copy
+    from rlhfkit.train.deepspeed import gathered_parameters
 
-                model = copy.deepcopy(model)
-                for name in names:
-                    if name != adapter:
-                        model.delete_adapter(name)
-            merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-            merged.save_pretrained(out / "merged", safe_serialization=True)
-            tokenizer.save_pretrained(out / "merged")
+    with gathered_parameters(run, model):  # ZeRO-3: whole weights on every rank while the main process writes
+        if run.is_main:
+            _save_final_main(run, model, tokenizer, adapter, lora, from_preset)
     run.accelerator.wait_for_everyone()
     return out
+
+
+def _save_final_main(run: Run, model, tokenizer, adapter: str | None, lora: bool, from_preset: bool) -> None:
+    c = run.config
+    out = run.output_dir
+    names = list(model.peft_config) if lora else []
+    selected = [adapter] if adapter is not None and len(names) > 1 else None
+    if lora and not from_preset:
+        for name in names:
+            model.peft_config[name].base_model_name_or_path = base_reference(c.model_name_or_path)
+    model.save_pretrained(out, safe_serialization=True, **({"selected_adapters": selected} if selected else {}))
+    tokenizer.save_pretrained(out)
+    if lora and (c.merge_lora or from_preset):
+        if from_preset and not c.merge_lora:
+            run.print(f"[{run.stage}] LoRA on {c.model_name_or_path}: the random base exists only in "
+                      f"this run, so the merged model is saved too ({out / 'merged'})")
+        if selected:  # merge only the chosen adapter, on a copy (the others stay in the live model)
+            import copy
+
+            model = copy.deepcopy(model)
+            for name in names:
+                if name != adapter:
+                    model.delete_adapter(name)
+        merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+        merged.save_pretrained(out / "merged", safe_serialization=True)
+        tokenizer.save_pretrained(out / "merged")
 
 
 def config_task(name: str | None):
@@ -206,7 +215,9 @@ def skipped_note(run: Run, skipped: dict[str, int], what: str) -> None:
 def gold_eval(run: Run, model, tokenizer, task) -> dict:
     """Gold reward / EOS rate / length of samples on the task's held-out prompts (main process);
     the first 8 samples are appended to `output_dir/samples.jsonl`."""
-    if task is None or not run.is_main:
+    from rlhfkit.train.deepspeed import samples_on_this_rank
+
+    if task is None or not samples_on_this_rank(run):
         return {}
     import json
 
@@ -215,6 +226,8 @@ def gold_eval(run: Run, model, tokenizer, task) -> dict:
     c = run.config
     metrics, samples = sample_and_score(model, tokenizer, task, n_prompts=c.eval_num_prompts,
                                         max_new_tokens=c.max_new_tokens, seed=c.seed)
+    if not run.is_main:  # ZeRO-3: this rank only took part in the collective forward passes
+        return {}
     with (run.output_dir / "samples.jsonl").open("a") as f:
         for s in samples[:8]:
             f.write(json.dumps(s) + "\n")

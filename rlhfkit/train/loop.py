@@ -24,6 +24,7 @@ import torch
 from rlhfkit.config import BaseConfig, dump_config
 from rlhfkit.errors import ConfigError
 from rlhfkit.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from rlhfkit.train.engine import Engine
 from rlhfkit.train.tracking import MetricsLogger, progress
 
 log = logging.getLogger("rlhfkit")
@@ -39,6 +40,7 @@ class Run:
     output_dir: Path
     logger: MetricsLogger
     resume_from: Path | None
+    engine: Engine | None = None
 
     @property
     def is_main(self) -> bool:
@@ -134,9 +136,13 @@ def cpu_has_native_bf16() -> bool:
 
 
 def start_run(config: BaseConfig, stage: str) -> Run:
-    """Create the accelerator, check and prepare `output_dir`, write the resolved config."""
-    from accelerate import Accelerator
+    """Create the accelerator for the engine the launch asks for (an error when accelerate sets up
+    another one, or when the stage cannot run under it; see `rlhfkit.train.engine`), print the
+    engine, check and prepare `output_dir`, write the resolved config."""
+    from rlhfkit.train.engine import actual_engine, build_accelerator, check_engine, check_supported, requested_engine
 
+    requested = requested_engine()
+    check_supported(requested, stage)
     on_cpu = not torch.cuda.is_available()
     if on_cpu:
         tune_cpu_allocator()
@@ -151,7 +157,11 @@ def start_run(config: BaseConfig, stage: str) -> Run:
         # one process running several stages (the Python API, a pipeline) with different precision:
         # accelerate keeps one state per process, so start it again
         AcceleratorState._reset_state()
-    accelerator = Accelerator(mixed_precision=precision, cpu=on_cpu)
+    accelerator = build_accelerator(requested, precision, on_cpu)
+    engine = actual_engine(accelerator)
+    check_engine(requested, engine)
+    if accelerator.is_main_process:
+        print(f"[{stage}] {engine.describe()}", flush=True)
     out = Path(config.output_dir)
     resume_from = resolve_resume(out, config.resume_from_checkpoint)
     finished = (out / "summary.json").exists()
@@ -172,7 +182,7 @@ def start_run(config: BaseConfig, stage: str) -> Run:
         resume_step = json.loads((resume_from / "trainer_state.json").read_text())["step"]
     logger = MetricsLogger(out, enabled=accelerator.is_main_process,
                            tensorboard="tensorboard" in config.report_to, resume_step=resume_step)
-    return Run(config, stage, accelerator, out, logger, resume_from)
+    return Run(config, stage, accelerator, out, logger, resume_from, engine)
 
 
 # ---- optimisation ------------------------------------------------------------------------------
@@ -289,10 +299,11 @@ def fit(
 
     c = run.config
     acc = run.accelerator
+    deepspeed = run.engine is not None and run.engine.is_deepspeed
     optimizer = build_optimizer(model, c)
     scheduler = build_scheduler(optimizer, c, steps)
     start_step = 0
-    if run.resume_from is not None:
+    if run.resume_from is not None and not deepspeed:
         state = load_checkpoint(run.resume_from, model, optimizer, scheduler, rank=run.rank)
         start_step = state["step"]
         run.print(f"[{run.stage}] resumed from {run.resume_from} at step {start_step}")
@@ -301,7 +312,15 @@ def fit(
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     model.train()
+    if deepspeed:
+        from rlhfkit.train.deepspeed import configure_deepspeed
+
+        configure_deepspeed(acc, c)
     wrapped, optimizer = acc.prepare(model, optimizer)
+    if run.resume_from is not None and deepspeed:  # the engine restores its own partitions, after prepare
+        state = load_checkpoint(run.resume_from, model, optimizer, scheduler, rank=run.rank, deepspeed_engine=wrapped)
+        start_step = state["step"]
+        run.print(f"[{run.stage}] resumed from {run.resume_from} at step {start_step}")
     params = [p for p in model.parameters() if p.requires_grad]
     accum = c.gradient_accumulation_steps
     window: list[dict] = []
@@ -318,14 +337,22 @@ def fit(
         # 2. forward/backward each micro-batch; gradients sync on the last one only
         sums: dict[str, float] = {}
         for i, batch in enumerate(micro):
-            sync = acc.no_sync(wrapped) if (i < accum - 1 and run.world_size > 1) else nullcontext()
+            last = i == accum - 1
+            sync = acc.no_sync(wrapped) if (not last and run.world_size > 1 and not deepspeed) else nullcontext()
+            if deepspeed:  # the engine reduces, clips and steps inside backward at the boundary only
+                acc.gradient_state._set_sync_gradients(last)
             with sync, acc.autocast():
                 loss_sum, metric_sums = loss_fn(wrapped, batch)
                 acc.backward(loss_sum * (run.world_size / max(weight, 1e-12)))
             for k, v in {"loss": loss_sum, **metric_sums}.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
         # 3. clip, step, schedule (DDP's hooks already summed the gradients)
-        grad_norm = optimizer_step(params, optimizer, scheduler, c.max_grad_norm, clip=acc.clip_grad_norm_)
+        if deepspeed:  # already clipped and stepped in backward (DeepSpeed's clipping, `gradient_clipping`)
+            grad_norm = acc.clip_grad_norm_(params, c.max_grad_norm)
+            grad_norm = float("nan") if grad_norm is None else float(grad_norm)
+            scheduler.step()
+        else:
+            grad_norm = optimizer_step(params, optimizer, scheduler, c.max_grad_norm, clip=acc.clip_grad_norm_)
         # 4. metrics: global sums / global weight
         keys = sorted(sums)
         totals = run.reduce_sum([sums[k] for k in keys]).tolist()
@@ -353,7 +380,8 @@ def fit(
                 on_log(done, record)
         if c.save_steps and done % c.save_steps == 0 and done < steps:
             save_checkpoint(run.output_dir, done, model, optimizer, scheduler, rank=run.rank,
-                            is_main=run.is_main, barrier=acc.wait_for_everyone, keep=c.save_total_limit)
+                            is_main=run.is_main, barrier=acc.wait_for_everyone, keep=c.save_total_limit,
+                            deepspeed_engine=wrapped if deepspeed else None)
     bar.close()
     model.eval()
     return acc.unwrap_model(wrapped), run.logger.history

@@ -1,0 +1,165 @@
+"""Which distributed engine a run uses, decided once at start and never changed silently.
+
+A launcher says what it wants through the environment: `accelerate launch --config_file` with
+`distributed_type: DEEPSPEED` sets `ACCELERATE_USE_DEEPSPEED` (ZeRO stage in its DeepSpeed JSON or
+`ACCELERATE_DEEPSPEED_ZERO_STAGE`), with FSDP `ACCELERATE_USE_FSDP` (+ `FSDP_VERSION`); `torchrun`
+or a plain multi-process `accelerate launch` only sets `WORLD_SIZE`. `requested_engine` reads that,
+`build_accelerator` builds the Accelerator that honours it, and `check_engine` compares what
+accelerate actually set up against the request: any difference is a ConfigError (accelerate itself
+drops DeepSpeed and FSDP without a word under `Accelerator(cpu=True)`, which is how a ZeRO-3 launch
+on a CPU machine used to train plain DDP).
+
+Engines (`Engine.name`): `single` (one process), `ddp` (data parallel: one full copy per process),
+`zero2` / `zero3` (DeepSpeed ZeRO stage 2: optimizer state and gradients partitioned; stage 3:
+parameters too), `fsdp2` (torch FSDP2, not supported yet: an error). Stages with rlhfkit's own
+optimisation loop (`fit`: pt, sft, rm, dpo, kto) run under DeepSpeed; the online stages (ppo, grpo,
+rloo, ...) sum their gradients by hand and run under `single`/`ddp` only, an error otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlhfkit.errors import ConfigError
+
+ENGINES = ("single", "ddp", "zero2", "zero3", "fsdp2")
+FIT_STAGES = ("pt", "sft", "rm", "dpo", "kto")
+"""Stages whose optimisation runs in `rlhfkit.train.loop.fit` (the DeepSpeed path lives there)."""
+
+SUPPORTED: dict[str, tuple[str, ...] | None] = {
+    "single": None,  # None: every stage
+    "ddp": None,
+    "zero2": FIT_STAGES,
+    "zero3": FIT_STAGES,
+    "fsdp2": (),
+}
+"""Engine -> the stages that run under it (None: all)."""
+
+
+@dataclass(frozen=True)
+class Engine:
+    """The engine of a run: `name` (one of ENGINES), accelerate's `distributed_type` and the
+    number of processes."""
+
+    name: str
+    distributed_type: str
+    world_size: int
+
+    @property
+    def is_deepspeed(self) -> bool:
+        return self.name in ("zero2", "zero3")
+
+    def describe(self) -> str:
+        what = {"single": "one process", "ddp": "data parallel (full copy per process)",
+                "zero2": "DeepSpeed ZeRO-2 (optimizer state + gradients partitioned)",
+                "zero3": "DeepSpeed ZeRO-3 (parameters, gradients, optimizer state partitioned)",
+                "fsdp2": "FSDP2 (parameters sharded)"}[self.name]
+        return f"engine {self.name}: {what}, {self.world_size} process(es), accelerate {self.distributed_type}"
+
+    def summary(self) -> dict:
+        """What summary.json records."""
+        return {"engine": self.name, "distributed_type": self.distributed_type, "world_size": self.world_size}
+
+
+def _true(env, key: str) -> bool:
+    return str(env.get(key, "false")).lower() in ("1", "true", "yes")
+
+
+def deepspeed_stage(env=None) -> int | None:
+    """The ZeRO stage a DeepSpeed launch asks for: `zero_optimization.stage` of
+    `ACCELERATE_DEEPSPEED_CONFIG_FILE`, else `ACCELERATE_DEEPSPEED_ZERO_STAGE`, else None."""
+    env = os.environ if env is None else env
+    path = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if path and path != "none":
+        try:
+            config = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"DeepSpeed config {path} (ACCELERATE_DEEPSPEED_CONFIG_FILE) cannot be read: {e}") from None
+        stage = config.get("zero_optimization", {}).get("stage")
+        if stage is not None:
+            return int(stage)
+    stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    return int(stage) if stage not in (None, "", "none") else None
+
+
+def requested_engine(env=None) -> str:
+    """The engine the launch environment asks for (a name; `zero1`/`fsdp1` too, which
+    `check_supported` rejects)."""
+    env = os.environ if env is None else env
+    if _true(env, "ACCELERATE_USE_DEEPSPEED"):
+        stage = deepspeed_stage(env)
+        if stage is None:
+            raise ConfigError("a DeepSpeed launch (ACCELERATE_USE_DEEPSPEED) without a ZeRO stage: set "
+                              "zero_optimization.stage in the DeepSpeed config (see configs/accelerate/)")
+        return f"zero{stage}"
+    if _true(env, "ACCELERATE_USE_FSDP"):
+        return f"fsdp{env.get('FSDP_VERSION', '1')}"
+    return "ddp" if int(env.get("WORLD_SIZE", "1")) > 1 else "single"
+
+
+def check_supported(engine: str, stage: str) -> None:
+    """ConfigError unless `stage` runs under `engine`."""
+    if engine not in SUPPORTED:
+        raise ConfigError(f"the launch asks for engine '{engine}', which rlhfkit does not support; supported: "
+                          f"{', '.join(ENGINES[:-1])} (DeepSpeed ZeRO stage 2 or 3; configs/accelerate/ has "
+                          "ready launch configs)")
+    stages = SUPPORTED[engine]
+    if stages is not None and stage not in stages:
+        runs = f"only {', '.join(stages)}" if stages else "no stage yet"
+        raise ConfigError(f"stage '{stage}' cannot run under engine '{engine}' ({runs} can); launch it with "
+                          "torchrun or a DDP accelerate config (configs/accelerate/ddp.yaml) instead")
+
+
+def build_accelerator(engine: str, precision: str, on_cpu: bool):
+    """An Accelerator that sets up `engine`. On a CPU machine DeepSpeed needs a process group
+    backend named (gloo), not `cpu=True`, which would drop the DeepSpeed plugin."""
+    from accelerate import Accelerator
+
+    if engine.startswith("zero"):
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"the launch asks for DeepSpeed ({engine}) but deepspeed is not installed: "
+                              "pip install 'rlhfkit[deepspeed]'") from None
+        kwargs = {}
+        if on_cpu:
+            from accelerate.utils import InitProcessGroupKwargs
+
+            kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+        accelerator = Accelerator(mixed_precision=precision, **kwargs)
+        plugin = accelerator.state.deepspeed_plugin
+        if plugin is not None and plugin.zero3_init_flag:
+            # models would load already partitioned; rlhfkit's loaders and the reference copy expect whole ones
+            raise ConfigError("zero3_init_flag: true is not supported: set zero3_init_flag: false in the accelerate "
+                              "config (rlhfkit loads each model whole, then DeepSpeed partitions it)")
+        return accelerator
+    return Accelerator(mixed_precision=precision, cpu=on_cpu)
+
+
+def actual_engine(accelerator) -> Engine:
+    """The engine accelerate actually set up."""
+    from accelerate.utils import DistributedType
+
+    dtype = accelerator.distributed_type
+    n = accelerator.num_processes
+    if dtype == DistributedType.DEEPSPEED:
+        stage = accelerator.state.deepspeed_plugin.zero_stage
+        name = f"zero{stage}"
+    elif dtype == DistributedType.FSDP:
+        name = f"fsdp{getattr(accelerator.state.fsdp_plugin, 'fsdp_version', 1)}"
+    elif n > 1:
+        name = "ddp"
+    else:
+        name = "single"
+    return Engine(name, str(dtype.value if hasattr(dtype, "value") else dtype), n)
+
+
+def check_engine(requested: str, engine: Engine) -> None:
+    """ConfigError when accelerate set up another engine than the launch asked for."""
+    if engine.name != requested:
+        raise ConfigError(f"the launch asks for engine '{requested}' but accelerate set up '{engine.name}' "
+                          f"({engine.distributed_type}, {engine.world_size} process(es)); refusing to train on an "
+                          "engine that was not asked for")
