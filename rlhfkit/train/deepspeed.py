@@ -71,3 +71,26 @@ def samples_on_this_rank(run) -> bool:
 def local_parameter_count(model) -> int:
     """Parameters held by this rank: ZeRO-3's partitions (`ds_tensor`), else the full count."""
     return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
+
+
+def local_optimizer_state(optimizer) -> int:
+    """Elements of Adam's first moment held by this rank (ZeRO-1/2/3: its partition; otherwise one
+    per trainable parameter). Unwraps accelerate's and DeepSpeed's optimizer wrappers."""
+    inner = optimizer
+    while hasattr(inner, "optimizer"):
+        inner = inner.optimizer
+    return sum(s["exp_avg"].numel() for s in inner.state.values() if "exp_avg" in s)
+
+
+def local_counts(run, model, optimizer) -> dict[str, list[int]]:
+    """Per rank (a list, rank order): parameters held and optimizer-state elements held; how a
+    run shows that ZeRO-3 partitioned the parameters and ZeRO-2 the optimizer state. Collective."""
+    mine = [local_parameter_count(model), local_optimizer_state(optimizer)]
+    if run.world_size > 1:
+        import torch
+
+        gathered = [None] * run.world_size
+        torch.distributed.all_gather_object(gathered, mine)
+    else:
+        gathered = [mine]
+    return {"local_parameters": [g[0] for g in gathered], "local_optimizer_state": [g[1] for g in gathered]}

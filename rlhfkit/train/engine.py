@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlhfkit.errors import ConfigError
@@ -39,14 +39,16 @@ SUPPORTED: dict[str, tuple[str, ...] | None] = {
 """Engine -> the stages that run under it (None: all)."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class Engine:
-    """The engine of a run: `name` (one of ENGINES), accelerate's `distributed_type` and the
-    number of processes."""
+    """The engine of a run: `name` (one of ENGINES), accelerate's `distributed_type`, the number
+    of processes and, once `fit` has trained, what each rank held (`local`: `local_parameters`,
+    `local_optimizer_state`, one count per rank; see `rlhfkit.train.deepspeed.local_counts`)."""
 
     name: str
     distributed_type: str
     world_size: int
+    local: dict = field(default_factory=dict)
 
     @property
     def is_deepspeed(self) -> bool:
@@ -61,7 +63,8 @@ class Engine:
 
     def summary(self) -> dict:
         """What summary.json records."""
-        return {"engine": self.name, "distributed_type": self.distributed_type, "world_size": self.world_size}
+        return {"engine": self.name, "distributed_type": self.distributed_type, "world_size": self.world_size,
+                **self.local}
 
 
 def _true(env, key: str) -> bool:
@@ -135,6 +138,11 @@ def build_accelerator(engine: str, precision: str, on_cpu: bool):
             # models would load already partitioned; rlhfkit's loaders and the reference copy expect whole ones
             raise ConfigError("zero3_init_flag: true is not supported: set zero3_init_flag: false in the accelerate "
                               "config (rlhfkit loads each model whole, then DeepSpeed partitions it)")
+        # accelerate registers its DeepSpeed config with transformers whatever zero3_init_flag says, and
+        # from_pretrained then builds ZeRO-3 models already partitioned (outside any engine): unregister it
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
         return accelerator
     return Accelerator(mixed_precision=precision, cpu=on_cpu)
 

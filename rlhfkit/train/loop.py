@@ -384,4 +384,9 @@ def fit(
                             deepspeed_engine=wrapped if deepspeed else None)
     bar.close()
     model.eval()
+    if run.engine is not None:  # what each rank held: the evidence that ZeRO partitioned (summary.json)
+        from rlhfkit.train.deepspeed import local_counts
+
+        run.engine.local = local_counts(run, model, optimizer)
+        run.print(f"[{run.stage}] held per rank: {run.engine.local}")
     return acc.unwrap_model(wrapped), run.logger.history
