@@ -29,10 +29,13 @@ rlhfkit data TASK OUT_DIR [--seed N]        write a built-in task's data files (
 rlhfkit data reasoning-gym:TASK OUT_DIR     prompt files of a reasoning-gym task [--size N] [--seed N]
 rlhfkit demo [--output-dir DIR]             the built-in end-to-end demo
 rlhfkit eval-rm MODEL DATA                  evaluate a reward model on preference/ranking rows
-rlhfkit score MODEL DATA [--output F]       add a `reward` field to prompt/response rows"""
+rlhfkit score MODEL DATA [--output F]       add a `reward` field to prompt/response rows
+rlhfkit estimate-memory MODEL --stage S --engine E [--num-processes N]   memory per process and role"""
 
 # reward-model commands: name -> "module:function" taking argv (imported lazily)
 RM_COMMANDS = {"eval-rm": "rlhfkit.eval.reward_cli:run_eval_rm", "score": "rlhfkit.eval.reward_cli:run_score"}
+# other tools taking argv: name -> "module:function" (imported lazily)
+TOOL_COMMANDS = {"estimate-memory": "rlhfkit.train.memory:run_estimate_memory"}
 
 
 def stage_function(stage: str):
@@ -146,12 +149,12 @@ def main(argv: list[str] | None = None) -> int:
             return run_data(rest)
         if command == "demo":
             return run_demo(rest)
-        if command in RM_COMMANDS:
-            module, fn = RM_COMMANDS[command].split(":")
+        if command in RM_COMMANDS or command in TOOL_COMMANDS:
+            module, fn = {**RM_COMMANDS, **TOOL_COMMANDS}[command].split(":")
             return getattr(importlib.import_module(module), fn)(rest)
         import difflib
 
-        close = difflib.get_close_matches(command, [*STAGE_FUNCTIONS, "data", "demo", *RM_COMMANDS], n=1)
+        close = difflib.get_close_matches(command, [*STAGE_FUNCTIONS, "data", "demo", *RM_COMMANDS, *TOOL_COMMANDS], n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         print(f"error: unknown command '{command}'{hint}\n\n{usage}", file=sys.stderr)
         return 2

@@ -57,16 +57,29 @@ def test_unsupported_engine_or_stage_is_an_error():
     for stage in ("pt", "sft", "rm", "dpo", "kto", "ppo", "grpo", "rloo"):
         check_supported("single", stage)
         check_supported("ddp", stage)
-    for stage in ("pt", "sft", "rm", "dpo", "kto"):
-        check_supported("zero2", stage)
-        check_supported("zero3", stage)
-    with pytest.raises(ConfigError, match="stage 'ppo' cannot run under engine 'zero3'"):
-        check_supported("zero3", "ppo")
-    with pytest.raises(ConfigError, match="cannot run under engine 'fsdp2'"):
-        check_supported("fsdp2", "sft")
+    for stage in ("pt", "sft", "dpo"):
+        for engine in ("zero2", "zero3", "fsdp2"):
+            check_supported(engine, stage)
+    for stage in ("rm", "kto", "ppo", "grpo"):
+        with pytest.raises(ConfigError, match=f"stage '{stage}' cannot run under engine 'zero3'"):
+            check_supported("zero3", stage)
+        with pytest.raises(ConfigError, match=f"stage '{stage}' cannot run under engine 'fsdp2'"):
+            check_supported("fsdp2", stage)
     for engine in ("zero1", "fsdp1", "megatron"):
         with pytest.raises(ConfigError, match="does not support"):
             check_supported(engine, "sft")
+
+
+def test_lora_under_a_sharded_engine_is_refused():
+    from rlhfkit.config import build_config
+    from rlhfkit.train.engine import check_config
+
+    lora = build_config("sft", dict(model_name_or_path="preset:tiny", dataset="x.jsonl", output_dir="o",
+                                    finetuning_type="lora"))
+    check_config("ddp", lora)
+    for engine in ("zero2", "zero3", "fsdp2"):
+        with pytest.raises(ConfigError, match="finetuning_type: lora under engine"):
+            check_config(engine, lora)
 
 
 def test_an_engine_other_than_the_one_asked_for_is_an_error():
@@ -106,7 +119,7 @@ def test_deepspeed_launch_dropped_by_accelerate_is_an_error_not_ddp(sft_file, tm
 
 
 @pytest.mark.parametrize("launch_env, stage, message", [
-    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, "sft", "cannot run under engine 'fsdp2'"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, "ppo", "stage 'ppo' cannot run under engine 'fsdp2'"),
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "sft", "'fsdp1', which rlhfkit does not support"),
     ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "ppo",
      "stage 'ppo' cannot run under engine 'zero3'"),

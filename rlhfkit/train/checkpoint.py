@@ -64,7 +64,7 @@ written by every rank to `step-N/deepspeed/state/`, instead of model.safetensors
 
 def save_checkpoint(output_dir, step: int, model, optimizer, scheduler, *, rank: int, is_main: bool,
                     barrier=lambda: None, keep: int | None = None, extra_state: dict | None = None,
-                    deepspeed_engine=None) -> Path:
+                    deepspeed_engine=None, fsdp: bool = False) -> Path:
     root = checkpoint_root(output_dir)
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}"
@@ -75,8 +75,16 @@ def save_checkpoint(output_dir, step: int, model, optimizer, scheduler, *, rank:
     torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / f"rng-{rank}.pt")
     if deepspeed_engine is not None:  # collective: every rank writes its partition
         deepspeed_engine.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
+    if fsdp:  # collective: gather the full weights and optimizer state (FSDP2 keys) for the main process
+        from rlhfkit.train.fsdp import full_model_state, full_optimizer_state
+
+        weights, optim_state = full_model_state(model), full_optimizer_state(model, optimizer)
+        extra_state = {**(extra_state or {}), "optimizer_format": "fsdp2"}
     if is_main:
-        if deepspeed_engine is None:
+        if fsdp:
+            save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
+            torch.save(optim_state, tmp / "optimizer.pt")
+        elif deepspeed_engine is None:
             save_file(_trainable_state(model), str(tmp / "model.safetensors"))
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -94,15 +102,23 @@ def save_checkpoint(output_dir, step: int, model, optimizer, scheduler, *, rank:
     return final
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, *, rank: int, deepspeed_engine=None) -> dict:
+def load_checkpoint(path: Path, model, optimizer, scheduler, *, rank: int, deepspeed_engine=None,
+                    fsdp: bool = False) -> dict:
     """Restore weights, optimizer, scheduler and this rank's RNG; returns trainer_state. Under
-    DeepSpeed (`deepspeed_engine`, after `prepare`) the engine loads its own partitions."""
+    DeepSpeed (`deepspeed_engine`, after `prepare`) the engine loads its own partitions; under FSDP2
+    (`fsdp`, after sharding) every rank reads the full state and keeps its shards."""
     state = json.loads((path / "trainer_state.json").read_text())
     has_engine_state = (path / DEEPSPEED_DIR).is_dir()
-    if has_engine_state != (deepspeed_engine is not None):
-        raise ConfigError(f"checkpoint {path} was written " + ("under DeepSpeed" if has_engine_state else "without DeepSpeed")
-                          + ": resume it under the same engine")
-    if deepspeed_engine is not None:
+    if has_engine_state != (deepspeed_engine is not None) or (state.get("optimizer_format") == "fsdp2") != fsdp:
+        raise ConfigError(f"checkpoint {path} was written under another engine "
+                          f"({'DeepSpeed' if has_engine_state else state.get('optimizer_format', 'single/ddp')}): "
+                          "resume it under the same engine")
+    if fsdp:
+        from rlhfkit.train.fsdp import load_full_state
+
+        load_full_state(model, optimizer, load_file(str(path / "model.safetensors")),
+                        torch.load(path / "optimizer.pt", weights_only=False))  # our own file
+    elif deepspeed_engine is not None:
         deepspeed_engine.load_checkpoint(str(path / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, load_optimizer_states=True,
                                          load_lr_scheduler_states=False)
     else:

@@ -140,7 +140,14 @@ def to_device(batch: dict, device) -> dict:
 
 
 def shard(items: list, run: Run) -> list:
-    """This process's share of an evaluation set (every world_size-th item)."""
+    """This process's share of an evaluation set (every world_size-th item). Under ZeRO-3 / FSDP2
+    every forward pass is a collective, so every rank must run as many: the set must split evenly."""
+    from rlhfkit.train.deepspeed import shards_parameters
+
+    if shards_parameters(run) and len(items) % run.world_size:
+        raise ConfigError(f"under engine '{run.engine.name}' every process must evaluate as many examples: "
+                          f"{len(items)} evaluation examples do not split over {run.world_size} processes "
+                          "(choose val_size or an eval_dataset size that does)")
     return items[run.rank::run.world_size]
 
 
@@ -158,15 +165,18 @@ def save_final(run: Run, model, tokenizer, adapter: str | None = None) -> Path:
     lora = c.finetuning_type == "lora"
     from_preset = preset_name(c.model_name_or_path) is not None
     from rlhfkit.train.deepspeed import gathered_parameters
+    from rlhfkit.train.fsdp import full_model_state, is_fsdp
 
+    state = full_model_state(model) if is_fsdp(run) else None  # FSDP2: gather the shards (collective)
     with gathered_parameters(run, model):  # ZeRO-3: whole weights on every rank while the main process writes
         if run.is_main:
-            _save_final_main(run, model, tokenizer, adapter, lora, from_preset)
+            _save_final_main(run, model, tokenizer, adapter, lora, from_preset, state)
     run.accelerator.wait_for_everyone()
     return out
 
 
-def _save_final_main(run: Run, model, tokenizer, adapter: str | None, lora: bool, from_preset: bool) -> None:
+def _save_final_main(run: Run, model, tokenizer, adapter: str | None, lora: bool, from_preset: bool,
+                     state: dict | None = None) -> None:
     c = run.config
     out = run.output_dir
     names = list(model.peft_config) if lora else []
@@ -174,7 +184,8 @@ def _save_final_main(run: Run, model, tokenizer, adapter: str | None, lora: bool
     if lora and not from_preset:
         for name in names:
             model.peft_config[name].base_model_name_or_path = base_reference(c.model_name_or_path)
-    model.save_pretrained(out, safe_serialization=True, **({"selected_adapters": selected} if selected else {}))
+    model.save_pretrained(out, safe_serialization=True, **({"selected_adapters": selected} if selected else {}),
+                          **({"state_dict": state} if state is not None else {}))
     tokenizer.save_pretrained(out)
     if lora and (c.merge_lora or from_preset):
         if from_preset and not c.merge_lora:

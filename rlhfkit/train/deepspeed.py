@@ -51,6 +51,12 @@ def zero_stage(run) -> int:
     return int(engine.name[-1]) if engine is not None and engine.is_deepspeed else 0
 
 
+def shards_parameters(run) -> bool:
+    """True under the engines where a forward pass is a collective (ZeRO-3, FSDP2)."""
+    engine = getattr(run, "engine", None)
+    return engine is not None and engine.name in ("zero3", "fsdp2")
+
+
 def gathered_parameters(run, model):
     """Context in which every parameter of `model` is whole on every rank (ZeRO-3; a no-op
     otherwise). Collective: every rank must enter it."""
@@ -63,14 +69,31 @@ def gathered_parameters(run, model):
 
 def samples_on_this_rank(run) -> bool:
     """Whether this rank runs the forward passes of a main-process-only job (sampling for the
-    gold-reward evaluation): the main process always, every rank under ZeRO-3, where each forward
+    gold-reward evaluation): the main process always, every rank under ZeRO-3 / FSDP2, where each forward
     pass is a collective (same seed on every rank, so every rank takes the same path)."""
-    return run.is_main or zero_stage(run) == 3
+    return run.is_main or shards_parameters(run)
+
+
+def _local_numel(t) -> int:
+    """Elements this rank holds: a ZeRO-3 partition (`ds_tensor`), an FSDP2 shard (DTensor), or all."""
+    if hasattr(t, "ds_tensor"):
+        return t.ds_tensor.numel()
+    if hasattr(t, "to_local"):
+        return t.to_local().numel()
+    return t.numel()
 
 
 def local_parameter_count(model) -> int:
-    """Parameters held by this rank: ZeRO-3's partitions (`ds_tensor`), else the full count."""
-    return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
+    """Parameters held by this rank: ZeRO-3's partitions, FSDP2's shards, else the full count. Tied
+    weights count once (FSDP2 may hand out the tied lm_head as another DTensor over the same shard)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        key = (local.data_ptr(), local.numel()) if local.numel() else id(p)
+        if key not in seen:
+            seen.add(key)
+            total += _local_numel(p)
+    return total
 
 
 def local_optimizer_state(optimizer) -> int:
@@ -79,13 +102,14 @@ def local_optimizer_state(optimizer) -> int:
     inner = optimizer
     while hasattr(inner, "optimizer"):
         inner = inner.optimizer
-    return sum(s["exp_avg"].numel() for s in inner.state.values() if "exp_avg" in s)
+    return sum(_local_numel(s["exp_avg"]) for s in inner.state.values() if "exp_avg" in s)
 
 
-def local_counts(run, model, optimizer) -> dict[str, list[int]]:
-    """Per rank (a list, rank order): parameters held and optimizer-state elements held; how a
-    run shows that ZeRO-3 partitioned the parameters and ZeRO-2 the optimizer state. Collective."""
-    mine = [local_parameter_count(model), local_optimizer_state(optimizer)]
+def local_counts(run, n_parameters: int, optimizer) -> dict[str, list[int]]:
+    """Per rank (a list, rank order): parameters held (`n_parameters`, counted by the caller right
+    after sharding) and optimizer-state elements held; how a run shows that ZeRO-3 / FSDP2
+    partitioned the parameters and ZeRO-2 the optimizer state. Collective."""
+    mine = [n_parameters, local_optimizer_state(optimizer)]
     if run.world_size > 1:
         import torch
 

@@ -139,10 +139,18 @@ def start_run(config: BaseConfig, stage: str) -> Run:
     """Create the accelerator for the engine the launch asks for (an error when accelerate sets up
     another one, or when the stage cannot run under it; see `rlhfkit.train.engine`), print the
     engine, check and prepare `output_dir`, write the resolved config."""
-    from rlhfkit.train.engine import actual_engine, build_accelerator, check_engine, check_supported, requested_engine
+    from rlhfkit.train.engine import (
+        actual_engine,
+        build_accelerator,
+        check_config,
+        check_engine,
+        check_supported,
+        requested_engine,
+    )
 
     requested = requested_engine()
     check_supported(requested, stage)
+    check_config(requested, config)
     on_cpu = not torch.cuda.is_available()
     if on_cpu:
         tune_cpu_allocator()
@@ -158,7 +166,7 @@ def start_run(config: BaseConfig, stage: str) -> Run:
         # accelerate keeps one state per process, so start it again
         AcceleratorState._reset_state()
     accelerator = build_accelerator(requested, precision, on_cpu)
-    engine = actual_engine(accelerator)
+    engine = actual_engine(accelerator, requested)
     check_engine(requested, engine)
     if accelerator.is_main_process:
         print(f"[{stage}] {engine.describe()}", flush=True)
@@ -300,28 +308,39 @@ def fit(
     c = run.config
     acc = run.accelerator
     deepspeed = run.engine is not None and run.engine.is_deepspeed
-    optimizer = build_optimizer(model, c)
-    scheduler = build_scheduler(optimizer, c, steps)
-    start_step = 0
-    if run.resume_from is not None and not deepspeed:
-        state = load_checkpoint(run.resume_from, model, optimizer, scheduler, rank=run.rank)
-        start_step = state["step"]
-        run.print(f"[{run.stage}] resumed from {run.resume_from} at step {start_step}")
+    fsdp = run.engine is not None and run.engine.name == "fsdp2"
     if c.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
+    if fsdp:  # before the optimizer, which must hold the shards (rlhfkit.train.fsdp)
+        from rlhfkit.train.fsdp import shard_model
+
+        shard_model(model)
+    optimizer = build_optimizer(model, c)
+    scheduler = build_scheduler(optimizer, c, steps)
+    start_step = 0
+    if run.resume_from is not None and not deepspeed:
+        state = load_checkpoint(run.resume_from, model, optimizer, scheduler, rank=run.rank, fsdp=fsdp)
+        start_step = state["step"]
+        run.print(f"[{run.stage}] resumed from {run.resume_from} at step {start_step}")
     model.train()
     if deepspeed:
         from rlhfkit.train.deepspeed import configure_deepspeed
 
         configure_deepspeed(acc, c)
-    wrapped, optimizer = acc.prepare(model, optimizer)
+    if fsdp:  # sharded already: accelerate wraps nothing
+        wrapped = model
+    else:
+        wrapped, optimizer = acc.prepare(model, optimizer)
     if run.resume_from is not None and deepspeed:  # the engine restores its own partitions, after prepare
         state = load_checkpoint(run.resume_from, model, optimizer, scheduler, rank=run.rank, deepspeed_engine=wrapped)
         start_step = state["step"]
         run.print(f"[{run.stage}] resumed from {run.resume_from} at step {start_step}")
     params = [p for p in model.parameters() if p.requires_grad]
+    from rlhfkit.train.deepspeed import local_counts, local_parameter_count
+
+    held = local_parameter_count(model)  # after sharding (FSDP2 may split tied weights into two DTensors later)
     accum = c.gradient_accumulation_steps
     window: list[dict] = []
     bar = progress(total=steps, initial=start_step, disable=run.quiet, desc=f"{run.stage} train")
@@ -338,9 +357,12 @@ def fit(
         sums: dict[str, float] = {}
         for i, batch in enumerate(micro):
             last = i == accum - 1
-            sync = acc.no_sync(wrapped) if (not last and run.world_size > 1 and not deepspeed) else nullcontext()
+            sync = (acc.no_sync(wrapped) if (not last and run.world_size > 1 and not (deepspeed or fsdp))
+                    else nullcontext())
             if deepspeed:  # the engine reduces, clips and steps inside backward at the boundary only
                 acc.gradient_state._set_sync_gradients(last)
+            if fsdp:  # reduce-scatter the gradients on the last micro-batch only
+                wrapped.set_requires_gradient_sync(last)
             with sync, acc.autocast():
                 loss_sum, metric_sums = loss_fn(wrapped, batch)
                 acc.backward(loss_sum * (run.world_size / max(weight, 1e-12)))
@@ -351,6 +373,10 @@ def fit(
             grad_norm = acc.clip_grad_norm_(params, c.max_grad_norm)
             grad_norm = float("nan") if grad_norm is None else float(grad_norm)
             scheduler.step()
+        elif fsdp:
+            from rlhfkit.train.fsdp import clip_grad_norm
+
+            grad_norm = optimizer_step(params, optimizer, scheduler, c.max_grad_norm, clip=clip_grad_norm)
         else:
             grad_norm = optimizer_step(params, optimizer, scheduler, c.max_grad_norm, clip=acc.clip_grad_norm_)
         # 4. metrics: global sums / global weight
@@ -381,12 +407,10 @@ def fit(
         if c.save_steps and done % c.save_steps == 0 and done < steps:
             save_checkpoint(run.output_dir, done, model, optimizer, scheduler, rank=run.rank,
                             is_main=run.is_main, barrier=acc.wait_for_everyone, keep=c.save_total_limit,
-                            deepspeed_engine=wrapped if deepspeed else None)
+                            deepspeed_engine=wrapped if deepspeed else None, fsdp=fsdp)
     bar.close()
     model.eval()
     if run.engine is not None:  # what each rank held: the evidence that ZeRO partitioned (summary.json)
-        from rlhfkit.train.deepspeed import local_counts
-
-        run.engine.local = local_counts(run, model, optimizer)
+        run.engine.local = local_counts(run, held, optimizer)
         run.print(f"[{run.stage}] held per rank: {run.engine.local}")
-    return acc.unwrap_model(wrapped), run.logger.history
+    return (model if fsdp else acc.unwrap_model(wrapped)), run.logger.history
