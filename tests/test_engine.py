@@ -70,16 +70,22 @@ def test_unsupported_engine_or_stage_is_an_error():
             check_supported(engine, "sft")
 
 
-def test_lora_under_a_sharded_engine_is_refused():
+def test_merged_lora_under_zero3_or_fsdp2_is_refused():
     from rlhfkit.config import build_config
     from rlhfkit.train.engine import check_config
 
-    lora = build_config("sft", dict(model_name_or_path="preset:tiny", dataset="x.jsonl", output_dir="o",
-                                    finetuning_type="lora"))
-    check_config("ddp", lora)
-    for engine in ("zero2", "zero3", "fsdp2"):
-        with pytest.raises(ConfigError, match="finetuning_type: lora under engine"):
-            check_config(engine, lora)
+    def config(**kw):
+        return build_config("sft", dict(dataset="x.jsonl", output_dir="o", finetuning_type="lora", **kw))
+
+    for engine in ("ddp", "zero2", "zero3", "fsdp2"):
+        check_config(engine, config(model_name_or_path="some/dir"))
+    for engine in ("ddp", "zero2"):
+        check_config(engine, config(model_name_or_path="preset:tiny"))
+        check_config(engine, config(model_name_or_path="some/dir", merge_lora=True))
+    for engine in ("zero3", "fsdp2"):
+        for kw in (dict(model_name_or_path="preset:tiny"), dict(model_name_or_path="some/dir", merge_lora=True)):
+            with pytest.raises(ConfigError, match="LoRA with a merged save"):
+                check_config(engine, config(**kw))
 
 
 def test_an_engine_other_than_the_one_asked_for_is_an_error():

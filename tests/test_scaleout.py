@@ -47,6 +47,8 @@ COMMON = dict(max_steps=4, learning_rate=1e-3, logging_steps=1, report_to=[], se
               lr_scheduler_type="linear", warmup_steps=1, max_grad_norm=1.0)
 LAUNCHED = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, save_steps=2)
 SINGLE = dict(per_device_train_batch_size=8, gradient_accumulation_steps=1)
+CHECKPOINTED = {("zero3", "dpo"), ("fsdp2", "sft")}
+"""Launched with gradient checkpointing (the single-process reference without: same curve)."""
 
 
 def _free_port() -> int:
@@ -101,7 +103,8 @@ def runs(tmp_path_factory, data):
                 {"sft": train_sft, "dpo": train_dpo}[stage](stage_config(data, stage, out, **SINGLE))
             else:
                 cfg = root / f"{engine}_{stage}.yaml"
-                dump_config(stage_config(data, stage, out, **LAUNCHED), cfg)
+                extra = {"gradient_checkpointing": True} if key in CHECKPOINTED else {}
+                dump_config(stage_config(data, stage, out, **LAUNCHED, **extra), cfg)
                 launch(engine, stage, cfg)
             done[key] = out
         return done[key]
@@ -196,3 +199,29 @@ def test_interrupted_run_resumes_under_the_same_engine(runs, tmp_path, engine, s
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("engine", [pytest.param("zero3", marks=needs_deepspeed), "fsdp2"])
+def test_lora_under_a_sharded_engine_matches_one_process(data, tiny_model_dir, tmp_path, engine):
+    """LoRA SFT on a saved base: the same loss curve and adapter as one process; each rank holds
+    about half the parameters (base included) and half of the adapter's optimizer state."""
+    from safetensors.torch import load_file
+
+    from rlhfkit.train.sft import train_sft
+
+    lora = dict(data["sft"], model_name_or_path=str(tiny_model_dir), finetuning_type="lora", lora_rank=8)
+    train_sft(build_config("sft", dict(lora, output_dir=str(tmp_path / "single"), **COMMON, **SINGLE)))
+    cfg = tmp_path / "lora.yaml"
+    dump_config(build_config("sft", dict(lora, output_dir=str(tmp_path / "launched"), **COMMON, **LAUNCHED)), cfg)
+    launch(engine, "sft", cfg)
+    assert_same_curve(tmp_path / "launched", tmp_path / "single")
+    s, ref = summary(tmp_path / "launched"), summary(tmp_path / "single")
+    assert s["engine"] == engine
+    assert all(0.45 * ref["local_parameters"][0] <= n <= 0.55 * ref["local_parameters"][0]
+               for n in s["local_parameters"])
+    assert all(0.45 * ref["local_optimizer_state"][0] <= n <= 0.55 * ref["local_optimizer_state"][0]
+               for n in s["local_optimizer_state"])
+    a, b = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("launched", "single"))
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-4, msg=k)

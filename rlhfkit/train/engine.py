@@ -121,10 +121,17 @@ def check_supported(engine: str, stage: str) -> None:
 
 
 def check_config(engine: str, config) -> None:
-    """ConfigError for settings not (yet) supported under a sharded engine."""
-    if engine in ("zero2", "zero3", "fsdp2") and getattr(config, "finetuning_type", "full") != "full":
-        raise ConfigError(f"finetuning_type: {config.finetuning_type} under engine '{engine}' is not supported yet "
-                          "(full fine-tuning only); launch LoRA runs with torchrun or configs/accelerate/ddp.yaml")
+    """ConfigError for settings not (yet) supported under a sharded engine: a merged LoRA model
+    (`merge_lora`, or LoRA on a preset base, which always saves `merged/`) under ZeRO-3 / FSDP2,
+    where merging would run on partitioned weights. The adapter itself saves fine (tested)."""
+    if engine not in ("zero3", "fsdp2") or getattr(config, "finetuning_type", "full") != "lora":
+        return
+    from rlhfkit.models.presets import preset_name
+
+    if config.merge_lora or preset_name(config.model_name_or_path) is not None:
+        raise ConfigError(f"LoRA with a merged save (merge_lora: true, or a preset base) under engine '{engine}' "
+                          "is not supported yet: train the adapter on a saved base with merge_lora: false and "
+                          "merge afterwards on one process, or use zero2 / ddp")
 
 
 def build_accelerator(engine: str, precision: str, on_cpu: bool):
