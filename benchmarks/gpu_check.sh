@@ -34,10 +34,10 @@ rm -f "$OUT/times.txt"
 Z3="$ACCEL launch --config_file configs/accelerate/zero3.yaml --num_processes 1 -m rlhfkit"
 run sft $Z3 sft configs/sft_sentiment.yaml model_name_or_path=preset:smollm2-135m \
   dataset="$OUT/data/sft_train.jsonl" eval_dataset=null output_dir="$OUT/sft" max_length=128 \
-  per_device_train_batch_size=32 gradient_accumulation_steps=1 task=null eval_steps=0 $common
+  per_device_train_batch_size=32 gradient_accumulation_steps=1 task=null eval_steps=null $common
 run dpo $Z3 dpo configs/dpo_sentiment.yaml model_name_or_path="$OUT/sft" \
   dataset="$OUT/data/preference_train.jsonl" eval_dataset=null output_dir="$OUT/dpo" max_length=128 \
-  per_device_train_batch_size=16 gradient_accumulation_steps=1 task=null eval_steps=0 $common
+  per_device_train_batch_size=16 gradient_accumulation_steps=1 task=null eval_steps=null $common
 run ppo $PY -m rlhfkit ppo configs/ppo_sentiment.yaml model_name_or_path="$OUT/sft" reward_model=null \
   reward_funcs=[gold] task=sentiment dataset="$OUT/data/prompt_train.jsonl" output_dir="$OUT/ppo" \
   rollout_batch_size=64 $common
