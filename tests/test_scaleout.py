@@ -8,8 +8,9 @@ fires: the gradient norms are 2-7), a checkpoint at step 2. Checked:
 - summary.json names the engine asked for and accelerate's distributed type;
 - what each rank held: ZeRO-3 and FSDP2 about half of the parameters (`ds_tensor`, the DTensor's local
   shard), ZeRO-2 all parameters but half of the optimizer state, DDP all of both;
-- the loss curve (and DPO's metrics) equal the single process's within rel 1e-4 / abs 1e-5 (measured:
-  ~1e-6; DeepSpeed clips and reduces in another order than torch, so not bit-identical);
+- the loss curve (and DPO's metrics, and sft's gold reward of samples drawn at the end, on every rank
+  under ZeRO-3/FSDP2) equal the single process's within rel 1e-4 / abs 1e-5 (measured: ~1e-6;
+  DeepSpeed clips and reduces in another order than torch, so not bit-identical);
 - the saved directory loads with plain transformers on one process and gives the single process's
   logits within 1e-4;
 - a run interrupted after its step-2 checkpoint and resumed under the same engine ends with the
@@ -77,7 +78,9 @@ def data(tmp_path_factory, tiny_model_dir) -> dict:
     task = get_task("sentiment")
     for kind, n in (("sft", 64), ("preference", 48)):
         (d / f"{kind}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in task.make(kind, n, seed=0)))
-    return {"sft": dict(model_name_or_path="preset:tiny", dataset=str(d / "sft.jsonl"), max_length=64),
+    # sft evaluates the gold reward of samples at the end: under ZeRO-3/FSDP2 every rank samples
+    return {"sft": dict(model_name_or_path="preset:tiny", dataset=str(d / "sft.jsonl"), max_length=64,
+                        task="sentiment", eval_steps=4, eval_num_prompts=8, max_new_tokens=12),
             "dpo": dict(model_name_or_path=str(tiny_model_dir), dataset=str(d / "preference.jsonl"),
                         eval_dataset=str(d / "preference.jsonl"), eval_steps=2, max_length=48)}
 
@@ -171,6 +174,8 @@ def test_engine_matches_one_process(runs, engine, stage):
         assert all(0.45 * total <= n <= 0.55 * total for n in optim), (optim, total)
     # 3. the same loss curve (and DPO's metrics, evaluation included) as one process
     assert_same_curve(launched, single)
+    if stage == "sft":  # sampled at the end (every rank takes part under ZeRO-3/FSDP2)
+        assert "eval/gold_reward" in metrics(launched)[-1]
     # 4. the saved model: plain transformers, one process, the single run's logits
     torch.testing.assert_close(logits(launched), logits(single), atol=1e-4, rtol=1e-4)
 
