@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install -q --upgrade pip
 	# torch first and pinned: the CPU build (a looser spec pulls CUDA wheels).
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e '.[dev,reasoning,deepspeed]'
+	$(PIP) install -q -c constraints.txt -e '.[dev,reasoning,deepspeed,qlora]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -32,6 +32,8 @@ class BaseConfig(BaseModel):
     reference's log-probs of the same sequence must agree, a reward must not depend on the pass):
     dropout is off everywhere, LoRA's included, and `lora_dropout > 0` is a config error. pt and
     sft set it False and keep `lora_dropout` as a training-time regulariser."""
+    supports_4bit: ClassVar[bool] = True
+    """The stage builds its policy with `rlhfkit.train.common.build_model`, which takes `load_in_4bit`."""
 
     # ---- model -------------------------------------------------------------------------------
     model_name_or_path: str
@@ -137,6 +139,11 @@ class BaseConfig(BaseModel):
     """Also save the LoRA adapter merged into the base weights (`output_dir/merged`)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
+    load_in_4bit: bool = False
+    """QLoRA: load the base model's linear layers in 4-bit NF4 (bitsandbytes, compute in fp32) and
+    train LoRA adapters on top. Needs finetuning_type: lora and a saved model (not a preset, not
+    GGUF); `pip install 'rlhfkit[qlora]'`. Stages that build their policy with rlhfkit's model
+    builder take it (pt, sft, dpo, kto, grpo, rloo); rm and ppo reject it."""
     bf16: bool = False
     """Train with bfloat16 autocast (weights and optimizer stay fp32)."""
 
@@ -183,6 +190,20 @@ class BaseConfig(BaseModel):
             problems.append("eval_steps needs eval_dataset or val_size > 0 (or a built-in `task`) to evaluate on")
         if self.merge_lora and self.finetuning_type != "lora":
             problems.append("merge_lora: true needs finetuning_type: lora")
+        if self.load_in_4bit:
+            if not self.supports_4bit:
+                problems.append("load_in_4bit: this stage does not take a 4-bit base yet (pt, sft, dpo, kto, grpo "
+                                "and rloo do)")
+            if self.finetuning_type != "lora":
+                problems.append("load_in_4bit: true needs finetuning_type: lora (QLoRA trains adapters on a "
+                                "frozen 4-bit base)")
+            if self.model_name_or_path.startswith("preset:") or self.gguf_file or \
+                    str(self.model_name_or_path).endswith(".gguf"):
+                problems.append("load_in_4bit: true needs a saved Hugging Face model directory or hub id "
+                                "(not a preset or a GGUF file)")
+            if self.merge_lora:
+                problems.append("load_in_4bit: merge_lora would merge into a quantised base; merge the saved "
+                                "adapter into the full-precision base instead")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -341,6 +362,8 @@ class KTOConfig(_ReferenceConfig):
 class RMConfig(BaseConfig):
     """`rlhfkit rm`: a reward model (scalar head on the SFT backbone) trained on preference pairs
     (Bradley-Terry) or rankings (Plackett-Luce), then normalised on reference responses."""
+
+    supports_4bit: ClassVar[bool] = False
 
     learning_rate: float = 1e-5
     """Peak learning rate (AdamW). ~1e-5 for full fine-tuning of a real model, ~1e-4 for LoRA,
@@ -524,6 +547,8 @@ class PPOConfig(OnlineConfig):
     prompts, generate, score, compute KL-shaped rewards and GAE advantages, then
     `num_ppo_epochs` passes over `num_mini_batches` shuffled minibatches (each split into
     micro-batches of `per_device_train_batch_size`, gradients accumulated)."""
+
+    supports_4bit: ClassVar[bool] = False
 
     learning_rate: float = 1e-5
     """Peak learning rate (AdamW), shared by the policy and the critic; decays linearly (N+: 3e-6

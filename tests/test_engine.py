@@ -148,3 +148,17 @@ def test_single_process_run_records_its_engine(sft_file, tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert (summary["engine"], summary["world_size"], summary["distributed_type"]) == ("single", 1, "NO")
     assert result.summary["engine"] == "single"
+
+
+def test_accelerate_launch_configs_load():
+    """Every configs/accelerate/*.yaml is a config accelerate itself loads, asking for its engine."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    expected = {"ddp": "MULTI_GPU", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED", "zero3_offload": "DEEPSPEED",
+                "fsdp2": "FSDP"}
+    assert sorted(p.stem for p in ACCEL.glob("*.yaml")) == sorted(expected)
+    for name, dtype in expected.items():
+        config = load_config_from_file(str(ACCEL / f"{name}.yaml"))
+        assert str(getattr(config.distributed_type, "value", config.distributed_type)) == dtype, name
+        assert config.num_processes == 2
+    assert load_config_from_file(str(ACCEL / "fsdp2.yaml")).fsdp_config["fsdp_version"] == 2

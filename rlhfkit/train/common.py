@@ -109,13 +109,18 @@ def build_model(run: Run, tokenizer):
     c = run.config
     torch.manual_seed(c.seed)
     model = load_causal_lm(c.model_name_or_path, tokenizer, gguf_file=c.gguf_file,
-                           trust_remote_code=c.trust_remote_code)
+                           trust_remote_code=c.trust_remote_code, load_in_4bit=c.load_in_4bit)
+    if c.load_in_4bit:  # QLoRA: norms and embeddings in fp32, inputs that carry gradients to the adapters
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=c.gradient_checkpointing)
     if c.finetuning_type == "lora":
         model = apply_lora(model, rank=c.lora_rank, alpha=c.lora_alpha, dropout=c.lora_dropout,
                            target=c.lora_target)
         if c.deterministic_forward:
             disable_dropout(model)
-    model.to(run.device)
+    if not c.load_in_4bit:  # a 4-bit model is placed at load time and cannot be moved
+        model.to(run.device)
     trainable, total = count_parameters(model)
     run.print(f"[{run.stage}] model {c.model_name_or_path}: {total / 1e6:.2f}M parameters, "
               f"{trainable / 1e6:.2f}M trainable ({c.finetuning_type})")

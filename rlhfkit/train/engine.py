@@ -124,6 +124,8 @@ def check_config(engine: str, config) -> None:
     """ConfigError for settings not (yet) supported under a sharded engine: a merged LoRA model
     (`merge_lora`, or LoRA on a preset base, which always saves `merged/`) under ZeRO-3 / FSDP2,
     where merging would run on partitioned weights. The adapter itself saves fine (tested)."""
+    if engine in ("zero2", "zero3", "fsdp2") and getattr(config, "load_in_4bit", False):
+        raise ConfigError(f"load_in_4bit (QLoRA) under engine '{engine}' is not supported yet: use single or ddp")
     if engine not in ("zero3", "fsdp2") or getattr(config, "finetuning_type", "full") != "lora":
         return
     from rlhfkit.models.presets import preset_name
