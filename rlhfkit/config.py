@@ -32,8 +32,9 @@ class BaseConfig(BaseModel):
     reference's log-probs of the same sequence must agree, a reward must not depend on the pass):
     dropout is off everywhere, LoRA's included, and `lora_dropout > 0` is a config error. pt and
     sft set it False and keep `lora_dropout` as a training-time regulariser."""
-    supports_4bit: ClassVar[bool] = True
-    """The stage builds its policy with `rlhfkit.train.common.build_model`, which takes `load_in_4bit`."""
+    supports_4bit: ClassVar[bool] = False
+    """The stage takes `load_in_4bit` (tested for pt and sft; dpo/kto/grpo on the tiny test model hit
+    a bitsandbytes CPU kernel assertion in single-row passes, so they refuse it for now)."""
 
     # ---- model -------------------------------------------------------------------------------
     model_name_or_path: str
@@ -142,8 +143,8 @@ class BaseConfig(BaseModel):
     load_in_4bit: bool = False
     """QLoRA: load the base model's linear layers in 4-bit NF4 (bitsandbytes, compute in fp32) and
     train LoRA adapters on top. Needs finetuning_type: lora and a saved model (not a preset, not
-    GGUF); `pip install 'rlhfkit[qlora]'`. Stages that build their policy with rlhfkit's model
-    builder take it (pt, sft, dpo, kto, grpo, rloo); rm and ppo reject it."""
+    GGUF); `pip install 'rlhfkit[qlora]'`. pt and sft take it; the other stages reject it (not
+    tested there yet)."""
     bf16: bool = False
     """Train with bfloat16 autocast (weights and optimizer stay fp32)."""
 
@@ -192,8 +193,7 @@ class BaseConfig(BaseModel):
             problems.append("merge_lora: true needs finetuning_type: lora")
         if self.load_in_4bit:
             if not self.supports_4bit:
-                problems.append("load_in_4bit: this stage does not take a 4-bit base yet (pt, sft, dpo, kto, grpo "
-                                "and rloo do)")
+                problems.append("load_in_4bit: this stage does not take a 4-bit base yet (pt and sft do)")
             if self.finetuning_type != "lora":
                 problems.append("load_in_4bit: true needs finetuning_type: lora (QLoRA trains adapters on a "
                                 "frozen 4-bit base)")
@@ -213,6 +213,7 @@ class PTConfig(BaseConfig):
     """`rlhfkit pt`: causal language modelling on raw text."""
 
     deterministic_forward: ClassVar[bool] = False
+    supports_4bit: ClassVar[bool] = True
 
     dataset_format: DatasetFormat | None = "text"
     """Row format; `text` (a `text` column) for pretraining."""
@@ -226,6 +227,7 @@ class SFTConfig(BaseConfig):
     """`rlhfkit sft`: supervised fine-tuning; loss on assistant replies only."""
 
     deterministic_forward: ClassVar[bool] = False
+    supports_4bit: ClassVar[bool] = True
 
     learning_rate: float = 2e-5
     """Peak learning rate (AdamW)."""
@@ -362,8 +364,6 @@ class KTOConfig(_ReferenceConfig):
 class RMConfig(BaseConfig):
     """`rlhfkit rm`: a reward model (scalar head on the SFT backbone) trained on preference pairs
     (Bradley-Terry) or rankings (Plackett-Luce), then normalised on reference responses."""
-
-    supports_4bit: ClassVar[bool] = False
 
     learning_rate: float = 1e-5
     """Peak learning rate (AdamW). ~1e-5 for full fine-tuning of a real model, ~1e-4 for LoRA,
@@ -547,8 +547,6 @@ class PPOConfig(OnlineConfig):
     prompts, generate, score, compute KL-shaped rewards and GAE advantages, then
     `num_ppo_epochs` passes over `num_mini_batches` shuffled minibatches (each split into
     micro-batches of `per_device_train_batch_size`, gradients accumulated)."""
-
-    supports_4bit: ClassVar[bool] = False
 
     learning_rate: float = 1e-5
     """Peak learning rate (AdamW), shared by the policy and the critic; decays linearly (N+: 3e-6

@@ -78,6 +78,8 @@ def test_qlora_sft_trains_and_saves_an_adapter(tiny_model_dir, tmp_path):
     ("sft", dict(finetuning_type="lora", model_name_or_path="preset:tiny"), "not a preset"),
     ("sft", dict(finetuning_type="lora", merge_lora=True), "merge_lora"),
     ("rm", dict(finetuning_type="lora"), "does not take a 4-bit base"),
+    ("dpo", dict(finetuning_type="lora"), "does not take a 4-bit base"),
+    ("ppo", dict(finetuning_type="lora", reward_funcs=["gold"], task="sentiment"), "does not take a 4-bit base"),
 ])
 def test_bad_4bit_configs_fail_early(stage, kw, message):
     from rlhfkit.errors import ConfigError
