@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install -q --upgrade pip
 	# torch first and pinned: the CPU build (a looser spec pulls CUDA wheels).
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e '.[dev,reasoning,eval]'
+	$(PIP) install -q -c constraints.txt -e '.[dev,reasoning,eval,deepspeed,qlora]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -24,6 +24,9 @@ demo: install
 
 lint: install
 	$(VENV)/bin/ruff check --select F .
+
+# DeepSpeed JIT-compiles an op on its first run (~80 s): cached under build/ (ignored by git)
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/build/torch_extensions
 
 test: lint trackers web
 	$(PY) -m pytest -n 2 --durations=15 tests

@@ -34,7 +34,8 @@ rlhfkit score MODEL DATA [--output F]       add a `reward` field to prompt/respo
 rlhfkit eval [CONFIG.yaml] [--model N=REF]  compare models: rewards, KL, win rates vs a baseline
 rlhfkit generate MODEL PROMPTS OUT.jsonl    sample responses to a prompt file (resumable)
 rlhfkit chat MODEL [--compare MODEL2]       chat in the terminal (streaming)
-rlhfkit webchat MODEL [--compare MODEL2]    chat in a local web page (needs rlhfkit[web])"""
+rlhfkit webchat MODEL [--compare MODEL2]    chat in a local web page (needs rlhfkit[web])
+rlhfkit estimate-memory MODEL --stage S --engine E [--num-processes N]   memory per process and role"""
 
 # reward-model commands: name -> "module:function" taking argv (imported lazily)
 RM_COMMANDS = {"eval-rm": "rlhfkit.eval.reward_cli:run_eval_rm", "score": "rlhfkit.eval.reward_cli:run_score",
@@ -42,6 +43,8 @@ RM_COMMANDS = {"eval-rm": "rlhfkit.eval.reward_cli:run_eval_rm", "score": "rlhfk
 # using a trained model: name -> "module:function" taking argv (imported lazily)
 USE_COMMANDS = {"generate": "rlhfkit.use.generate:run_generate", "chat": "rlhfkit.use.chat:run_chat",
                 "webchat": "rlhfkit.use.webchat:run_webchat"}
+# other tools taking argv: name -> "module:function" (imported lazily)
+TOOL_COMMANDS = {"estimate-memory": "rlhfkit.train.memory:run_estimate_memory"}
 
 
 def stage_function(stage: str):
@@ -164,13 +167,13 @@ def main(argv: list[str] | None = None) -> int:
             return run_data(rest)
         if command == "demo":
             return run_demo(rest)
-        if command in RM_COMMANDS or command in USE_COMMANDS:
-            module, fn = {**RM_COMMANDS, **USE_COMMANDS}[command].split(":")
+        lazy = {**RM_COMMANDS, **USE_COMMANDS, **TOOL_COMMANDS}
+        if command in lazy:
+            module, fn = lazy[command].split(":")
             return getattr(importlib.import_module(module), fn)(rest)
         import difflib
 
-        close = difflib.get_close_matches(command, [*STAGE_FUNCTIONS, "train", "data", "demo", *RM_COMMANDS,
-                                                   *USE_COMMANDS], n=1)
+        close = difflib.get_close_matches(command, [*STAGE_FUNCTIONS, "train", "data", "demo", *lazy], n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         print(f"error: unknown command '{command}'{hint}\n\n{usage}", file=sys.stderr)
         return 2

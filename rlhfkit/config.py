@@ -33,6 +33,9 @@ class BaseConfig(BaseModel):
     reference's log-probs of the same sequence must agree, a reward must not depend on the pass):
     dropout is off everywhere, LoRA's included, and `lora_dropout > 0` is a config error. pt and
     sft set it False and keep `lora_dropout` as a training-time regulariser."""
+    supports_4bit: ClassVar[bool] = False
+    """The stage takes `load_in_4bit` (tested for pt and sft; dpo/kto/grpo on the tiny test model hit
+    a bitsandbytes CPU kernel assertion in single-row passes, so they refuse it for now)."""
 
     # ---- model -------------------------------------------------------------------------------
     model_name_or_path: str
@@ -157,6 +160,11 @@ class BaseConfig(BaseModel):
     """Also save the LoRA adapter merged into the base weights (`output_dir/merged`)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
+    load_in_4bit: bool = False
+    """QLoRA: load the base model's linear layers in 4-bit NF4 (bitsandbytes, compute in fp32) and
+    train LoRA adapters on top. Needs finetuning_type: lora and a saved model (not a preset, not
+    GGUF); `pip install 'rlhfkit[qlora]'`. pt and sft take it; the other stages reject it (not
+    tested there yet)."""
     bf16: bool = False
     """Train with bfloat16 autocast (weights and optimizer stay fp32)."""
     fp16: bool = False
@@ -226,6 +234,19 @@ class BaseConfig(BaseModel):
             check_trackers(self.trackers)
         except (ValueError, ConfigError) as e:
             problems.append(str(e))
+        if self.load_in_4bit:
+            if not self.supports_4bit:
+                problems.append("load_in_4bit: this stage does not take a 4-bit base yet (pt and sft do)")
+            if self.finetuning_type != "lora":
+                problems.append("load_in_4bit: true needs finetuning_type: lora (QLoRA trains adapters on a "
+                                "frozen 4-bit base)")
+            if self.model_name_or_path.startswith("preset:") or self.gguf_file or \
+                    str(self.model_name_or_path).endswith(".gguf"):
+                problems.append("load_in_4bit: true needs a saved Hugging Face model directory or hub id "
+                                "(not a preset or a GGUF file)")
+            if self.merge_lora:
+                problems.append("load_in_4bit: merge_lora would merge into a quantised base; merge the saved "
+                                "adapter into the full-precision base instead")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -258,6 +279,7 @@ class PTConfig(BaseConfig):
     """`rlhfkit pt`: causal language modelling on raw text."""
 
     deterministic_forward: ClassVar[bool] = False
+    supports_4bit: ClassVar[bool] = True
 
     dataset_format: DatasetFormat | None = "text"
     """Row format; `text` (a `text` column) for pretraining."""
@@ -271,6 +293,7 @@ class SFTConfig(BaseConfig):
     """`rlhfkit sft`: supervised fine-tuning; loss on assistant replies only."""
 
     deterministic_forward: ClassVar[bool] = False
+    supports_4bit: ClassVar[bool] = True
 
     learning_rate: float = 2e-5
     """Peak learning rate (AdamW)."""

@@ -29,7 +29,8 @@ from rlhfkit.config import (
 from rlhfkit.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((REPO / "configs").glob("**/*.yaml"))
+# configs/accelerate/ holds accelerate launch configs, not rlhfkit stage configs (tests/test_engine.py)
+CONFIGS = sorted(p for p in (REPO / "configs").glob("**/*.yaml") if "accelerate" not in p.relative_to(REPO).parts)
 BASE = {"model_name_or_path": "preset:tiny", "dataset": "data/sentiment/sft_train.jsonl", "output_dir": "runs/x"}
 _STAGE_LINE = re.compile(r"^#\s*stage:\s*([A-Za-z0-9_-]+)\s*$")
 

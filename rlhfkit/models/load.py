@@ -149,8 +149,10 @@ def load_causal_lm(
     gguf_file: str | None = None,
     trust_remote_code: bool = False,
     dtype: torch.dtype = torch.float32,
+    load_in_4bit: bool = False,
 ):
-    """Load (or build, for presets) a causal LM sized to `tokenizer`, dropout off."""
+    """Load (or build, for presets) a causal LM sized to `tokenizer`, dropout off. `load_in_4bit`:
+    linear layers in 4-bit NF4 (bitsandbytes), computing in `dtype`, on the CPU (QLoRA's base)."""
     from transformers import AutoModelForCausalLM
 
     preset = preset_name(model_name_or_path)
@@ -160,6 +162,15 @@ def load_causal_lm(
         source, kwargs = resolve_source(model_name_or_path, gguf_file)
         if "gguf_file" not in kwargs:
             kwargs["use_safetensors"] = True
+        if load_in_4bit:
+            try:
+                from transformers import BitsAndBytesConfig
+                import bitsandbytes  # noqa: F401
+            except ImportError:
+                raise ConfigError("load_in_4bit: bitsandbytes is not installed: pip install 'rlhfkit[qlora]'") from None
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                               bnb_4bit_compute_dtype=dtype)
+            kwargs["device_map"] = "cuda" if torch.cuda.is_available() else "cpu"
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 source, trust_remote_code=trust_remote_code, dtype=dtype, **kwargs)
@@ -175,7 +186,7 @@ def load_causal_lm(
         if model.generation_config.eos_token_id is None:
             model.generation_config.eos_token_id = tokenizer.eos_token_id
     disable_dropout(model)
-    return model.to(dtype)
+    return model if load_in_4bit else model.to(dtype)  # a 4-bit model cannot be cast (and stays where it loaded)
 
 
 def apply_lora(model, *, rank: int, alpha: float, dropout: float, target: str | list[str],

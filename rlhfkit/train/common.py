@@ -126,13 +126,18 @@ def build_model(run: Run, tokenizer):
     c = run.config
     torch.manual_seed(c.seed)
     model = load_causal_lm(c.model_name_or_path, tokenizer, gguf_file=c.gguf_file,
-                           trust_remote_code=c.trust_remote_code)
+                           trust_remote_code=c.trust_remote_code, load_in_4bit=c.load_in_4bit)
+    if c.load_in_4bit:  # QLoRA: norms and embeddings in fp32, inputs that carry gradients to the adapters
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=c.gradient_checkpointing)
     if c.finetuning_type == "lora":
         model = apply_lora(model, rank=c.lora_rank, alpha=c.lora_alpha, dropout=c.lora_dropout,
                            target=c.lora_target)
         if c.deterministic_forward:
             disable_dropout(model)
-    model.to(run.device)
+    if not c.load_in_4bit:  # a 4-bit model is placed at load time and cannot be moved
+        model.to(run.device)
     trainable, total = count_parameters(model)
     run.print(f"[{run.stage}] model {c.model_name_or_path}: {total / 1e6:.2f}M parameters, "
               f"{trainable / 1e6:.2f}M trainable ({c.finetuning_type})")
@@ -157,7 +162,14 @@ def to_device(batch: dict, device) -> dict:
 
 
 def shard(items: list, run: Run) -> list:
-    """This process's share of an evaluation set (every world_size-th item)."""
+    """This process's share of an evaluation set (every world_size-th item). Under ZeRO-3 / FSDP2
+    every forward pass is a collective, so every rank must run as many: the set must split evenly."""
+    from rlhfkit.train.deepspeed import shards_parameters
+
+    if shards_parameters(run) and len(items) % run.world_size:
+        raise ConfigError(f"under engine '{run.engine.name}' every process must evaluate as many examples: "
+                          f"{len(items)} evaluation examples do not split over {run.world_size} processes "
+                          "(choose val_size or an eval_dataset size that does)")
     return items[run.rank::run.world_size]
 
 
@@ -174,30 +186,43 @@ def save_final(run: Run, model, tokenizer, adapter: str | None = None) -> Path:
     out = run.output_dir
     lora = c.finetuning_type == "lora"
     from_preset = preset_name(c.model_name_or_path) is not None
-    if run.is_main:
-        names = list(model.peft_config) if lora else []
-        selected = [adapter] if adapter is not None and len(names) > 1 else None
-        if lora and not from_preset:
-            for name in names:
-                model.peft_config[name].base_model_name_or_path = base_reference(c.model_name_or_path)
-        model.save_pretrained(out, safe_serialization=True, **({"selected_adapters": selected} if selected else {}))
-        tokenizer.save_pretrained(out)
-        if lora and (c.merge_lora or from_preset):
-            if from_preset and not c.merge_lora:
-                run.print(f"[{run.stage}] LoRA on {c.model_name_or_path}: the random base exists only in "
-                          f"this run, so the merged model is saved too ({out / 'merged'})")
-            if selected:  # merge only the chosen adapter, on a copy (the others stay in the live model)
-                import copy
+    from rlhfkit.train.deepspeed import gathered_parameters
+    from rlhfkit.train.fsdp import full_model_state, is_fsdp
 
-                model = copy.deepcopy(model)
-                for name in names:
-                    if name != adapter:
-                        model.delete_adapter(name)
-            merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-            merged.save_pretrained(out / "merged", safe_serialization=True)
-            tokenizer.save_pretrained(out / "merged")
+    state = full_model_state(model) if is_fsdp(run) else None  # FSDP2: gather the shards (collective)
+    with gathered_parameters(run, model):  # ZeRO-3: whole weights on every rank while the main process writes
+        if run.is_main:
+            _save_final_main(run, model, tokenizer, adapter, lora, from_preset, state)
     run.accelerator.wait_for_everyone()
     return out
+
+
+def _save_final_main(run: Run, model, tokenizer, adapter: str | None, lora: bool, from_preset: bool,
+                     state: dict | None = None) -> None:
+    c = run.config
+    out = run.output_dir
+    names = list(model.peft_config) if lora else []
+    selected = [adapter] if adapter is not None and len(names) > 1 else None
+    if lora and not from_preset:
+        for name in names:
+            model.peft_config[name].base_model_name_or_path = base_reference(c.model_name_or_path)
+    model.save_pretrained(out, safe_serialization=True, **({"selected_adapters": selected} if selected else {}),
+                          **({"state_dict": state} if state is not None else {}))
+    tokenizer.save_pretrained(out)
+    if lora and (c.merge_lora or from_preset):
+        if from_preset and not c.merge_lora:
+            run.print(f"[{run.stage}] LoRA on {c.model_name_or_path}: the random base exists only in "
+                      f"this run, so the merged model is saved too ({out / 'merged'})")
+        if selected:  # merge only the chosen adapter, on a copy (the others stay in the live model)
+            import copy
+
+            model = copy.deepcopy(model)
+            for name in names:
+                if name != adapter:
+                    model.delete_adapter(name)
+        merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+        merged.save_pretrained(out / "merged", safe_serialization=True)
+        tokenizer.save_pretrained(out / "merged")
 
 
 def config_task(name: str | None):
@@ -223,7 +248,9 @@ def skipped_note(run: Run, skipped: dict[str, int], what: str) -> None:
 def gold_eval(run: Run, model, tokenizer, task) -> dict:
     """Gold reward / EOS rate / length of samples on the task's held-out prompts (main process);
     the first 8 samples are appended to `output_dir/samples.jsonl`."""
-    if task is None or not run.is_main:
+    from rlhfkit.train.deepspeed import samples_on_this_rank
+
+    if task is None or not samples_on_this_rank(run):
         return {}
     import json
 
@@ -232,6 +259,8 @@ def gold_eval(run: Run, model, tokenizer, task) -> dict:
     c = run.config
     metrics, samples = sample_and_score(model, tokenizer, task, n_prompts=c.eval_num_prompts,
                                         max_new_tokens=c.max_new_tokens, seed=c.seed)
+    if not run.is_main:  # ZeRO-3: this rank only took part in the collective forward passes
+        return {}
     with (run.output_dir / "samples.jsonl").open("a") as f:
         for s in samples[:8]:
             f.write(json.dumps(s) + "\n")

@@ -69,7 +69,7 @@ def run_causal_lm(run: Run, model, tokenizer, train: list[Encoded], evaluation: 
     )
     save_final(run, model, tokenizer)
     final = history[-1] if history else {}
-    summary = {"stage": run.stage, "steps": steps, "train_examples": len(train),
+    summary = {"stage": run.stage, **run.engine.summary(), "steps": steps, "train_examples": len(train),
                "eval_examples": len(evaluation),
                **{f"skipped_{k}": v for k, v in skipped.items()},
                **{k: v for k, v in final.items() if k != "step"}}

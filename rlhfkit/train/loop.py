@@ -25,6 +25,7 @@ import torch
 from rlhfkit.config import BaseConfig, dump_config
 from rlhfkit.errors import ConfigError
 from rlhfkit.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from rlhfkit.train.engine import Engine
 from rlhfkit.train.tracking import MetricsLogger, progress
 
 log = logging.getLogger("rlhfkit")
@@ -40,6 +41,7 @@ class Run:
     output_dir: Path
     logger: MetricsLogger
     resume_from: Path | None
+    engine: Engine | None = None
 
     @property
     def is_main(self) -> bool:
@@ -135,9 +137,21 @@ def cpu_has_native_bf16() -> bool:
 
 
 def start_run(config: BaseConfig, stage: str) -> Run:
-    """Create the accelerator, check and prepare `output_dir`, write the resolved config."""
-    from accelerate import Accelerator
+    """Create the accelerator for the engine the launch asks for (an error when accelerate sets up
+    another one, or when the stage cannot run under it; see `rlhfkit.train.engine`), print the
+    engine, check and prepare `output_dir`, write the resolved config."""
+    from rlhfkit.train.engine import (
+        actual_engine,
+        build_accelerator,
+        check_config,
+        check_engine,
+        check_supported,
+        requested_engine,
+    )
 
+    requested = requested_engine()
+    check_supported(requested, stage)
+    check_config(requested, config)
     on_cpu = not torch.cuda.is_available()
     if config.fp16:
         if not on_cpu:
@@ -159,7 +173,11 @@ def start_run(config: BaseConfig, stage: str) -> Run:
         # one process running several stages (the Python API, a pipeline) with different precision:
         # accelerate keeps one state per process, so start it again
         AcceleratorState._reset_state()
-    accelerator = Accelerator(mixed_precision=precision, cpu=on_cpu)
+    accelerator = build_accelerator(requested, precision, on_cpu)
+    engine = actual_engine(accelerator, requested)
+    check_engine(requested, engine)
+    if accelerator.is_main_process:
+        print(f"[{stage}] {engine.describe()}", flush=True)
     out = Path(config.output_dir)
     resume_from = resolve_resume(out, config.resume_from_checkpoint)
     finished = (out / "summary.json").exists()
@@ -181,7 +199,7 @@ def start_run(config: BaseConfig, stage: str) -> Run:
     logger = MetricsLogger(out, enabled=accelerator.is_main_process, trackers=config.trackers,
                            resume_step=resume_step, config={"stage": stage, **config.model_dump(mode="json")},
                            run_name=config.run_name)
-    return Run(config, stage, accelerator, out, logger, resume_from)
+    return Run(config, stage, accelerator, out, logger, resume_from, engine)
 
 
 # ---- optimisation ------------------------------------------------------------------------------
@@ -298,20 +316,40 @@ def fit(
 
     c = run.config
     acc = run.accelerator
-    optimizer = build_optimizer(model, c)
-    scheduler = build_scheduler(optimizer, c, steps)
-    start_step = 0
-    if run.resume_from is not None:
-        state = load_checkpoint(run.resume_from, model, optimizer, scheduler, rank=run.rank)
-        start_step = state["step"]
-        run.print(f"[{run.stage}] resumed from {run.resume_from} at step {start_step}")
+    deepspeed = run.engine is not None and run.engine.is_deepspeed
+    fsdp = run.engine is not None and run.engine.name == "fsdp2"
     if c.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
+    if fsdp:  # before the optimizer, which must hold the shards (rlhfkit.train.fsdp)
+        from rlhfkit.train.fsdp import shard_model
+
+        shard_model(model)
+    optimizer = build_optimizer(model, c)
+    scheduler = build_scheduler(optimizer, c, steps)
+    start_step = 0
+    if run.resume_from is not None and not deepspeed:
+        state = load_checkpoint(run.resume_from, model, optimizer, scheduler, rank=run.rank, fsdp=fsdp)
+        start_step = state["step"]
+        run.print(f"[{run.stage}] resumed from {run.resume_from} at step {start_step}")
     model.train()
-    wrapped, optimizer = acc.prepare(model, optimizer)
+    if deepspeed:
+        from rlhfkit.train.deepspeed import configure_deepspeed
+
+        configure_deepspeed(acc, c)
+    if fsdp:  # sharded already: accelerate wraps nothing
+        wrapped = model
+    else:
+        wrapped, optimizer = acc.prepare(model, optimizer)
+    if run.resume_from is not None and deepspeed:  # the engine restores its own partitions, after prepare
+        state = load_checkpoint(run.resume_from, model, optimizer, scheduler, rank=run.rank, deepspeed_engine=wrapped)
+        start_step = state["step"]
+        run.print(f"[{run.stage}] resumed from {run.resume_from} at step {start_step}")
     params = [p for p in model.parameters() if p.requires_grad]
+    from rlhfkit.train.deepspeed import local_counts, local_parameter_count
+
+    held = local_parameter_count(model)  # after sharding (FSDP2 may split tied weights into two DTensors later)
     accum = c.gradient_accumulation_steps
     window: list[dict] = []
     bar = progress(total=steps, initial=start_step, disable=run.quiet, desc=f"{run.stage} train")
@@ -327,14 +365,29 @@ def fit(
         # 2. forward/backward each micro-batch; gradients sync on the last one only
         sums: dict[str, float] = {}
         for i, batch in enumerate(micro):
-            sync = acc.no_sync(wrapped) if (i < accum - 1 and run.world_size > 1) else nullcontext()
+            last = i == accum - 1
+            sync = (acc.no_sync(wrapped) if (not last and run.world_size > 1 and not (deepspeed or fsdp))
+                    else nullcontext())
+            if deepspeed:  # the engine reduces, clips and steps inside backward at the boundary only
+                acc.gradient_state._set_sync_gradients(last)
+            if fsdp:  # reduce-scatter the gradients on the last micro-batch only
+                wrapped.set_requires_gradient_sync(last)
             with sync, acc.autocast():
                 loss_sum, metric_sums = loss_fn(wrapped, batch)
                 acc.backward(loss_sum * (run.world_size / max(weight, 1e-12)))
             for k, v in {"loss": loss_sum, **metric_sums}.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
         # 3. clip, step, schedule (DDP's hooks already summed the gradients)
-        grad_norm = optimizer_step(params, optimizer, scheduler, c.max_grad_norm, clip=acc.clip_grad_norm_)
+        if deepspeed:  # already clipped and stepped in backward (DeepSpeed's clipping, `gradient_clipping`)
+            grad_norm = acc.clip_grad_norm_(params, c.max_grad_norm)
+            grad_norm = float("nan") if grad_norm is None else float(grad_norm)
+            scheduler.step()
+        elif fsdp:
+            from rlhfkit.train.fsdp import clip_grad_norm
+
+            grad_norm = optimizer_step(params, optimizer, scheduler, c.max_grad_norm, clip=clip_grad_norm)
+        else:
+            grad_norm = optimizer_step(params, optimizer, scheduler, c.max_grad_norm, clip=acc.clip_grad_norm_)
         # 4. metrics: global sums / global weight
         keys = sorted(sums)
         totals = run.reduce_sum([sums[k] for k in keys]).tolist()
@@ -364,7 +417,11 @@ def fit(
                 on_log(done, record)
         if c.save_steps and done % c.save_steps == 0 and done < steps:
             save_checkpoint(run.output_dir, done, model, optimizer, scheduler, rank=run.rank,
-                            is_main=run.is_main, barrier=acc.wait_for_everyone, keep=c.save_total_limit)
+                            is_main=run.is_main, barrier=acc.wait_for_everyone, keep=c.save_total_limit,
+                            deepspeed_engine=wrapped if deepspeed else None, fsdp=fsdp)
     bar.close()
     model.eval()
-    return acc.unwrap_model(wrapped), run.logger.history
+    if run.engine is not None:  # what each rank held: the evidence that ZeRO partitioned (summary.json)
+        run.engine.local = local_counts(run, held, optimizer)
+        run.print(f"[{run.stage}] held per rank: {run.engine.local}")
+    return (model if fsdp else acc.unwrap_model(wrapped)), run.logger.history

@@ -323,7 +323,9 @@ def rollout_samples(ro: Rollout, scores: torch.Tensor, n: int) -> list[dict]:
 # ---- the end -------------------------------------------------------------------------------------
 
 def finish_online(run: Run, summary: dict, plot_keys: list[str]) -> dict:
-    """Write summary.json and plots (main process), close the logger, wait for every process."""
+    """Write summary.json (with the run's engine) and plots (main process), close the logger, wait
+    for every process."""
+    summary.update(run.engine.summary())
     if run.is_main:
         write_summary(run.output_dir, summary)
         history = run.logger.history

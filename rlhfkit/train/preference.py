@@ -299,7 +299,7 @@ def run_preference(run: Run, model, tokenizer, *, train: list[Item], evaluation:
     final: dict = {}
     for record in history:  # the last value of every metric (the final eval included)
         final.update({k: v for k, v in record.items() if k != "step" and not k.startswith("diag")})
-    summary = {"stage": run.stage, "steps": steps, "train_examples": len(train),
+    summary = {"stage": run.stage, **run.engine.summary(), "steps": steps, "train_examples": len(train),
                "eval_examples": len(evaluation), "reference": reference.kind,
                **{f"skipped_{k}": v for k, v in skipped.items()}, **(extra_summary or {}),
                **final, "diagnostics": monitor.summary()}

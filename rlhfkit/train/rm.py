@@ -231,7 +231,7 @@ def train_rm(config: RMConfig) -> Result:
     run.accelerator.wait_for_everyone()
 
     final = history[-1] if history else {}
-    summary = {"stage": run.stage, "steps": steps, "dataset_format": fmt, "train_rows": len(train),
+    summary = {"stage": run.stage, **run.engine.summary(), "steps": steps, "dataset_format": fmt, "train_rows": len(train),
                "eval_rows": len(evaluation), "skipped_train": skipped_train, "skipped_eval": skipped_eval,
                "normalization": {"mean": norm.mean, "std": norm.std, "divide_by_std": norm.divide_by_std,
                                  "reference": norm.reference},
