@@ -321,8 +321,10 @@ def resolve_pipeline(values: dict | PipelineConfig, source: str = "pipeline") ->
         for key, up in upstream.items():
             values[key] = str(out / up)
         if "model_name_or_path" not in values:
+            wanted = " or ".join(UPSTREAM_KINDS[kind]) or "none"
             raise ConfigError(f"{where}: no model: give model_name_or_path (e.g. preset:tiny) or `from:` an "
-                              "earlier stage")
+                              f"earlier stage (stages run in the order listed; a {kind} stage builds on an earlier "
+                              f"{wanted} stage)")
         values["output_dir"] = str(out / name)
         values["overwrite_output_dir"] = True
         config = build_config(kind, values, source=where)
@@ -369,11 +371,20 @@ def _state(stage: Stage) -> dict | None:
         return None
 
 
+def _relative(value, root: str):
+    if isinstance(value, list):
+        return [_relative(v, root) for v in value]
+    if isinstance(value, str) and value.startswith(root + os.sep):
+        return "<output_dir>" + value[len(root):]
+    return value
+
+
 def stage_record(stage: Stage, upstream_ids: dict[str, str]) -> dict:
     """What a stage's fingerprint covers: its resolved config (less `UNHASHED`; upstream outputs as
     `stage:NAME`), the contents of its local input files and the ids of its upstream stages' outputs."""
     import rlhfkit
 
+    root = str(stage.output_dir.parent)
     config = stage.config.model_dump(mode="json")
     for key in UNHASHED:
         config.pop(key, None)
@@ -386,7 +397,9 @@ def stage_record(stage: Stage, upstream_ids: dict[str, str]) -> dict:
         value = config.get(key)
         for item in value if isinstance(value, list) else [value]:
             if isinstance(item, str) and Path(item).exists():
-                inputs[item] = path_digest(Path(item))
+                inputs[_relative(item, root)] = path_digest(Path(item))
+    # paths inside the pipeline's directory are recorded relative to it: a moved pipeline still skips
+    config = {k: _relative(v, root) for k, v in config.items()}
     record = {"kind": stage.kind, "config": config, "inputs": inputs, "rlhfkit": rlhfkit.__version__}
     record["fingerprint"] = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
     return record
@@ -569,10 +582,16 @@ def run_pipeline_cli(argv: list[str]) -> int:
     parser.add_argument("--force", action="append", default=[], metavar="STAGE",
                         help="re-run this stage (and every stage after it that uses it)")
     parser.add_argument("--no-report", action="store_true", help="skip report.html")
+    parser.add_argument("--screenshot", action="store_true",
+                        help="also save report.png next to report.html (needs chromium: apt-get install chromium)")
     args = parser.parse_args(argv)
     pipeline = load_pipeline(args.config, args.overrides)
     result = run_pipeline(pipeline, force=tuple(args.force), dry_run=args.dry_run,
                           report=False if args.no_report else None)
     if result.report is not None:
         print(f"[pipeline] done: report in {result.report}")
+        if args.screenshot:
+            from rlhfkit.report import screenshot
+
+            print(f"[pipeline] screenshot: {screenshot(result.report)}")
     return 0

@@ -509,3 +509,26 @@ def write_report(pipeline, steps=None, evals: dict | None = None) -> Path:
     path = pipeline.output_dir / "report.html"
     path.write_text(render_report(pipeline, evals, steps))
     return path
+
+
+def screenshot(html_path: str | Path, png_path: str | Path | None = None, width: int = 1280,
+               height: int | None = None) -> Path:
+    """A full-page PNG of the report by headless chromium (Debian: `apt-get install chromium`), saved next
+    to it (report.png) unless `png_path` says otherwise; `height` defaults to a guess from the page's size."""
+    import shutil
+    import subprocess
+
+    html_path = Path(html_path).resolve()
+    png_path = Path(png_path) if png_path else html_path.with_suffix(".png")
+    browser = next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+    if browser is None:
+        from rlhfkit.errors import RlhfkitError
+
+        raise RlhfkitError("no headless browser found: install chromium (Debian: apt-get install chromium)")
+    if height is None:  # ~ every image, table row and heading; chromium cuts at the window height
+        text = html_path.read_text()
+        height = 400 + 330 * text.count("<img") + 28 * text.count("<tr>") + 60 * text.count("<h3>")
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    f"--screenshot={png_path.resolve()}", f"--window-size={width},{height}",
+                    html_path.as_uri()], check=True, capture_output=True, timeout=120)
+    return png_path
