@@ -29,7 +29,8 @@ from rlhfkit.config import (
 from rlhfkit.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((REPO / "configs").glob("**/*.yaml"))
+# pipeline_*.yaml are `rlhfkit pipeline` configs (several stages), validated in tests/test_pipeline.py
+CONFIGS = sorted(p for p in (REPO / "configs").glob("**/*.yaml") if not p.name.startswith("pipeline_"))
 BASE = {"model_name_or_path": "preset:tiny", "dataset": "data/sentiment/sft_train.jsonl", "output_dir": "runs/x"}
 _STAGE_LINE = re.compile(r"^#\s*stage:\s*([A-Za-z0-9_-]+)\s*$")
 

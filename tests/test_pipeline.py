@@ -15,6 +15,7 @@ import yaml
 from rlhfkit.errors import ConfigError
 from rlhfkit.pipeline import STATE_FILE, load_pipeline, plan, resolve_pipeline, run_pipeline
 
+REPO = Path(__file__).resolve().parents[1]
 SIZES = {"pt": 200, "pt_eval": 16, "sft": 128, "sft_eval": 16, "preference": 64, "preference_eval": 16,
          "prompt": 32, "prompt_eval": 16}
 
@@ -101,11 +102,16 @@ def test_yaml_with_dotted_overrides(tmp_path):
     assert p.stage("sft").config.learning_rate == 5e-4 and p.stage("pt").config.seed == 3
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("pipeline_*.yaml")), ids=lambda p: p.name)
+def test_shipped_pipeline_configs_validate(path):
+    assert load_pipeline(path).stages
+
+
 def test_shipped_sentiment_pipeline_is_the_demo():
     """configs/pipeline_sentiment.yaml and `rlhfkit demo` run the same stages with the same keys."""
     from rlhfkit.demo import demo_pipeline
 
-    shipped = yaml.safe_load(Path("configs/pipeline_sentiment.yaml").read_text())
+    shipped = yaml.safe_load((REPO / "configs" / "pipeline_sentiment.yaml").read_text())
     demo = demo_pipeline("runs/demo", "sentiment", seed=0, quick=False)
     assert shipped == demo
     resolve_pipeline(shipped)
@@ -121,8 +127,9 @@ def finished(tmp_path_factory):
     from rlhfkit.tasks import get_task
 
     base = tmp_path_factory.mktemp("pipeline")
-    get_task("sentiment").write(base / "mydata", seed=1, sizes=SIZES)
-    spec = tiny_pipeline(base / "p", dpo_data=base / "mydata" / "preference_train.jsonl")
+    # the user's own file for dpo (inside output_dir, so the copies the tests make still skip)
+    get_task("sentiment").write(base / "p" / "mydata", seed=1, sizes=SIZES)
+    spec = tiny_pipeline(base / "p", dpo_data=base / "p" / "mydata" / "preference_train.jsonl")
     result = run_pipeline(resolve_pipeline(spec))
     return base, spec, result
 
@@ -164,11 +171,11 @@ def test_config_change_reruns_that_stage_and_everything_after(finished, tmp_path
 
 def test_changed_input_file_reruns_the_stage(finished, tmp_path, capsys):
     spec, root = _copy(finished, tmp_path)
-    data = root / "mydata" / "preference_train.jsonl"
+    data = root / "p" / "mydata" / "preference_train.jsonl"
     data.write_text("".join(data.read_text().splitlines(keepends=True)[:-4]))  # 4 pairs fewer
     result = run_pipeline(resolve_pipeline(spec), report=False)
     assert _actions(result.steps) == {"pt": "skip", "sft": "skip", "rm": "skip", "ppo": "skip", "dpo": "re-run"}
-    assert result.steps[-1].reason == f"input {data} changed"
+    assert result.steps[-1].reason == "input <output_dir>/mydata/preference_train.jsonl changed"
     assert result.summaries["dpo"]["train_examples"] == SIZES["preference"] - 4
     assert json.loads((root / "p" / "dpo" / STATE_FILE).read_text())["complete"] is True
     assert _actions(plan(resolve_pipeline(spec)))["dpo"] == "skip"
