@@ -514,6 +514,9 @@ def run_pipeline(pipeline: Pipeline, *, force: tuple[str, ...] = (), dry_run: bo
     the CLI), then write report.html. `force`: stage names to re-run (and everything after them)."""
     from rlhfkit.cli import stage_function
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("rlhfkit pipeline runs in one process; under torchrun / accelerate launch run the "
+                          "stages one by one (rlhfkit STAGE CONFIG.yaml)")
     unknown = [f for f in force if f not in {s.name for s in pipeline.stages}]
     if unknown:
         raise ConfigError(f"--force {unknown[0]}: not a stage of this pipeline"

@@ -21,6 +21,8 @@ import io
 import json
 from pathlib import Path
 
+import torch
+
 SECTIONS = {
     "overview": "Pipeline",
     "models": "Models",
@@ -176,14 +178,7 @@ def evaluate_models(pipeline) -> dict:
     gold reward (with a built-in task), RM score (with an rm stage: the last one), KL to the reference
     model, length, EOS rate, distinct-1/2; in eval.json's shape, plus `stats` per model for the plots.
     Cached in output_dir/report/models.json while no stage's output changes."""
-    import torch
-
-    from rlhfkit.data.collate import pad_batch
-    from rlhfkit.data.encode import encode_prompt
-    from rlhfkit.eval.generation import sample_kl
-    from rlhfkit.models.load import load_causal_lm, load_tokenizer
     from rlhfkit.pipeline import POLICY_KINDS
-    from rlhfkit.rollout.generate import HFGenerator, SamplingParams
 
     spec = pipeline.config.report
     names = [s.name for s in pipeline.stages if s.kind in POLICY_KINDS
@@ -198,6 +193,7 @@ def evaluate_models(pipeline) -> dict:
     if cached is not None and cached.get("cache_key") == key:
         return cached
     prompts, task = _prompts(pipeline, spec.num_prompts, spec.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     result = {"baseline": ref, "judges": [], "models": {}, "samples": [], "source": "pipeline",
               "reward_model": rm, "cache_key": key}
     if not prompts or not names:
@@ -206,53 +202,67 @@ def evaluate_models(pipeline) -> dict:
     if rm is not None:
         from rlhfkit.models.reward import load_reward_model
 
-        scorer = load_reward_model(pipeline.stage(rm).output_dir)
+        scorer = load_reward_model(pipeline.stage(rm).output_dir, device)
     reference = None
     responses: dict[str, list[str]] = {}
     for name in ([ref] if ref else []) + [n for n in names if n != ref]:
         path = _model_path(pipeline.stage(name).output_dir)
         print(f"== report: sampling {len(prompts)} held-out prompts from {name} ({path})")
-        tokenizer = load_tokenizer(str(path))
-        model = load_causal_lm(str(path), tokenizer).eval()
-        gen = HFGenerator(tokenizer, batch_size=64).generate(
-            model, [encode_prompt(tokenizer, p) for p in prompts],
-            SamplingParams(max_new_tokens=spec.max_new_tokens, temperature=spec.temperature),
-            generator_seed=spec.seed)
-        ended = gen.ended.tolist()
-        tokens = [gen.response_ids[i][gen.response_mask[i]].tolist() for i in range(len(prompts))]
-        lengths = [len(t) for t in tokens]
-        metrics = {"length": sum(lengths) / len(lengths), "eos_rate": sum(ended) / len(ended),
-                   "distinct_1": distinct_n(tokens, 1), "distinct_2": distinct_n(tokens, 2)}
-        stats = {"length": lengths}
-        if task is not None:
-            gold = task.gold_reward(prompts, gen.texts, ended)
-            metrics["gold_reward"] = sum(gold) / len(gold)
-            stats["gold"] = gold
-        if scorer is not None and len(scorer.tokenizer) == len(tokenizer):
-            scores = []
-            for start in range(0, len(prompts), 64):
-                seqs = [list(gen.prompt_ids[i]) + tokens[i] for i in range(start, min(start + 64, len(prompts)))]
-                batch = pad_batch(seqs, tokenizer.pad_token_id, "right")
-                scores += scorer.score(batch["input_ids"], batch["attention_mask"]).tolist()
-            metrics["rm_score"] = sum(scores) / len(scores)
-            stats["rm_score"] = scores
+        try:
+            entry, texts, model = _evaluate_model(path, prompts, spec, task, scorer, reference, device)
+        except Exception as e:  # noqa: BLE001 - one model that cannot load must not lose the report
+            print(f"== report: could not evaluate {name}: {type(e).__name__}: {e}")
+            result["models"][name] = {"path": str(path), "metrics": {}, "stats": {}, "error": str(e)}
+            continue
         if name == ref:
             reference = model
-            metrics["kl_to_reference"] = 0.0
-        elif reference is not None and len(tokenizer) == reference.get_input_embeddings().num_embeddings:
-            with torch.no_grad():
-                metrics["kl_to_reference"] = sample_kl(model, reference, gen, tokenizer.pad_token_id,
-                                                       spec.temperature)
-        result["models"][name] = {"path": str(path), "metrics": metrics, "stats": stats}
-        responses[name] = gen.texts
-        if model is not reference:
-            del model
+            entry["metrics"]["kl_to_reference"] = 0.0
+        result["models"][name] = entry
+        responses[name] = texts
     for i, p in enumerate(prompts[:spec.num_samples]):
         result["samples"].append({"prompt": p if isinstance(p, str) else json.dumps(p),
                                   "responses": {n: responses[n][i] for n in responses}})
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+@torch.no_grad()
+def _evaluate_model(path: Path, prompts: list, spec, task, scorer, reference, device: str):
+    """One model's metrics (and per-sample stats) on `prompts`; returns (entry, response texts, model)."""
+    from rlhfkit.data.collate import pad_batch
+    from rlhfkit.data.encode import encode_prompt
+    from rlhfkit.eval.generation import sample_kl
+    from rlhfkit.models.load import load_causal_lm, load_tokenizer
+    from rlhfkit.rollout.generate import HFGenerator, SamplingParams
+
+    tokenizer = load_tokenizer(str(path))
+    model = load_causal_lm(str(path), tokenizer).to(device).eval()
+    gen = HFGenerator(tokenizer, batch_size=64).generate(
+        model, [encode_prompt(tokenizer, p) for p in prompts],
+        SamplingParams(max_new_tokens=spec.max_new_tokens, temperature=spec.temperature),
+        generator_seed=spec.seed)
+    ended = gen.ended.tolist()
+    tokens = [gen.response_ids[i][gen.response_mask[i]].tolist() for i in range(len(prompts))]
+    lengths = [len(t) for t in tokens]
+    metrics = {"length": sum(lengths) / len(lengths), "eos_rate": sum(ended) / len(ended),
+               "distinct_1": distinct_n(tokens, 1), "distinct_2": distinct_n(tokens, 2)}
+    stats = {"length": lengths}
+    if task is not None:
+        gold = task.gold_reward(prompts, gen.texts, ended)
+        metrics["gold_reward"] = sum(gold) / len(gold)
+        stats["gold"] = gold
+    if scorer is not None and len(scorer.tokenizer) == len(tokenizer):  # same vocabulary: score the ids
+        scores = []
+        for start in range(0, len(prompts), 64):
+            seqs = [list(gen.prompt_ids[i]) + tokens[i] for i in range(start, min(start + 64, len(prompts)))]
+            batch = pad_batch(seqs, tokenizer.pad_token_id, "right")
+            scores += scorer.score(batch["input_ids"], batch["attention_mask"]).tolist()
+        metrics["rm_score"] = sum(scores) / len(scores)
+        stats["rm_score"] = scores
+    if reference is not None and len(tokenizer) == reference.get_input_embeddings().num_embeddings:
+        metrics["kl_to_reference"] = sample_kl(model, reference, gen, tokenizer.pad_token_id, spec.temperature)
+    return {"path": str(path), "metrics": metrics, "stats": stats}, gen.texts, model
 
 
 # ---- sections -------------------------------------------------------------------------------------
@@ -284,7 +294,8 @@ def _models(evals: dict) -> str:
               *[f"win rate vs {evals.get('baseline')} ({j})" for j in judges]]
     rows = []
     for name, m in models.items():
-        row = [html.escape(name) + (" (baseline)" if name == evals.get("baseline") else "")]
+        row = [html.escape(name) + (" (baseline)" if name == evals.get("baseline") else "")
+               + (f"<br><span class=note>not evaluated: {html.escape(m['error'])}</span>" if m.get("error") else "")]
         row += [_fmt(m.get("metrics", {}).get(k)) for k in metric_keys]
         for j in judges:
             w = (m.get("win_rate") or {}).get(j)

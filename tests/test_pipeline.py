@@ -300,3 +300,29 @@ def test_report_screenshot_in_headless_chromium(finished):
         assert im.size[0] == 1280 and im.size[1] > 2000
         # not a blank page: many distinct colours (plots, text)
         assert len(im.convert("RGB").resize((200, 400)).getcolors(1 << 16) or []) > 50
+
+
+# ---- the demo ------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_sentiment_demo_is_a_pipeline_and_a_second_run_skips_it(tmp_path, capsys):
+    """`rlhfkit demo --quick`: pt -> sft -> rm -> ppo, dpo as a pipeline; report.md as before, report.html
+    next to it and its path printed; run again, every stage is skipped and the numbers are the same."""
+    from rlhfkit.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--output-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"HTML report (loss curves, reward/KL, RM calibration, samples side by side): {out / 'report.html'}" \
+        in printed
+    text = (out / "report.md").read_text()
+    for heading in ("## Summary: SFT vs PPO vs DPO", "## Samples (held-out prompts)", "## Reward model",
+                    "## PPO (held-out prompts", "## DPO ("):
+        assert heading in text
+    report = json.loads((out / "report.json").read_text())
+    assert set(report) == {"pt", "sft", "rm", "ppo", "dpo", "comparison"}
+    assert set(report["comparison"]) == {"sft", "ppo", "dpo"} and report["comparison"]["sft"]["kl"] == 0.0
+    assert (out / "report.html").is_file()
+    assert main(["demo", "--quick", "--output-dir", str(out)]) == 0
+    assert printed.count(" run     new") == 5 and capsys.readouterr().out.count(" skip    finished") == 5
+    assert json.loads((out / "report.json").read_text()) == report
