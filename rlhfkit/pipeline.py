@@ -176,7 +176,8 @@ class Step:
     record: dict = field(default_factory=dict)
 
     def line(self) -> str:
-        return f"  {self.stage.name:<10s} {self.action:<7s} {self.reason}"
+        because = "because " if self.action == "re-run" else ""
+        return f"  {self.stage.name:<10s} {self.action:<7s} {because}{self.reason}"
 
 
 # ---- loading and validation ---------------------------------------------------------------------

@@ -305,10 +305,12 @@ def _models(evals: dict) -> str:
         note = "From <code>eval/eval.json</code> (<code>rlhfkit eval</code>)."
     else:
         n = len(next(iter(models.values())).get("stats", {}).get("length", []))
+        rm = evals.get("reward_model")
         note = (f"Computed by the pipeline: one sample per prompt on the same {n} held-out prompts for every model "
                 f"(same seed); KL to <b>{html.escape(str(evals.get('baseline')))}</b> summed over response tokens; "
-                f"RM score from the <b>{html.escape(str(evals.get('reward_model')))}</b> stage (normalised). Win "
-                "rates appear when <code>eval/eval.json</code> (<code>rlhfkit eval</code>) is present.")
+                + (f"RM score from the <b>{html.escape(rm)}</b> stage (normalised); " if rm else "")
+                + "distinct-n: unique n-grams / all n-grams of the responses. Win rates appear when "
+                "<code>eval/eval.json</code> (<code>rlhfkit eval</code>) is present.")
     return _table(header, rows) + f"<p class=note>{note}</p>" + _frontier_models(evals)
 
 
@@ -396,32 +398,46 @@ def _rl(pipeline, evals: dict) -> str:
         evals_at = [r for r in history if "eval/gold_reward" in r and "eval/kl" in r]
         train_at = [r for r in history if reward_key in r and "objective/kl" in r] if reward_key else []
         frontier.append((s.name, evals_at, train_at, reward_key))
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    model_pts = [(name, m["metrics"]) for name, m in (evals.get("models") or {}).items()
+                 if {"gold_reward", "kl_to_reference"} <= set(m.get("metrics", {}))]
+    left = any(f[1] for f in frontier) or model_pts
+    right = any(f[2] for f in frontier)
+    if not (left or right):
+        parts.append("<h3>Reward&ndash;KL frontier</h3><p class=note>No KL logged (e.g. GRPO with beta 0 and no "
+                     "gold evaluation): nothing to plot.</p>")
+        return "".join(parts)
+    fig, axes = plt.subplots(1, int(bool(left)) + int(bool(right)), figsize=(5 * (int(bool(left)) + int(bool(right))),
+                                                                              3.6), squeeze=False)
+    axes = list(axes[0])
+    a1 = axes.pop(0) if left else None
+    a2 = axes.pop(0) if right else None
     for name, evals_at, train_at, reward_key in frontier:
-        if evals_at:
+        if evals_at and a1 is not None:
             a1.plot([r["eval/kl"] for r in evals_at], [r["eval/gold_reward"] for r in evals_at], marker="o",
-                    label=name)
+                    label=f"{name} (held-out evaluations; labels: step)")
             for r in evals_at[:: max(1, len(evals_at) // 4)]:
                 a1.annotate(str(r["step"]), (r["eval/kl"], r["eval/gold_reward"]), fontsize=7,
                             textcoords="offset points", xytext=(3, 3))
-        if train_at:
+        if train_at and a2 is not None:
             a2.plot([r["objective/kl"] for r in train_at], [r[reward_key] for r in train_at], marker=".",
                     label=f"{name} ({reward_key})")
-    for name, m in (evals.get("models") or {}).items():
-        met = m.get("metrics", {})
-        if "gold_reward" in met and "kl_to_reference" in met and name not in {f[0] for f in frontier}:
+    if a1 is not None:
+        for name, met in model_pts:
             a1.scatter(met["kl_to_reference"], met["gold_reward"], marker="x", color="gray")
             a1.annotate(name, (met["kl_to_reference"], met["gold_reward"]), fontsize=8, color="gray",
                         textcoords="offset points", xytext=(4, -10))
-    a1.set_title("gold reward vs KL (held-out evaluations; labels: step)", fontsize=10)
-    a2.set_title("training reward vs KL (per logged step)", fontsize=10)
+        a1.set_title("gold reward vs KL (x: the models table)", fontsize=10)
+        a1.set_ylabel("gold reward")
+    if a2 is not None:
+        a2.set_title("training reward vs KL (per logged step)", fontsize=10)
+        a2.set_ylabel("training reward")
     for ax in (a1, a2):
+        if ax is None:
+            continue
         ax.set_xlabel("KL to reference (nats per response)")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    a1.set_ylabel("gold reward")
-    a2.set_ylabel("training reward")
     parts.append("<h3>Reward&ndash;KL frontier</h3>" + _png(fig))
     return "".join(parts)
 
@@ -536,10 +552,17 @@ def screenshot(html_path: str | Path, png_path: str | Path | None = None, width:
         from rlhfkit.errors import RlhfkitError
 
         raise RlhfkitError("no headless browser found: install chromium (Debian: apt-get install chromium)")
-    if height is None:  # ~ every image, table row and heading; chromium cuts at the window height
+    if height is None:  # generous (chromium cuts at the window height); the blank bottom is trimmed below
         text = html_path.read_text()
-        height = 400 + 330 * text.count("<img") + 28 * text.count("<tr>") + 60 * text.count("<h3>")
+        height = min(16000, 600 + 520 * text.count("<img") + 40 * text.count("<tr>") + 80 * text.count("<h3>"))
     subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                     f"--screenshot={png_path.resolve()}", f"--window-size={width},{height}",
                     html_path.as_uri()], check=True, capture_output=True, timeout=120)
+    from PIL import Image, ImageChops
+
+    with Image.open(png_path) as im:
+        rgb = im.convert("RGB")
+    box = ImageChops.difference(rgb, Image.new("RGB", rgb.size, (255, 255, 255))).getbbox()
+    if box is not None and box[3] + 40 < rgb.size[1]:
+        rgb.crop((0, 0, rgb.size[0], box[3] + 40)).save(png_path)
     return png_path

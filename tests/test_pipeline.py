@@ -166,6 +166,7 @@ def test_config_change_reruns_that_stage_and_everything_after(finished, tmp_path
     assert _actions(steps) == {"pt": "skip", "sft": "re-run", "rm": "re-run", "ppo": "re-run", "dpo": "re-run"}
     reasons = {s.stage.name: s.reason for s in steps}
     assert reasons["sft"] == "learning_rate 0.001 -> 0.0005"
+    assert steps[1].line() == "  sft        re-run  because learning_rate 0.001 -> 0.0005"
     assert reasons["rm"] == "upstream stage 'sft' trains" and reasons["ppo"] == "upstream stage 'rm', 'sft' trains"
 
 
