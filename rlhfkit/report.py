@@ -219,6 +219,9 @@ def evaluate_models(pipeline) -> dict:
             entry["metrics"]["kl_to_reference"] = 0.0
         result["models"][name] = entry
         responses[name] = texts
+    # shown in the pipeline's order (the reference was sampled first, to serve the KL of the others)
+    result["models"] = {n: result["models"][n] for n in names if n in result["models"]}
+    responses = {n: responses[n] for n in names if n in responses}
     for i, p in enumerate(prompts[:spec.num_samples]):
         result["samples"].append({"prompt": p if isinstance(p, str) else json.dumps(p),
                                   "responses": {n: responses[n][i] for n in responses}})
@@ -280,7 +283,7 @@ def _overview(pipeline) -> str:
                      html.escape(str(state.get("fingerprint", "-"))), html.escape(str(state.get("time", "-")))])
     return (f"<p>Output directory <code>{html.escape(str(pipeline.output_dir))}</code>.</p>"
             + _table(["stage", "kind", "inputs (upstream stages)", "steps", "status", "fingerprint",
-                      "started"], rows, numeric_from=9))
+                      "state recorded"], rows, numeric_from=9))
 
 
 def _models(evals: dict) -> str:

@@ -254,7 +254,7 @@ def test_report_has_every_section_inline_and_no_network(finished):
     # loss curves of 5 stages, PPO over steps + frontier, models frontier, RM accuracy + reliability + length bias
     assert parser.images >= 11
     models = result.evals["models"]
-    assert list(models) == ["sft", "pt", "ppo", "dpo"] and result.evals["baseline"] == "sft"
+    assert list(models) == ["pt", "sft", "ppo", "dpo"] and result.evals["baseline"] == "sft"
     for name, m in models.items():
         assert set(m["metrics"]) == {"gold_reward", "rm_score", "kl_to_reference", "length", "eos_rate",
                                      "distinct_1", "distinct_2"}, name
