@@ -145,6 +145,9 @@ class Stage:
     upstream: dict[str, str]
     """config key -> the earlier stage whose output it is."""
     description: str | None = None
+    data: dict | None = None
+    """The pipeline's `data` spec (task, seed, sizes) when it has one: part of the fingerprint, so that a
+    dry run sees a data change before the files are rewritten."""
 
     @property
     def output_dir(self) -> Path:
@@ -329,7 +332,8 @@ def resolve_pipeline(values: dict | PipelineConfig, source: str = "pipeline") ->
         values["output_dir"] = str(out / name)
         values["overwrite_output_dir"] = True
         config = build_config(kind, values, source=where)
-        stages.append(Stage(name, kind, config, upstream, description))
+        stages.append(Stage(name, kind, config, upstream, description,
+                            spec.data.model_dump(mode="json") if spec.data is not None else None))
 
     if spec.report.reference is not None and spec.report.reference not in kinds:
         raise ConfigError(f"{source}: report.reference: '{spec.report.reference}' is not a stage"
@@ -401,7 +405,8 @@ def stage_record(stage: Stage, upstream_ids: dict[str, str]) -> dict:
                 inputs[_relative(item, root)] = path_digest(Path(item))
     # paths inside the pipeline's directory are recorded relative to it: a moved pipeline still skips
     config = {k: _relative(v, root) for k, v in config.items()}
-    record = {"kind": stage.kind, "config": config, "inputs": inputs, "rlhfkit": rlhfkit.__version__}
+    record = {"kind": stage.kind, "config": config, "inputs": inputs, "data": stage.data,
+              "rlhfkit": rlhfkit.__version__}
     record["fingerprint"] = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
     return record
 
@@ -422,6 +427,10 @@ def _what_changed(old: dict, new: dict) -> str:
         if old_inputs.get(key) != new_inputs.get(key):
             what = f"upstream stage '{key[6:]}' output" if key.startswith("stage:") else f"input {key}"
             changes.append(f"{what} changed")
+    old_data, new_data = old.get("data") or {}, new["data"] or {}
+    for key in sorted(set(old_data) | set(new_data)):
+        if old_data.get(key) != new_data.get(key):
+            changes.append(f"data.{key} {_short(old_data.get(key))} -> {_short(new_data.get(key))}")
     if old.get("kind") != new["kind"]:
         changes.append(f"stage kind {old.get('kind')} -> {new['kind']}")
     if old.get("rlhfkit") != new["rlhfkit"]:

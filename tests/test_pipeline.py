@@ -170,6 +170,14 @@ def test_config_change_reruns_that_stage_and_everything_after(finished, tmp_path
     assert reasons["rm"] == "upstream stage 'sft' trains" and reasons["ppo"] == "upstream stage 'rm', 'sft' trains"
 
 
+def test_changed_task_data_reruns_every_stage_in_a_dry_run(finished, tmp_path):
+    spec, _ = _copy(finished, tmp_path)
+    spec["data"]["seed"] = 1
+    steps = run_pipeline(resolve_pipeline(spec), dry_run=True).steps
+    assert _actions(steps) == {"pt": "re-run", "sft": "re-run", "rm": "re-run", "ppo": "re-run", "dpo": "re-run"}
+    assert steps[0].reason == "data.seed 0 -> 1"
+
+
 def test_changed_input_file_reruns_the_stage(finished, tmp_path, capsys):
     spec, root = _copy(finished, tmp_path)
     data = root / "p" / "mydata" / "preference_train.jsonl"
