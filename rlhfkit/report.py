@@ -484,9 +484,12 @@ def _reward_model(pipeline, evals: dict) -> str:
     models = {n: m for n, m in (evals.get("models") or {}).items() if "rm_score" in m.get("stats", {})}
     if models:
         fig, ax = plt.subplots(figsize=(5.5, 3.6))
-        for name, m in models.items():
-            ax.scatter(m["stats"]["length"], m["stats"]["rm_score"], s=8, alpha=0.5, label=name)
-        ax.set_xlabel("response length (tokens)")
+        width = 0.6 / max(len(models), 1)  # lengths are whole tokens: each model gets its own offset
+        for i, (name, m) in enumerate(models.items()):
+            offset = (i - (len(models) - 1) / 2) * width
+            ax.scatter([x + offset for x in m["stats"]["length"]], m["stats"]["rm_score"], s=8, alpha=0.5,
+                       label=name)
+        ax.set_xlabel("response length (tokens; models side by side at each length)")
         ax.set_ylabel(f"RM score ({evals.get('reward_model')})")
         ax.set_title("length bias: RM score vs length on every model's samples", fontsize=10)
         ax.legend(fontsize=8)
