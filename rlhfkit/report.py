@@ -232,40 +232,43 @@ def evaluate_models(pipeline) -> dict:
 
 @torch.no_grad()
 def _evaluate_model(path: Path, prompts: list, spec, task, scorer, reference, device: str):
-    """One model's metrics (and per-sample stats) on `prompts`; returns (entry, response texts, model)."""
+    """One model's metrics (and per-sample stats) on `prompts`; returns (entry, response texts, model).
+    Sampling and KL as every held-out evaluation does them (`generate_rollout`, `rollout_kl`)."""
     from rlhfkit.data.collate import pad_batch
     from rlhfkit.data.encode import encode_prompt
-    from rlhfkit.eval.generation import sample_kl
+    from rlhfkit.eval.generation import rollout_kl
     from rlhfkit.models.load import load_causal_lm, load_tokenizer
     from rlhfkit.rollout.generate import HFGenerator, SamplingParams
+    from rlhfkit.rollout.rollout import generate_rollout
 
     tokenizer = load_tokenizer(str(path))
     model = load_causal_lm(str(path), tokenizer).to(device).eval()
-    gen = HFGenerator(tokenizer, batch_size=64).generate(
-        model, [encode_prompt(tokenizer, p) for p in prompts],
-        SamplingParams(max_new_tokens=spec.max_new_tokens, temperature=spec.temperature),
-        generator_seed=spec.seed)
-    ended = gen.ended.tolist()
-    tokens = [gen.response_ids[i][gen.response_mask[i]].tolist() for i in range(len(prompts))]
+    prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
+    ro = generate_rollout(model, tokenizer, HFGenerator(tokenizer, batch_size=64), prompt_ids,
+                          [{"prompt": p} for p in prompts],
+                          SamplingParams(max_new_tokens=spec.max_new_tokens, temperature=spec.temperature),
+                          spec.seed, device)
+    ended = ro.ended.tolist()
+    tokens = [ro.responses[i][ro.response_mask[i]].tolist() for i in range(len(prompts))]
     lengths = [len(t) for t in tokens]
     metrics = {"length": sum(lengths) / len(lengths), "eos_rate": sum(ended) / len(ended),
                "distinct_1": distinct_n(tokens, 1), "distinct_2": distinct_n(tokens, 2)}
     stats = {"length": lengths}
     if task is not None:
-        gold = task.gold_reward(prompts, gen.texts, ended)
+        gold = task.gold_reward(prompts, ro.texts, ended)
         metrics["gold_reward"] = sum(gold) / len(gold)
         stats["gold"] = gold
     if scorer is not None and len(scorer.tokenizer) == len(tokenizer):  # same vocabulary: score the ids
         scores = []
         for start in range(0, len(prompts), 64):
-            seqs = [list(gen.prompt_ids[i]) + tokens[i] for i in range(start, min(start + 64, len(prompts)))]
+            seqs = [prompt_ids[i] + tokens[i] for i in range(start, min(start + 64, len(prompts)))]
             batch = pad_batch(seqs, tokenizer.pad_token_id, "right")
             scores += scorer.score(batch["input_ids"], batch["attention_mask"]).tolist()
         metrics["rm_score"] = sum(scores) / len(scores)
         stats["rm_score"] = scores
     if reference is not None and len(tokenizer) == reference.get_input_embeddings().num_embeddings:
-        metrics["kl_to_reference"] = sample_kl(model, reference, gen, tokenizer.pad_token_id, spec.temperature)
-    return {"path": str(path), "metrics": metrics, "stats": stats}, gen.texts, model
+        metrics["kl_to_reference"] = rollout_kl(model, reference, ro, spec.temperature).mean().item()
+    return {"path": str(path), "metrics": metrics, "stats": stats}, ro.texts, model
 
 
 # ---- sections -------------------------------------------------------------------------------------
