@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from rlhfkit.eval.compare import distinct_n  # word n-grams, as `rlhfkit eval` counts them
+
 SECTIONS = {
     "overview": "Pipeline",
     "models": "Models",
@@ -119,12 +121,6 @@ def _table(header: list[str], rows: list[list[str]], numeric_from: int = 1) -> s
 
 
 # ---- per-model metrics and samples -----------------------------------------------------------------
-
-def distinct_n(token_lists: list[list[int]], n: int) -> float:
-    """Distinct-n (Li et al. 2016): unique n-grams / all n-grams over every response (0 when none)."""
-    grams = [tuple(t[i:i + n]) for t in token_lists for i in range(len(t) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else 0.0
-
 
 def _model_path(stage_dir: Path) -> Path:
     return stage_dir / "merged" if (stage_dir / "merged").is_dir() else stage_dir
@@ -252,7 +248,7 @@ def _evaluate_model(path: Path, prompts: list, spec, task, scorer, reference, de
     tokens = [ro.responses[i][ro.response_mask[i]].tolist() for i in range(len(prompts))]
     lengths = [len(t) for t in tokens]
     metrics = {"length": sum(lengths) / len(lengths), "eos_rate": sum(ended) / len(ended),
-               "distinct_1": distinct_n(tokens, 1), "distinct_2": distinct_n(tokens, 2)}
+               "distinct_1": distinct_n(ro.texts, 1), "distinct_2": distinct_n(ro.texts, 2)}
     stats = {"length": lengths}
     if task is not None:
         gold = task.gold_reward(prompts, ro.texts, ended)
@@ -294,9 +290,11 @@ def _models(evals: dict) -> str:
     if not models:
         return "<p class=note>No model to evaluate (no finished policy stage, or no prompts: give the pipeline " \
                "a built-in task under <code>data</code> or <code>report.prompts</code>).</p>"
-    metric_keys = [k for k in METRIC_COLUMNS if any(k in m.get("metrics", {}) for m in models.values())]
+    present = list(dict.fromkeys(k for m in models.values() for k in m.get("metrics", {})))
+    # the known metrics in their order, then any other (eval.json's reward/<function>, rouge...)
+    metric_keys = [k for k in METRIC_COLUMNS if k in present] + [k for k in present if k not in METRIC_COLUMNS]
     judges = list(evals.get("judges") or [])
-    header = ["model", *[METRIC_COLUMNS[k] for k in metric_keys],
+    header = ["model", *[METRIC_COLUMNS.get(k, k) for k in metric_keys],
               *[f"win rate vs {evals.get('baseline')} ({j})" for j in judges]]
     rows = []
     for name, m in models.items():
@@ -315,7 +313,7 @@ def _models(evals: dict) -> str:
         note = (f"Computed by the pipeline: one sample per prompt on the same {n} held-out prompts for every model "
                 f"(same seed); KL to <b>{html.escape(str(evals.get('baseline')))}</b> summed over response tokens; "
                 + (f"RM score from the <b>{html.escape(rm)}</b> stage (normalised); " if rm else "")
-                + "distinct-n: unique n-grams / all n-grams of the responses. Win rates appear when "
+                + "distinct-n: unique word n-grams / all word n-grams of the responses. Win rates appear when "
                 "<code>eval/eval.json</code> (<code>rlhfkit eval</code>) is present.")
     return _table(header, rows) + f"<p class=note>{note}</p>" + _frontier_models(evals)
 

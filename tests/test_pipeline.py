@@ -281,7 +281,7 @@ def test_eval_json_takes_over_the_models_table_and_samples(finished, tmp_path):
     eval_json = {"baseline": "sft", "judges": ["gold"], "models": {
         name: {"path": str(root / "p" / name), "metrics": {"gold_reward": 0.5, "rm_score": 0.1, "kl_to_reference": 1.0,
                                                          "length": 9.0, "eos_rate": 1.0, "distinct_1": 0.5,
-                                                         "distinct_2": 0.7},
+                                                         "distinct_2": 0.7, "rouge1": 0.25},
                "win_rate": {"gold": {"rate": 0.625, "low": 0.5, "high": 0.75, "n": 64}}}
         for name in ("sft", "ppo")}, "samples": [{"prompt": "the zebra was", "responses": {"sft": "odd .", "ppo": "great ."}}]}
     (root / "p" / "eval").mkdir()
@@ -291,6 +291,7 @@ def test_eval_json_takes_over_the_models_table_and_samples(finished, tmp_path):
     assert evals["source"] == "eval.json"
     text = write_report(pipeline, evals=evals).read_text()
     assert "win rate vs sft (gold)" in text and "0.625 [0.500, 0.750] (n=64)" in text
+    assert "<th>rouge1</th>" in text  # metrics the report does not know are shown too
     assert "the zebra was" in text and "From <code>eval/eval.json</code>" in text
 
 
@@ -335,3 +336,25 @@ def test_sentiment_demo_is_a_pipeline_and_a_second_run_skips_it(tmp_path, capsys
     assert main(["demo", "--quick", "--output-dir", str(out)]) == 0
     assert printed.count(" run     new") == 5 and capsys.readouterr().out.count(" skip    finished") == 5
     assert json.loads((out / "report.json").read_text()) == report
+
+
+def test_report_reads_what_rlhfkit_eval_writes(finished, tmp_path):
+    """`rlhfkit eval` run on the pipeline's models, its eval.json at output_dir/eval/eval.json: the report
+    takes the table (win rates included) and the samples from it."""
+    from rlhfkit.eval.compare import build_eval_config, run_eval
+    from rlhfkit.report import load_evals, write_report
+
+    spec, root = _copy(finished, tmp_path)
+    p = root / "p"
+    c = build_eval_config({"models": {n: str(p / n) for n in ("sft", "ppo", "dpo")}, "baseline": "sft",
+                           "task": "sentiment", "reward_model": str(p / "rm"), "num_prompts": 8, "max_new_tokens": 8,
+                           "num_samples": 2, "bootstrap_samples": 50, "output": str(p / "eval" / "eval.json")})
+    run_eval(c, printer=lambda *a, **k: None)
+    pipeline = resolve_pipeline(spec)
+    evals = load_evals(pipeline)
+    assert evals["source"] == "eval.json" and list(evals["models"]) == ["sft", "ppo", "dpo"]
+    text = write_report(pipeline, evals=evals).read_text()
+    assert evals["judges"]
+    for judge in evals["judges"]:
+        assert f"win rate vs sft ({judge})" in text
+    assert evals["samples"][0]["prompt"] in text and len(evals["samples"]) == 2
