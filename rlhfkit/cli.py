@@ -28,6 +28,7 @@ rlhfkit train CONFIG.yaml [key=value ...]   train the stage named by the config'
 rlhfkit STAGE --help-config                 list the stage's config keys
 rlhfkit data TASK OUT_DIR [--seed N]        write a built-in task's data files ({tasks})
 rlhfkit data reasoning-gym:TASK OUT_DIR     prompt files of a reasoning-gym task [--size N] [--seed N]
+rlhfkit pipeline CONFIG.yaml [key=value]    several stages from one YAML (skip/resume/re-run), report.html
 rlhfkit demo [--output-dir DIR]             the built-in end-to-end demo
 rlhfkit eval-rm MODEL DATA                  evaluate a reward model on preference/ranking rows
 rlhfkit score MODEL DATA [--output F]       add a `reward` field to prompt/response rows
@@ -37,9 +38,9 @@ rlhfkit chat MODEL [--compare MODEL2]       chat in the terminal (streaming)
 rlhfkit webchat MODEL [--compare MODEL2]    chat in a local web page (needs rlhfkit[web])
 rlhfkit estimate-memory MODEL --stage S --engine E [--num-processes N]   memory per process and role"""
 
-# reward-model commands: name -> "module:function" taking argv (imported lazily)
+# reward-model commands and `pipeline`: name -> "module:function" taking argv (imported lazily)
 RM_COMMANDS = {"eval-rm": "rlhfkit.eval.reward_cli:run_eval_rm", "score": "rlhfkit.eval.reward_cli:run_score",
-               "eval": "rlhfkit.eval.compare:run_eval_cli"}
+               "eval": "rlhfkit.eval.compare:run_eval_cli", "pipeline": "rlhfkit.pipeline:run_pipeline_cli"}
 # using a trained model: name -> "module:function" taking argv (imported lazily)
 USE_COMMANDS = {"generate": "rlhfkit.use.generate:run_generate", "chat": "rlhfkit.use.chat:run_chat",
                 "webchat": "rlhfkit.use.webchat:run_webchat"}

@@ -1,8 +1,10 @@
 """`rlhfkit demo`: the built-in end-to-end run on a synthetic task, a few minutes on 2 CPU cores.
 
 task data -> preset tiny model + tokenizer -> pt -> sft (-> rm -> ppo, dpo) -> report (samples
-before and after SFT, gold reward, EOS rate, held-out loss). Each stage is the same function the CLI calls, fed a
-config built here; every stage's outputs land under OUTPUT_DIR/<stage>.
+before and after SFT, gold reward, EOS rate, held-out loss). The stages run as a pipeline
+(`rlhfkit.pipeline`, `demo_pipeline`; the same as configs/pipeline_sentiment.yaml): every stage's outputs
+land under OUTPUT_DIR/<stage>, a second run skips what is finished, and OUTPUT_DIR/report.html shows the
+curves and every model's samples side by side next to the markdown report.
 """
 
 from __future__ import annotations
@@ -10,22 +12,42 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rlhfkit.config import build_config
 from rlhfkit.tasks import get_task
 
 
-def _stage_configs(out: Path, data: Path, task: str, seed: int, quick: bool) -> dict[str, dict]:
-    common = dict(seed=seed, logging_steps=10, task=task, eval_num_prompts=64, max_new_tokens=24,
-                  overwrite_output_dir=True)
+def demo_pipeline(output_dir: str | Path, task: str = "sentiment", seed: int = 0, quick: bool = False) -> dict:
+    """The demo as a pipeline (`rlhfkit.pipeline`): `sentiment`: pt -> sft -> rm -> ppo, and dpo from sft;
+    `arithmetic`: pt -> sft -> grpo. configs/pipeline_sentiment.yaml is `demo_pipeline("runs/demo")`."""
+    if task == "arithmetic":
+        return _arithmetic_pipeline(output_dir, seed, quick)
     return {
-        "pt": dict(common, model_name_or_path="preset:tiny", dataset=str(data / "pt_train.jsonl"),
-                   eval_dataset=str(data / "pt_eval.jsonl"), output_dir=str(out / "pt"), max_length=128,
-                   per_device_train_batch_size=16, num_train_epochs=1 if quick else 4,
-                   learning_rate=2e-3, warmup_ratio=0.05, lr_scheduler_type="cosine", eval_steps=60),
-        "sft": dict(common, model_name_or_path=str(out / "pt"), dataset=str(data / "sft_train.jsonl"),
-                    eval_dataset=str(data / "sft_eval.jsonl"), output_dir=str(out / "sft"), max_length=64,
-                    per_device_train_batch_size=32, num_train_epochs=1 if quick else 3,
-                    learning_rate=1e-3, warmup_ratio=0.05, lr_scheduler_type="cosine", eval_steps=60),
+        "output_dir": str(output_dir),
+        "data": {"task": task, "seed": seed},
+        "defaults": {"seed": seed, "logging_steps": 10, "eval_num_prompts": 64, "max_new_tokens": 24},
+        "stages": {
+            "pt": {"description": "pretraining a tiny Llama-style model from scratch (tokenizer trained on the corpus)",
+                   "model_name_or_path": "preset:tiny", "max_length": 128, "per_device_train_batch_size": 16,
+                   "num_train_epochs": 1 if quick else 4, "learning_rate": 2e-3, "warmup_ratio": 0.05,
+                   "lr_scheduler_type": "cosine", "eval_steps": 60},
+            "sft": {"description": "supervised fine-tuning on demonstrations (loss on responses only)",
+                    "max_length": 64, "per_device_train_batch_size": 32, "num_train_epochs": 1 if quick else 3,
+                    "learning_rate": 1e-3, "warmup_ratio": 0.05, "lr_scheduler_type": "cosine", "eval_steps": 60},
+            "rm": {"description": "reward model: the SFT backbone + a scalar head on preference pairs (Bradley-Terry)",
+                   "max_length": 64, "per_device_train_batch_size": 32, "num_train_epochs": 1,
+                   "max_steps": 10 if quick else -1, "learning_rate": 3e-4, "lr_scheduler_type": "cosine",
+                   "warmup_ratio": 0.05, "normalization_samples": 512},
+            "ppo": {"description": "PPO: the SFT policy against the reward model, KL-penalised to the SFT model",
+                    "rollout_batch_size": 64, "per_device_train_batch_size": 16, "num_mini_batches": 2,
+                    "num_ppo_epochs": 2, "max_steps": 4 if quick else 30, "learning_rate": 2e-4, "kl_coef": 0.05,
+                    "temperature": 0.7, "eval_num_prompts": 128, "eval_steps": 10, "logging_steps": 5,
+                    "missing_eos_score": -1.0},
+            "dpo": {"description": "DPO: the SFT policy directly on preference pairs (sigmoid loss + NLL on chosen, "
+                           "RPO)", "from": "sft",
+                    "max_length": 64, "per_device_train_batch_size": 32, "max_steps": 5 if quick else 40,
+                    "learning_rate": 1e-3, "lr_scheduler_type": "constant", "beta": 0.1, "sft_weight": 1.0},
+        },
+        # SFT, PPO and DPO (and pt) sampled the same way: 128 held-out prompts, temperature 0.7, same seed
+        "report": {"num_prompts": 128, "num_samples": 8, "max_new_tokens": 24, "temperature": 0.7, "seed": seed},
     }
 
 
@@ -39,40 +61,35 @@ def _samples_table(before: list[dict], after: list[dict], n: int = 5) -> list[st
 
 def demo(output_dir: str = "runs/demo", task: str = "sentiment", seed: int = 0, quick: bool = False) -> dict:
     """`sentiment` (default): pt -> sft -> rm -> ppo and dpo; `arithmetic`: pt -> sft -> grpo, a task
-    with one right answer, reported as held-out accuracy before and after GRPO."""
+    with one right answer, reported as held-out accuracy before and after GRPO. Both run as a pipeline
+    (`demo_pipeline`): a second run skips the finished stages; report.html next to report.md."""
     if task == "arithmetic":
         return arithmetic_demo(output_dir, seed=seed, quick=quick)
     from rlhfkit.eval.generation import sample_and_score
-    from rlhfkit.train.pt import train_pt
-    from rlhfkit.train.sft import train_sft
+    from rlhfkit.models.load import load_causal_lm, load_tokenizer
+    from rlhfkit.pipeline import resolve_pipeline, run_pipeline
 
     out = Path(output_dir)
     data = out / "data"
     t = get_task(task)
-    print(f"== rlhfkit demo: task '{task}' -> {out}")
-    print(f"== 1. data: writing the task's files to {data}")
-    t.write(data, seed=seed)
-    configs = _stage_configs(out, data, task, seed, quick)
+    print(f"== rlhfkit demo: task '{task}' -> {out} (a pipeline: configs/pipeline_sentiment.yaml)")
+    result = run_pipeline(resolve_pipeline(demo_pipeline(out, task, seed, quick), source="rlhfkit demo"))
 
-    print("== 2. pretraining a tiny Llama-style model from scratch (tokenizer trained on the corpus)")
-    pt = train_pt(build_config("pt", configs["pt"], source="demo"))
-    print("== 3. supervised fine-tuning on demonstrations (loss on responses only)")
-    sft = train_sft(build_config("sft", configs["sft"], source="demo"))
-
-    print("== 4. report: the same held-out prompts, sampled before and after SFT")
+    print("== report: the same held-out prompts, sampled before and after SFT")
     from rlhfkit.data.formats import to_canonical
     from rlhfkit.data.sources import load_rows
     from rlhfkit.eval.likelihood import response_nll
     from rlhfkit.train.sft import encode_sft
 
+    tokenizer = load_tokenizer(str(out / "sft"))
     # one held-out set for every model: the SFT eval demonstrations (response tokens only)
-    heldout = [e for e in (encode_sft(sft.tokenizer, 64, r)
+    heldout = [e for e in (encode_sft(tokenizer, 64, r)
                            for r in to_canonical(load_rows(str(data / "sft_eval.jsonl")))) if e is not None]
     evals, report = {}, {}
-    for name, result in (("pt", pt), ("sft", sft)):
-        evals[name] = sample_and_score(result.model, result.tokenizer, t, n_prompts=128, max_new_tokens=24,
-                                       seed=seed)
-        nll = response_nll(result.model, heldout, result.tokenizer.pad_token_id)["loss"]
+    for name in ("pt", "sft"):
+        model = load_causal_lm(str(out / name), tokenizer).eval()
+        evals[name] = sample_and_score(model, tokenizer, t, n_prompts=128, max_new_tokens=24, seed=seed)
+        nll = response_nll(model, heldout, tokenizer.pad_token_id)["loss"]
         report[name] = {**evals[name][0], "eval/loss": nll}
     lines = [f"# rlhfkit demo report (task: {task})", "",
              "| model | gold reward | EOS rate | mean length | held-out loss |", "|---|---|---|---|---|"]
@@ -82,13 +99,13 @@ def demo(output_dir: str = "runs/demo", task: str = "sentiment", seed: int = 0, 
     lines += ["", "held-out loss: token-mean NLL of the responses of the held-out SFT demonstrations", "",
               "## Samples (held-out prompts)", ""]
     lines += _samples_table(evals["pt"][1], evals["sft"][1])
-    rm_lines, report["rm"] = _rm_step(out, data, task, seed, quick)
+    rm_lines, report["rm"] = _rm_lines(result.summaries["rm"])
     lines += rm_lines
-    ppo_lines, report["ppo"] = _ppo_step(out, data, task, seed, quick)
+    ppo_lines, report["ppo"] = _ppo_lines(out, result.summaries["ppo"])
     lines += ppo_lines
-    dpo_lines, report["dpo"] = _dpo_step(out, data, task, seed, quick)
+    dpo_lines, report["dpo"] = _dpo_lines(result.summaries["dpo"])
     lines += dpo_lines
-    summary_lines, report["comparison"] = _comparison(out, t, seed)
+    summary_lines, report["comparison"] = _comparison(result.evals)
     lines[2:2] = summary_lines
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
@@ -96,23 +113,14 @@ def demo(output_dir: str = "runs/demo", task: str = "sentiment", seed: int = 0, 
     print()
     print(text)
     print(f"== done: report in {out / 'report.md'}; models under {out} (pt, sft, rm, ppo, dpo)")
+    print(f"== HTML report (loss curves, reward/KL, RM calibration, samples side by side): {result.report}")
     return report
 
 
-# ---- reward-model step (issue #3) --------------------------------------------------------------
+# ---- the markdown report's sections, from the stages' outputs ----------------------------------------
 
-def _rm_step(out: Path, data: Path, task: str, seed: int, quick: bool) -> tuple[list[str], dict]:
-    """A reward model from the SFT model on the task's preference pairs (out/rm); returns report
-    lines: held-out accuracy next to the Bayes ceiling of the simulated labels."""
-    from rlhfkit.train.rm import train_rm
-
-    print("== reward model: the SFT backbone + a scalar head on preference pairs (Bradley-Terry)")
-    config = dict(model_name_or_path=str(out / "sft"), dataset=str(data / "preference_train.jsonl"),
-                  eval_dataset=str(data / "preference_eval.jsonl"), output_dir=str(out / "rm"),
-                  overwrite_output_dir=True, seed=seed, task=task, max_length=64, per_device_train_batch_size=32,
-                  num_train_epochs=1, max_steps=10 if quick else -1, learning_rate=3e-4,
-                  lr_scheduler_type="cosine", warmup_ratio=0.05, logging_steps=10, normalization_samples=512)
-    s = train_rm(build_config("rm", config, source="demo")).summary
+def _rm_lines(s: dict) -> tuple[list[str], dict]:
+    """The reward model's held-out accuracy next to the Bayes ceiling of the simulated labels."""
     acc, ceiling = s["eval/accuracy"], s.get("eval/bayes_accuracy")
     share = f"{acc / ceiling:.0%}" if ceiling else "-"
     lines = ["", f"## Reward model ({s['eval_rows']} held-out preference pairs)", "",
@@ -128,27 +136,9 @@ def _rm_step(out: Path, data: Path, task: str, seed: int, quick: bool) -> tuple[
     return lines, entry
 
 
-# ---- PPO step (issue #4) -------------------------------------------------------------------------
-
-def _ppo_step(out: Path, data: Path, task: str, seed: int, quick: bool) -> tuple[list[str], dict | None]:
-    """PPO from the SFT model against the demo's reward model (out/rm, written by the RM step);
-    returns report lines: gold reward and KL to the SFT model before (step 0 = SFT) and after
-    PPO on the same held-out prompts, and samples side by side."""
-    from rlhfkit.train.ppo import train_ppo
-
-    rm = out / "rm"
-    if not (rm / "summary.json").exists():
-        print("== PPO skipped: no reward model at", rm)
-        return [], None
-    print("== PPO: the SFT policy against the reward model, KL-penalised to the SFT model")
-    config = dict(model_name_or_path=str(out / "sft"), reward_model=str(rm), dataset=str(data / "prompt_train.jsonl"),
-                  output_dir=str(out / "ppo"), overwrite_output_dir=True, seed=seed, task=task,
-                  rollout_batch_size=64, per_device_train_batch_size=16, num_mini_batches=2, num_ppo_epochs=2,
-                  max_steps=4 if quick else 30, learning_rate=2e-4, kl_coef=0.05, temperature=0.7,
-                  max_new_tokens=24, eval_num_prompts=128, eval_steps=10, logging_steps=5,
-                  missing_eos_score=-1.0)
-    result = train_ppo(build_config("ppo", config, source="demo"))
-    s = result.summary
+def _ppo_lines(out: Path, s: dict) -> tuple[list[str], dict]:
+    """Gold reward and KL to the SFT model before (step 0 = SFT) and after PPO on the same held-out
+    prompts, and samples side by side (from the ppo stage's summary.json and samples.jsonl)."""
     samples = [json.loads(line) for line in (out / "ppo" / "samples.jsonl").read_text().splitlines()]
     evals = [r for r in samples if r["split"] == "eval"]
     before = [r for r in evals if r["step"] == 0]
@@ -167,44 +157,25 @@ def _ppo_step(out: Path, data: Path, task: str, seed: int, quick: bool) -> tuple
     return lines, entry
 
 
-# ---- DPO step (issue #5) -------------------------------------------------------------------------
-
-def _dpo_step(out: Path, data: Path, task: str, seed: int, quick: bool) -> tuple[list[str], dict]:
-    """DPO from the SFT model on the task's preference pairs (out/dpo), no reward model; returns
-    report lines: held-out implicit-reward accuracy. Its gold reward and KL to the SFT model are
-    in the summary table (`_comparison`), sampled like SFT and PPO."""
-    from rlhfkit.train.dpo import train_dpo
-
-    print("== DPO: the SFT policy directly on preference pairs (sigmoid loss + NLL on chosen, RPO)")
-    config = dict(model_name_or_path=str(out / "sft"), dataset=str(data / "preference_train.jsonl"),
-                  eval_dataset=str(data / "preference_eval.jsonl"), output_dir=str(out / "dpo"),
-                  overwrite_output_dir=True, seed=seed, task=task, max_length=64, per_device_train_batch_size=32,
-                  max_steps=5 if quick else 40, learning_rate=1e-3, lr_scheduler_type="constant", beta=0.1,
-                  sft_weight=1.0, logging_steps=10, eval_num_prompts=64, max_new_tokens=24)
-    s = train_dpo(build_config("dpo", config, source="demo")).summary
+def _dpo_lines(s: dict) -> tuple[list[str], dict]:
+    """DPO's held-out implicit-reward accuracy; its gold reward and KL to the SFT model are in the
+    summary table (`_comparison`), sampled like SFT and PPO."""
     lines = ["", f"## DPO ({s['steps']} steps; gold reward and KL in the summary table)", "",
              f"DPO implicit-reward accuracy on {s['eval_examples']} held-out pairs: "
              f"{s['eval/rewards/accuracies']:.3f} (train batches: {s['rewards/accuracies']:.3f})."]
     return lines, {"eval/rewards/accuracies": s["eval/rewards/accuracies"]}
 
 
-# ---- one table for every policy ----------------------------------------------------------------
-
-def _comparison(out: Path, task, seed: int) -> tuple[list[str], dict]:
-    """SFT, PPO and DPO sampled the same way (128 held-out prompts, temperature 0.7, same seed),
-    scored by the gold reward, with the KL to the SFT model summed over response tokens."""
-    from rlhfkit.eval.generation import sample_and_score
-    from rlhfkit.models.load import load_causal_lm, load_tokenizer
-
-    tokenizer = load_tokenizer(str(out / "sft"))
-    sft = load_causal_lm(str(out / "sft"), tokenizer).eval()
+def _comparison(evals: dict) -> tuple[list[str], dict]:
+    """SFT, PPO and DPO sampled the same way (the pipeline report's evaluation: 128 held-out prompts,
+    temperature 0.7, same seed), scored by the gold reward, with the KL to the SFT model summed over
+    response tokens."""
     rows = {}
     for name in ("sft", "ppo", "dpo"):
-        if name != "sft" and not (out / name / "summary.json").exists():
-            continue
-        model = sft if name == "sft" else load_causal_lm(str(out / name), tokenizer).eval()
-        rows[name], _ = sample_and_score(model, tokenizer, task, n_prompts=128, max_new_tokens=24, seed=seed,
-                                         temperature=0.7, reference=sft)
+        m = evals["models"].get(name, {}).get("metrics")
+        if m:
+            rows[name] = {"gold_reward": m["gold_reward"], "eos_rate": m["eos_rate"], "length": m["length"],
+                          "kl": m["kl_to_reference"]}
     lines = ["## Summary: SFT vs PPO vs DPO (same 128 held-out prompts, temperature 0.7)", "",
              "| policy | gold reward | KL to SFT (sum over tokens) | EOS rate | mean length |", "|---|---|---|---|---|"]
     for name, m in rows.items():
@@ -230,43 +201,47 @@ ARITHMETIC_GRPO = dict(reward_funcs=["gold"], rollout_batch_size=64, num_generat
 evaluation samples each of the 106 held-out prompts 5 times."""
 
 
+def _arithmetic_pipeline(output_dir: str | Path, seed: int, quick: bool) -> dict:
+    common = dict(logging_steps=50, lr_scheduler_type="cosine", warmup_ratio=0.05, eval_dataset=None, task=None)
+    grpo = dict(ARITHMETIC_GRPO)
+    if quick:
+        grpo.update(max_steps=4, eval_steps=2, eval_num_prompts=106, rollout_batch_size=16,
+                    per_device_train_batch_size=64)
+    return {
+        "output_dir": str(output_dir),
+        "data": {"task": "arithmetic", "seed": seed, "sizes": ARITHMETIC_SIZES},
+        "defaults": {"seed": seed},
+        "stages": {
+            "pt": {"description": "pretraining a tiny Llama-style model from scratch on the task's corpus",
+                   **common, **ARITHMETIC_PT, "model_name_or_path": "preset:tiny", **({"max_steps": 200} if quick else {})},
+            "sft": {"description": "supervised fine-tuning on demonstrations (70% of them correct; pretraining knew "
+                                   "better)", **common, **ARITHMETIC_SFT, **({"max_steps": 20} if quick else {})},
+            "grpo": {"description": "GRPO from the SFT model with the gold reward (no critic, no reward model)", **grpo},
+        },
+        "report": {"num_prompts": 106, "num_samples": 8, "max_new_tokens": 3, "temperature": 1.0, "seed": seed},
+    }
+
+
 def arithmetic_demo(output_dir: str = "runs/demo_arithmetic", seed: int = 0, quick: bool = False) -> dict:
     """data -> pt (the tiny preset, tokenizer trained on the corpus) -> sft -> grpo with the gold
-    reward; writes report.md / report.json with held-out accuracy and gold reward before and after."""
-    from rlhfkit.train.grpo import train_grpo
-    from rlhfkit.train.pt import train_pt
-    from rlhfkit.train.sft import train_sft
+    reward, as a pipeline; writes report.md / report.json with held-out accuracy and gold reward before
+    and after, and report.html."""
+    from rlhfkit.pipeline import resolve_pipeline, run_pipeline
 
     out = Path(output_dir)
-    data = out / "data"
-    print(f"== rlhfkit demo: task 'arithmetic' -> {out}")
-    print(f"== 1. data: writing the task's files to {data}")
-    get_task("arithmetic").write(data, seed=seed, sizes=ARITHMETIC_SIZES)
-    common = dict(seed=seed, logging_steps=50, overwrite_output_dir=True, lr_scheduler_type="cosine",
-                  warmup_ratio=0.05)
-    print("== 2. pretraining a tiny Llama-style model from scratch on the task's corpus")
-    pt = dict(common, **ARITHMETIC_PT, model_name_or_path="preset:tiny", dataset=str(data / "pt_train.jsonl"),
-              output_dir=str(out / "pt"))
-    train_pt(build_config("pt", {**pt, "max_steps": 200} if quick else pt, source="demo"))
-    print("== 3. supervised fine-tuning on demonstrations (70% of them correct; pretraining knew better)")
-    sft = dict(common, **ARITHMETIC_SFT, model_name_or_path=str(out / "pt"), dataset=str(data / "sft_train.jsonl"),
-               output_dir=str(out / "sft"))
-    train_sft(build_config("sft", {**sft, "max_steps": 20} if quick else sft, source="demo"))
-    print("== 4. GRPO from the SFT model with the gold reward (no critic, no reward model)")
-    config = dict(ARITHMETIC_GRPO, model_name_or_path=str(out / "sft"), dataset=str(data / "prompt_train.jsonl"),
-                  output_dir=str(out / "grpo"), overwrite_output_dir=True, seed=seed, task="arithmetic")
-    if quick:
-        config.update(max_steps=4, eval_steps=2, eval_num_prompts=106, rollout_batch_size=16,
-                      per_device_train_batch_size=64)
-    s = train_grpo(build_config("grpo", config, source="demo")).summary
+    print(f"== rlhfkit demo: task 'arithmetic' -> {out} (a pipeline: pt -> sft -> grpo)")
+    pipeline = resolve_pipeline(demo_pipeline(out, "arithmetic", seed, quick), source="rlhfkit demo --task arithmetic")
+    result = run_pipeline(pipeline)
+    s = result.summaries["grpo"]
+    config = pipeline.stage("grpo").config
     samples = [json.loads(line) for line in (out / "grpo" / "samples.jsonl").read_text().splitlines()]
     evals = [r for r in samples if r["split"] == "eval"]
     before = [r for r in evals if r["step"] == 0]
     after = [r for r in evals if r["step"] == s["steps"]]
     lines = ["# rlhfkit demo report (task: arithmetic)", "",
-             f"## GRPO ({s['steps']} steps x {config['rollout_batch_size']} prompts x {config['num_generations']} "
-             f"responses); held-out prompts ({config['eval_num_prompts']} samples: each of the task's "
-             f"held-out prompts several times), sampled at temperature {config['temperature']}", "",
+             f"## GRPO ({s['steps']} steps x {config.rollout_batch_size} prompts x {config.num_generations} "
+             f"responses); held-out prompts ({config.eval_num_prompts} samples: each of the task's "
+             f"held-out prompts several times), sampled at temperature {config.temperature}", "",
              "| model | accuracy (exact answer) | gold reward | EOS rate | mean length |", "|---|---|---|---|---|"]
     for name, prefix in (("SFT (GRPO step 0)", "initial_eval/"), (f"GRPO ({s['steps']} steps)", "eval/")):
         lines.append(f"| {name} | {s[prefix + 'accuracy']:.3f} | {s[prefix + 'gold_reward']:+.3f} | "
@@ -283,4 +258,5 @@ def arithmetic_demo(output_dir: str = "runs/demo_arithmetic", seed: int = 0, qui
     print()
     print(text)
     print(f"== done: report in {out / 'report.md'}; models under {out} (pt, sft, grpo)")
+    print(f"== HTML report (loss curves, reward/KL, samples side by side): {result.report}")
     return report

@@ -29,8 +29,10 @@ from rlhfkit.config import (
 from rlhfkit.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
-# configs/accelerate/ holds accelerate launch configs, not rlhfkit stage configs (tests/test_engine.py)
-CONFIGS = sorted(p for p in (REPO / "configs").glob("**/*.yaml") if "accelerate" not in p.relative_to(REPO).parts)
+# configs/accelerate/ holds accelerate launch configs (tests/test_engine.py) and pipeline_*.yaml are
+# `rlhfkit pipeline` configs (several stages, tests/test_pipeline.py): not single-stage configs
+CONFIGS = sorted(p for p in (REPO / "configs").glob("**/*.yaml")
+                 if "accelerate" not in p.relative_to(REPO).parts and not p.name.startswith("pipeline_"))
 BASE = {"model_name_or_path": "preset:tiny", "dataset": "data/sentiment/sft_train.jsonl", "output_dir": "runs/x"}
 _STAGE_LINE = re.compile(r"^#\s*stage:\s*([A-Za-z0-9_-]+)\s*$")
 
