@@ -38,14 +38,15 @@ rlhfkit chat MODEL [--compare MODEL2]       chat in the terminal (streaming)
 rlhfkit webchat MODEL [--compare MODEL2]    chat in a local web page (needs rlhfkit[web])
 rlhfkit estimate-memory MODEL --stage S --engine E [--num-processes N]   memory per process and role"""
 
-# reward-model commands and `pipeline`: name -> "module:function" taking argv (imported lazily)
+# evaluation commands: name -> "module:function" taking argv (imported lazily)
 RM_COMMANDS = {"eval-rm": "rlhfkit.eval.reward_cli:run_eval_rm", "score": "rlhfkit.eval.reward_cli:run_score",
-               "eval": "rlhfkit.eval.compare:run_eval_cli", "pipeline": "rlhfkit.pipeline:run_pipeline_cli"}
+               "eval": "rlhfkit.eval.compare:run_eval_cli"}
 # using a trained model: name -> "module:function" taking argv (imported lazily)
 USE_COMMANDS = {"generate": "rlhfkit.use.generate:run_generate", "chat": "rlhfkit.use.chat:run_chat",
                 "webchat": "rlhfkit.use.webchat:run_webchat"}
 # other tools taking argv: name -> "module:function" (imported lazily)
-TOOL_COMMANDS = {"estimate-memory": "rlhfkit.train.memory:run_estimate_memory"}
+TOOL_COMMANDS = {"estimate-memory": "rlhfkit.train.memory:run_estimate_memory",
+                 "pipeline": "rlhfkit.pipeline:run_pipeline_cli"}
 
 
 def stage_function(stage: str):

@@ -21,9 +21,7 @@ import io
 import json
 from pathlib import Path
 
-import torch
 
-from rlhfkit.eval.compare import distinct_n  # word n-grams, as `rlhfkit eval` counts them
 
 SECTIONS = {
     "overview": "Pipeline",
@@ -126,23 +124,6 @@ def _model_path(stage_dir: Path) -> Path:
     return stage_dir / "merged" if (stage_dir / "merged").is_dir() else stage_dir
 
 
-def _prompts(pipeline, n: int, seed: int) -> tuple[list, object | None]:
-    spec = pipeline.config
-    task = None
-    if spec.data is not None:
-        from rlhfkit.tasks import get_task
-
-        task = get_task(spec.data.task)
-        return [r["prompt"] for r in task.make("prompt", n, seed=seed, split="eval")], task
-    if spec.report.prompts:
-        from rlhfkit.data.formats import to_canonical
-        from rlhfkit.data.sources import load_rows
-
-        rows = to_canonical(load_rows(spec.report.prompts))
-        return [r["prompt"] for r in rows if "prompt" in r][:n], None
-    return [], None
-
-
 def reference_stage(pipeline) -> str | None:
     """The KL reference and table baseline: `report.reference`, else the last sft stage, else the first
     policy stage."""
@@ -170,10 +151,12 @@ def _cache_key(pipeline, names: list[str], rm: str | None, ref: str | None) -> s
 
 
 def evaluate_models(pipeline) -> dict:
-    """Every policy stage's model on the same held-out prompts (one sample each, `report` settings):
-    gold reward (with a built-in task), RM score (with an rm stage: the last one), KL to the reference
-    model, length, EOS rate, distinct-1/2; in eval.json's shape, plus `stats` per model for the plots.
-    Cached in output_dir/report/models.json while no stage's output changes."""
+    """`rlhfkit eval` (`run_eval`, the one model comparison) over every finished policy stage on the same
+    held-out prompts (`report` settings): gold reward (with a built-in task), RM score (the last rm
+    stage), KL to the reference stage, length, EOS rate, distinct-1/2, win rates against the reference
+    stage, per-response stats for the plots. Cached in output_dir/report/models.json while no stage's
+    output changes. A failure is printed and gives an empty table (the report is still written)."""
+    from rlhfkit.eval.compare import build_eval_config, run_eval
     from rlhfkit.pipeline import POLICY_KINDS
 
     spec = pipeline.config.report
@@ -188,83 +171,27 @@ def evaluate_models(pipeline) -> dict:
     cached = _read_json(cache)
     if cached is not None and cached.get("cache_key") == key:
         return cached
-    prompts, task = _prompts(pipeline, spec.num_prompts, spec.seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    result = {"baseline": ref, "judges": [], "models": {}, "samples": [], "source": "pipeline",
-              "reward_model": rm, "cache_key": key}
-    if not prompts or not names:
-        return result
-    scorer = None
-    if rm is not None:
-        from rlhfkit.models.reward import load_reward_model
-
-        scorer = load_reward_model(pipeline.stage(rm).output_dir, device)
-    reference = None
-    responses: dict[str, list[str]] = {}
-    for name in ([ref] if ref else []) + [n for n in names if n != ref]:
-        path = _model_path(pipeline.stage(name).output_dir)
-        print(f"== report: sampling {len(prompts)} held-out prompts from {name} ({path})")
-        try:
-            entry, texts, model = _evaluate_model(path, prompts, spec, task, scorer, reference, device)
-        except Exception as e:  # noqa: BLE001 - one model that cannot load must not lose the report
-            print(f"== report: could not evaluate {name}: {type(e).__name__}: {e}")
-            result["models"][name] = {"path": str(path), "metrics": {}, "stats": {}, "error": str(e)}
-            continue
-        if name == ref:
-            reference = model
-            entry["metrics"]["kl_to_reference"] = 0.0
-        result["models"][name] = entry
-        responses[name] = texts
-    # shown in the pipeline's order (the reference was sampled first, to serve the KL of the others)
-    result["models"] = {n: result["models"][n] for n in names if n in result["models"]}
-    responses = {n: responses[n] for n in names if n in responses}
-    for i, p in enumerate(prompts[:spec.num_samples]):
-        result["samples"].append({"prompt": p if isinstance(p, str) else json.dumps(p),
-                                  "responses": {n: responses[n][i] for n in responses}})
+    empty = {"baseline": ref, "judges": [], "models": {}, "samples": [], "source": "pipeline", "reward_model": rm,
+             "cache_key": key}
+    data = pipeline.config.data
+    if not names or (data is None and not spec.prompts):
+        return empty
+    values = {"models": {n: str(_model_path(pipeline.stage(n).output_dir)) for n in names},
+              "baseline": ref or names[0], "reference": ref, "reward_model": str(pipeline.stage(rm).output_dir) if rm else None,
+              "num_prompts": spec.num_prompts, "num_samples": spec.num_samples, "max_new_tokens": spec.max_new_tokens,
+              "temperature": spec.temperature, "seed": spec.seed, "disable_tqdm": True,
+              "output": str(pipeline.output_dir / "report" / "eval.json"),
+              **({"task": data.task} if data is not None else {"prompts": spec.prompts})}
+    print(f"== report: rlhfkit eval of {', '.join(names)} on {spec.num_prompts} held-out prompts")
+    try:
+        result = run_eval(build_eval_config(values, source="pipeline report"))
+    except Exception as e:  # noqa: BLE001 - an evaluation that fails must not lose the report
+        print(f"== report: could not evaluate the models: {type(e).__name__}: {e}")
+        return {**empty, "error": str(e)}
+    result = {**result, "source": "pipeline", "reward_model": rm, "cache_key": key}
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(result, indent=1) + "\n")
     return result
-
-
-@torch.no_grad()
-def _evaluate_model(path: Path, prompts: list, spec, task, scorer, reference, device: str):
-    """One model's metrics (and per-sample stats) on `prompts`; returns (entry, response texts, model).
-    Sampling and KL as every held-out evaluation does them (`generate_rollout`, `rollout_kl`)."""
-    from rlhfkit.data.collate import pad_batch
-    from rlhfkit.data.encode import encode_prompt
-    from rlhfkit.eval.generation import rollout_kl
-    from rlhfkit.models.load import load_causal_lm, load_tokenizer
-    from rlhfkit.rollout.generate import HFGenerator, SamplingParams
-    from rlhfkit.rollout.rollout import generate_rollout
-
-    tokenizer = load_tokenizer(str(path))
-    model = load_causal_lm(str(path), tokenizer).to(device).eval()
-    prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
-    ro = generate_rollout(model, tokenizer, HFGenerator(tokenizer, batch_size=64), prompt_ids,
-                          [{"prompt": p} for p in prompts],
-                          SamplingParams(max_new_tokens=spec.max_new_tokens, temperature=spec.temperature),
-                          spec.seed, device)
-    ended = ro.ended.tolist()
-    tokens = [ro.responses[i][ro.response_mask[i]].tolist() for i in range(len(prompts))]
-    lengths = [len(t) for t in tokens]
-    metrics = {"length": sum(lengths) / len(lengths), "eos_rate": sum(ended) / len(ended),
-               "distinct_1": distinct_n(ro.texts, 1), "distinct_2": distinct_n(ro.texts, 2)}
-    stats = {"length": lengths}
-    if task is not None:
-        gold = task.gold_reward(prompts, ro.texts, ended)
-        metrics["gold_reward"] = sum(gold) / len(gold)
-        stats["gold"] = gold
-    if scorer is not None and len(scorer.tokenizer) == len(tokenizer):  # same vocabulary: score the ids
-        scores = []
-        for start in range(0, len(prompts), 64):
-            seqs = [prompt_ids[i] + tokens[i] for i in range(start, min(start + 64, len(prompts)))]
-            batch = pad_batch(seqs, tokenizer.pad_token_id, "right")
-            scores += scorer.score(batch["input_ids"], batch["attention_mask"]).tolist()
-        metrics["rm_score"] = sum(scores) / len(scores)
-        stats["rm_score"] = scores
-    if reference is not None and len(tokenizer) == reference.get_input_embeddings().num_embeddings:
-        metrics["kl_to_reference"] = rollout_kl(model, reference, ro, spec.temperature).mean().item()
-    return {"path": str(path), "metrics": metrics, "stats": stats}, ro.texts, model
 
 
 # ---- sections -------------------------------------------------------------------------------------

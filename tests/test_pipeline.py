@@ -267,6 +267,11 @@ def test_report_has_every_section_inline_and_no_network(finished):
         assert set(m["metrics"]) == {"gold_reward", "rm_score", "kl_to_reference", "length", "eos_rate",
                                      "distinct_1", "distinct_2"}, name
     assert models["sft"]["metrics"]["kl_to_reference"] == 0.0
+    # the table is `rlhfkit eval`'s: win rates against the reference stage by every judge
+    assert result.evals["judges"] == ["gold", "reward_model"] and models["sft"]["win_rate"] == {}
+    assert all(0 <= models["ppo"]["win_rate"][j]["low"] <= models["ppo"]["win_rate"][j]["high"] <= 1
+               for j in ("gold", "reward_model"))
+    assert "win rate vs sft (gold)" in text and len(models["ppo"]["stats"]["rm_score"]) == 8
     assert len(result.evals["samples"]) == 3 and set(result.evals["samples"][0]["responses"]) == set(models)
     for section in ("No online RL stage", "No reward-model stage", "No model to evaluate"):
         assert section not in text

@@ -421,7 +421,8 @@ def run_eval(c: EvalConfig, printer=print) -> dict:
          "models": {NAME: {"path": REF,
                            "metrics": {"gold_reward", "rm_score", "reward/<fn>", "kl_to_reference", "length",
                                        "eos_rate", "distinct_1", "distinct_2", "rouge1", "rouge2", "rougeL"},
-                           "win_rate": {JUDGE: {"rate", "low", "high", "n"}}}},   # {} for the baseline
+                           "win_rate": {JUDGE: {"rate", "low", "high", "n"}},     # {} for the baseline
+                           "stats": {"length": [...], METRIC: [...]}}},   # per response, for plots
          "samples": [{"prompt": str, "reference"?: str, "responses": {NAME: str}, "ended": {NAME: bool},
                       "scores": {NAME: {source: x}}}],                             # the first num_samples
          "config": {...}}
@@ -504,7 +505,9 @@ def run_eval(c: EvalConfig, printer=print) -> dict:
                         "distinct_1": distinct_n(ro.texts, 1), "distinct_2": distinct_n(ro.texts, 2)})
         if references is not None:
             metrics.update(rouge_scores(ro.texts, references))
-        results[name] = {"path": c.models[name], "metrics": {k: v for k, v in metrics.items() if v is not None}}
+        results[name] = {"path": c.models[name], "metrics": {k: v for k, v in metrics.items() if v is not None},
+                         "stats": {"length": ro.lengths.tolist(),
+                                   **{metric_key(k): [_clean(x) for x in v] for k, v in scores[name].items()}}}
         if model is not reference:
             del model
     bar.close()
