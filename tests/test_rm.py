@@ -31,7 +31,7 @@ from rlhfkit.models.reward import (
     token_rewards,
 )
 from rlhfkit.tasks import get_task
-from rlhfkit.train.rm import pairwise_stats, train_rm
+from rlhfkit.train.rm import pairwise_stats, rm_loss, train_rm
 
 LOG2 = math.log(2.0)
 
@@ -233,6 +233,51 @@ def test_concatenated_forward_equals_separate_forwards(rm, tiny_tokenizer, rows)
                                    atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("finetuning", ["full", "lora"])
+def test_packed_pass_equals_padded_values_and_gradients(tiny_model_dir, tiny_tokenizer, rows, finetuning):
+    """`padding_free` rm_loss: the rewards, the loss and every gradient equal the padded pass's, and
+    each pair's prompt is computed once (packed slots = prompt once + both replies)."""
+    from rlhfkit.models.logprobs import pack_plan
+
+    tok = tiny_tokenizer
+    torch.manual_seed(0)
+    model = build_reward_model(str(tiny_model_dir), tok)
+    if finetuning == "lora":
+        model = apply_reward_lora(model, base_model_name_or_path=str(tiny_model_dir), rank=4, alpha=8, dropout=0.0,
+                                  target="all-linear")
+        with torch.no_grad():  # B = 0 at init would leave every A without gradient
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0.0, 0.05)
+    groups = [encode_group(tok, row, 64) for row in rows["train"][:6]]
+    batch = collate_groups(groups, tok.pad_token_id)
+    assert batch["prefix_groups"] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    out = {}
+    for packed in (False, True):
+        model.zero_grad(set_to_none=True)
+        loss, metrics = rm_loss(model, batch, dataset_format="preference", center_coef=0.01, padding_free=packed)
+        loss.backward()
+        flat = sequence_rewards(model, batch["input_ids"], batch["attention_mask"], padding_free=packed,
+                                groups=batch["prefix_groups"]).detach()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        out[packed] = (loss.detach(), flat, grads)
+    torch.testing.assert_close(out[True][0], out[False][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[True][1], out[False][1], atol=1e-5, rtol=1e-5)
+    assert out[True][2].keys() == out[False][2].keys() and len(out[True][2]) > 2
+    for name, g in out[False][2].items():
+        assert g.abs().sum() > 0, name
+        torch.testing.assert_close(out[True][2][name], g, atol=1e-5, rtol=1e-4, msg=name)
+    # the prompt once: slots = sum over pairs of (chosen + rejected - their common prefix)
+    plan = pack_plan(batch["attention_mask"], "auto", input_ids=batch["input_ids"], groups=batch["prefix_groups"])
+    slots = len(set(zip(plan.dst_row.tolist(), plan.dst_col.tolist())))
+    expected = 0
+    for g in groups:
+        c, r = g.responses[0].input_ids, g.responses[1].input_ids
+        common = next(i for i in range(min(len(c), len(r)) + 1) if i == min(len(c), len(r)) or c[i] != r[i])
+        expected += len(c) + len(r) - common
+    assert slots == expected < int(batch["attention_mask"].sum())
+
+
 def test_ragged_rankings_ungroup_in_order():
     mask = torch.tensor([[True, True, True], [True, True, False]])
     out = ungroup(torch.arange(5.0), mask)
@@ -391,7 +436,8 @@ def test_eval_rm_and_score_commands(trained_full, data, tmp_path, capsys, rows):
     groups = [encode_group(scorer.tokenizer, r, 64) for r in rows["eval"][:5]]
     b = pad_batch([g.responses[0].input_ids for g in groups], scorer.tokenizer.pad_token_id)
     expected = scorer.score(b["input_ids"], b["attention_mask"]).tolist()
-    assert [s["reward"] for s in scored] == pytest.approx(expected, abs=1e-5)
+    # score packs its batches (float rounding of a packed pass vs the padded one)
+    assert [s["reward"] for s in scored] == pytest.approx(expected, abs=1e-4)
     assert main(["score", str(result.output_dir), data["eval"]]) == 2  # preference rows have no response
 
 
