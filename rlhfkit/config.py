@@ -368,6 +368,10 @@ class RMConfig(BaseConfig):
     pair's chosen and rejected keep the same end of the conversation and short replies leave it
     more room. None: the prompt is cut to `max_prompt_length` first and each response keeps
     what is left (the dpo/kto rule). Cut pairs are counted in summary.json, never dropped."""
+    lora_layers: int | None = None
+    """With LoRA: adapt only the last N transformer layers (None: all). Backward then stops at the
+    lowest adapted layer, so a step costs about (2 + 2 N / layers) / 4 of an all-layer step's FLOPs
+    (a forward is 2 FLOPs per weight and token, LoRA's backward ~2 through the adapted part)."""
     padding_free: bool = True
     """Forward passes on packed sequences, as dpo's `padding_free`: no compute on pads, and the
     responses of a row (chosen and rejected, or a ranking) share one pass over their common prompt,
@@ -388,6 +392,8 @@ class RMConfig(BaseConfig):
             problems.append(f"normalization_samples must be >= 1 (or null), got {self.normalization_samples}")
         if self.calibration_bins < 1:
             problems.append(f"calibration_bins must be >= 1, got {self.calibration_bins}")
+        if self.lora_layers is not None and (self.lora_layers < 1 or self.finetuning_type != "lora"):
+            problems.append(f"lora_layers={self.lora_layers} needs finetuning_type: lora and a value >= 1")
         if self.max_response_length is not None and not 1 <= self.max_response_length < self.max_length:
             problems.append(f"max_response_length must be in [1, max_length={self.max_length}), "
                             f"got {self.max_response_length}: it must leave room for the prompt")

@@ -12,7 +12,7 @@ import torch
 
 from rlhfkit.config import build_config
 from rlhfkit.data.collate import pad_batch
-from rlhfkit.data.groups import collate_groups, encode_group, ungroup
+from rlhfkit.data.groups import collate_groups, encode_group, truncation_counts, ungroup
 from rlhfkit.errors import ConfigError
 from rlhfkit.eval.reward import expected_calibration_error
 from rlhfkit.losses.preference import bradley_terry, centering_penalty, plackett_luce
@@ -278,6 +278,25 @@ def test_packed_pass_equals_padded_values_and_gradients(tiny_model_dir, tiny_tok
     assert slots == expected < int(batch["attention_mask"].sum())
 
 
+def test_lora_on_the_last_layers_only(tiny_model_dir, tiny_tokenizer, rows):
+    """`lora_layers` N: adapters on the last N layers only, and nothing below them needs a gradient
+    (backward stops at the lowest adapted layer); a bad N is a clear error."""
+    torch.manual_seed(0)
+    model = build_reward_model(str(tiny_model_dir), tiny_tokenizer)
+    n = model.config.num_hidden_layers
+    model = apply_reward_lora(model, base_model_name_or_path=str(tiny_model_dir), rank=4, alpha=8, dropout=0.0,
+                              target="all-linear", last_layers=1)
+    adapted = {int(name.split(".layers.")[1].split(".")[0]) for name, _ in model.named_parameters() if "lora_" in name}
+    assert adapted == {n - 1}
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert all("lora_" in name or "score" in name for name in trainable)
+    with pytest.raises(ConfigError, match="lora_layers"):
+        apply_reward_lora(build_reward_model(str(tiny_model_dir), tiny_tokenizer), base_model_name_or_path="x",
+                          rank=4, alpha=8, dropout=0.0, target="all-linear", last_layers=n + 1)
+    with pytest.raises(ConfigError, match="lora_layers"):
+        build_config("rm", {"dataset": "d.jsonl", "output_dir": "o", "model_name_or_path": "m", "lora_layers": 2})
+
+
 def test_ragged_rankings_ungroup_in_order():
     mask = torch.tensor([[True, True, True], [True, True, False]])
     out = ungroup(torch.arange(5.0), mask)
@@ -328,6 +347,11 @@ def test_train_full_logs_and_summarises(trained_full, rows):
         assert key in result.summary and math.isfinite(result.summary[key]), key
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval/bayes_accuracy"] == pytest.approx(get_task("sentiment").bayes_accuracy(rows["eval"]))
+    assert summary["padding_free"] is True and 0 < summary["eval/accuracy_stderr"] < 0.1
+    # truncation is counted, never silent: the counts are those of encoding the rows directly
+    tok = result.tokenizer
+    groups = [encode_group(tok, row, 64) for row in rows["train"]]
+    assert summary["truncation"]["train"] == truncation_counts([g for g in groups if g], sum(g is None for g in groups))
     assert (out / "plots" / "reliability.png").stat().st_size > 0
 
 
@@ -420,7 +444,7 @@ def test_eval_rm_and_score_commands(trained_full, data, tmp_path, capsys, rows):
     result, _ = trained_full
     assert main(["eval-rm", str(result.output_dir), data["eval"], "--output-dir", str(tmp_path / "ev")]) == 0
     printed = capsys.readouterr().out
-    assert "bayes_accuracy" in printed and "accuracy" in printed
+    assert "bayes_accuracy" in printed and "accuracy" in printed and "with the start of the prompt cut" in printed
     summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
     # same data, same model: the stage's final evaluation (accuracy does not depend on the shift)
     assert summary["eval/accuracy"] == pytest.approx(result.summary["eval/accuracy"])

@@ -299,8 +299,9 @@ class RewardScorer:
 # ---- LoRA --------------------------------------------------------------------------------------
 
 def apply_reward_lora(model, *, base_model_name_or_path: str, rank: int, alpha: float, dropout: float,
-                      target: str | list[str]):
-    """peft LoRA (task SEQ_CLS: the `score` head is a trainable module to save) on a reward model.
+                      target: str | list[str], last_layers: int | None = None):
+    """peft LoRA (task SEQ_CLS: the `score` head is a trainable module to save) on a reward model;
+    with `last_layers`, only on the last that many transformer layers (peft `layers_to_transform`).
 
     `base_model_name_or_path` is recorded in adapter_config.json and must load as the base again
     (an absolute directory or .gguf path; not a preset, which has no weights to reload)."""
@@ -309,8 +310,18 @@ def apply_reward_lora(model, *, base_model_name_or_path: str, rank: int, alpha: 
     if preset_name(base_model_name_or_path) is not None:
         raise ConfigError("a LoRA reward model needs a base that can be reloaded; save the preset "
                           "model first and pass its directory")
+    layers = None
+    if last_layers is not None:
+        n = model.config.num_hidden_layers
+        if not 1 <= last_layers <= n:
+            raise ConfigError(f"lora_layers={last_layers}: the model has {n} layers")
+        layers = list(range(n - last_layers, n))
+        if target == "all-linear":  # peft takes layers_to_transform with named modules only
+            target = sorted({name.rsplit(".", 1)[-1] for name, m in reward_backbone(model).named_modules()
+                             if isinstance(m, torch.nn.Linear)})
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target,
-                        bias="none", task_type=TaskType.SEQ_CLS, modules_to_save=["score"])
+                        bias="none", task_type=TaskType.SEQ_CLS, modules_to_save=["score"],
+                        layers_to_transform=layers)
     peft_model = get_peft_model(model, config)
     peft_model.peft_config["default"].base_model_name_or_path = base_model_name_or_path
     return peft_model

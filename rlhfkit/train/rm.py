@@ -112,7 +112,8 @@ def setup_reward_model(run: Run, texts):
         else:
             base_path = base_reference(c.model_name_or_path)  # what save_final records too
         model = apply_reward_lora(model, base_model_name_or_path=base_path, rank=c.lora_rank,
-                                  alpha=c.lora_alpha, dropout=c.lora_dropout, target=c.lora_target)
+                                  alpha=c.lora_alpha, dropout=c.lora_dropout, target=c.lora_target,
+                                  last_layers=c.lora_layers)
         disable_dropout(model)  # LoRA's own dropout modules: a reward must not vary between passes
     model.to(run.device)
     trainable, total = count_parameters(model)
