@@ -451,6 +451,22 @@ class RMConfig(BaseConfig):
     """Use at most this many reference responses (a seeded sample); None uses all."""
     calibration_bins: int = 10
     """Confidence bins of the expected calibration error and the reliability plot."""
+    max_response_length: int | None = None
+    """Keep at most this many tokens of each response (its START); the prompt then keeps its LAST
+    `max_length - longest kept response of the row` tokens (at most `max_prompt_length`), so a
+    pair's chosen and rejected keep the same end of the conversation and short replies leave it
+    more room. None: the prompt is cut to `max_prompt_length` first and each response keeps
+    what is left (the dpo/kto rule). Cut pairs are counted in summary.json, never dropped."""
+    lora_layers: int | None = None
+    """With LoRA: adapt only the last N transformer layers (None: all). Backward then stops at the
+    lowest adapted layer, so a step costs about (2 + 2 N / layers) / 4 of an all-layer step's FLOPs
+    (a forward is 2 FLOPs per weight and token, LoRA's backward ~2 through the adapted part)."""
+    padding_free: bool = True
+    """Forward passes on packed sequences, as dpo's `padding_free`: no compute on pads, and the
+    responses of a row (chosen and rejected, or a ranking) share one pass over their common prompt,
+    each reply a branch of it. Checked at start against the padded pass on a few training rows
+    (a model whose attention ignores packed position ids or 4D masks pads instead, with a
+    warning)."""
 
     @model_validator(mode="after")
     def _check_rm(self) -> "RMConfig":
@@ -465,6 +481,11 @@ class RMConfig(BaseConfig):
             problems.append(f"normalization_samples must be >= 1 (or null), got {self.normalization_samples}")
         if self.calibration_bins < 1:
             problems.append(f"calibration_bins must be >= 1, got {self.calibration_bins}")
+        if self.lora_layers is not None and (self.lora_layers < 1 or self.finetuning_type != "lora"):
+            problems.append(f"lora_layers={self.lora_layers} needs finetuning_type: lora and a value >= 1")
+        if self.max_response_length is not None and not 1 <= self.max_response_length < self.max_length:
+            problems.append(f"max_response_length must be in [1, max_length={self.max_length}), "
+                            f"got {self.max_response_length}: it must leave room for the prompt")
         if self.dataset_format is not None and self.dataset_format not in ("preference", "ranking"):
             problems.append(f"dataset_format '{self.dataset_format}': a reward model trains on "
                             "preference or ranking rows")

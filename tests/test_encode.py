@@ -14,6 +14,7 @@ import torch
 from rlhfkit.data.collate import collate_encoded, pad_batch
 from rlhfkit.data.encode import (
     encode_responses,
+    truncate_group,
     truncate_prompt_response,
     Encoded,
     encode_messages,
@@ -237,6 +238,41 @@ def test_truncate_prompt_response_keeps_prompt_end_and_response_start():
 def test_truncate_prompt_response_drops_template_tokens_after_the_reply():
     ex = Encoded([1, 2, 3, 4, 5], [False, False, True, True, False])  # 5 = "\n" after EOS
     assert truncate_prompt_response(ex, 10).input_ids == [1, 2, 3, 4]
+
+
+def _pair(prompt, *responses):
+    return [Encoded(prompt + r, [False] * len(prompt) + [True] * len(r)) for r in responses]
+
+
+def test_truncate_group_keeps_the_end_of_the_conversation_and_the_start_of_the_replies():
+    """Prompt 1..6 (6 tokens), replies A = 10 11 12 13 2 (5 tokens, EOS 2) and B = 20 21 2 (3).
+    max_length 8, max_response_length 4: A keeps 10 11 12 13, B whole; the longest kept reply (4)
+    leaves 8 - 4 = 4 prompt tokens, its last ones 3 4 5 6, the same for both."""
+    pair = _pair([1, 2, 3, 4, 5, 6], [10, 11, 12, 13, 2], [20, 21, 2])
+    fit = truncate_group(pair, 8, max_response_length=4)
+    assert [e.input_ids for e in fit.sequences] == [[3, 4, 5, 6, 10, 11, 12, 13], [3, 4, 5, 6, 20, 21, 2]]
+    assert [e.response_mask for e in fit.sequences] == [[False] * 4 + [True] * 4, [False] * 4 + [True] * 3]
+    assert fit.prompt_cut and fit.response_cut
+    # room for everything: 5 + 6 <= 12, nothing cut
+    fit = truncate_group(pair, 12, max_response_length=5)
+    assert [e.input_ids for e in fit.sequences] == [e.input_ids for e in pair]
+    assert not fit.prompt_cut and not fit.response_cut
+    # short replies leave the prompt more room: only B, 3 + 6 <= 9, nothing cut
+    fit = truncate_group(pair[1:], 9, max_response_length=4)
+    assert fit.sequences[0].input_ids == pair[1].input_ids and not fit.prompt_cut
+    # max_prompt_length still caps the prompt: its last 2 tokens
+    fit = truncate_group(pair, 20, max_prompt_length=2, max_response_length=8)
+    assert [e.input_ids for e in fit.sequences] == [[5, 6, 10, 11, 12, 13, 2], [5, 6, 20, 21, 2]]
+    assert fit.prompt_cut and not fit.response_cut
+    # without max_response_length: truncate_prompt_response on each (prompt whole, A loses 13 and 2)
+    fit = truncate_group(pair, 10)
+    assert [e.input_ids for e in fit.sequences] == [[1, 2, 3, 4, 5, 6, 10, 11, 12, 13], [1, 2, 3, 4, 5, 6, 20, 21, 2]]
+    assert fit.response_cut and not fit.prompt_cut
+    assert [truncate_prompt_response(e, 10) for e in pair] == fit.sequences
+    # no room for the prompt, no response token, or no prompt at all: skipped (None)
+    assert truncate_group(pair, 4, max_response_length=4).sequences is None
+    assert truncate_group(pair, 6, max_prompt_length=6).sequences is None
+    assert truncate_group(_pair([], [1, 2]), 10).sequences is None
 
 
 def test_encode_responses_share_the_prompt_and_end_with_eos(tiny_tokenizer):

@@ -12,7 +12,7 @@ import torch
 
 from rlhfkit.config import build_config
 from rlhfkit.data.collate import pad_batch
-from rlhfkit.data.groups import collate_groups, encode_group, ungroup
+from rlhfkit.data.groups import collate_groups, encode_group, truncation_counts, ungroup
 from rlhfkit.errors import ConfigError
 from rlhfkit.eval.reward import expected_calibration_error
 from rlhfkit.losses.preference import bradley_terry, centering_penalty, plackett_luce
@@ -31,7 +31,7 @@ from rlhfkit.models.reward import (
     token_rewards,
 )
 from rlhfkit.tasks import get_task
-from rlhfkit.train.rm import pairwise_stats, train_rm
+from rlhfkit.train.rm import pairwise_stats, rm_loss, train_rm
 
 LOG2 = math.log(2.0)
 
@@ -233,6 +233,70 @@ def test_concatenated_forward_equals_separate_forwards(rm, tiny_tokenizer, rows)
                                    atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("finetuning", ["full", "lora"])
+def test_packed_pass_equals_padded_values_and_gradients(tiny_model_dir, tiny_tokenizer, rows, finetuning):
+    """`padding_free` rm_loss: the rewards, the loss and every gradient equal the padded pass's, and
+    each pair's prompt is computed once (packed slots = prompt once + both replies)."""
+    from rlhfkit.models.logprobs import pack_plan
+
+    tok = tiny_tokenizer
+    torch.manual_seed(0)
+    model = build_reward_model(str(tiny_model_dir), tok)
+    if finetuning == "lora":
+        model = apply_reward_lora(model, base_model_name_or_path=str(tiny_model_dir), rank=4, alpha=8, dropout=0.0,
+                                  target="all-linear")
+        with torch.no_grad():  # B = 0 at init would leave every A without gradient
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0.0, 0.05)
+    groups = [encode_group(tok, row, 64) for row in rows["train"][:6]]
+    batch = collate_groups(groups, tok.pad_token_id)
+    assert batch["prefix_groups"] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    out = {}
+    for packed in (False, True):
+        model.zero_grad(set_to_none=True)
+        loss, metrics = rm_loss(model, batch, dataset_format="preference", center_coef=0.01, padding_free=packed)
+        loss.backward()
+        flat = sequence_rewards(model, batch["input_ids"], batch["attention_mask"], padding_free=packed,
+                                groups=batch["prefix_groups"]).detach()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        out[packed] = (loss.detach(), flat, grads)
+    torch.testing.assert_close(out[True][0], out[False][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[True][1], out[False][1], atol=1e-5, rtol=1e-5)
+    assert out[True][2].keys() == out[False][2].keys() and len(out[True][2]) > 2
+    for name, g in out[False][2].items():
+        assert g.abs().sum() > 0, name
+        torch.testing.assert_close(out[True][2][name], g, atol=1e-5, rtol=1e-4, msg=name)
+    # the prompt once: slots = sum over pairs of (chosen + rejected - their common prefix)
+    plan = pack_plan(batch["attention_mask"], "auto", input_ids=batch["input_ids"], groups=batch["prefix_groups"])
+    slots = len(set(zip(plan.dst_row.tolist(), plan.dst_col.tolist())))
+    expected = 0
+    for g in groups:
+        c, r = g.responses[0].input_ids, g.responses[1].input_ids
+        common = next(i for i in range(min(len(c), len(r)) + 1) if i == min(len(c), len(r)) or c[i] != r[i])
+        expected += len(c) + len(r) - common
+    assert slots == expected < int(batch["attention_mask"].sum())
+
+
+def test_lora_on_the_last_layers_only(tiny_model_dir, tiny_tokenizer, rows):
+    """`lora_layers` N: adapters on the last N layers only, and nothing below them needs a gradient
+    (backward stops at the lowest adapted layer); a bad N is a clear error."""
+    torch.manual_seed(0)
+    model = build_reward_model(str(tiny_model_dir), tiny_tokenizer)
+    n = model.config.num_hidden_layers
+    model = apply_reward_lora(model, base_model_name_or_path=str(tiny_model_dir), rank=4, alpha=8, dropout=0.0,
+                              target="all-linear", last_layers=1)
+    adapted = {int(name.split(".layers.")[1].split(".")[0]) for name, _ in model.named_parameters() if "lora_" in name}
+    assert adapted == {n - 1}
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert all("lora_" in name or "score" in name for name in trainable)
+    with pytest.raises(ConfigError, match="lora_layers"):
+        apply_reward_lora(build_reward_model(str(tiny_model_dir), tiny_tokenizer), base_model_name_or_path="x",
+                          rank=4, alpha=8, dropout=0.0, target="all-linear", last_layers=n + 1)
+    with pytest.raises(ConfigError, match="lora_layers"):
+        build_config("rm", {"dataset": "d.jsonl", "output_dir": "o", "model_name_or_path": "m", "lora_layers": 2})
+
+
 def test_ragged_rankings_ungroup_in_order():
     mask = torch.tensor([[True, True, True], [True, True, False]])
     out = ungroup(torch.arange(5.0), mask)
@@ -283,6 +347,11 @@ def test_train_full_logs_and_summarises(trained_full, rows):
         assert key in result.summary and math.isfinite(result.summary[key]), key
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval/bayes_accuracy"] == pytest.approx(get_task("sentiment").bayes_accuracy(rows["eval"]))
+    assert summary["padding_free"] is True and 0 < summary["eval/accuracy_stderr"] < 0.1
+    # truncation is counted, never silent: the counts are those of encoding the rows directly
+    tok = result.tokenizer
+    groups = [encode_group(tok, row, 64) for row in rows["train"]]
+    assert summary["truncation"]["train"] == truncation_counts([g for g in groups if g], sum(g is None for g in groups))
     assert (out / "plots" / "reliability.png").stat().st_size > 0
 
 
@@ -375,7 +444,7 @@ def test_eval_rm_and_score_commands(trained_full, data, tmp_path, capsys, rows):
     result, _ = trained_full
     assert main(["eval-rm", str(result.output_dir), data["eval"], "--output-dir", str(tmp_path / "ev")]) == 0
     printed = capsys.readouterr().out
-    assert "bayes_accuracy" in printed and "accuracy" in printed
+    assert "bayes_accuracy" in printed and "accuracy" in printed and "with the start of the prompt cut" in printed
     summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
     # same data, same model: the stage's final evaluation (accuracy does not depend on the shift)
     assert summary["eval/accuracy"] == pytest.approx(result.summary["eval/accuracy"])
@@ -391,7 +460,8 @@ def test_eval_rm_and_score_commands(trained_full, data, tmp_path, capsys, rows):
     groups = [encode_group(scorer.tokenizer, r, 64) for r in rows["eval"][:5]]
     b = pad_batch([g.responses[0].input_ids for g in groups], scorer.tokenizer.pad_token_id)
     expected = scorer.score(b["input_ids"], b["attention_mask"]).tolist()
-    assert [s["reward"] for s in scored] == pytest.approx(expected, abs=1e-5)
+    # score packs its batches (float rounding of a packed pass vs the padded one)
+    assert [s["reward"] for s in scored] == pytest.approx(expected, abs=1e-4)
     assert main(["score", str(result.output_dir), data["eval"]]) == 2  # preference rows have no response
 
 

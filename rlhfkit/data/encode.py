@@ -104,31 +104,74 @@ def pack(documents: list[list[int]], block_size: int) -> list[Encoded]:
     return blocks
 
 
-def truncate_prompt_response(example: Encoded, max_length: int,
-                             max_prompt_length: int | None = None) -> Encoded | None:
-    """Fit a prompt + one response into `max_length` tokens (preference/ranking/unpaired data).
+@dataclass
+class GroupFit:
+    """A prompt's responses fitted into `max_length` (`truncate_group`), and what was cut."""
 
-    The prompt is every token before the first response token; the response runs to the last
+    sequences: list[Encoded] | None
+    """prompt + response per response, or None when a response keeps no token (row skipped)."""
+    prompt_cut: bool = False
+    """The prompt (conversation) lost tokens from its start."""
+    response_cut: bool = False
+    """A response lost tokens from its end (its EOS among them: a reward is then read before it)."""
+
+
+def _response_span(mask: list[bool]) -> tuple[int, int] | None:
+    if not any(mask):
+        return None
+    return mask.index(True), len(mask) - 1 - mask[::-1].index(True)
+
+
+def truncate_group(examples: list[Encoded], max_length: int, max_prompt_length: int | None = None,
+                   max_response_length: int | None = None) -> GroupFit:
+    """Fit the responses of one prompt (each example = prompt + response) into `max_length` tokens.
+
+    The prompt is every token before the first response token; a response runs to its last
     response token (template tokens after it, e.g. a newline after ChatML's EOS, are dropped, so
     the sequence ends on the response's EOS, where a reward model reads its score).
+    1. each response keeps its first `max_response_length` tokens; when that is None, its first
+       `max_length - min(prompt, max_prompt_length)` tokens;
+    2. the prompt keeps its LAST `max_length - longest kept response` tokens, and at most
+       `max_prompt_length`: every response of the group sees the same end of the conversation.
+    With `max_response_length` None this is `truncate_prompt_response` on each example.
+    `sequences` is None when a response keeps no token or the prompt is empty."""
+    spans = [_response_span(e.response_mask) for e in examples]
+    if any(span is None for span in spans):
+        return GroupFit(None)
+    prompt_cap = max_length if max_prompt_length is None else max_prompt_length
+    keep_response = [min(last + 1 - first, max_response_length if max_response_length is not None
+                         else max_length - min(first, prompt_cap)) for first, last in spans]
+    room = max_length - max(keep_response)
+    keep_prompt = [min(first, prompt_cap, room) for first, _ in spans]
+    if min(keep_prompt) < 1 or min(keep_response) < 1:
+        return GroupFit(None)
+    out = []
+    for e, (first, last), p, r in zip(examples, spans, keep_prompt, keep_response):
+        ids = e.input_ids[first - p:first] + e.input_ids[first:last + 1][:r]
+        mask = [False] * p + e.response_mask[first:last + 1][:r]
+        out.append(Encoded(ids, mask, e.source))
+    return GroupFit(out, prompt_cut=any(p < first for p, (first, _) in zip(keep_prompt, spans)),
+                    response_cut=any(r < last + 1 - first for r, (first, last) in zip(keep_response, spans)))
+
+
+def truncate_prompt_response(example: Encoded, max_length: int,
+                             max_prompt_length: int | None = None) -> Encoded | None:
+    """Fit a prompt + one response into `max_length` tokens (preference/ranking/unpaired data):
     1. the prompt keeps its last `max_prompt_length` tokens (when set);
     2. the response keeps its first `max_length - len(prompt)` tokens (its EOS is lost only
        when it does not fit).
-    Returns None when no response token fits or the prompt is empty after truncation."""
-    mask = example.response_mask
-    if not any(mask):
-        return None
-    first = mask.index(True)
-    last = len(mask) - 1 - mask[::-1].index(True)
-    prompt = example.input_ids[:first]
-    if max_prompt_length is not None and len(prompt) > max_prompt_length:
-        prompt = prompt[len(prompt) - max_prompt_length:]
-    room = max_length - len(prompt)
-    if not prompt or room < 1:
-        return None
-    ids = example.input_ids[first:last + 1][:room]
-    rmask = mask[first:last + 1][:room]
-    return Encoded(prompt + ids, [False] * len(prompt) + rmask, example.source)
+    Returns None when no response token fits or the prompt is empty after truncation
+    (`truncate_group` of one example)."""
+    fit = truncate_group([example], max_length, max_prompt_length)
+    return None if fit.sequences is None else fit.sequences[0]
+
+
+def encode_response_group(tokenizer, prompt, responses: list, max_length: int, max_prompt_length: int | None = None,
+                          max_response_length: int | None = None, source: str | None = None) -> GroupFit:
+    """One prompt with several responses, each encoded as prompt + response (+ EOS), fitted
+    together by `truncate_group` (what reward models use)."""
+    examples = [encode_prompt_completion(tokenizer, prompt, r, source) for r in responses]
+    return truncate_group(examples, max_length, max_prompt_length, max_response_length)
 
 
 def encode_responses(tokenizer, prompt, responses: list, max_length: int,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhfkit.data.collate import pad_batch
-from rlhfkit.data.encode import Encoded, encode_responses
+from rlhfkit.data.encode import Encoded, encode_response_group
 
 
 @dataclass
@@ -24,6 +24,10 @@ class ResponseGroup:
     """Preference rows' optional `margin` column (Bradley-Terry with margin)."""
     index: int = 0
     """Position of the source row (to find its gold columns in evaluation)."""
+    prompt_cut: bool = False
+    """Truncation cut the start of the prompt (`GroupFit`)."""
+    response_cut: bool = False
+    """Truncation cut the end of a response (its EOS: the reward is read before it)."""
 
 
 def group_responses(row: dict) -> list:
@@ -32,18 +36,35 @@ def group_responses(row: dict) -> list:
 
 
 def encode_group(tokenizer, row: dict, max_length: int, max_prompt_length: int | None = None,
-                 index: int = 0) -> ResponseGroup | None:
-    """Encode a canonical preference/ranking row; None when a response leaves no token."""
-    encoded = encode_responses(tokenizer, row["prompt"], group_responses(row), max_length,
-                               max_prompt_length, row.get("_source"))
-    if encoded is None:
+                 index: int = 0, max_response_length: int | None = None) -> ResponseGroup | None:
+    """Encode a canonical preference/ranking row (`truncate_group`: the responses share the same
+    end of the prompt); None when a response leaves no token."""
+    fit = encode_response_group(tokenizer, row["prompt"], group_responses(row), max_length, max_prompt_length,
+                                max_response_length, row.get("_source"))
+    if fit.sequences is None:
         return None
-    return ResponseGroup(encoded, row.get("margin"), index)
+    return ResponseGroup(fit.sequences, row.get("margin"), index, fit.prompt_cut, fit.response_cut)
+
+
+def truncation_counts(groups: list[ResponseGroup], skipped: int) -> dict[str, int]:
+    """How many rows truncation touched: `prompt_cut` (conversation start cut), `response_cut`
+    (a reply's end cut), `skipped` (no room for a reply: not used)."""
+    return {"prompt_cut": sum(g.prompt_cut for g in groups), "response_cut": sum(g.response_cut for g in groups),
+            "skipped": skipped}
+
+
+def describe_truncation(name: str, kept: int, counts: dict[str, int], max_length: int) -> str:
+    """One line for the log: rows kept, cut (which part) and skipped; nothing dropped silently."""
+    return (f"{name}: {kept} row(s) within max_length={max_length}: {counts['prompt_cut']} with the start of the "
+            f"prompt cut, {counts['response_cut']} with a response cut before its end (reward read there); "
+            f"{counts['skipped']} skipped (no room for a response)")
 
 
 def collate_groups(groups: list[ResponseGroup], pad_id: int) -> dict[str, torch.Tensor]:
     """`input_ids`, `attention_mask`, `response_mask`: (N, T) over all responses, group by group;
-    `group_mask`: (B, K_max); `margin`: (B,) (0 where a row has none) when any group has one."""
+    `group_mask`: (B, K_max); `prefix_groups`: N ints, each row's group (its responses share the
+    prompt, which a padding-free pass computes once); `margin`: (B,) (0 where a row has none)
+    when any group has one."""
     flat = [e for g in groups for e in g.responses]
     batch = pad_batch([e.input_ids for e in flat], pad_id, "right", [e.response_mask for e in flat])
     k_max = max(len(g.responses) for g in groups)
@@ -51,6 +72,7 @@ def collate_groups(groups: list[ResponseGroup], pad_id: int) -> dict[str, torch.
     for b, g in enumerate(groups):
         group_mask[b, :len(g.responses)] = True
     batch["group_mask"] = group_mask
+    batch["prefix_groups"] = [b for b, g in enumerate(groups) for _ in g.responses]
     if any(g.margin is not None for g in groups):
         batch["margin"] = torch.tensor([g.margin or 0.0 for g in groups], dtype=torch.float32)
     return batch

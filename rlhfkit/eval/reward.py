@@ -5,6 +5,7 @@ Every metric works on "ordered pairs": a preference row gives one (chosen, rejec
 row of K responses gives the K(K-1)/2 pairs (i, j), i ranked above j. With d = r_i - r_j:
 
     accuracy        mean(d > 0)
+    accuracy_stderr its binomial standard error sqrt(acc (1 - acc) / pairs)
     margin          mean(d)
     loss            mean training loss per row (Bradley-Terry / Plackett-Luce, `RM_LOSSES`)
     bayes_accuracy  the task's ceiling mean(max(p, 1 - p)), p = sigmoid((g_c - g_r) / T), on
@@ -31,23 +32,29 @@ from pathlib import Path
 import torch
 
 from rlhfkit.data.collate import pad_batch
-from rlhfkit.data.encode import Encoded, encode_responses
+from rlhfkit.data.encode import Encoded, encode_response_group
 from rlhfkit.data.groups import ResponseGroup, ungroup
 from rlhfkit.losses.preference import RM_LOSSES
 from rlhfkit.train.tracking import progress
 
-ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""(input_ids (B, T), attention_mask (B, T)) -> rewards (B,)"""
+ScoreFn = Callable[..., torch.Tensor]
+"""(input_ids (B, T), attention_mask (B, T)[, groups]) -> rewards (B,); `groups` (B ints: rows
+with the same id share their prompt) is passed only when `score_examples` is given groups."""
 
 
 @torch.no_grad()
 def score_examples(score_fn: ScoreFn, examples: list[Encoded], pad_id: int, *, batch_size: int,
-                   device="cpu", quiet: bool | None = None, desc: str = "score") -> torch.Tensor:
-    """(N,) float32 rewards of encoded examples (right-padded batches of `batch_size`)."""
+                   device="cpu", quiet: bool | None = None, desc: str = "score",
+                   groups: list[int] | None = None) -> torch.Tensor:
+    """(N,) float32 rewards of encoded examples (right-padded batches of `batch_size`; with
+    `groups`, each example's group id goes to `score_fn` so a packed pass shares prompts)."""
     out = []
     for i in progress(range(0, len(examples), batch_size), disable=quiet, desc=desc, leave=False):
         batch = pad_batch([e.input_ids for e in examples[i:i + batch_size]], pad_id, "right")
-        out.append(score_fn(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu())
+        args = (batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        if groups is not None:
+            args = (*args, groups[i:i + batch_size])
+        out.append(score_fn(*args).float().cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 
@@ -130,12 +137,15 @@ def _golds(row: dict, task) -> list[float] | None:
 def evaluate_rewards(score_fn: ScoreFn, groups: list[ResponseGroup], *, pad_id: int, eos_id: int,
                      dataset_format: str, rows: list[dict] | None = None, task=None, batch_size: int = 16,
                      device="cpu", bins: int = 10, plot_path: str | Path | None = None,
-                     quiet: bool | None = None) -> dict:
+                     quiet: bool | None = None, share_prompts: bool = False) -> dict:
     """All metrics of the module docstring over `groups` (rows: their canonical source rows,
-    indexed by `group.index`, for gold scores). Writes the reliability plot when `plot_path`."""
+    indexed by `group.index`, for gold scores). Writes the reliability plot when `plot_path`.
+    `share_prompts`: `score_fn` takes each response's group id (a packed pass then computes a
+    row's prompt once)."""
     flat = [e for g in groups for e in g.responses]
+    ids = [b for b, g in enumerate(groups) for _ in g.responses] if share_prompts else None
     rewards = score_examples(score_fn, flat, pad_id, batch_size=batch_size, device=device, quiet=quiet,
-                             desc="eval")
+                             desc="eval", groups=ids)
     # rewards back into (B, K) groups, best first
     k_max = max(len(g.responses) for g in groups)
     mask = torch.zeros((len(groups), k_max), dtype=torch.bool)
@@ -158,7 +168,9 @@ def evaluate_rewards(score_fn: ScoreFn, groups: list[ResponseGroup], *, pad_id: 
                 if golds is not None and golds[i] != golds[j]:
                     gold_agree.append(float((matrix[b, i] > matrix[b, j]) == (golds[i] > golds[j])))
     d = torch.stack(diffs)
-    metrics = {"loss": loss, "accuracy": (d > 0).float().mean().item(), "margin": d.mean().item()}
+    accuracy = (d > 0).float().mean().item()
+    metrics = {"loss": loss, "accuracy": accuracy, "accuracy_stderr": math.sqrt(accuracy * (1 - accuracy) / d.numel()),
+               "margin": d.mean().item()}
     # 2. the Bayes ceiling of the labels (built-in tasks, preference rows)
     if task is not None and rows is not None and dataset_format == "preference":
         metrics["bayes_accuracy"] = task.bayes_accuracy([rows[g.index] for g in groups])
@@ -187,7 +199,7 @@ def evaluate_rewards(score_fn: ScoreFn, groups: list[ResponseGroup], *, pad_id: 
 
 def format_metrics(metrics: dict, title: str = "reward model evaluation") -> str:
     """A short two-column table (accuracy next to the Bayes ceiling first)."""
-    order = ["accuracy", "bayes_accuracy", "gold_accuracy", "margin", "loss", "ece", "length_corr",
+    order = ["accuracy", "accuracy_stderr", "bayes_accuracy", "gold_accuracy", "margin", "loss", "ece", "length_corr",
              "eos_sensitivity", "reward_mean", "reward_std", "pairs"]
     keys = [k for k in order if k in metrics] + [k for k in metrics if k not in order]
     lines = [title, "-" * max(len(title), 34)]
@@ -208,18 +220,36 @@ def response_of(row: dict, where: str):
 
 
 def score_rows(scorer, rows: list[dict], *, max_length: int, max_prompt_length: int | None = None,
-               batch_size: int = 16, quiet: bool | None = None) -> list[float | None]:
+               max_response_length: int | None = None, batch_size: int = 16, quiet: bool | None = None,
+               counts: dict | None = None) -> list[float | None]:
     """Normalised reward of each prompt/response row (string or messages), None for rows where no
-    response token fits `max_length`."""
+    response token fits `max_length` (truncation as `truncate_group`). Rows with the same prompt
+    share it in a packed pass (`scorer.padding_free`). `counts`, when given, receives how many rows
+    had their prompt / response cut and how many were skipped."""
+    import json
+
     tok = scorer.tokenizer
     encoded: list[Encoded | None] = []
+    prompt_ids: dict[str, int] = {}
+    groups: list[int] = []
+    cut = {"prompt_cut": 0, "response_cut": 0, "skipped": 0}
     for n, row in enumerate(rows):
         where = row.get("_source", f"row {n}")
         if "prompt" not in row:
             raise ValueError(f"{where}: a row to score needs a 'prompt'")
-        enc = encode_responses(tok, row["prompt"], [response_of(row, where)], max_length, max_prompt_length)
-        encoded.append(enc[0] if enc else None)
+        fit = encode_response_group(tok, row["prompt"], [response_of(row, where)], max_length, max_prompt_length,
+                                    max_response_length)
+        encoded.append(fit.sequences[0] if fit.sequences else None)
+        if fit.sequences is None:
+            cut["skipped"] += 1
+            continue
+        cut["prompt_cut"] += fit.prompt_cut
+        cut["response_cut"] += fit.response_cut
+        key = json.dumps([row["prompt"], len(fit.sequences[0].input_ids) - sum(fit.sequences[0].response_mask)])
+        groups.append(prompt_ids.setdefault(key, len(prompt_ids)))
+    if counts is not None:
+        counts.update(cut)
     kept = [e for e in encoded if e is not None]
     rewards = iter(score_examples(scorer.score, kept, tok.pad_token_id, batch_size=batch_size,
-                                  device=scorer.device, quiet=quiet).tolist())
+                                  device=scorer.device, quiet=quiet, groups=groups).tolist())
     return [next(rewards) if e is not None else None for e in encoded]

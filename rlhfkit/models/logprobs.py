@@ -112,7 +112,7 @@ def scored_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     """(K, V) logits at the K positions where `score_mask` (B, T-1) is True (position t predicts
     token t+1), and those positions' (rows, cols) in the padded batch; see `scored_token_logps`."""
     rows, cols = score_mask.nonzero(as_tuple=True)
-    inputs, at_rows, at_cols = _forward_inputs(model, input_ids, attention_mask, rows, cols, padding_free, groups)
+    inputs, at_rows, at_cols = forward_inputs(model, input_ids, attention_mask, rows, cols, padding_free, groups)
     return logits_at(model, inputs, at_rows, at_cols), rows, cols
 
 
@@ -121,7 +121,7 @@ def hidden_at(backbone, input_ids: torch.Tensor, attention_mask: torch.Tensor, r
     """(K, H) last hidden states of a transformer backbone (no LM head, e.g. LlamaModel) at the
     padded-batch positions (rows[k], cols[k]), all real tokens; packed and prefix-shared like
     `scored_logits` with `padding_free`."""
-    inputs, at_rows, at_cols = _forward_inputs(backbone, input_ids, attention_mask, rows, cols, padding_free, groups)
+    inputs, at_rows, at_cols = forward_inputs(backbone, input_ids, attention_mask, rows, cols, padding_free, groups)
     hidden = backbone(**inputs, use_cache=False).last_hidden_state
     return hidden[at_rows, at_cols]
 
@@ -178,7 +178,7 @@ def response_hidden(backbone, input_ids: torch.Tensor, attention_mask: torch.Ten
     return out.index_put((rows[keep], cols[keep] - P + 1), hidden[keep])
 
 
-def _forward_inputs(model, input_ids, attention_mask, rows, cols, padding_free, groups):
+def forward_inputs(model, input_ids, attention_mask, rows, cols, padding_free, groups):
     """Model inputs for a padded (B, T) batch (packed with `padding_free`, see `pack_plan`), and where
     the padded positions (rows, cols) are in them."""
     if not padding_free:

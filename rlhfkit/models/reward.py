@@ -38,7 +38,7 @@ import torch
 
 from rlhfkit.errors import ConfigError
 from rlhfkit.models.load import disable_dropout, load_causal_lm, load_tokenizer, resolve_source
-from rlhfkit.models.logprobs import position_ids_from_mask
+from rlhfkit.models.logprobs import forward_inputs, position_ids_from_mask
 from rlhfkit.models.presets import preset_name
 
 NORMALIZATION_FILE = "reward_normalization.json"
@@ -171,26 +171,52 @@ def reward_backbone(model):
 
 # ---- rewards ---------------------------------------------------------------------------------
 
-def token_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) float32: the head applied at every position (values at pads are meaningless).
-
-    Runs the model's own forward (so DDP and peft wrappers see the call) with position ids from
-    the mask, and reads the head's per-position output with a forward hook: the HF forward itself
-    returns only the pooled value."""
+def _head_outputs(model, inputs: dict) -> torch.Tensor:
+    """(R, W) float32: the head applied at every position of the model inputs `inputs` (values at
+    pads and packed tails are meaningless). Runs the model's own forward (so DDP and peft wrappers
+    see the call) and reads the head's per-position output with a forward hook: the HF forward
+    itself returns only a pooled value."""
     captured = []
     hook = reward_head(model).register_forward_hook(lambda _m, _i, out: captured.append(out))
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask.long(),
-              position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+        model(**inputs, use_cache=False)
     finally:
         hook.remove()
     return captured[-1].squeeze(-1).float()
 
 
-def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B,) raw reward at the last real token of each row (the EOS of the response)."""
-    values = token_rewards(model, input_ids, attention_mask)
-    return values.gather(1, last_token_index(attention_mask).unsqueeze(1)).squeeze(1)
+def token_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) float32: the head applied at every position of a padded batch (position ids from the
+    mask; values at pads are meaningless)."""
+    return _head_outputs(model, dict(input_ids=input_ids, attention_mask=attention_mask.long(),
+                                     position_ids=position_ids_from_mask(attention_mask)))
+
+
+def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, padding_free: bool = False,
+                     groups: list[int] | None = None) -> torch.Tensor:
+    """(B,) raw reward at the last real token of each row (the EOS of the response).
+
+    `padding_free`: the rows are packed first (`rlhfkit.models.logprobs.pack_plan`), so no layer
+    computes a pad, and rows with the same `groups` id (a pair's chosen and rejected, which share
+    the whole conversation) share one pass over their common prefix: the conversation once, each
+    reply as a branch (`shared_prefix_attention`; SDPA / eager attention). The same packing as
+    DPO's log-probs (`forward_inputs`); equal to the padded pass up to float rounding as long as
+    the model follows packed position ids and 4D masks (`padding_free_rewards_match` checks)."""
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    cols = last_token_index(attention_mask)
+    inputs, at_rows, at_cols = forward_inputs(model, input_ids, attention_mask.bool(), rows, cols,
+                                              padding_free, groups)
+    return _head_outputs(model, inputs)[at_rows, at_cols]
+
+
+@torch.no_grad()
+def padding_free_rewards_match(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                               groups: list[int] | None = None, atol: float = 1e-3) -> bool:
+    """True when the packed pass (with shared prefixes for `groups`) gives this batch the padded
+    pass's rewards (a model whose attention ignores packed position ids or 4D masks would not)."""
+    padded = sequence_rewards(model, input_ids, attention_mask)
+    packed = sequence_rewards(model, input_ids, attention_mask, padding_free=True, groups=groups)
+    return bool(torch.allclose(padded, packed, atol=atol, rtol=0))
 
 
 # ---- normalisation -----------------------------------------------------------------------------
@@ -247,28 +273,35 @@ class RewardScorer:
     model: object
     tokenizer: object
     normalization: Normalization
+    padding_free: bool = False
+    """Score packed batches (`sequence_rewards`); set it after `padding_free_rewards_match`."""
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     @torch.no_grad()
-    def raw_score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B,) un-normalised rewards (float32, on the input's device)."""
-        r = sequence_rewards(self.model, input_ids.to(self.device), attention_mask.to(self.device))
+    def raw_score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  groups: list[int] | None = None) -> torch.Tensor:
+        """(B,) un-normalised rewards (float32, on the input's device); packed when
+        `padding_free` is set (rows with the same `groups` id share their common prefix)."""
+        r = sequence_rewards(self.model, input_ids.to(self.device), attention_mask.to(self.device),
+                             padding_free=self.padding_free, groups=groups)
         return r.to(input_ids.device)
 
     @torch.no_grad()
-    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              groups: list[int] | None = None) -> torch.Tensor:
         """(B,) normalised rewards (float32, on the input's device), no grad."""
-        return self.normalization.apply(self.raw_score(input_ids, attention_mask))
+        return self.normalization.apply(self.raw_score(input_ids, attention_mask, groups))
 
 
 # ---- LoRA --------------------------------------------------------------------------------------
 
 def apply_reward_lora(model, *, base_model_name_or_path: str, rank: int, alpha: float, dropout: float,
-                      target: str | list[str]):
-    """peft LoRA (task SEQ_CLS: the `score` head is a trainable module to save) on a reward model.
+                      target: str | list[str], last_layers: int | None = None):
+    """peft LoRA (task SEQ_CLS: the `score` head is a trainable module to save) on a reward model;
+    with `last_layers`, only on the last that many transformer layers (peft `layers_to_transform`).
 
     `base_model_name_or_path` is recorded in adapter_config.json and must load as the base again
     (an absolute directory or .gguf path; not a preset, which has no weights to reload)."""
@@ -277,8 +310,18 @@ def apply_reward_lora(model, *, base_model_name_or_path: str, rank: int, alpha: 
     if preset_name(base_model_name_or_path) is not None:
         raise ConfigError("a LoRA reward model needs a base that can be reloaded; save the preset "
                           "model first and pass its directory")
+    layers = None
+    if last_layers is not None:
+        n = model.config.num_hidden_layers
+        if not 1 <= last_layers <= n:
+            raise ConfigError(f"lora_layers={last_layers}: the model has {n} layers")
+        layers = list(range(n - last_layers, n))
+        if target == "all-linear":  # peft takes layers_to_transform with named modules only
+            target = sorted({name.rsplit(".", 1)[-1] for name, m in reward_backbone(model).named_modules()
+                             if isinstance(m, torch.nn.Linear)})
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target,
-                        bias="none", task_type=TaskType.SEQ_CLS, modules_to_save=["score"])
+                        bias="none", task_type=TaskType.SEQ_CLS, modules_to_save=["score"],
+                        layers_to_transform=layers)
     peft_model = get_peft_model(model, config)
     peft_model.peft_config["default"].base_model_name_or_path = base_model_name_or_path
     return peft_model

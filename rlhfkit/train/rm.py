@@ -2,7 +2,14 @@
 (Bradley-Terry) or rankings (Plackett-Luce), then normalised on reference responses.
 
 Every response of a micro-batch (chosen + rejected, or all K of a ranking) goes through one
-concatenated forward pass; the reward is read at each sequence's last real token (its EOS).
+concatenated forward pass; the reward is read at each sequence's last real token (its EOS). With
+`padding_free` (the default) that pass is packed as dpo's is: no pads, and a row's responses share
+one pass over their common prompt (the conversation once, each reply a branch of it).
+
+Truncation (`truncate_group`): every response of a row keeps the same END of the prompt; with
+`max_response_length` the responses are cut first and the prompt takes the room the longest one
+leaves. Rows whose prompt or response was cut are counted (`truncation` in summary.json), and rows
+with no room for a response are skipped and counted, never dropped silently.
 """
 
 from __future__ import annotations
@@ -15,7 +22,15 @@ import torch
 from rlhfkit.config import RMConfig
 from rlhfkit.data.encode import Encoded, encode_responses
 from rlhfkit.data.formats import to_canonical
-from rlhfkit.data.groups import collate_groups, encode_group, group_responses, ungroup
+from rlhfkit.data.groups import (
+    ResponseGroup,
+    collate_groups,
+    describe_truncation,
+    encode_group,
+    group_responses,
+    truncation_counts,
+    ungroup,
+)
 from rlhfkit.data.sources import load_rows
 from rlhfkit.errors import ConfigError
 from rlhfkit.eval.reward import evaluate_rewards, format_metrics, score_examples
@@ -26,6 +41,7 @@ from rlhfkit.models.reward import (
     Normalization,
     apply_reward_lora,
     build_reward_model,
+    padding_free_rewards_match,
     save_normalization,
     sequence_rewards,
 )
@@ -49,10 +65,12 @@ def pairwise_stats(rewards: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Ten
     return ((d > 0).to(rewards.dtype) * valid).sum((1, 2)) / n, (d * valid).sum((1, 2)) / n
 
 
-def rm_loss(model, batch: dict, *, dataset_format: str, center_coef: float | None) -> tuple[torch.Tensor, dict]:
+def rm_loss(model, batch: dict, *, dataset_format: str, center_coef: float | None,
+            padding_free: bool = False) -> tuple[torch.Tensor, dict]:
     """Summed per-row loss of a micro-batch of groups and summed metrics (divided by rows later)."""
-    # 1. one forward over every response of every group
-    flat = sequence_rewards(model, batch["input_ids"], batch["attention_mask"])   # (N,)
+    # 1. one forward over every response of every group (packed: a group's prompt once)
+    flat = sequence_rewards(model, batch["input_ids"], batch["attention_mask"], padding_free=padding_free,
+                            groups=batch.get("prefix_groups"))                   # (N,)
     mask = batch["group_mask"]
     rewards = ungroup(flat, mask)                                                 # (B, K)
     # 2. Bradley-Terry (pairs) or Plackett-Luce (rankings), + optional centering
@@ -94,13 +112,29 @@ def setup_reward_model(run: Run, texts):
         else:
             base_path = base_reference(c.model_name_or_path)  # what save_final records too
         model = apply_reward_lora(model, base_model_name_or_path=base_path, rank=c.lora_rank,
-                                  alpha=c.lora_alpha, dropout=c.lora_dropout, target=c.lora_target)
+                                  alpha=c.lora_alpha, dropout=c.lora_dropout, target=c.lora_target,
+                                  last_layers=c.lora_layers)
         disable_dropout(model)  # LoRA's own dropout modules: a reward must not vary between passes
     model.to(run.device)
     trainable, total = count_parameters(model)
     run.print(f"[{run.stage}] reward model from {c.model_name_or_path}: {total / 1e6:.2f}M parameters, "
               f"{trainable / 1e6:.2f}M trainable ({c.finetuning_type})")
     return model, tokenizer
+
+
+def resolve_rm_padding_free(run: Run, model, groups: list[ResponseGroup], pad_id: int, n: int = 4) -> bool:
+    """`padding_free` as asked, unless the packed pass disagrees with the padded one on the first
+    `n` training rows: then a warning, and padding for the whole run (`padding_free` set False)."""
+    if not run.config.padding_free:
+        return False
+    batch = to_device(collate_groups(groups[:n], pad_id), run.device)
+    if padding_free_rewards_match(model, batch["input_ids"], batch["attention_mask"], batch["prefix_groups"]):
+        return True
+    run.print(f"[{run.stage}] WARNING: this model's packed forward pass (padding_free: true) does not match "
+              "its padded one (its attention does not follow packed position ids or the shared-prompt mask): "
+              "padding instead")
+    run.config.padding_free = False
+    return False
 
 
 # ---- normalisation ---------------------------------------------------------------------------
@@ -154,7 +188,7 @@ def compute_normalization(run: Run, model, examples: list[Encoded], pad_id: int,
     """Mean and std of the raw reward over `examples` (split across processes, summed)."""
     c = run.config
     mine = shard(examples, run)
-    rewards = score_examples(lambda ids, m: sequence_rewards(model, ids, m), mine, pad_id,
+    rewards = score_examples(lambda ids, m: sequence_rewards(model, ids, m, padding_free=c.padding_free), mine, pad_id,
                              batch_size=c.per_device_eval_batch_size, device=run.device, quiet=run.quiet,
                              desc="normalisation").double()
     s, s2, n = run.reduce_sum([rewards.sum().item(), (rewards ** 2).sum().item(), rewards.numel()]).tolist()
@@ -184,15 +218,18 @@ def train_rm(config: RMConfig) -> Result:
     # 3. encode: prompt + each response (+ EOS); rows whose response does not fit are skipped
     def encode(item):
         index, row = item
-        return encode_group(tokenizer, row, c.max_length, c.max_prompt_length, index)
+        return encode_group(tokenizer, row, c.max_length, c.max_prompt_length, index, c.max_response_length)
 
     train, skipped_train = encode_all(list(enumerate(train_rows)), encode, desc="tokenize train", quiet=run.quiet)
     evaluation, skipped_eval = encode_all(list(enumerate(eval_rows)), encode, desc="tokenize eval",
                                           quiet=run.quiet)
-    for name, n in (("train", skipped_train), ("eval", skipped_eval)):
-        if n:
-            run.print(f"[rm] skipped {n} {name} row(s) with a response that leaves no token within "
-                      f"max_length={c.max_length}")
+    truncation = {"train": truncation_counts(train, skipped_train), "eval": truncation_counts(evaluation, skipped_eval)}
+    for name, groups in (("train", train), ("eval", evaluation)):
+        if groups or truncation[name]["skipped"]:
+            run.print(f"[rm] {describe_truncation(name, len(groups), truncation[name], c.max_length)}")
+    if not train:
+        raise ConfigError(f"no training row fits max_length={c.max_length}")
+    padding_free = resolve_rm_padding_free(run, model, train, pad)
 
     # 4. train with evaluation every eval_steps and at the end (main process)
     stream = BatchStream(len(train), c.per_device_train_batch_size, run.world_size, run.rank, c.seed)
@@ -203,16 +240,20 @@ def train_rm(config: RMConfig) -> Result:
     def evaluate(m) -> dict:
         if not run.is_main:
             return {}
-        return evaluate_rewards(lambda ids, mask: sequence_rewards(m, ids, mask), evaluation, pad_id=pad,
-                                eos_id=eos, dataset_format=fmt, rows=eval_rows, task=task,
-                                batch_size=c.per_device_eval_batch_size, device=run.device,
-                                bins=c.calibration_bins, plot_path=plot_path, quiet=run.quiet)
+        def score(ids, mask, groups=None):
+            return sequence_rewards(m, ids, mask, padding_free=padding_free, groups=groups)
+
+        return evaluate_rewards(score, evaluation, pad_id=pad, eos_id=eos, dataset_format=fmt, rows=eval_rows,
+                                task=task, batch_size=c.per_device_eval_batch_size, device=run.device,
+                                bins=c.calibration_bins, plot_path=plot_path, quiet=run.quiet,
+                                share_prompts=padding_free)
 
     model, history = fit(
         run, model, stream=stream,
         make_batch=lambda idx: to_device(collate_groups([train[i] for i in idx], pad), run.device),
         batch_weight=rows_in_batch,
-        loss_fn=partial(rm_loss, dataset_format=fmt, center_coef=c.center_rewards_coefficient),
+        loss_fn=partial(rm_loss, dataset_format=fmt, center_coef=c.center_rewards_coefficient,
+                        padding_free=padding_free),
         steps=steps, evaluate=evaluate if evaluation else None,
     )
 
@@ -233,6 +274,7 @@ def train_rm(config: RMConfig) -> Result:
     final = history[-1] if history else {}
     summary = {"stage": run.stage, **run.engine.summary(), "steps": steps, "dataset_format": fmt, "train_rows": len(train),
                "eval_rows": len(evaluation), "skipped_train": skipped_train, "skipped_eval": skipped_eval,
+               "truncation": truncation, "padding_free": padding_free,
                "normalization": {"mean": norm.mean, "std": norm.std, "divide_by_std": norm.divide_by_std,
                                  "reference": norm.reference},
                **{k: v for k, v in final.items() if k != "step"}}
