@@ -28,6 +28,8 @@ class BaseConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
 
+    supports_lora_layers: ClassVar[bool] = True
+    """The stage honours `lora_layers` (ppo does not yet)."""
     deterministic_forward: ClassVar[bool] = True
     """The stage needs deterministic forward passes (every preference and RL stage: a policy's and a
     reference's log-probs of the same sequence must agree, a reward must not depend on the pass):
@@ -156,6 +158,11 @@ class BaseConfig(BaseModel):
     needs deterministic forward passes (the policy's and the reference's log-probs must agree)."""
     lora_target: str | list[str] = "all-linear"
     """Modules to adapt: `all-linear` or a list of module names (e.g. [q_proj, v_proj])."""
+    lora_layers: int | None = None
+    """With LoRA: adapt only the last N transformer layers (None: all). Backward then stops at the
+    lowest adapted layer, so a step costs about (2 + 2 N / layers) / 4 of an all-layer step's FLOPs
+    (a forward is 2 FLOPs per weight and token, LoRA's backward ~2 through the adapted part).
+    Every stage but ppo (whose critic and reward adapters share the policy's base)."""
     merge_lora: bool = False
     """Also save the LoRA adapter merged into the base weights (`output_dir/merged`)."""
     gradient_checkpointing: bool = False
@@ -215,6 +222,12 @@ class BaseConfig(BaseModel):
             problems.append("eval_steps needs eval_dataset or val_size > 0 (or a built-in `task`) to evaluate on")
         if self.merge_lora and self.finetuning_type != "lora":
             problems.append("merge_lora: true needs finetuning_type: lora")
+        if self.lora_layers is not None:
+            if self.lora_layers < 1 or self.finetuning_type != "lora":
+                problems.append(f"lora_layers={self.lora_layers} needs finetuning_type: lora and a value >= 1")
+            elif not self.supports_lora_layers:
+                problems.append("lora_layers: not offered by this stage yet (its extra adapters share the "
+                                "policy's layers); remove it")
         if self.dataset_dir is not None and self.column_map:
             problems.append("column_map does not apply with dataset_dir: the columns come from dataset_info.json")
         if self.fp16 and self.bf16:
@@ -457,10 +470,6 @@ class RMConfig(BaseConfig):
     pair's chosen and rejected keep the same end of the conversation and short replies leave it
     more room. None: the prompt is cut to `max_prompt_length` first and each response keeps
     what is left (the dpo/kto rule). Cut pairs are counted in summary.json, never dropped."""
-    lora_layers: int | None = None
-    """With LoRA: adapt only the last N transformer layers (None: all). Backward then stops at the
-    lowest adapted layer, so a step costs about (2 + 2 N / layers) / 4 of an all-layer step's FLOPs
-    (a forward is 2 FLOPs per weight and token, LoRA's backward ~2 through the adapted part)."""
     padding_free: bool = True
     """Forward passes on packed sequences, as dpo's `padding_free`: no compute on pads, and the
     responses of a row (chosen and rejected, or a ranking) share one pass over their common prompt,
@@ -481,8 +490,6 @@ class RMConfig(BaseConfig):
             problems.append(f"normalization_samples must be >= 1 (or null), got {self.normalization_samples}")
         if self.calibration_bins < 1:
             problems.append(f"calibration_bins must be >= 1, got {self.calibration_bins}")
-        if self.lora_layers is not None and (self.lora_layers < 1 or self.finetuning_type != "lora"):
-            problems.append(f"lora_layers={self.lora_layers} needs finetuning_type: lora and a value >= 1")
         if self.max_response_length is not None and not 1 <= self.max_response_length < self.max_length:
             problems.append(f"max_response_length must be in [1, max_length={self.max_length}), "
                             f"got {self.max_response_length}: it must leave room for the prompt")
@@ -637,6 +644,8 @@ class PPOConfig(OnlineConfig):
     prompts, generate, score, compute KL-shaped rewards and GAE advantages, then
     `num_ppo_epochs` passes over `num_mini_batches` shuffled minibatches (each split into
     micro-batches of `per_device_train_batch_size`, gradients accumulated)."""
+
+    supports_lora_layers: ClassVar[bool] = False
 
     learning_rate: float = 1e-5
     """Peak learning rate (AdamW), shared by the policy and the critic; decays linearly (N+: 3e-6

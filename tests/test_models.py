@@ -333,6 +333,33 @@ def test_preference_stage_setups_switch_lora_dropout_off(tiny_model_dir, tmp_pat
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("stage", ["sft", "dpo", "grpo"])
+def test_lora_layers_adapt_only_the_last_layers_in_every_stage(tiny_model_dir, tmp_path, stage):
+    """`lora_layers: 1` through a stage's own set-up (`build_model`, the one LoRA path of pt, sft,
+    dpo, kto, grpo, rloo; rm has its own test): adapters only in the last layer, only they train, and
+    `all-linear` there means every linear layer of that block; ppo refuses the key."""
+    from types import SimpleNamespace
+
+    from rlhfkit.config import build_config
+    from rlhfkit.train.common import setup_model
+
+    extra = {"reward_funcs": ["my_rewards:score"]} if stage == "grpo" else {}
+    config = build_config(stage, dict(model_name_or_path=str(tiny_model_dir), dataset="d.jsonl", output_dir=str(tmp_path),
+                                      finetuning_type="lora", lora_rank=4, lora_layers=1, **extra))
+    run = SimpleNamespace(config=config, device=torch.device("cpu"), stage=stage, print=lambda *a: None,
+                          output_dir=tmp_path, is_main=True)
+    model, _ = setup_model(run, lambda: TEXTS)
+    n = model.config.num_hidden_layers
+    adapted = {(int(name.split(".layers.")[1].split(".")[0]), name.split(".lora_")[0].rsplit(".", 1)[-1])
+               for name, _ in model.named_parameters() if "lora_" in name}
+    assert {layer for layer, _ in adapted} == {n - 1}
+    assert {m for _, m in adapted} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert all("lora_" in name for name, p in model.named_parameters() if p.requires_grad)
+    with pytest.raises(ConfigError, match="lora_layers: not offered by this stage"):
+        build_config("ppo", dict(model_name_or_path="m", dataset="d.jsonl", output_dir="o", reward_model="r",
+                                 finetuning_type="lora", lora_layers=1))
+
+
 def test_sft_setup_keeps_lora_dropout_in_train_mode_only(tiny_model_dir, tmp_path):
     """pt / sft honour lora_dropout as a regulariser: train-mode passes differ, eval-mode passes agree."""
     model, tok = _stage_lora_setup("sft", tiny_model_dir, tmp_path, lora_dropout=0.5)

@@ -189,15 +189,37 @@ def load_causal_lm(
     return model if load_in_4bit else model.to(dtype)  # a 4-bit model cannot be cast (and stays where it loaded)
 
 
+def lora_layer_targets(model, last_layers: int | None, target: str | list[str]
+                       ) -> tuple[list[int] | None, str | list[str]]:
+    """(peft `layers_to_transform`, `target_modules`) for LoRA on only the last `last_layers`
+    transformer layers (None: every layer, `target` unchanged). peft takes `layers_to_transform`
+    with named modules only, so `all-linear` becomes the names of the linear layers inside the
+    decoder layers (never an output head)."""
+    if last_layers is None:
+        return None, target
+    import re
+
+    n = model.config.num_hidden_layers
+    if not 1 <= last_layers <= n:
+        raise ConfigError(f"lora_layers={last_layers}: the model has {n} layers")
+    if target == "all-linear":
+        inside = re.compile(r"(^|\.)layers\.\d+\.")
+        target = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                         if isinstance(m, torch.nn.Linear) and inside.search(name)})
+    return list(range(n - last_layers, n)), target
+
+
 def apply_lora(model, *, rank: int, alpha: float, dropout: float, target: str | list[str],
-               modules_to_save: list[str] | None = None):
-    """Wrap `model` with peft LoRA adapters; only adapter weights (and `modules_to_save`) train."""
+               modules_to_save: list[str] | None = None, last_layers: int | None = None):
+    """Wrap `model` with peft LoRA adapters; only adapter weights (and `modules_to_save`) train.
+    `last_layers`: adapt only the last that many transformer layers (`lora_layer_targets`)."""
     from peft import LoraConfig, get_peft_model
 
+    layers, target = lora_layer_targets(model, last_layers, target)
     config = LoraConfig(
         r=rank, lora_alpha=alpha, lora_dropout=dropout,
         target_modules=target, modules_to_save=modules_to_save, bias="none",
-        task_type="CAUSAL_LM",
+        task_type="CAUSAL_LM", layers_to_transform=layers,
     )
     return get_peft_model(model, config)
 

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from rlhfkit.errors import ConfigError
-from rlhfkit.models.load import disable_dropout, load_causal_lm, load_tokenizer, resolve_source
+from rlhfkit.models.load import disable_dropout, load_causal_lm, load_tokenizer, lora_layer_targets, resolve_source
 from rlhfkit.models.logprobs import forward_inputs, position_ids_from_mask
 from rlhfkit.models.presets import preset_name
 
@@ -310,15 +310,7 @@ def apply_reward_lora(model, *, base_model_name_or_path: str, rank: int, alpha: 
     if preset_name(base_model_name_or_path) is not None:
         raise ConfigError("a LoRA reward model needs a base that can be reloaded; save the preset "
                           "model first and pass its directory")
-    layers = None
-    if last_layers is not None:
-        n = model.config.num_hidden_layers
-        if not 1 <= last_layers <= n:
-            raise ConfigError(f"lora_layers={last_layers}: the model has {n} layers")
-        layers = list(range(n - last_layers, n))
-        if target == "all-linear":  # peft takes layers_to_transform with named modules only
-            target = sorted({name.rsplit(".", 1)[-1] for name, m in reward_backbone(model).named_modules()
-                             if isinstance(m, torch.nn.Linear)})
+    layers, target = lora_layer_targets(model, last_layers, target)
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target,
                         bias="none", task_type=TaskType.SEQ_CLS, modules_to_save=["score"],
                         layers_to_transform=layers)

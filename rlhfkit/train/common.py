@@ -133,7 +133,7 @@ def build_model(run: Run, tokenizer):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=c.gradient_checkpointing)
     if c.finetuning_type == "lora":
         model = apply_lora(model, rank=c.lora_rank, alpha=c.lora_alpha, dropout=c.lora_dropout,
-                           target=c.lora_target)
+                           target=c.lora_target, last_layers=c.lora_layers)
         if c.deterministic_forward:
             disable_dropout(model)
     if not c.load_in_4bit:  # a 4-bit model is placed at load time and cannot be moved
