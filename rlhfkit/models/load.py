@@ -235,8 +235,8 @@ def merged_lora(model) -> Iterator[torch.nn.Module]:
     where the rounding of W + D crossed a binade (rare); those elements' original values are saved
     at merge time (sparse) and written back after subtracting D, recomputed the same way. A model
     that is not a peft model, whose adapters use DoRA, whose active adapter trains whole modules
-    (`modules_to_save`, which disabling the adapters would switch off) or adapts an lm_head tied to
-    the input embedding is yielded unchanged."""
+    (`modules_to_save`, which disabling the adapters would switch off), adapts an lm_head tied to
+    the input embedding or whose weights are sharded (ZeRO-3, FSDP2) is yielded unchanged."""
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
     from peft.utils import ModulesToSaveWrapper
@@ -249,7 +249,9 @@ def merged_lora(model) -> Iterator[torch.nn.Module]:
     embedding = model.get_input_embeddings().weight
     tied = any(isinstance(m.get_base_layer(), torch.nn.Linear) and m.get_base_layer().weight is embedding
                for m, _ in active)  # an adapted lm_head tied to the embedding: merging would change both
-    if (not active or trains_modules or tied
+    # sharded weights (ZeRO-3 partitions, FSDP2 DTensors) are whole only inside each layer's forward
+    sharded = any(hasattr(m.get_base_layer().weight, attr) for m, _ in active for attr in ("ds_id", "to_local"))
+    if (not active or trains_modules or tied or sharded
             or any(m.use_dora.get(a, False) for m, names in active for a in names)):
         yield model
         return
