@@ -265,3 +265,19 @@ def gold_eval(run: Run, model, tokenizer, task) -> dict:
         for s in samples[:8]:
             f.write(json.dumps(s) + "\n")
     return metrics
+
+
+def keep_padding_free(run: Run, matches: Callable[[], bool]) -> bool:
+    """`padding_free` as the config asks, unless `matches()` (the stage's check of its packed forward
+    against its padded one on a few training examples) says the model's attention ignores packed
+    position ids or the shared-prompt mask: then one warning, and padding for the whole run
+    (`run.config.padding_free` set False). The one rule of every stage that packs."""
+    if not run.config.padding_free:
+        return False
+    if matches():
+        return True
+    run.print(f"[{run.stage}] WARNING: this model's packed forward pass (padding_free: true) does not match "
+              "its padded one (its attention does not follow packed position ids or the shared-prompt mask): "
+              "padding instead")
+    run.config.padding_free = False
+    return False

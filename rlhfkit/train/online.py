@@ -27,7 +27,7 @@ from rlhfkit.eval.generation import rollout_kl
 from rlhfkit.rollout.generate import HFGenerator, SamplingParams
 from rlhfkit.rollout.rewards import load_reward_funcs
 from rlhfkit.rollout.rollout import Rollout, Scorer, encode_prompts, generate_rollout, source_metrics
-from rlhfkit.train.common import config_task, config_tokenizer, load_split, row_texts
+from rlhfkit.train.common import config_task, config_tokenizer, keep_padding_free, load_split, row_texts
 from rlhfkit.train.diagnostics import Monitor
 from rlhfkit.train.distributed import optimizer_step, reduce_metrics, sum_gradients
 from rlhfkit.train.loop import BatchStream, Run, start_run
@@ -173,22 +173,19 @@ def check_padding_free(run: Run, model, prompt_ids: list[list[int]], pad_id: int
     from rlhfkit.data.collate import pad_batch
     from rlhfkit.models.logprobs import padding_free_matches
 
-    if not run.config.padding_free:
-        return False
     sample = prompt_ids[:4]
     seqs, groups = [], []
     for i, p in enumerate(sample):
         seqs += [p, p + sample[(i + 1) % len(sample)][:4]]
         groups += [i, i]
     batch = pad_batch(seqs, pad_id, side="right")
-    with torch.no_grad(), run.precision():
-        ok = padding_free_matches(model, batch["input_ids"].to(run.device), batch["attention_mask"].to(run.device),
-                                  groups)
-    if not ok:
-        run.print(f"[{run.stage}] WARNING: this model's packed forward pass (padding_free: true) does not match its "
-                  "padded one (its attention ignores packed position ids or the shared-prompt mask): padding instead")
-        run.config.padding_free = False
-    return ok
+
+    def matches() -> bool:
+        with torch.no_grad(), run.precision():
+            return padding_free_matches(model, batch["input_ids"].to(run.device),
+                                        batch["attention_mask"].to(run.device), groups)
+
+    return keep_padding_free(run, matches)
 
 
 # ---- reference ----------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from rlhfkit.errors import ConfigError
 from rlhfkit.losses.masked import masked_sum
 from rlhfkit.models.logprobs import padding_free_matches, response_token_logps
 from rlhfkit.train.diagnostics import DIAGNOSTICS, Monitor, falling_chosen  # noqa: F401 (falling_chosen: API)
-from rlhfkit.train.common import config_task, gold_eval, save_final, shard, skipped_note, to_device
+from rlhfkit.train.common import config_task, gold_eval, keep_padding_free, save_final, shard, skipped_note, to_device
 from rlhfkit.train.loop import BatchStream, PrepareStep, Result, Run, describe_batches, fit, total_steps
 from rlhfkit.train.tracking import progress, write_summary
 
@@ -162,17 +162,12 @@ def resolve_padding_free(run: Run, model, items: list[Item], pad_id: int, n: int
     `n` training items (a model whose attention ignores packed position ids or the shared-prompt
     mask): then a warning, and
     padding for the whole run (`run.config.padding_free` is set to False)."""
-    if not run.config.padding_free or not items:
+    if not items:
         return False
     sample = items[:n]
     batch = to_device(collate_columns(sample, list(range(len(sample[0].sequences))), pad_id), run.device)
-    if padding_free_matches(model, batch["input_ids"], batch["attention_mask"], batch.get("prefix_groups")):
-        return True
-    run.print(f"[{run.stage}] WARNING: this model's packed forward pass (padding_free: true) does not match "
-              "its padded one (its attention does not follow packed position ids or the shared-prompt mask): "
-              "padding instead")
-    run.config.padding_free = False
-    return False
+    return keep_padding_free(run, lambda: padding_free_matches(model, batch["input_ids"], batch["attention_mask"],
+                                                               batch.get("prefix_groups")))
 
 
 def _fingerprint(run: Run, splits: dict[str, list[Item]]) -> str:

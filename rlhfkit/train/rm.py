@@ -45,7 +45,18 @@ from rlhfkit.models.reward import (
     save_normalization,
     sequence_rewards,
 )
-from rlhfkit.train.common import config_task, config_tokenizer, encode_all, load_split, row_format, row_texts, save_final, shard, to_device
+from rlhfkit.train.common import (
+    config_task,
+    config_tokenizer,
+    encode_all,
+    keep_padding_free,
+    load_split,
+    row_format,
+    row_texts,
+    save_final,
+    shard,
+    to_device,
+)
 from rlhfkit.train.loop import BatchStream, Result, Run, describe_batches, fit, start_run, total_steps
 from rlhfkit.train.tracking import write_summary
 
@@ -125,16 +136,9 @@ def setup_reward_model(run: Run, texts):
 def resolve_rm_padding_free(run: Run, model, groups: list[ResponseGroup], pad_id: int, n: int = 4) -> bool:
     """`padding_free` as asked, unless the packed pass disagrees with the padded one on the first
     `n` training rows: then a warning, and padding for the whole run (`padding_free` set False)."""
-    if not run.config.padding_free:
-        return False
     batch = to_device(collate_groups(groups[:n], pad_id), run.device)
-    if padding_free_rewards_match(model, batch["input_ids"], batch["attention_mask"], batch["prefix_groups"]):
-        return True
-    run.print(f"[{run.stage}] WARNING: this model's packed forward pass (padding_free: true) does not match "
-              "its padded one (its attention does not follow packed position ids or the shared-prompt mask): "
-              "padding instead")
-    run.config.padding_free = False
-    return False
+    return keep_padding_free(run, lambda: padding_free_rewards_match(model, batch["input_ids"], batch["attention_mask"],
+                                                                     batch["prefix_groups"]))
 
 
 # ---- normalisation ---------------------------------------------------------------------------
