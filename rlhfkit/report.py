@@ -237,11 +237,13 @@ def _models(evals: dict) -> str:
     else:
         n = len(next(iter(models.values())).get("stats", {}).get("length", []))
         rm = evals.get("reward_model")
-        note = (f"Computed by the pipeline: one sample per prompt on the same {n} held-out prompts for every model "
-                f"(same seed); KL to <b>{html.escape(str(evals.get('baseline')))}</b> summed over response tokens; "
+        note = (f"<code>rlhfkit eval</code> run by the pipeline: one sample per prompt on the same {n} held-out "
+                f"prompts for every model (same seed); KL to <b>{html.escape(str(evals.get('baseline')))}</b> summed "
+                "over response tokens; "
                 + (f"RM score from the <b>{html.escape(rm)}</b> stage (normalised); " if rm else "")
-                + "distinct-n: unique word n-grams / all word n-grams of the responses. Win rates appear when "
-                "<code>eval/eval.json</code> (<code>rlhfkit eval</code>) is present.")
+                + "distinct-n: unique word n-grams / all word n-grams of the responses; win rate: share of prompts "
+                "where the model's response beats the baseline's (ties half), bootstrap 95% interval. Your own "
+                "<code>eval/eval.json</code> (other judges or prompts) replaces this table when present.")
     return _table(header, rows) + f"<p class=note>{note}</p>" + _frontier_models(evals)
 
 
