@@ -36,7 +36,7 @@ class BaseConfig(BaseModel):
     dropout is off everywhere, LoRA's included, and `lora_dropout > 0` is a config error. pt and
     sft set it False and keep `lora_dropout` as a training-time regulariser."""
     supports_4bit: ClassVar[bool] = False
-    """The stage takes `load_in_4bit` (pt, sft, rm, dpo, kto, grpo, rloo: tested in tests/test_qlora.py)."""
+    """The stage takes `load_in_4bit` (every stage: tested in tests/test_qlora.py)."""
 
     # ---- model -------------------------------------------------------------------------------
     model_name_or_path: str
@@ -169,8 +169,8 @@ class BaseConfig(BaseModel):
     load_in_4bit: bool = False
     """QLoRA: load the base model's linear layers in 4-bit NF4 (bitsandbytes, compute in fp32) and
     train LoRA adapters on top. Needs finetuning_type: lora and a saved model (not a preset, not
-    GGUF); `pip install 'rlhfkit[qlora]'`. Every stage but ppo takes it (ppo rejects it: its critic
-    and reward adapters over a 4-bit base are not built yet)."""
+    GGUF); `pip install 'rlhfkit[qlora]'`. Every stage takes it under `single`/`ddp` (the reference
+    is the 4-bit base with adapters off; ppo's critic and reward adapters share that base)."""
     bf16: bool = False
     """Train with bfloat16 autocast (weights and optimizer stay fp32)."""
     fp16: bool = False
@@ -248,7 +248,7 @@ class BaseConfig(BaseModel):
             problems.append(str(e))
         if self.load_in_4bit:
             if not self.supports_4bit:
-                problems.append("load_in_4bit: this stage does not take a 4-bit base yet (every stage but ppo does)")
+                problems.append("load_in_4bit: this stage does not take a 4-bit base yet")
             if self.finetuning_type != "lora":
                 problems.append("load_in_4bit: true needs finetuning_type: lora (QLoRA trains adapters on a "
                                 "frozen 4-bit base)")
@@ -649,6 +649,7 @@ class PPOConfig(OnlineConfig):
     micro-batches of `per_device_train_batch_size`, gradients accumulated)."""
 
     supports_lora_layers: ClassVar[bool] = False
+    supports_4bit: ClassVar[bool] = True  # QLoRA: policy, reference, critic and reward adapters on one 4-bit base
 
     learning_rate: float = 1e-5
     """Peak learning rate (AdamW), shared by the policy and the critic; decays linearly (N+: 3e-6

@@ -147,7 +147,7 @@ def test_qlora_preference_stages_train_and_save_an_adapter(stage, tiny_model_dir
     ("rm", dict(finetuning_type="lora", model_name_or_path="preset:tiny"), "not a preset"),
     ("sft", dict(finetuning_type="lora", merge_lora=True), "merge_lora"),
     ("dpo", dict(finetuning_type="lora", merge_lora=True), "merge_lora"),
-    ("ppo", dict(finetuning_type="lora", reward_funcs=["gold"], task="sentiment"), "does not take a 4-bit base"),
+    ("ppo", dict(finetuning_type="full", reward_funcs=["gold"], task="sentiment"), "needs finetuning_type: lora"),
     ("grpo", dict(finetuning_type="full", reward_funcs=["gold"], task="sentiment"), "needs finetuning_type: lora"),
 ])
 def test_bad_4bit_configs_fail_early(stage, kw, message):
@@ -198,3 +198,36 @@ def test_qlora_grpo_trains_and_saves_an_adapter(stage, tiny_model_dir, tmp_path)
     adapter = load_file(str(out / "adapter_model.safetensors"))
     assert all(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
     load_for_use(str(out))
+
+
+def test_qlora_ppo_shares_one_4bit_base(tiny_model_dir, preference_data, tmp_path):
+    """ppo on a 4-bit base with a LoRA reward model over the same (full-precision) base: policy,
+    reference (adapters off), critic and reward adapters on ONE 4-bit base; the KL is exactly 0 at
+    the first step, the policy adapter trains, the saved adapter and critic reload."""
+    from safetensors.torch import load_file
+
+    from rlhfkit.models.load import load_for_use
+    from rlhfkit.models.reward import load_reward_model
+    from rlhfkit.train.ppo import train_ppo
+    from rlhfkit.train.rm import train_rm
+
+    common = dict(model_name_or_path=str(tiny_model_dir), finetuning_type="lora", report_to=[], disable_tqdm=True,
+                  seed=0, learning_rate=2e-3)
+    train_rm(build_config("rm", dict(common, dataset=str(preference_data / "train.jsonl"), max_length=48,
+                                     output_dir=str(tmp_path / "rm"), max_steps=1, per_device_train_batch_size=8)))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("The movie was", "This film is",
+                                                                         "My friend said", "The cat")))
+    out = tmp_path / "ppo"
+    result = train_ppo(build_config("ppo", dict(
+        common, dataset=str(prompts), output_dir=str(out), load_in_4bit=True, reward_model=str(tmp_path / "rm"),
+        rollout_batch_size=4, per_device_train_batch_size=4, num_mini_batches=1, num_ppo_epochs=1, max_steps=2,
+        max_new_tokens=6)))
+    step1 = next(r for r in result.history if r["step"] == 1)
+    assert step1["objective/kl"] == 0.0
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in result.model.modules())
+    adapter = load_file(str(out / "adapter_model.safetensors"))
+    assert adapter and all(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
+    load_for_use(str(out))
+    assert load_reward_model(out / "critic").raw_score(torch.arange(5, 17).reshape(1, 12),
+                                                       torch.ones(1, 12, dtype=torch.bool)).isfinite().all()
