@@ -649,7 +649,7 @@ class PPOConfig(OnlineConfig):
     micro-batches of `per_device_train_batch_size`, gradients accumulated)."""
 
     supports_lora_layers: ClassVar[bool] = False
-    supports_4bit: ClassVar[bool] = True  # QLoRA: policy, reference, critic and reward adapters on one 4-bit base
+    supports_4bit: ClassVar[bool] = True  # QLoRA: policy, reference, critic, reward adapters on one 4-bit base
 
     learning_rate: float = 1e-5
     """Peak learning rate (AdamW), shared by the policy and the critic; decays linearly (N+: 3e-6

@@ -130,8 +130,10 @@ def test_qlora_preference_stages_train_and_save_an_adapter(stage, tiny_model_dir
     with torch.no_grad():
         if stage == "rm":
             assert any("score" in k for k in adapter)  # the head trains with the adapters and saves with them
-            again = PeftModel.from_pretrained(build_reward_model(base, tokenizer, load_in_4bit=True), str(out)).eval()
-            torch.testing.assert_close(sequence_rewards(again, ids, mask), sequence_rewards(result.model.eval(), ids, mask))
+            base4 = build_reward_model(base, tokenizer, load_in_4bit=True)
+            again = PeftModel.from_pretrained(base4, str(out)).eval()
+            trained = sequence_rewards(result.model.eval(), ids, mask)
+            torch.testing.assert_close(sequence_rewards(again, ids, mask), trained)
             assert load_reward_model(out).raw_score(ids, mask).isfinite().all()
         else:
             again = PeftModel.from_pretrained(load_causal_lm(base, tokenizer, load_in_4bit=True), str(out)).eval()

@@ -66,8 +66,8 @@ def data(tmp_path_factory, tiny_model_dir) -> dict:
 
 
 def stage_config(data: dict, stage: str, variant: str, out: Path, **kw):
-    return build_config(stage, dict(data[stage], output_dir=str(out), **COMMON, **(LORA if variant == "lora" else {}),
-                                    **kw))
+    lora = LORA if variant == "lora" else {}
+    return build_config(stage, dict(data[stage], output_dir=str(out), **COMMON, **lora, **kw))
 
 
 @pytest.fixture(scope="module")
@@ -108,13 +108,14 @@ def load_saved(out: Path, stage: str, base: Path):
     if (out / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        assert Path(json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]) == base.resolve()
+        recorded = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+        assert Path(recorded) == base.resolve()
         model = PeftModel.from_pretrained(auto.from_pretrained(base, **kw), out)
     else:
         model = auto.from_pretrained(out)
     from transformers import AutoTokenizer
 
-    model.config.pad_token_id = AutoTokenizer.from_pretrained(out).pad_token_id  # the RM pools at the last non-pad
+    model.config.pad_token_id = AutoTokenizer.from_pretrained(out).pad_token_id  # RM: pools at the last non-pad
     return model.eval()
 
 
@@ -149,7 +150,8 @@ def reference_rewards(out: Path, base: Path) -> torch.Tensor:
     assert len(examples) == N_REFERENCE
     batch = pad_batch([e.input_ids for e in examples], tokenizer.pad_token_id, "right")
     with torch.no_grad():
-        scores = load_saved(out, "rm", base)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long())
+        model = load_saved(out, "rm", base)
+        scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long())
     return scores.logits[:, 0].double()
 
 

@@ -129,8 +129,8 @@ def build_reward_model(model_name_or_path: str, tokenizer, *, gguf_file: str | N
         if _is_sequence_classifier(model_name_or_path, gguf_file, trust_remote_code):
             raise ConfigError(f"load_in_4bit: {model_name_or_path} is already a reward model (sequence "
                               "classifier); a 4-bit reward model is built from a causal LM (the SFT model)")
-        lm = load_causal_lm(model_name_or_path, tokenizer, gguf_file=gguf_file, trust_remote_code=trust_remote_code,
-                            dtype=dtype, load_in_4bit=True)
+        lm = load_causal_lm(model_name_or_path, tokenizer, gguf_file=gguf_file,
+                            trust_remote_code=trust_remote_code, dtype=dtype, load_in_4bit=True)
         model = _from_causal_lm(lm)
         del lm
         init_reward_head(reward_head(model))

@@ -276,7 +276,7 @@ def build_roles(c: PPOConfig, tokenizer, device, printer=print) -> Roles:
     torch.manual_seed(c.seed)
     policy = prepare_4bit(load_causal_lm(c.model_name_or_path, tokenizer, gguf_file=c.gguf_file,
                                          trust_remote_code=c.trust_remote_code, load_in_4bit=c.load_in_4bit),
-                          gradient_checkpointing=c.gradient_checkpointing)  # QLoRA: a 4-bit base (no-op otherwise)
+                          gradient_checkpointing=c.gradient_checkpointing)  # QLoRA: a 4-bit base
     hidden = policy.config.hidden_size
     ref_path = c.ref_model or c.model_name_or_path
     separate_ref = c.finetuning_type == "full" or not _same_path(ref_path, c.model_name_or_path)

@@ -259,10 +259,11 @@ def train_rm(config: RMConfig) -> Result:
         def score(ids, mask, groups=None):
             return sequence_rewards(m, ids, mask, padding_free=padding_free, groups=groups)
 
-        metrics = evaluate_rewards(score, evaluation, pad_id=pad, eos_id=eos, dataset_format=fmt, rows=eval_rows,
-                                   task=task, batch_size=c.per_device_eval_batch_size, device=run.device,
-                                   bins=c.calibration_bins, plot_path=plot_path if run.is_main else None,
-                                   quiet=run.quiet, share_prompts=padding_free)
+        metrics = evaluate_rewards(score, evaluation, pad_id=pad, eos_id=eos, dataset_format=fmt,
+                                   rows=eval_rows, task=task, batch_size=c.per_device_eval_batch_size,
+                                   device=run.device, bins=c.calibration_bins,
+                                   plot_path=plot_path if run.is_main else None, quiet=run.quiet,
+                                   share_prompts=padding_free)
         return metrics if run.is_main else {}
 
     model, history = fit(
