@@ -174,7 +174,7 @@ def test_qlora_under_a_sharded_engine_is_refused(engine, stage):
     check_config("ddp", config)
 
 
-@pytest.mark.parametrize("stage", ["grpo"])
+@pytest.mark.parametrize("stage", ["grpo", "rloo"])
 def test_qlora_grpo_trains_and_saves_an_adapter(stage, tiny_model_dir, tmp_path):
     """grpo on a 4-bit base: the reference is the base with the adapters off (KL and first ratio
     exactly 0 at step 1: sampling, old and reference passes and the training pass agree), the
