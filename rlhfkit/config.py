@@ -36,8 +36,7 @@ class BaseConfig(BaseModel):
     dropout is off everywhere, LoRA's included, and `lora_dropout > 0` is a config error. pt and
     sft set it False and keep `lora_dropout` as a training-time regulariser."""
     supports_4bit: ClassVar[bool] = False
-    """The stage takes `load_in_4bit` (tested for pt and sft; dpo/kto/grpo on the tiny test model hit
-    a bitsandbytes CPU kernel assertion in single-row passes, so they refuse it for now)."""
+    """The stage takes `load_in_4bit` (every stage: tested in tests/test_qlora.py)."""
 
     # ---- model -------------------------------------------------------------------------------
     model_name_or_path: str
@@ -170,8 +169,8 @@ class BaseConfig(BaseModel):
     load_in_4bit: bool = False
     """QLoRA: load the base model's linear layers in 4-bit NF4 (bitsandbytes, compute in fp32) and
     train LoRA adapters on top. Needs finetuning_type: lora and a saved model (not a preset, not
-    GGUF); `pip install 'rlhfkit[qlora]'`. pt and sft take it; the other stages reject it (not
-    tested there yet)."""
+    GGUF); `pip install 'rlhfkit[qlora]'`. Every stage takes it under `single`/`ddp` (the reference
+    is the 4-bit base with adapters off; ppo's critic and reward adapters share that base)."""
     bf16: bool = False
     """Train with bfloat16 autocast (weights and optimizer stay fp32)."""
     fp16: bool = False
@@ -249,7 +248,7 @@ class BaseConfig(BaseModel):
             problems.append(str(e))
         if self.load_in_4bit:
             if not self.supports_4bit:
-                problems.append("load_in_4bit: this stage does not take a 4-bit base yet (pt and sft do)")
+                problems.append("load_in_4bit: this stage does not take a 4-bit base yet")
             if self.finetuning_type != "lora":
                 problems.append("load_in_4bit: true needs finetuning_type: lora (QLoRA trains adapters on a "
                                 "frozen 4-bit base)")
@@ -317,6 +316,8 @@ DPOLossType = Literal["sigmoid", "robust", "hinge", "ipo", "simpo", "orpo"]
 
 class _ReferenceConfig(BaseConfig):
     """Keys shared by the offline preference stages (dpo, kto): beta, the reference, truncation."""
+
+    supports_4bit: ClassVar[bool] = True
 
     learning_rate: float = 1e-6
     """Peak learning rate (AdamW). Preference losses need small steps: 5e-7-1e-6 for full
@@ -443,6 +444,8 @@ class KTOConfig(_ReferenceConfig):
 class RMConfig(BaseConfig):
     """`rlhfkit rm`: a reward model (scalar head on the SFT backbone) trained on preference pairs
     (Bradley-Terry) or rankings (Plackett-Luce), then normalised on reference responses."""
+
+    supports_4bit: ClassVar[bool] = True
 
     learning_rate: float = 1e-5
     """Peak learning rate (AdamW). ~1e-5 for full fine-tuning of a real model, ~1e-4 for LoRA,
@@ -646,6 +649,7 @@ class PPOConfig(OnlineConfig):
     micro-batches of `per_device_train_batch_size`, gradients accumulated)."""
 
     supports_lora_layers: ClassVar[bool] = False
+    supports_4bit: ClassVar[bool] = True  # QLoRA: policy, reference, critic, reward adapters on one 4-bit base
 
     learning_rate: float = 1e-5
     """Peak learning rate (AdamW), shared by the policy and the critic; decays linearly (N+: 3e-6
@@ -730,6 +734,8 @@ class GRPOConfig(OnlineConfig):
     `num_generations` responses to each, scores them, turns the scores into advantages within each
     prompt's group (`advantage_estimator`: GRPO, Dr. GRPO, RLOO, REINFORCE++), and takes
     `num_iterations` passes of `num_mini_batches` clipped policy-gradient steps. No critic."""
+
+    supports_4bit: ClassVar[bool] = True  # QLoRA policy (build_model); the reference: the base, adapters off
 
     learning_rate: float = 1e-6
     """Peak learning rate (AdamW); TRL's GRPO default. LoRA and tiny models take larger steps."""

@@ -186,7 +186,42 @@ def load_causal_lm(
         if model.generation_config.eos_token_id is None:
             model.generation_config.eos_token_id = tokenizer.eos_token_id
     disable_dropout(model)
-    return model if load_in_4bit else model.to(dtype)  # a 4-bit model cannot be cast (and stays where it loaded)
+    if load_in_4bit:
+        keep_4bit_layout(model)
+        return model  # a 4-bit model cannot be cast (and stays where it loaded)
+    return model.to(dtype)
+
+
+def keep_4bit_layout(model) -> None:
+    """Keep every bitsandbytes 4-bit layer of `model` in its training layout.
+
+    On a CPU with AVX512-BF16, bitsandbytes repacks a `Linear4bit`'s weight, in place and for good,
+    the first time it runs in eval mode on an input without grad (an evaluation pass, a reference
+    or KL pass with the adapters off, a reward, sampling). That layout is for inference only: it needs
+    out_features divisible by 32 (`N must be divisible by block_n`: an assertion on small models)
+    and every later pass, training ones included, goes through its gemv kernel. QLoRA's base must
+    serve training and no-grad passes alike, so the repacking is switched off (its passes then
+    dequantize as the training ones do, which also keeps a reference pass equal to the policy's)."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:  # pragma: no cover - a 4-bit model cannot exist without it
+        return
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def prepare_4bit(model, *, gradient_checkpointing: bool = False):
+    """A 4-bit (QLoRA) base made ready for adapters (peft's `prepare_model_for_kbit_training`:
+    every base weight frozen, norms and embeddings in fp32, inputs that carry gradients to the
+    adapters under gradient checkpointing); a model without 4-bit layers is returned unchanged.
+    The one QLoRA set-up of every stage (build_model: pt, sft, dpo, kto, the online policies; the
+    reward model)."""
+    if not getattr(model, "is_loaded_in_4bit", False):
+        return model
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
 
 
 def lora_layer_targets(model, last_layers: int | None, target: str | list[str]
@@ -236,7 +271,8 @@ def merged_lora(model) -> Iterator[torch.nn.Module]:
     at merge time (sparse) and written back after subtracting D, recomputed the same way. A model
     that is not a peft model, whose adapters use DoRA, whose active adapter trains whole modules
     (`modules_to_save`, which disabling the adapters would switch off), adapts an lm_head tied to
-    the input embedding or whose weights are sharded (ZeRO-3, FSDP2) is yielded unchanged."""
+    the input embedding, whose weights are sharded (ZeRO-3, FSDP2) or quantized (a QLoRA 4-bit base) is
+    yielded unchanged."""
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
     from peft.utils import ModulesToSaveWrapper
@@ -251,7 +287,9 @@ def merged_lora(model) -> Iterator[torch.nn.Module]:
                for m, _ in active)  # an adapted lm_head tied to the embedding: merging would change both
     # sharded weights (ZeRO-3 partitions, FSDP2 DTensors) are whole only inside each layer's forward
     sharded = any(hasattr(m.get_base_layer().weight, attr) for m, _ in active for attr in ("ds_id", "to_local"))
-    if (not active or trains_modules or tied or sharded
+    # a 4-bit base (QLoRA) stores packed NF4 codes: adding a float delta to them is meaningless
+    quantized = any(hasattr(m.get_base_layer().weight, "quant_state") for m, _ in active)
+    if (not active or trains_modules or tied or sharded or quantized
             or any(m.use_dora.get(a, False) for m, names in active for a in names)):
         yield model
         return

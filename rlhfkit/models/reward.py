@@ -107,19 +107,37 @@ def _from_causal_lm(lm):
         raise NotImplementedError(f"{type(model).__name__}: parameters {leftover[:3]} are not part of the "
                                   "backbone or the `score` head; rlhfkit cannot convert this architecture")
     model.name_or_path = lm.name_or_path
+    for attr in ("is_loaded_in_4bit", "hf_quantizer"):  # a 4-bit (QLoRA) backbone: peft and saving must know
+        if getattr(lm, attr, None):
+            setattr(model, attr, getattr(lm, attr))
     return model
 
 
 def build_reward_model(model_name_or_path: str, tokenizer, *, gguf_file: str | None = None,
-                       trust_remote_code: bool = False, dtype: torch.dtype = torch.float32):
+                       trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
+                       load_in_4bit: bool = False):
     """An `AutoModelForSequenceClassification` (num_labels=1) for reward modelling.
 
     From a causal LM (HF directory, hub id, `.gguf` file or `preset:NAME`): its backbone plus a
     fresh head (`init_reward_head`). From an existing sequence-classification checkpoint: loaded
     as is, head kept. Either way: embeddings sized to `tokenizer`, `config.pad_token_id` set,
-    dropout off, weights read from safetensors only."""
+    dropout off, weights read from safetensors only. `load_in_4bit` (QLoRA, from a causal LM): the
+    backbone's linear layers in 4-bit NF4 (`load_causal_lm`), the fresh head in `dtype`."""
     from transformers import AutoModelForSequenceClassification
 
+    if load_in_4bit:
+        if _is_sequence_classifier(model_name_or_path, gguf_file, trust_remote_code):
+            raise ConfigError(f"load_in_4bit: {model_name_or_path} is already a reward model (sequence "
+                              "classifier); a 4-bit reward model is built from a causal LM (the SFT model)")
+        lm = load_causal_lm(model_name_or_path, tokenizer, gguf_file=gguf_file,
+                            trust_remote_code=trust_remote_code, dtype=dtype, load_in_4bit=True)
+        model = _from_causal_lm(lm)
+        del lm
+        init_reward_head(reward_head(model))
+        model.score.to(model.get_input_embeddings().weight.device)  # where the 4-bit backbone loaded
+        model.config.pad_token_id = tokenizer.pad_token_id
+        disable_dropout(model)
+        return model  # a 4-bit model cannot be cast (and stays where it loaded)
     if _is_sequence_classifier(model_name_or_path, gguf_file, trust_remote_code):
         source, kwargs = resolve_source(model_name_or_path)
         model = AutoModelForSequenceClassification.from_pretrained(

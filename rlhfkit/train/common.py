@@ -21,6 +21,7 @@ from rlhfkit.models.load import (
     disable_dropout,
     load_causal_lm,
     load_tokenizer,
+    prepare_4bit,
 )
 from rlhfkit.models.presets import preset_name
 from rlhfkit.train.loop import Run
@@ -128,9 +129,7 @@ def build_model(run: Run, tokenizer):
     model = load_causal_lm(c.model_name_or_path, tokenizer, gguf_file=c.gguf_file,
                            trust_remote_code=c.trust_remote_code, load_in_4bit=c.load_in_4bit)
     if c.load_in_4bit:  # QLoRA: norms and embeddings in fp32, inputs that carry gradients to the adapters
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=c.gradient_checkpointing)
+        model = prepare_4bit(model, gradient_checkpointing=c.gradient_checkpointing)
     if c.finetuning_type == "lora":
         model = apply_lora(model, rank=c.lora_rank, alpha=c.lora_alpha, dropout=c.lora_dropout,
                            target=c.lora_target, last_layers=c.lora_layers)

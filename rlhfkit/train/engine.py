@@ -12,9 +12,8 @@ on a CPU machine used to train plain DDP).
 Engines (`Engine.name`): `single` (one process), `ddp` (data parallel: one full copy per process),
 `zero2` / `zero3` (DeepSpeed ZeRO stage 2: optimizer state and gradients partitioned; stage 3:
 parameters too), `fsdp2` (torch FSDP2 `fully_shard`, applied by rlhfkit: `rlhfkit.train.fsdp`).
-pt, sft and dpo run under every engine (`SHARDED_STAGES`); the other stages (rm, kto, and the
-online stages ppo, grpo, rloo, ..., which sum their gradients by hand) under `single`/`ddp` only,
-an error otherwise.
+pt, sft, rm, dpo and kto run under every engine (`SHARDED_STAGES`); the online stages (ppo, grpo,
+rloo, ..., which sum their gradients by hand) under `single`/`ddp` only, an error otherwise.
 """
 
 from __future__ import annotations
@@ -27,11 +26,11 @@ from pathlib import Path
 from rlhfkit.errors import ConfigError
 
 ENGINES = ("single", "ddp", "zero2", "zero3", "fsdp2")
-SHARDED_STAGES = ("pt", "sft", "dpo")
+SHARDED_STAGES = ("pt", "sft", "rm", "dpo", "kto")
 """Stages that run under the sharded engines: they train in `rlhfkit.train.loop.fit` (where the
-DeepSpeed and FSDP2 paths live) and are tested there (pt is sft's code path). rm and kto also train
-in `fit` but are not tested under ZeRO/FSDP yet (rm's normalisation pass, kto's z0 pre-pass), so
-they are refused rather than promised."""
+DeepSpeed and FSDP2 paths live) and are tested there (pt is sft's code path; sft and dpo in
+tests/test_scaleout.py, rm and kto in tests/test_scaleout_fit.py: rm's evaluation and normalisation
+passes run on every rank under ZeRO-3/FSDP2, kto's z0 pre-pass is fit's `prepare_step`)."""
 
 SUPPORTED: dict[str, tuple[str, ...] | None] = {
     "single": None,  # None: every stage

@@ -43,7 +43,7 @@ import torch
 
 from rlhfkit.config import PPOConfig
 from rlhfkit.errors import ConfigError
-from rlhfkit.models.load import apply_lora, disable_dropout, load_causal_lm
+from rlhfkit.models.load import apply_lora, disable_dropout, load_causal_lm, prepare_4bit
 from rlhfkit.models.logprobs import position_ids_from_mask, response_hidden
 from rlhfkit.models.reward import (
     Normalization,
@@ -274,8 +274,9 @@ def build_roles(c: PPOConfig, tokenizer, device, printer=print) -> Roles:
             rm_adapter_cfg = json.loads((rm_dir / "adapter_config.json").read_text())
         same_vocab = _reward_vocab_check(c, rm_dir, tokenizer, printer)
     torch.manual_seed(c.seed)
-    policy = load_causal_lm(c.model_name_or_path, tokenizer, gguf_file=c.gguf_file,
-                            trust_remote_code=c.trust_remote_code)
+    policy = prepare_4bit(load_causal_lm(c.model_name_or_path, tokenizer, gguf_file=c.gguf_file,
+                                         trust_remote_code=c.trust_remote_code, load_in_4bit=c.load_in_4bit),
+                          gradient_checkpointing=c.gradient_checkpointing)  # QLoRA: a 4-bit base
     hidden = policy.config.hidden_size
     ref_path = c.ref_model or c.model_name_or_path
     separate_ref = c.finetuning_type == "full" or not _same_path(ref_path, c.model_name_or_path)

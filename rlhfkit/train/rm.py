@@ -35,7 +35,7 @@ from rlhfkit.data.sources import load_rows
 from rlhfkit.errors import ConfigError
 from rlhfkit.eval.reward import evaluate_rewards, format_metrics, score_examples
 from rlhfkit.losses.preference import RM_LOSSES, centering_penalty
-from rlhfkit.models.load import base_reference, count_parameters, disable_dropout
+from rlhfkit.models.load import base_reference, count_parameters, disable_dropout, prepare_4bit
 from rlhfkit.models.presets import preset_name
 from rlhfkit.models.reward import (
     Normalization,
@@ -54,9 +54,9 @@ from rlhfkit.train.common import (
     row_format,
     row_texts,
     save_final,
-    shard,
     to_device,
 )
+from rlhfkit.train.deepspeed import samples_on_this_rank, shards_parameters
 from rlhfkit.train.loop import BatchStream, Result, Run, describe_batches, fit, start_run, total_steps
 from rlhfkit.train.tracking import write_summary
 
@@ -107,7 +107,8 @@ def setup_reward_model(run: Run, texts):
     tokenizer = config_tokenizer(c, texts)
     torch.manual_seed(c.seed)
     model = build_reward_model(c.model_name_or_path, tokenizer, gguf_file=c.gguf_file,
-                               trust_remote_code=c.trust_remote_code)
+                               trust_remote_code=c.trust_remote_code, load_in_4bit=c.load_in_4bit)
+    model = prepare_4bit(model, gradient_checkpointing=c.gradient_checkpointing)  # QLoRA (no-op otherwise)
     if c.finetuning_type == "lora":
         if preset_name(c.model_name_or_path) is not None:
             # A preset has no weights on disk: save the initial model so the adapter has a base.
@@ -126,7 +127,8 @@ def setup_reward_model(run: Run, texts):
                                   alpha=c.lora_alpha, dropout=c.lora_dropout, target=c.lora_target,
                                   last_layers=c.lora_layers)
         disable_dropout(model)  # LoRA's own dropout modules: a reward must not vary between passes
-    model.to(run.device)
+    if not c.load_in_4bit:  # a 4-bit model is placed at load time and cannot be moved
+        model.to(run.device)
     trainable, total = count_parameters(model)
     run.print(f"[{run.stage}] reward model from {c.model_name_or_path}: {total / 1e6:.2f}M parameters, "
               f"{trainable / 1e6:.2f}M trainable ({c.finetuning_type})")
@@ -189,12 +191,20 @@ def reference_examples(config: RMConfig, tokenizer, train_groups, reference_rows
 
 @torch.no_grad()
 def compute_normalization(run: Run, model, examples: list[Encoded], pad_id: int, what: str) -> Normalization:
-    """Mean and std of the raw reward over `examples` (split across processes, summed)."""
+    """Mean and std of the raw reward over `examples` (split across processes, summed).
+
+    Under ZeRO-3 / FSDP2 each forward pass is collective, so every rank must run as many: a rank
+    whose share is one short scores a repeat of its first example too and drops its reward (the
+    reference set is the run's own choice, so it need not split evenly)."""
     c = run.config
-    mine = shard(examples, run)
+    mine = examples[run.rank::run.world_size]
+    real = len(mine)
+    if shards_parameters(run):
+        per_rank = -(-len(examples) // run.world_size)
+        mine = mine + [examples[0]] * (per_rank - real)
     rewards = score_examples(lambda ids, m: sequence_rewards(model, ids, m, padding_free=c.padding_free), mine, pad_id,
                              batch_size=c.per_device_eval_batch_size, device=run.device, quiet=run.quiet,
-                             desc="normalisation").double()
+                             desc="normalisation").double()[:real]
     s, s2, n = run.reduce_sum([rewards.sum().item(), (rewards ** 2).sum().item(), rewards.numel()]).tolist()
     mean = s / n
     std = max(s2 / n - mean ** 2, 0.0) ** 0.5
@@ -242,15 +252,19 @@ def train_rm(config: RMConfig) -> Result:
     plot_path = run.output_dir / "plots" / "reliability.png"
 
     def evaluate(m) -> dict:
-        if not run.is_main:
+        # the main process evaluates; under ZeRO-3 / FSDP2 every forward pass is collective, so every
+        # rank scores the same evaluation set with it (only the main process keeps the metrics and plots)
+        if not samples_on_this_rank(run):
             return {}
         def score(ids, mask, groups=None):
             return sequence_rewards(m, ids, mask, padding_free=padding_free, groups=groups)
 
-        return evaluate_rewards(score, evaluation, pad_id=pad, eos_id=eos, dataset_format=fmt, rows=eval_rows,
-                                task=task, batch_size=c.per_device_eval_batch_size, device=run.device,
-                                bins=c.calibration_bins, plot_path=plot_path, quiet=run.quiet,
-                                share_prompts=padding_free)
+        metrics = evaluate_rewards(score, evaluation, pad_id=pad, eos_id=eos, dataset_format=fmt,
+                                   rows=eval_rows, task=task, batch_size=c.per_device_eval_batch_size,
+                                   device=run.device, bins=c.calibration_bins,
+                                   plot_path=plot_path if run.is_main else None, quiet=run.quiet,
+                                   share_prompts=padding_free)
+        return metrics if run.is_main else {}
 
     model, history = fit(
         run, model, stream=stream,

@@ -1,0 +1,222 @@
+"""rm and kto under the sharded engines on 2 CPU processes (gloo, OMP_NUM_THREADS=1): `accelerate
+launch --config_file configs/accelerate/{zero2,zero3,fsdp2}.yaml`, each checked against one process
+with the same global batch (the launches, tolerances and helpers of tests/test_scaleout.py).
+
+One launch per (engine, stage), LoRA or full fine-tuning so that each stage runs both under the
+engines that shard parameters (`VARIANT`): rm LoRA under zero2 and fsdp2, full under zero3; kto full
+under zero2 and fsdp2, LoRA under zero3. Each: 4 optimizer steps of 2 per device x 2 accumulation x 2
+processes (the single process: 8 x 1 x 1), clipping at 1.0, a checkpoint at step 2, an evaluation
+at the end (rm: every rank scores the evaluation set under ZeRO-3/FSDP2; kto: z0 over the whole
+evaluation set). Checked per launch:
+- summary.json names the engine; what each rank held: ZeRO-3 / FSDP2 about half of the parameters,
+  ZeRO-2 all parameters and half of the optimizer state (ZeRO-3 / FSDP2 half of it too);
+- the metric curve (kto: its z0 `kl` pre-pass over the global batch) equals the single process's
+  within test_scaleout's tolerance (rel 1e-4 / abs 1e-5);
+- rm: the normalisation statistics (31 reference responses: the ranks' shares differ by one, the
+  short one scores a repeat) equal the single process's; the saved directory loads with plain
+  transformers as AutoModelForSequenceClassification (peft on top for LoRA) and its mean / std over
+  the same reference responses are the normalisation the run computed from its training weights;
+  its scores equal the single run's saved model's;
+- kto: the saved model (or adapter over its base) gives the single run's logits.
+One interrupted run (zero3 rm) resumes from its step-2 checkpoint to the same metrics, normalisation
+and weights.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from test_scaleout import (
+    COMMON,
+    LAUNCHED,
+    SINGLE,
+    assert_same_curve,
+    launch,
+    metrics,
+    needs_deepspeed,
+    summary,
+)
+
+from rlhfkit.config import build_config, dump_config
+from rlhfkit.tasks import get_task
+
+pytestmark = pytest.mark.slow
+
+VARIANT = {("zero2", "rm"): "lora", ("zero3", "rm"): "full", ("fsdp2", "rm"): "lora",
+           ("zero2", "kto"): "full", ("zero3", "kto"): "lora", ("fsdp2", "kto"): "full"}
+LORA = dict(finetuning_type="lora", lora_rank=8)
+N_REFERENCE = 31
+"""Reference responses of the rm normalisation: odd, so 2 ranks' shares differ by one."""
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, tiny_model_dir) -> dict:
+    d = tmp_path_factory.mktemp("scaleout_fit_data")
+    task = get_task("sentiment")
+    for name, n, seed in (("train", 32, 0), ("eval", 16, 1)):
+        rows = task.make("preference", n, seed=seed)
+        (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = dict(model_name_or_path=str(tiny_model_dir), dataset=str(d / "train.jsonl"),
+                  eval_dataset=str(d / "eval.jsonl"), eval_steps=4, max_length=48)
+    return {"rm": dict(common, normalization_samples=N_REFERENCE), "kto": dict(common)}
+
+
+def stage_config(data: dict, stage: str, variant: str, out: Path, **kw):
+    lora = LORA if variant == "lora" else {}
+    return build_config(stage, dict(data[stage], output_dir=str(out), **COMMON, **lora, **kw))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data):
+    """Launched runs (engine, stage) and single-process references (single, stage, variant), each
+    made once per module on first use."""
+    root = tmp_path_factory.mktemp("scaleout_fit")
+    done: dict = {}
+
+    def get(engine: str, stage: str, variant: str | None = None) -> Path:
+        variant = variant or VARIANT[(engine, stage)]
+        key = (engine, stage, variant)
+        if key not in done:
+            out = root / "_".join(key)
+            if engine == "single":
+                from rlhfkit.train.kto import train_kto
+                from rlhfkit.train.rm import train_rm
+
+                {"rm": train_rm, "kto": train_kto}[stage](stage_config(data, stage, variant, out, **SINGLE))
+            else:
+                cfg = root / f"{'_'.join(key)}.yaml"
+                dump_config(stage_config(data, stage, variant, out, **LAUNCHED), cfg)
+                launch(engine, stage, cfg)
+            done[key] = out
+        return done[key]
+
+    return get
+
+
+# ---- plain-transformers views of a saved directory ---------------------------------------------------
+
+def load_saved(out: Path, stage: str, base: Path):
+    """The saved model with plain transformers (+ peft for an adapter), eval mode, on one process."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForSequenceClassification if stage == "rm" else AutoModelForCausalLM
+    kw = {"num_labels": 1} if stage == "rm" else {}
+    if (out / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        recorded = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+        assert Path(recorded) == base.resolve()
+        model = PeftModel.from_pretrained(auto.from_pretrained(base, **kw), out)
+    else:
+        model = auto.from_pretrained(out)
+    from transformers import AutoTokenizer
+
+    model.config.pad_token_id = AutoTokenizer.from_pretrained(out).pad_token_id  # RM: pools at the last non-pad
+    return model.eval()
+
+
+def outputs(out: Path, stage: str, base: Path) -> torch.Tensor:
+    """(2, T, V) logits of a causal LM / (2, 1) scores of a reward model on fixed ids."""
+    model = load_saved(out, stage, base)
+    ids = (torch.arange(3, 43).reshape(2, -1) * 7) % 300 + 5
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+
+
+def reference_rewards(out: Path, base: Path) -> torch.Tensor:
+    """Raw rewards of the saved RM (plain transformers, right-padded batches) on the run's own
+    normalisation reference responses (the same seeded sample of the training chosen responses)."""
+    from transformers import AutoTokenizer
+
+    from rlhfkit.data.collate import pad_batch
+    from rlhfkit.data.formats import to_canonical
+    from rlhfkit.data.groups import encode_group
+    from rlhfkit.data.sources import load_rows
+    from rlhfkit.train.rm import reference_examples
+
+    import yaml
+
+    config = build_config("rm", yaml.safe_load((out / "config.yaml").read_text()))  # the run's resolved config
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    rows = to_canonical(load_rows(config.dataset))
+    groups = [g for i, r in enumerate(rows)
+              if (g := encode_group(tokenizer, r, config.max_length, config.max_prompt_length, i,
+                                    config.max_response_length)) is not None]
+    examples, _ = reference_examples(config, tokenizer, groups, None)
+    assert len(examples) == N_REFERENCE
+    batch = pad_batch([e.input_ids for e in examples], tokenizer.pad_token_id, "right")
+    with torch.no_grad():
+        model = load_saved(out, "rm", base)
+        scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long())
+    return scores.logits[:, 0].double()
+
+
+# ---- the matrix --------------------------------------------------------------------------------------
+
+CASES = [pytest.param(e, s, marks=needs_deepspeed if e.startswith("zero") else ()) for e, s in VARIANT]
+
+
+@pytest.mark.parametrize("engine, stage", CASES)
+def test_rm_and_kto_under_a_sharded_engine_match_one_process(runs, data, tiny_model_dir, engine, stage):
+    variant = VARIANT[(engine, stage)]
+    launched, single = runs(engine, stage), runs("single", stage, variant)
+    s, ref = summary(launched), summary(single)
+    # 1. the engine asked for
+    assert (s["engine"], s["world_size"]) == (engine, 2)
+    assert s["distributed_type"] == ("DEEPSPEED" if engine.startswith("zero") else "MULTI_CPU")
+    # 2. what each rank held (LoRA: the frozen base is partitioned too; the optimizer holds the adapters)
+    total, state = ref["local_parameters"][0], ref["local_optimizer_state"][0]
+    assert 0 < state < total if variant == "lora" else state == total
+    params, optim = s["local_parameters"], s["local_optimizer_state"]
+    if engine in ("zero3", "fsdp2"):
+        assert all(0.45 * total <= n <= 0.55 * total for n in params), (params, total)
+    else:
+        assert params == [total, total]
+    assert all(0.45 * state <= n <= 0.55 * state for n in optim), (optim, state)
+    # 3. the curve of one process (evaluation at the end included)
+    assert_same_curve(launched, single)
+    assert any(k.startswith("eval/") for k in metrics(launched)[-1])
+    # 4. the saved model, loaded with plain transformers on one process
+    torch.testing.assert_close(outputs(launched, stage, tiny_model_dir), outputs(single, stage, tiny_model_dir),
+                               atol=1e-4, rtol=1e-4)
+    if stage == "rm":  # 5. the normalisation: the single process's, and what the saved weights give
+        norm, norm_ref = s["normalization"], ref["normalization"]
+        assert norm["mean"] == pytest.approx(norm_ref["mean"], rel=1e-4, abs=1e-5)
+        assert norm["std"] == pytest.approx(norm_ref["std"], rel=1e-4, abs=1e-5)
+        assert f"{N_REFERENCE} best (chosen)" in norm["reference"]
+        raw = reference_rewards(launched, tiny_model_dir)
+        assert raw.mean().item() == pytest.approx(norm["mean"], rel=1e-4, abs=1e-5)
+        assert raw.std(unbiased=False).item() == pytest.approx(norm["std"], rel=1e-4, abs=1e-5)
+        assert json.loads((launched / "reward_normalization.json").read_text())["mean"] == norm["mean"]
+
+
+@needs_deepspeed
+def test_interrupted_rm_resumes_under_zero3(runs, data, tmp_path):
+    """zero3 rm killed after its step-2 checkpoint (no final model, summary or normalisation), resumed
+    with `resume_from_checkpoint: true`: the same metrics, normalisation and weights."""
+    full = runs("zero3", "rm")
+    out = tmp_path / "resumed"
+    final = shutil.ignore_patterns("*.safetensors", "summary.json", "tokenizer*", "config.json",
+                                   "reward_normalization.json", "chat_template*")
+    shutil.copytree(full, out, ignore=lambda d, names: final(d, names) if Path(d) == full else set())
+    assert not (out / "model.safetensors").exists()
+    assert (out / "checkpoints" / "step-000002" / "deepspeed").is_dir()
+    cfg = tmp_path / "resume.yaml"
+    dump_config(stage_config(data, "rm", VARIANT[("zero3", "rm")], out, resume_from_checkpoint=True, **LAUNCHED),
+                cfg)
+    proc = launch("zero3", "rm", cfg)
+    assert "resumed from" in proc.stdout + proc.stderr
+    assert_same_curve(out, full, rel=1e-6, abs_=1e-7)
+    resumed, uninterrupted = summary(out)["normalization"], summary(full)["normalization"]
+    for k in ("mean", "std"):
+        assert resumed[k] == pytest.approx(uninterrupted[k], rel=1e-6, abs=1e-7)
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(out / "model.safetensors")), load_file(str(full / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-6, msg=k)
