@@ -28,11 +28,24 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 
-def configure_deepspeed(accelerator, config) -> dict:
+def configure_deepspeed(accelerator, config, model=None) -> dict:
     """Fill the active DeepSpeed config from the rlhfkit config (see the module docstring);
     values the user set explicitly to something else than `auto` are overridden where rlhfkit
-    depends on them (micro-batch, accumulation, clipping) and kept otherwise. Returns the config."""
+    depends on them (micro-batch, accumulation, clipping) and kept otherwise. A `model` without a
+    `config` of its own (a container of several models, e.g. PPO's policy + critic) gets the
+    hidden-size-derived `auto` values accelerate would fill (bucket sizes, persistence threshold)
+    from the first model inside it that has one. Returns the config."""
     ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    if model is not None and getattr(model, "config", None) is None:
+        hidden = next((getattr(m.config, "hidden_size", None) for m in model.modules()
+                       if getattr(m, "config", None) is not None and hasattr(m.config, "hidden_size")), None)
+        zero = ds.get("zero_optimization", {})
+        derived = {"reduce_bucket_size": hidden * hidden if hidden else None,
+                   "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden) if hidden else None,
+                   "stage3_param_persistence_threshold": 10 * hidden if hidden else None}
+        for key, value in derived.items():
+            if zero.get(key) == "auto" and value is not None:
+                zero[key] = value
     ds["train_micro_batch_size_per_gpu"] = config.per_device_train_batch_size
     ds["gradient_accumulation_steps"] = 1
     ds["train_batch_size"] = config.per_device_train_batch_size * accelerator.num_processes

@@ -12,9 +12,13 @@ on a CPU machine used to train plain DDP).
 Engines (`Engine.name`): `single` (one process), `ddp` (data parallel: one full copy per process),
 `zero2` / `zero3` (DeepSpeed ZeRO stage 2: optimizer state and gradients partitioned; stage 3:
 parameters too), `fsdp2` (torch FSDP2 `fully_shard`, applied by rlhfkit: `rlhfkit.train.fsdp`).
-pt, sft and dpo run under every engine (`SHARDED_STAGES`); the other stages (rm, kto, and the
-online stages ppo, grpo, rloo, ..., which sum their gradients by hand) under `single`/`ddp` only,
-an error otherwise.
+pt, sft, dpo and the online stages ppo, grpo, rloo run under every engine (`SHARDED_STAGES`); the
+other stages under `single`/`ddp` only, an error otherwise. The engine-specific backward / step /
+checkpoint of every stage is `rlhfkit.train.distributed.Optimization`. Placement of the roles under
+ZeRO-2/3 and FSDP2: the trained models (policy; PPO's critic and value head) in the engine; frozen
+models (the full fine-tuning reference, a separate reward model) whole on every rank outside it;
+under LoRA the reference (and PPO's shared-base reward adapter) is the policy's base, sharded with
+it. Sampling gathers the policy's parameters on every rank (`Optimization.whole`).
 """
 
 from __future__ import annotations
@@ -27,9 +31,11 @@ from pathlib import Path
 from rlhfkit.errors import ConfigError
 
 ENGINES = ("single", "ddp", "zero2", "zero3", "fsdp2")
-SHARDED_STAGES = ("pt", "sft", "dpo")
-"""Stages that run under the sharded engines: they train in `rlhfkit.train.loop.fit` (where the
-DeepSpeed and FSDP2 paths live) and are tested there (pt is sft's code path). rm and kto also train
+SHARDED_STAGES = ("pt", "sft", "dpo", "ppo", "grpo", "rloo")
+"""Stages that run under the sharded engines: pt, sft, dpo train in `rlhfkit.train.loop.fit`, ppo,
+grpo, rloo in the online loops (`rlhfkit.train.online.run_updates`), both through
+`rlhfkit.train.distributed.Optimization`, where the DeepSpeed and FSDP2 paths live; tested in
+tests/test_scaleout.py and tests/test_scaleout_online.py (pt is sft's code path). rm and kto also train
 in `fit` but are not tested under ZeRO/FSDP yet (rm's normalisation pass, kto's z0 pre-pass), so
 they are refused rather than promised."""
 
