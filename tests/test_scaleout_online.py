@@ -14,8 +14,10 @@ in the same step (sampling runs with the policy's parameters gathered on every r
 - summary.json names the engine asked for;
 - what each rank held: ZeRO-3 and FSDP2 about half of the trained parameters, ZeRO-2 all parameters
   and half of the optimizer state;
-- the metric curve equals the single process's within rel 1e-4 / abs 1e-5 (measured: <= ~1e-6;
-  DeepSpeed clips and reduces in another order than torch, so not bit-identical);
+- the metric curve (the keys in COMPARED; per-process statistics such as rewards/std are means of
+  per-process values by design and differ) equals the single process's within rel 1e-4 / abs 1e-5
+  (measured, largest relative difference of a value above 1e-3: 2.6e-5 for zero3 ppo full, <= 5e-6
+  for the others; DeepSpeed clips and reduces in another order than torch, so not bit-identical);
 - the saved policy loads with plain transformers (full fine-tuning) or peft (LoRA, adapter on the
   saved base) on one process and matches the single run's weights within 1e-4;
 - per stage one run interrupted after its step-2 checkpoint and resumed under the same engine ends

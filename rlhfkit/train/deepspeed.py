@@ -1,5 +1,5 @@
-"""DeepSpeed ZeRO-2 / ZeRO-3 through accelerate for the stages that train with `fit` (pt, sft, rm,
-dpo, kto). Launch with `accelerate launch --config_file configs/accelerate/zero3.yaml -m rlhfkit ...`.
+"""DeepSpeed ZeRO-2 / ZeRO-3 through accelerate for the stages that train with `fit` (pt, sft, dpo)
+and the online stages (ppo, grpo, rloo), both through `rlhfkit.train.distributed.Optimization`. Launch with `accelerate launch --config_file configs/accelerate/zero3.yaml -m rlhfkit ...`.
 
 How rlhfkit drives the engine (so that a run under ZeRO equals one under DDP up to the engine's own
 arithmetic):
@@ -20,7 +20,14 @@ arithmetic):
 - under ZeRO-3 every forward pass is collective: evaluation runs on every rank (it already does),
   sampling for the gold-reward evaluation runs on every rank with the same seed (only the main
   process writes), and the final save gathers the full weights on every rank
-  (`deepspeed.zero.GatheredParameters`) before the main process writes a normal HF directory.
+  (`deepspeed.zero.GatheredParameters`) before the main process writes a normal HF directory;
+- the online stages: one engine over the trained models (the policy; PPO: policy, critic and value
+  head in one `Trainable` container whose forward runs the micro-batch's passes, so that they go
+  through the engine's forward); the frozen reference (full fine-tuning) and a separate reward
+  model stay whole on every rank outside the engine; sampling (and the no-grad old/reference/value
+  passes) runs inside `Optimization.whole`: the policy's parameters gathered
+  (`GatheredParameters`) and ZeRO-3's hooks lifted, so ranks sample different lengths without a
+  collective inside the sampler.
 """
 
 from __future__ import annotations
