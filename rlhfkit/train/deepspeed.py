@@ -1,5 +1,6 @@
 """DeepSpeed ZeRO-2 / ZeRO-3 through accelerate for the stages that train with `fit` (pt, sft, dpo)
-and the online stages (ppo, grpo, rloo), both through `rlhfkit.train.distributed.Optimization`. Launch with `accelerate launch --config_file configs/accelerate/zero3.yaml -m rlhfkit ...`.
+and the online stages (ppo, grpo, rloo), both through `rlhfkit.train.distributed.Optimization`.
+Launch with `accelerate launch --config_file configs/accelerate/zero3.yaml -m rlhfkit ...`.
 
 How rlhfkit drives the engine (so that a run under ZeRO equals one under DDP up to the engine's own
 arithmetic):
@@ -44,8 +45,8 @@ def configure_deepspeed(accelerator, config, model=None) -> dict:
     from the first model inside it that has one. Returns the config."""
     ds = accelerator.state.deepspeed_plugin.deepspeed_config
     if model is not None and getattr(model, "config", None) is None:
-        hidden = next((getattr(m.config, "hidden_size", None) for m in model.modules()
-                       if getattr(m, "config", None) is not None and hasattr(m.config, "hidden_size")), None)
+        hidden = next((m.config.hidden_size for m in model.modules()
+                       if hasattr(getattr(m, "config", None), "hidden_size")), None)
         zero = ds.get("zero_optimization", {})
         derived = {"reduce_bucket_size": hidden * hidden if hidden else None,
                    "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden) if hidden else None,

@@ -109,8 +109,8 @@ class Optimization:
     - fsdp2: each of `roots` (default: `model`) is sharded as its own FSDP2 root before the
       optimizer is built (calling a child of a sharded root directly would leave the root's own
       parameters sharded; `units`: submodules that are called on their own, sharded as units of
-      their own inside their root); reduce-scatter averages on the last micro-batch only, torch clips the
-      global norm of the DTensor gradients; the loss is scaled by world_size.
+      their own inside their root); reduce-scatter averages on the last micro-batch only, torch
+      clips the global norm of the DTensor gradients; the loss is scaled by world_size.
     With one process and `prepare=True` the numbers are those `fit` always produced; with
     `prepare=False` those the online loops always produced (bit-identical: same calls, same order).
     """
@@ -141,8 +141,8 @@ class Optimization:
         self.scheduler = build_scheduler(self.optimizer, c, steps)
         self.state: dict = {}
         if run.resume_from is not None and not self.deepspeed:
-            self.state = load_checkpoint(run.resume_from, model, self.optimizer, self.scheduler, rank=run.rank,
-                                         fsdp=self.fsdp)
+            self.state = load_checkpoint(run.resume_from, model, self.optimizer, self.scheduler,
+                                         rank=run.rank, fsdp=self.fsdp)
         if self.deepspeed:
             from rlhfkit.train.deepspeed import configure_deepspeed
 
@@ -150,9 +150,9 @@ class Optimization:
         self.wrapped = model
         if self.prepared:
             self.wrapped, self.optimizer = run.accelerator.prepare(model, self.optimizer)
-        if run.resume_from is not None and self.deepspeed:  # the engine restores its partitions, after prepare
-            self.state = load_checkpoint(run.resume_from, model, self.optimizer, self.scheduler, rank=run.rank,
-                                         deepspeed_engine=self.wrapped)
+        if run.resume_from is not None and self.deepspeed:  # the engine restores its partitions after prepare
+            self.state = load_checkpoint(run.resume_from, model, self.optimizer, self.scheduler,
+                                         rank=run.rank, deepspeed_engine=self.wrapped)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.held = local_parameter_count(model)  # after sharding: what this rank holds
 
@@ -195,7 +195,8 @@ class Optimization:
         if self.fsdp:
             from rlhfkit.train.fsdp import clip_grad_norm
 
-            return optimizer_step(self.params, self.optimizer, self.scheduler, c.max_grad_norm, clip=clip_grad_norm)
+            return optimizer_step(self.params, self.optimizer, self.scheduler, c.max_grad_norm,
+                                  clip=clip_grad_norm)
         if self.prepared:  # DDP's hooks already averaged the gradients
             return optimizer_step(self.params, self.optimizer, self.scheduler, c.max_grad_norm,
                                   clip=acc.clip_grad_norm_)
@@ -205,12 +206,14 @@ class Optimization:
     def save_checkpoint(self, step: int, extra_state: dict | None = None, save=None):
         """A resumable checkpoint at `step` (collective): the engine's own files under DeepSpeed,
         gathered full state under FSDP2. `save`: the writer (`rlhfkit.train.checkpoint.save_checkpoint`
-        unless given; `fit` passes the one its module imported, which tests replace to simulate a kill)."""
+        unless given; `fit` passes the one its module imported, which tests replace to simulate a
+        kill)."""
         from rlhfkit.train.checkpoint import save_checkpoint
 
         run = self.run
-        return (save or save_checkpoint)(run.output_dir, step, self.model, self.optimizer, self.scheduler, rank=run.rank,
-                               is_main=run.is_main, barrier=run.accelerator.wait_for_everyone,
+        return (save or save_checkpoint)(run.output_dir, step, self.model, self.optimizer, self.scheduler,
+                                         rank=run.rank, is_main=run.is_main,
+                                         barrier=run.accelerator.wait_for_everyone,
                                keep=run.config.save_total_limit, extra_state=extra_state,
                                deepspeed_engine=self.wrapped if self.deepspeed else None, fsdp=self.fsdp)
 
@@ -271,7 +274,7 @@ def _zero3_hooks(offload, on: bool) -> None:
 
         offload.setup_zero_stage3_hooks()
         stack = parameter_offload.FWD_MODULE_STACK  # set-up pushes the module again: keep one entry
-        if len(stack) > 1 and stack[-1] is offload.module and any(m is offload.module for m in stack[:-1]):
+        if len(stack) > 1 and stack[-1] is offload.module and any(m is stack[-1] for m in stack[:-1]):
             stack.pop()
         return
     offload._remove_module_hooks()

@@ -283,9 +283,10 @@ def train_grpo(config: GRPOConfig) -> Result:
         policy.train()
         plans = (plan0 if e == 0 else minibatch_plan(rows, c, step, e, group_size=G) for e in range(c.num_iterations))
         means, first = run_updates(
-            # the policy through the engine's forward (DeepSpeed: its per-forward bookkeeping, which ZeRO-3's
-            # gradient reduction relies on; elsewhere `opt.wrapped` is the policy itself)
-            run, opt, plans, micro_loss=lambda mb, n: grpo_micro_loss(opt.wrapped, ro, data, mb, c, n[0], n[1]),
+            # the policy through the engine's forward (DeepSpeed: its per-forward bookkeeping, which
+            # ZeRO-3's gradient reduction relies on; elsewhere `opt.wrapped` is the policy itself)
+            run, opt, plans,
+            micro_loss=lambda mb, n: grpo_micro_loss(opt.wrapped, ro, data, mb, c, n[0], n[1]),
             counts=lambda r: [loss_mask[r].sum().item(), loss_mask[r].any(-1).sum().item()])
         policy.eval()
         t_train = time.perf_counter()

@@ -129,8 +129,9 @@ def minibatch_plan(n: int, c: OnlineConfig, step: int, epoch: int, group_size: i
 MicroLoss = Callable[[torch.Tensor, list[float]], tuple[torch.Tensor, dict[str, float]]]
 
 
-def run_updates(run: Run, opt: Optimization, plans: Iterable[list[list[torch.Tensor]]], micro_loss: MicroLoss,
-                counts: Callable[[torch.Tensor], list[float]]) -> tuple[dict[str, float], dict[str, float]]:
+def run_updates(run: Run, opt: Optimization, plans: Iterable[list[list[torch.Tensor]]],
+                micro_loss: MicroLoss, counts: Callable[[torch.Tensor], list[float]],
+                ) -> tuple[dict[str, float], dict[str, float]]:
     """Epochs x minibatches x micro-batches: for each minibatch, `counts(rows)` gives this process's
     normalisers (token / sequence counts) of its rows, summed over processes here; each micro-batch's
     `micro_loss(idx, global_counts)` is a share of the minibatch loss (normalised by the global

@@ -204,7 +204,7 @@ def train_ppo(config: PPOConfig) -> Result:
         plans = (plan0 if e == 0 else minibatch_plan(len(idx), c, step, e) for e in range(c.num_ppo_epochs))
         means, first = run_updates(
             run, opt, plans,  # through the engine's forward (`Trainable`: the roles' passes of a micro-batch)
-            micro_loss=lambda mb, n: opt.wrapped(lambda: ppo_micro_loss(roles, ro, data, mb, c, n[0], n[1])),
+            micro_loss=lambda mb, n: opt.wrapped(lambda: ppo_micro_loss(roles, ro, data, mb, c, *n)),
             counts=lambda rows: [m[rows].sum().item(), vmask[rows].sum().item()])
         roles.policy.eval()
         t_train = time.perf_counter()

@@ -120,10 +120,9 @@ class Roles:
     def __post_init__(self):
         # by parameter NAME per model, not by object: FSDP2 replaces each parameter by its shard (and,
         # while unsharded, by the whole tensor), so the objects change but the names do not
+        models = [*self.trainable.values(), self.policy, *([self.critic_peft] if self.critic_peft else [])]
         self._trainable_names = {id(m): {n for n, p in m.named_parameters() if p.requires_grad}
-                                 for m in {id(m): m for m in [*self.trainable.values(), self.policy,
-                                                              *([self.critic_peft] if self.critic_peft else [])]
-                                           }.values()}
+                                 for m in models}
 
     # ---- adapter switching -----------------------------------------------------------------
     def _restore_grads(self, peft_model) -> None:
