@@ -1,5 +1,6 @@
-"""DeepSpeed ZeRO-2 / ZeRO-3 through accelerate for the stages that train with `fit` (pt, sft, rm,
-dpo, kto). Launch with `accelerate launch --config_file configs/accelerate/zero3.yaml -m rlhfkit ...`.
+"""DeepSpeed ZeRO-2 / ZeRO-3 through accelerate for the stages that train with `fit` (pt, sft, dpo)
+and the online stages (ppo, grpo, rloo), both through `rlhfkit.train.distributed.Optimization`.
+Launch with `accelerate launch --config_file configs/accelerate/zero3.yaml -m rlhfkit ...`.
 
 How rlhfkit drives the engine (so that a run under ZeRO equals one under DDP up to the engine's own
 arithmetic):
@@ -20,7 +21,14 @@ arithmetic):
 - under ZeRO-3 every forward pass is collective: evaluation runs on every rank (it already does),
   sampling for the gold-reward evaluation runs on every rank with the same seed (only the main
   process writes), and the final save gathers the full weights on every rank
-  (`deepspeed.zero.GatheredParameters`) before the main process writes a normal HF directory.
+  (`deepspeed.zero.GatheredParameters`) before the main process writes a normal HF directory;
+- the online stages: one engine over the trained models (the policy; PPO: policy, critic and value
+  head in one `Trainable` container whose forward runs the micro-batch's passes, so that they go
+  through the engine's forward); the frozen reference (full fine-tuning) and a separate reward
+  model stay whole on every rank outside the engine; sampling (and the no-grad old/reference/value
+  passes) runs inside `Optimization.whole`: the policy's parameters gathered
+  (`GatheredParameters`) and ZeRO-3's hooks lifted, so ranks sample different lengths without a
+  collective inside the sampler.
 """
 
 from __future__ import annotations
@@ -28,11 +36,24 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 
-def configure_deepspeed(accelerator, config) -> dict:
+def configure_deepspeed(accelerator, config, model=None) -> dict:
     """Fill the active DeepSpeed config from the rlhfkit config (see the module docstring);
     values the user set explicitly to something else than `auto` are overridden where rlhfkit
-    depends on them (micro-batch, accumulation, clipping) and kept otherwise. Returns the config."""
+    depends on them (micro-batch, accumulation, clipping) and kept otherwise. A `model` without a
+    `config` of its own (a container of several models, e.g. PPO's policy + critic) gets the
+    hidden-size-derived `auto` values accelerate would fill (bucket sizes, persistence threshold)
+    from the first model inside it that has one. Returns the config."""
     ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    if model is not None and getattr(model, "config", None) is None:
+        hidden = next((m.config.hidden_size for m in model.modules()
+                       if hasattr(getattr(m, "config", None), "hidden_size")), None)
+        zero = ds.get("zero_optimization", {})
+        derived = {"reduce_bucket_size": hidden * hidden if hidden else None,
+                   "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden) if hidden else None,
+                   "stage3_param_persistence_threshold": 10 * hidden if hidden else None}
+        for key, value in derived.items():
+            if zero.get(key) == "auto" and value is not None:
+                zero[key] = value
     ds["train_micro_batch_size_per_gpu"] = config.per_device_train_batch_size
     ds["gradient_accumulation_steps"] = 1
     ds["train_batch_size"] = config.per_device_train_batch_size * accelerator.num_processes

@@ -1,4 +1,5 @@
-"""FSDP2 (`torch.distributed.fsdp.fully_shard`) for the stages that train with `fit` (pt, sft, dpo).
+"""FSDP2 (`torch.distributed.fsdp.fully_shard`) for the stages that train with `fit` (pt, sft, dpo) and
+the online stages (ppo, grpo, rloo; `rlhfkit.train.distributed.Optimization`).
 
 rlhfkit applies FSDP2 itself, under `torchrun` or `accelerate launch` (configs/accelerate/fsdp2.yaml):
 accelerate 1.15 never sets up FSDP on a machine without GPUs (it stays MULTI_CPU), and one path for
@@ -15,7 +16,11 @@ FSDP wrapping is not used (the model is never passed to `prepare`).
 - Clipping: torch's `clip_grad_norm_` over the DTensor gradients (a global norm).
 - Checkpoints and the final save gather full state dicts (`torch.distributed.checkpoint.state_dict`,
   collective); the main process writes them in the same files as a single-process run.
-- A frozen reference (DPO full fine-tuning) stays a whole copy on every rank.
+- A frozen reference (DPO / PPO / GRPO full fine-tuning) and a separate reward model stay a whole copy
+  on every rank. Two trained models (full PPO: policy and critic) are two roots.
+- Sampling (and the no-grad scoring passes of the online stages) runs with every FSDP module of the
+  policy unsharded and kept so (`Optimization.whole`): the sampler's forward passes differ in number
+  between ranks (lengths, prefill groups), so they must not be collectives.
 """
 
 from __future__ import annotations
@@ -29,12 +34,21 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
-def shard_model(model) -> None:
-    """Apply FSDP2 in place (layers, then the root)."""
+def shard_model(model, inner: list | tuple = ()) -> None:
+    """Apply FSDP2 in place: layers, then the `inner` modules (submodules that are also called on
+    their own, e.g. PPO's critic backbone inside the LoRA policy), then the root."""
     from torch.distributed.fsdp import fully_shard
 
     for layer in decoder_layers(model):
         fully_shard(layer)
+    for module in inner:
+        # a weight tied across the unit's border (the lm_head tied to the input embedding) must live in
+        # one FSDP group: the modules outside `module` that hold it join its unit
+        held = {id(p) for p in module.parameters()}
+        inside = {id(m) for m in module.modules()}
+        tied = [m for m in model.modules() if id(m) not in inside
+                and any(id(p) in held for p in m.parameters(recurse=False))]
+        fully_shard([module, *tied] if tied else module)
     fully_shard(model)
 
 

@@ -40,10 +40,9 @@ from rlhfkit.losses.ppo import eos_trick
 from rlhfkit.models.load import load_causal_lm
 from rlhfkit.models.logprobs import response_logps
 from rlhfkit.rollout.rollout import Rollout, Scorer, concat_rollouts, generate_rollout, select_rows, source_metrics
-from rlhfkit.train.checkpoint import load_checkpoint, save_checkpoint
 from rlhfkit.train.common import build_model, save_final
-from rlhfkit.train.distributed import reduce_metrics, reduce_sum_fn
-from rlhfkit.train.loop import Result, build_optimizer, build_scheduler
+from rlhfkit.train.distributed import Optimization, reduce_metrics, reduce_sum_fn
+from rlhfkit.train.loop import Result
 from rlhfkit.train.online import (
     OnlineLog,
     adapters_disabled,
@@ -61,8 +60,10 @@ from rlhfkit.train.tracking import progress
 
 def build_reference(c: GRPOConfig, tokenizer, policy, device):
     """A context-manager factory yielding the reference model, or None when beta is 0 (nothing held in
-    memory, no reference pass). Under LoRA: the policy with adapters disabled; with full fine-tuning a
-    frozen copy of the initial model (`ref_model` to override)."""
+    memory, no reference pass). Under LoRA: the policy with adapters disabled (under ZeRO-3 / FSDP2
+    sharded together with the policy); with full fine-tuning a frozen copy of the initial model
+    (`ref_model` to override), kept whole on every rank outside the engine under every engine (never
+    trained: ZeRO-2 would save nothing on it, ZeRO-3 would gather it at every pass)."""
     if c.beta == 0 and c.finetuning_type == "full":
         return None
     if c.finetuning_type == "lora" and c.ref_model is None:
@@ -274,15 +275,15 @@ def train_grpo(config: GRPOConfig) -> Result:
     run.print(f"[{stage}] note: a loss near 0 is expected here (group-centred advantages, ratio 1); the "
               "gradient is not 0. Watch rewards/mean, eval/ and rewards/flat_groups instead.")
 
-    optimizer = build_optimizer(policy, c)
-    scheduler = build_scheduler(optimizer, c, updates)
-    start_step = 0
+    # the policy under the run's engine (FSDP2 shards it, DeepSpeed wraps it; the reference and reward
+    # model stay whole on every rank outside it), its optimizer, schedule and resumed state
+    opt = Optimization(run, policy, updates, prepare=False)
+    scheduler = opt.scheduler
+    start_step = opt.start_step
     if run.resume_from is not None:
-        start_step = load_checkpoint(run.resume_from, policy, optimizer, scheduler, rank=run.rank)["step"]
         run.print(f"[{stage}] resumed from {run.resume_from} at step {start_step}")
-    params = [p for p in policy.parameters() if p.requires_grad]
     reduce_sum = reduce_sum_fn(run)
-    log = OnlineLog(run, setup, policy, reference, scorer)
+    log = OnlineLog(run, setup, policy, reference, scorer, whole=opt.whole)
     log.start(start_step)
 
     bar = progress(total=setup.steps, initial=start_step, disable=run.quiet, desc=stage)
@@ -290,13 +291,16 @@ def train_grpo(config: GRPOConfig) -> Result:
         t0 = time.perf_counter()
         policy.eval()
         # 1-2. generate and score (dynamic sampling refills flat groups)
-        ro, scores, parts, sampling_stats = sample_batch(c, setup, policy, scorer, step)
+        #      (ZeRO-3 / FSDP2: with the policy's parameters whole on this rank, so that ranks may
+        #      sample different lengths and rounds without a collective inside)
+        with opt.whole(policy):
+            ro, scores, parts, sampling_stats = sample_batch(c, setup, policy, scorer, step)
         t_gen = time.perf_counter()
         # 3. old and reference log-probs, in the micro-batches of the first pass (a single update
         #    reads the old ones from its training forward in 5)
         plan0 = minibatch_plan(rows, c, step, 0, group_size=G)
         single = c.num_iterations == 1 and len(plan0) == 1 and len(plan0[0]) == 1
-        with run.precision():
+        with opt.whole(policy), run.precision():
             data = old_and_reference_logps(c, policy, reference, ro, [mb for mini in plan0 for mb in mini],
                                            need_old and not single)
         m = ro.response_mask
@@ -308,16 +312,17 @@ def train_grpo(config: GRPOConfig) -> Result:
         policy.train()
         plans = (plan0 if e == 0 else minibatch_plan(rows, c, step, e, group_size=G) for e in range(c.num_iterations))
         if single and need_old:
-            def micro_loss(mb, n):
-                return single_update_loss(policy, ro, data, mb, c, n, scores, reduce_sum)
+            def loss_of(mb, n):
+                return single_update_loss(opt.wrapped, ro, data, mb, c, n, scores, reduce_sum)
         else:
-            def micro_loss(mb, n):
-                return grpo_micro_loss(policy, ro, data, mb, c, n[0], n[1])
+            def loss_of(mb, n):
+                return grpo_micro_loss(opt.wrapped, ro, data, mb, c, n[0], n[1])
         loss_mask = m & ~ro.truncated[:, None] if c.mask_truncated_completions else m
         means, first = run_updates(
-            run, params, optimizer, scheduler, plans, micro_loss=micro_loss,
-            counts=lambda r: [loss_mask[r].sum().item(), loss_mask[r].any(-1).sum().item()],
-            max_grad_norm=c.max_grad_norm)
+            # the policy through the engine's forward (DeepSpeed: its per-forward bookkeeping, which
+            # ZeRO-3's gradient reduction relies on; elsewhere `opt.wrapped` is the policy itself)
+            run, opt, plans, micro_loss=loss_of,
+            counts=lambda r: [loss_mask[r].sum().item(), loss_mask[r].any(-1).sum().item()])
         policy.eval()
         t_train = time.perf_counter()
         adv = data["advantages"]
@@ -347,10 +352,11 @@ def train_grpo(config: GRPOConfig) -> Result:
         bar.update(1)
         bar.set_postfix(reward=f"{metrics['rewards/mean']:.3f}", flat=f"{metrics['rewards/flat_groups']:.2f}")
         if c.save_steps and done % c.save_steps == 0 and done < setup.steps:
-            save_checkpoint(run.output_dir, done, policy, optimizer, scheduler, rank=run.rank, is_main=run.is_main,
-                            barrier=run.accelerator.wait_for_everyone, keep=c.save_total_limit)
+            opt.save_checkpoint(done)
     bar.close()
 
+    if run.engine is not None:  # what each rank held (summary.json)
+        run.engine.local = opt.local_counts()
     save_final(run, policy, tokenizer)
     summary = {"stage": stage, "steps": setup.steps, "episodes": setup.steps * c.rollout_batch_size * G,
                "optimizer_steps": updates, "prompts": len(setup.prompt_ids), "skipped_prompts": setup.skipped,

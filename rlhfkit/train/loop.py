@@ -16,7 +16,6 @@ import math
 import os
 import random
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import torch
 
 from rlhfkit.config import BaseConfig, dump_config
 from rlhfkit.errors import ConfigError
-from rlhfkit.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from rlhfkit.train.checkpoint import resolve_resume, save_checkpoint
 from rlhfkit.train.engine import Engine
 from rlhfkit.train.tracking import MetricsLogger, progress
 
@@ -312,44 +311,22 @@ def fit(
     process), keeping the gradient independent of how the global batch is split. Every process
     calls it once per step, so it may reduce across processes (`run.reduce_sum`).
     """
-    from rlhfkit.train.distributed import optimizer_step
+    from rlhfkit.train.distributed import Optimization
 
     c = run.config
     acc = run.accelerator
-    deepspeed = run.engine is not None and run.engine.is_deepspeed
-    fsdp = run.engine is not None and run.engine.name == "fsdp2"
     if c.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
-    if fsdp:  # before the optimizer, which must hold the shards (rlhfkit.train.fsdp)
-        from rlhfkit.train.fsdp import shard_model
-
-        shard_model(model)
-    optimizer = build_optimizer(model, c)
-    scheduler = build_scheduler(optimizer, c, steps)
-    start_step = 0
-    if run.resume_from is not None and not deepspeed:
-        state = load_checkpoint(run.resume_from, model, optimizer, scheduler, rank=run.rank, fsdp=fsdp)
-        start_step = state["step"]
-        run.print(f"[{run.stage}] resumed from {run.resume_from} at step {start_step}")
     model.train()
-    if deepspeed:
-        from rlhfkit.train.deepspeed import configure_deepspeed
-
-        configure_deepspeed(acc, c)
-    if fsdp:  # sharded already: accelerate wraps nothing
-        wrapped = model
-    else:
-        wrapped, optimizer = acc.prepare(model, optimizer)
-    if run.resume_from is not None and deepspeed:  # the engine restores its own partitions, after prepare
-        state = load_checkpoint(run.resume_from, model, optimizer, scheduler, rank=run.rank, deepspeed_engine=wrapped)
-        start_step = state["step"]
+    # the engine's side (rlhfkit.train.distributed.Optimization): FSDP2 sharding, optimizer, schedule,
+    # resume, accelerate's prepare (DDP / DeepSpeed)
+    opt = Optimization(run, model, steps, prepare=True)
+    wrapped, scheduler = opt.wrapped, opt.scheduler
+    start_step = opt.start_step
+    if run.resume_from is not None:
         run.print(f"[{run.stage}] resumed from {run.resume_from} at step {start_step}")
-    params = [p for p in model.parameters() if p.requires_grad]
-    from rlhfkit.train.deepspeed import local_counts, local_parameter_count
-
-    held = local_parameter_count(model)  # after sharding (FSDP2 may split tied weights into two DTensors later)
     accum = c.gradient_accumulation_steps
     window: list[dict] = []
     bar = progress(total=steps, initial=start_step, disable=run.quiet, desc=f"{run.stage} train")
@@ -365,29 +342,13 @@ def fit(
         # 2. forward/backward each micro-batch; gradients sync on the last one only
         sums: dict[str, float] = {}
         for i, batch in enumerate(micro):
-            last = i == accum - 1
-            sync = (acc.no_sync(wrapped) if (not last and run.world_size > 1 and not (deepspeed or fsdp))
-                    else nullcontext())
-            if deepspeed:  # the engine reduces, clips and steps inside backward at the boundary only
-                acc.gradient_state._set_sync_gradients(last)
-            if fsdp:  # reduce-scatter the gradients on the last micro-batch only
-                wrapped.set_requires_gradient_sync(last)
-            with sync, acc.autocast():
+            with opt.micro_batch(last=i == accum - 1), acc.autocast():
                 loss_sum, metric_sums = loss_fn(wrapped, batch)
-                acc.backward(loss_sum * (run.world_size / max(weight, 1e-12)))
+                opt.backward(loss_sum, max(weight, 1e-12))
             for k, v in {"loss": loss_sum, **metric_sums}.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
-        # 3. clip, step, schedule (DDP's hooks already summed the gradients)
-        if deepspeed:  # already clipped and stepped in backward (DeepSpeed's clipping, `gradient_clipping`)
-            grad_norm = acc.clip_grad_norm_(params, c.max_grad_norm)
-            grad_norm = float("nan") if grad_norm is None else float(grad_norm)
-            scheduler.step()
-        elif fsdp:
-            from rlhfkit.train.fsdp import clip_grad_norm
-
-            grad_norm = optimizer_step(params, optimizer, scheduler, c.max_grad_norm, clip=clip_grad_norm)
-        else:
-            grad_norm = optimizer_step(params, optimizer, scheduler, c.max_grad_norm, clip=acc.clip_grad_norm_)
+        # 3. clip, step, schedule (the engine's way: Optimization.step)
+        grad_norm = opt.step()
         # 4. metrics: global sums / global weight
         keys = sorted(sums)
         totals = run.reduce_sum([sums[k] for k in keys]).tolist()
@@ -416,12 +377,10 @@ def fit(
             if on_log is not None:
                 on_log(done, record)
         if c.save_steps and done % c.save_steps == 0 and done < steps:
-            save_checkpoint(run.output_dir, done, model, optimizer, scheduler, rank=run.rank,
-                            is_main=run.is_main, barrier=acc.wait_for_everyone, keep=c.save_total_limit,
-                            deepspeed_engine=wrapped if deepspeed else None, fsdp=fsdp)
+            opt.save_checkpoint(done, save=save_checkpoint)
     bar.close()
     model.eval()
     if run.engine is not None:  # what each rank held: the evidence that ZeRO partitioned (summary.json)
-        run.engine.local = local_counts(run, held, optimizer)
+        run.engine.local = opt.local_counts()
         run.print(f"[{run.stage}] held per rank: {run.engine.local}")
-    return (model if fsdp else acc.unwrap_model(wrapped)), run.logger.history
+    return (model if opt.fsdp else acc.unwrap_model(wrapped)), run.logger.history

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +29,8 @@ from rlhfkit.rollout.rewards import load_reward_funcs
 from rlhfkit.rollout.rollout import Rollout, Scorer, encode_prompts, generate_rollout, source_metrics
 from rlhfkit.train.common import config_task, config_tokenizer, keep_padding_free, load_split, row_texts
 from rlhfkit.train.diagnostics import Monitor
-from rlhfkit.train.distributed import optimizer_step, reduce_metrics, sum_gradients
+from rlhfkit.train.distributed import Optimization, reduce_metrics
+from rlhfkit.train.deepspeed import samples_on_this_rank
 from rlhfkit.train.loop import BatchStream, Run, start_run
 from rlhfkit.train.tracking import write_summary
 
@@ -128,15 +129,18 @@ def minibatch_plan(n: int, c: OnlineConfig, step: int, epoch: int, group_size: i
 MicroLoss = Callable[[torch.Tensor, list[float]], tuple[torch.Tensor, dict[str, float]]]
 
 
-def run_updates(run: Run, params: list[torch.nn.Parameter], optimizer, scheduler, plans: Iterable[list[list[torch.Tensor]]],
+def run_updates(run: Run, opt: Optimization, plans: Iterable[list[list[torch.Tensor]]],
                 micro_loss: MicroLoss, counts: Callable[[torch.Tensor], list[float]],
-                max_grad_norm: float) -> tuple[dict[str, float], dict[str, float]]:
+                ) -> tuple[dict[str, float], dict[str, float]]:
     """Epochs x minibatches x micro-batches: for each minibatch, `counts(rows)` gives this process's
     normalisers (token / sequence counts) of its rows, summed over processes here; each micro-batch's
     `micro_loss(idx, global_counts)` is a share of the minibatch loss (normalised by the global
-    counts), backpropagated under the run's precision; gradients are summed over processes, clipped,
-    and one optimizer step is taken. Returns (metric means over all updates, metrics of the first
-    update), both over every process."""
+    counts), backpropagated under the run's precision through the engine (`opt`, the run's
+    `Optimization`: gradients summed over processes by hand under single/ddp, averaged by the engine
+    with the loss scaled by world_size under ZeRO/FSDP2), then one clipped optimizer step. Every
+    process runs as many micro-batches (the rollout batch splits evenly), which the sharded engines
+    need. Returns (metric means over all updates, metrics of the first update), both over every
+    process."""
     sums: dict[str, float] = {}
     first: dict[str, float] = {}
     n_updates = 0
@@ -144,14 +148,14 @@ def run_updates(run: Run, params: list[torch.nn.Parameter], optimizer, scheduler
         for micro_batches in plan:
             totals = run.reduce_sum(counts(torch.cat(micro_batches))).clamp(min=1).tolist()
             step_sums: dict[str, float] = {}
-            for mb in micro_batches:
-                with run.precision():
-                    loss, stats = micro_loss(mb, totals)
-                loss.backward()
+            for i, mb in enumerate(micro_batches):
+                with opt.micro_batch(last=i == len(micro_batches) - 1):
+                    with run.precision():
+                        loss, stats = micro_loss(mb, totals)
+                    opt.backward(loss)
                 for k, v in stats.items():
                     step_sums[k] = step_sums.get(k, 0.0) + v
-            sum_gradients(run, params)
-            grad_norm = optimizer_step(params, optimizer, scheduler, max_grad_norm)
+            grad_norm = opt.step()
             for k, v in step_sums.items():
                 sums[k] = sums.get(k, 0.0) + v
             sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm
@@ -205,16 +209,17 @@ def adapters_disabled(model):
 
 @torch.no_grad()
 def evaluate_policy(run: Run, setup: OnlineSetup, policy, reference, scorer: Scorer, seed: int,
-                    batch_size: int) -> tuple[dict, list[dict]]:
+                    batch_size: int, whole=None) -> tuple[dict, list[dict]]:
     """One response per held-out prompt from `policy` (the training sampling settings): the proxy
     score (`scores`; with several reward sources also each one's mean and std, `rewards/<source>`), the KL to the reference summed over response tokens (k1, the same log-probs as
     training; when `reference` (a context manager factory yielding the reference model) is given),
     length, EOS rate, and with a built-in task the gold reward and, where the task defines it,
-    accuracy."""
+    accuracy. `whole(policy)`: the context in which the policy's parameters are whole on this rank
+    (`Optimization.whole`; ZeRO-3 / FSDP2), entered by every rank."""
     c, tok = run.config, setup.tokenizer
     was_training = policy.training
     policy.eval()
-    with run.precision():
+    with (whole(policy) if whole is not None else nullcontext()), run.precision():
         ro = generate_rollout(policy, tok, setup.generator, setup.eval_ids, setup.eval_rows, setup.params, seed,
                               run.device)
         scores, parts = scorer(ro)
@@ -239,20 +244,21 @@ def evaluate_policy(run: Run, setup: OnlineSetup, policy, reference, scorer: Sco
 class OnlineLog:
     """Per-step bookkeeping of an online stage: diagnostics (the shared registry), the logging window
     (means over the steps since the last log; `latest` keys keep their last value), samples.jsonl,
-    and held-out evaluation at step 0, every `eval_steps` and at the end (main process only: no
-    collectives inside)."""
+    and held-out evaluation at step 0, every `eval_steps` and at the end: on the main process, and on
+    every rank under ZeRO-3 / FSDP2 (`samples_on_this_rank`: the same prompts and seed everywhere, the
+    policy's parameters whole through `whole`, `Optimization.whole`; only the main process writes)."""
 
     def __init__(self, run: Run, setup: OnlineSetup, policy, reference, scorer: Scorer,
-                 latest: tuple[str, ...] = ("lr",)):
+                 latest: tuple[str, ...] = ("lr",), whole=None):
         c = run.config
         self.run, self.setup, self.latest = run, setup, latest
         self.monitor = Monitor(run.print, run.stage, max_new_tokens=c.max_new_tokens)
         self.samples = SampleLog(run)
-        self.do_eval = bool(setup.eval_ids) and run.is_main
+        self.do_eval = bool(setup.eval_ids) and samples_on_this_rank(run)
         self.window: list[dict] = []
         self.first_eval: dict | None = None
         self._evaluate = lambda: evaluate_policy(run, setup, policy, reference, scorer, c.seed + 7,
-                                                 c.per_device_eval_batch_size)
+                                                 c.per_device_eval_batch_size, whole)
 
     def evaluate(self, step: int) -> dict:
         metrics, samples = self._evaluate()

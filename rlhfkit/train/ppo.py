@@ -43,10 +43,9 @@ from rlhfkit.losses.policy import clipped_policy_loss
 from rlhfkit.losses.ppo import clip_scores, eos_trick, kl_shaped_rewards, value_loss, value_mask
 from rlhfkit.models.logprobs import response_logps
 from rlhfkit.rollout.rollout import Rollout, Scorer, generate_rollout
-from rlhfkit.train.checkpoint import load_checkpoint, save_checkpoint
 from rlhfkit.train.common import save_final
-from rlhfkit.train.distributed import global_mean, global_whiten, reduce_metrics
-from rlhfkit.train.loop import Result, build_optimizer, build_scheduler
+from rlhfkit.train.distributed import Optimization, global_mean, global_whiten, reduce_metrics
+from rlhfkit.train.loop import Result
 from rlhfkit.train.online import (
     OnlineLog,
     check_padding_free,
@@ -56,7 +55,7 @@ from rlhfkit.train.online import (
     run_updates,
     start_online,
 )
-from rlhfkit.train.ppo_roles import CRITIC_DIR, POLICY, Roles, build_roles, save_critic
+from rlhfkit.train.ppo_roles import CRITIC_DIR, POLICY, Roles, build_roles, fsdp_roots, save_critic
 from rlhfkit.train.tracking import progress
 
 # ---- log-probs and values --------------------------------------------------------------------------
@@ -196,19 +195,21 @@ def train_ppo(config: PPOConfig) -> Result:
               + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in mem_roles.items())
               + f"), trainable {trainable / 1e6:.2f}M")
 
-    optimizer = build_optimizer(roles.trainable, c)
-    scheduler = build_scheduler(optimizer, c, updates)
+    # the trained roles under the run's engine: one DeepSpeed engine over `roles.trainable` (policy and
+    # critic in one container), or under FSDP2 each trained model its own root (`fsdp_roots`); the frozen
+    # reference and reward model stay whole on every rank outside it (ppo_roles.py)
+    roots, units = fsdp_roots(roles)
+    opt = Optimization(run, roles.trainable, updates, prepare=False, roots=roots, units=units)
+    scheduler = opt.scheduler
     kl_ctl = (AdaptiveKLController(c.kl_coef, c.target_kl, c.kl_horizon) if c.target_kl is not None
               else FixedKLController(c.kl_coef))
-    start_step = 0
+    start_step = opt.start_step
     if run.resume_from is not None:
-        state = load_checkpoint(run.resume_from, roles.trainable, optimizer, scheduler, rank=run.rank)
-        start_step = state["step"]
-        kl_ctl.value = state.get("kl_coef", kl_ctl.value)
+        kl_ctl.value = opt.state.get("kl_coef", kl_ctl.value)
         run.print(f"[ppo] resumed from {run.resume_from} at step {start_step} (kl_coef {kl_ctl.value:.4g})")
 
-    params_list = [p for p in roles.trainable.parameters() if p.requires_grad]
-    log = OnlineLog(run, setup, roles.policy, roles.reference, scorer, latest=("lr", "objective/kl_coef"))
+    log = OnlineLog(run, setup, roles.policy, roles.reference, scorer, latest=("lr", "objective/kl_coef"),
+                    whole=opt.whole)
     log.start(start_step)
 
     bar = progress(total=steps, initial=start_step, disable=run.quiet, desc="ppo")
@@ -216,14 +217,14 @@ def train_ppo(config: PPOConfig) -> Result:
         t0 = time.perf_counter()
         roles.policy.eval()
         idx = setup.stream.indices(step)
-        # 1. generate (one pad column appended: the score slot)
-        with run.precision():
+        # 1. generate (one pad column appended: the score slot); ZeRO-3 / FSDP2: with the policy's
+        #    parameters whole on this rank, so ranks may sample different lengths (no collective inside)
+        with opt.whole(roles.policy), run.precision():
             ro = generate_rollout(roles.policy, tokenizer, setup.generator, [setup.prompt_ids[i] for i in idx],
                                   [setup.rows[i] for i in idx], setup.params, rollout_seed(c, step, run.rank),
                                   run.device, score_slot=True)
-        t_gen = time.perf_counter()
-        # 2. score
-        with run.precision():
+            t_gen = time.perf_counter()
+            # 2. score (under LoRA the reward adapter runs on the policy's base)
             raw_scores, parts = scorer(ro)
         scores = eos_trick(raw_scores, ro.ended, penalty=c.missing_eos_penalty, replace=c.missing_eos_score)
         scores = clip_scores(scores, c.reward_clip)
@@ -232,7 +233,7 @@ def train_ppo(config: PPOConfig) -> Result:
         #    training forward in 6), reference log-probs
         plan0 = minibatch_plan(len(idx), c, step, 0)
         single = c.num_ppo_epochs == 1 and len(plan0) == 1 and len(plan0[0]) == 1
-        with run.precision():
+        with opt.whole(roles.trainable), run.precision():
             data = score_rollout(roles, ro, c, [mb for mini_b in plan0 for mb in mini_b], old=not single)
         m = ro.response_mask
         vmask = value_mask(m)
@@ -245,14 +246,15 @@ def train_ppo(config: PPOConfig) -> Result:
         roles.policy.train()
         plans = (plan0 if e == 0 else minibatch_plan(len(idx), c, step, e) for e in range(c.num_ppo_epochs))
         if single:
-            def micro_loss(mb, n):
+            def loss_of(mb, n):
                 return single_update_loss(run, roles, ro, data, mb, c, n, scores, beta)
         else:
-            def micro_loss(mb, n):
+            def loss_of(mb, n):
                 return ppo_micro_loss(roles, ro, data, mb, c, n[0], n[1])
         means, first = run_updates(
-            run, params_list, optimizer, scheduler, plans, micro_loss=micro_loss,
-            counts=lambda rows: [m[rows].sum().item(), vmask[rows].sum().item()], max_grad_norm=c.max_grad_norm)
+            run, opt, plans,  # through the engine's forward (`Trainable`: the roles' passes of a micro-batch)
+            micro_loss=lambda mb, n: opt.wrapped(lambda: loss_of(mb, n)),
+            counts=lambda rows: [m[rows].sum().item(), vmask[rows].sum().item()])
         roles.policy.eval()
         t_train = time.perf_counter()
         kl, values, returns = data["kl"], data["values"], data["returns"]
@@ -287,16 +289,26 @@ def train_ppo(config: PPOConfig) -> Result:
         bar.update(1)
         bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
         if c.save_steps and done % c.save_steps == 0 and done < steps:
-            save_checkpoint(run.output_dir, done, roles.trainable, optimizer, scheduler, rank=run.rank,
-                            is_main=run.is_main, barrier=run.accelerator.wait_for_everyone,
-                            keep=c.save_total_limit, extra_state={"kl_coef": kl_ctl.value})
+            opt.save_checkpoint(done, extra_state={"kl_coef": kl_ctl.value})
     bar.close()
+    if run.engine is not None:  # what each rank held (summary.json)
+        run.engine.local = opt.local_counts()
 
     # final: the policy (HF format; LoRA: the policy adapter only), the critic (a reward-model
     # directory under output_dir/critic), summary, plots
     save_final(run, roles.policy, tokenizer, adapter=POLICY)
+    # ZeRO-3 / FSDP2: the critic's weights whole while the main process writes; FSDP2's own state dicts
+    # are shards, so its full state dicts are gathered first (collective)
+    state_of = None
+    if opt.fsdp:
+        from rlhfkit.train.fsdp import full_model_state
+
+        states = {id(m): full_model_state(m) for m in roots if m is not roles.value_head}
+        state_of = lambda module: states[id(module)]  # noqa: E731
+    with opt.whole(roles.trainable):
+        if run.is_main:
+            critic_dir = save_critic(run.output_dir / CRITIC_DIR, roles, c, tokenizer, state_of=state_of)
     if run.is_main:
-        critic_dir = save_critic(run.output_dir / CRITIC_DIR, roles, c, tokenizer)
         run.print(f"[ppo] critic saved to {critic_dir} (reward-model format: "
                   "rlhfkit.models.reward.load_reward_model loads it; score = value at the last token)")
     summary = {"stage": "ppo", "steps": steps, "episodes": steps * c.rollout_batch_size,

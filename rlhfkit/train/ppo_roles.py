@@ -84,6 +84,17 @@ def value_head_from_reward(head: torch.nn.Linear | None, norm: Normalization | N
     return out
 
 
+class Trainable(torch.nn.ModuleDict):
+    """The trained modules of the PPO roles (policy; critic backbone or base; value head), one module
+    for the optimizer, checkpoints and the engine (one DeepSpeed engine wraps it). Its forward runs a
+    function of the roles, `trainable(fn)` = `fn()`: called through the engine, each micro-batch's
+    forward passes go through DeepSpeed's forward (its per-forward bookkeeping, which ZeRO-3's
+    gradient reduction relies on), whichever roles they use."""
+
+    def forward(self, fn):
+        return fn()
+
+
 @dataclass
 class Roles:
     """What the PPO loop needs: `policy` (a causal LM; peft under LoRA), and four operations.
@@ -94,7 +105,7 @@ class Roles:
     policy: torch.nn.Module
     value_head: torch.nn.Linear
     critic_backbone: torch.nn.Module
-    trainable: torch.nn.ModuleDict
+    trainable: "Trainable"
     ref_model: torch.nn.Module | None = None          # None: policy with adapters disabled
     critic_peft: torch.nn.Module | None = None         # the peft model holding adapter `critic`
     reward_scorer: RewardScorer | None = None          # separate reward model (frozen)
@@ -104,15 +115,20 @@ class Roles:
     reward_same_vocab: bool = True
     critic_on_reward_model: bool = False               # critic backbone = the separate reward model's
     modules: dict[str, list[torch.nn.Module]] = field(default_factory=dict)
-    _trainable_ids: set[int] = field(default_factory=set)
+    _trainable_names: dict[int, set[str]] = field(default_factory=dict)
 
     def __post_init__(self):
-        self._trainable_ids = {id(p) for p in self.trainable.parameters() if p.requires_grad}
+        # by parameter NAME per model, not by object: FSDP2 replaces each parameter by its shard (and,
+        # while unsharded, by the whole tensor), so the objects change but the names do not
+        models = [*self.trainable.values(), self.policy, *([self.critic_peft] if self.critic_peft else [])]
+        self._trainable_names = {id(m): {n for n, p in m.named_parameters() if p.requires_grad}
+                                 for m in models}
 
     # ---- adapter switching -----------------------------------------------------------------
     def _restore_grads(self, peft_model) -> None:
-        for p in peft_model.parameters():
-            p.requires_grad_(id(p) in self._trainable_ids)
+        names = self._trainable_names.get(id(peft_model), set())
+        for n, p in peft_model.named_parameters():
+            p.requires_grad_(n in names)
 
     @contextmanager
     def adapter(self, peft_model, name: str):
@@ -310,7 +326,7 @@ def build_roles(c: PPOConfig, tokenizer, device, printer=print) -> Roles:
                 p.requires_grad_(f".{POLICY}." in n or f".{CRITIC}." in n)
             value_head = value_head_from_reward(rm_head if critic_from_rm else None, norm, hidden)
             roles = Roles(policy=policy, value_head=value_head, critic_backbone=reward_backbone_of_lm(policy),
-                          trainable=torch.nn.ModuleDict({"policy": policy, "value_head": value_head}),
+                          trainable=Trainable({"policy": policy, "value_head": value_head}),
                           ref_model=ref_model, critic_peft=policy,
                           reward_backbone_shared=reward_backbone_of_lm(policy), reward_head_shared=rm_head,
                           reward_normalization=norm)
@@ -331,7 +347,7 @@ def build_roles(c: PPOConfig, tokenizer, device, printer=print) -> Roles:
             if not critic_from_rm:
                 log.info("value_init: zero -> the critic backbone is still the reward model's")
             roles = Roles(policy=policy, value_head=value_head, critic_backbone=reward_backbone(critic_peft),
-                          trainable=torch.nn.ModuleDict({"policy": policy, "critic": critic_peft,
+                          trainable=Trainable({"policy": policy, "critic": critic_peft,
                                                          "value_head": value_head}),
                           ref_model=ref_model, critic_peft=critic_peft, reward_scorer=scorer,
                           critic_on_reward_model=True)
@@ -351,7 +367,7 @@ def build_roles(c: PPOConfig, tokenizer, device, printer=print) -> Roles:
                 p.requires_grad_(f".{POLICY}." in n or f".{CRITIC}." in n)
             value_head = value_head_from_reward(None, None, hidden)
             roles = Roles(policy=policy, value_head=value_head, critic_backbone=reward_backbone_of_lm(policy),
-                          trainable=torch.nn.ModuleDict({"policy": policy, "value_head": value_head}),
+                          trainable=Trainable({"policy": policy, "value_head": value_head}),
                           ref_model=ref_model, critic_peft=policy, reward_scorer=scorer,
                           reward_same_vocab=same_vocab)
             roles.modules = {"policy": [policy], "reference": [ref_model or policy], "critic": [policy, value_head]}
@@ -374,7 +390,7 @@ def build_roles(c: PPOConfig, tokenizer, device, printer=print) -> Roles:
         critic_backbone.requires_grad_(True)
         disable_dropout(critic_backbone)
         roles = Roles(policy=policy, value_head=value_head, critic_backbone=critic_backbone,
-                      trainable=torch.nn.ModuleDict({"policy": policy, "critic": critic_backbone,
+                      trainable=Trainable({"policy": policy, "critic": critic_backbone,
                                                      "value_head": value_head}),
                       ref_model=ref_model, reward_scorer=scorer, reward_same_vocab=same_vocab,
                       critic_on_reward_model=scorer is not None and same_vocab)
@@ -390,6 +406,19 @@ def build_roles(c: PPOConfig, tokenizer, device, printer=print) -> Roles:
     if roles.reward_scorer is not None:
         roles.reward_scorer.model.to(device).eval()
     return roles
+
+
+def fsdp_roots(roles: Roles) -> tuple[list[torch.nn.Module], list[torch.nn.Module]]:
+    """Under FSDP2: (the trained models, each sharded as its own root: policy, critic backbone or critic
+    base, value head; the extra FSDP units inside them). The critic's backbone is called on its own
+    (`Roles.values`, and the shared-base reward), so where it lives inside a root (the LoRA critic on the
+    policy's or the reward model's base) it is an FSDP unit of its own: calling it under a sharded root
+    would otherwise leave the root's own parameters (embeddings, final norm) sharded. The frozen
+    reference and reward model are not here: they stay whole on every rank (LoRA: the reference is the
+    policy base with adapters off, sharded with it)."""
+    roots = list({id(m): m for m in roles.trainable.values()}.values())
+    inner = [] if any(roles.critic_backbone is r for r in roots) else [roles.critic_backbone]
+    return roots, inner
 
 
 # ---- saving the critic --------------------------------------------------------------------------
@@ -435,7 +464,7 @@ def _merged_critic(roles: Roles):
     return getattr(inner, inner.base_model_prefix), inner.config
 
 
-def save_critic(out_dir, roles: Roles, c: PPOConfig, tokenizer) -> Path:
+def save_critic(out_dir, roles: Roles, c: PPOConfig, tokenizer, state_of=None) -> Path:
     """Write the trained critic to `out_dir` as a reward-model directory:
     `load_reward_model(out_dir).score(ids, mask)` = the critic's value read at the last real token
     (the value one past the response, where a critic initialised from the RM starts at the
@@ -444,7 +473,10 @@ def save_critic(out_dir, roles: Roles, c: PPOConfig, tokenizer) -> Path:
     LoRA with the critic adapter on the policy's base (reloadable): a LoRA reward-model adapter
     directory over that base (the critic adapter + the value head as `score`); otherwise (full
     fine-tuning, a preset base that exists only in this run, a critic on a separate RM's base) a
-    full sequence-classification model. The value head's bias is stored as the normalisation mean."""
+    full sequence-classification model. The value head's bias is stored as the normalisation mean.
+
+    `state_of(module)`: the module's whole state dict (default `module.state_dict()`); under FSDP2
+    the caller passes gathered full state dicts (a sharded module's own state_dict gives shards)."""
     from safetensors.torch import save_file
 
     from rlhfkit.models.load import base_reference
@@ -459,7 +491,8 @@ def save_critic(out_dir, roles: Roles, c: PPOConfig, tokenizer) -> Path:
         from peft import get_peft_model_state_dict
 
         state = {k: v.detach().contiguous() for k, v in
-                 get_peft_model_state_dict(roles.policy, adapter_name=CRITIC).items()}
+                 get_peft_model_state_dict(roles.policy, adapter_name=CRITIC,
+                                           state_dict=state_of(roles.policy) if state_of else None).items()}
         lora_cfg = copy.deepcopy(roles.policy.peft_config[CRITIC])
         lora_cfg.task_type = "SEQ_CLS"
         lora_cfg.modules_to_save = ["score"]
@@ -485,7 +518,11 @@ def save_critic(out_dir, roles: Roles, c: PPOConfig, tokenizer) -> Path:
                 config = roles.reward_scorer.model.config
         critic_tokenizer = roles.reward_scorer.tokenizer if roles.critic_on_reward_model else tokenizer
         model, norm = _seq_cls_around(backbone, config, head, critic_tokenizer.pad_token_id)
-        model.save_pretrained(str(out), safe_serialization=True)
+        state = None
+        if state_of is not None and roles.critic_peft is None:  # the backbone's gathered weights + the head
+            state = {f"{model.base_model_prefix}.{k}": v for k, v in state_of(backbone).items()}
+            state.update({f"score.{k}": v for k, v in model.score.state_dict().items()})
+        model.save_pretrained(str(out), safe_serialization=True, **({"state_dict": state} if state else {}))
     critic_tokenizer.save_pretrained(str(out))
     save_normalization(out, norm)
     return out

@@ -1,0 +1,255 @@
+"""The online stages (grpo / rloo, ppo) under DeepSpeed ZeRO-2, ZeRO-3 and FSDP2: `accelerate launch
+--config_file configs/accelerate/{zero2,zero3,fsdp2}.yaml` with 2 CPU processes (gloo), each checked
+against one process with the same global batch (tests/test_scaleout.py does the same for sft / dpo).
+
+Each launched run: 3 steps of 4 prompts (2 per process) x 2 responses (GRPO) or 4 episodes (PPO),
+micro-batches of 2 rows, one minibatch, a checkpoint at step 2, held-out evaluation at steps 0 and 3
+(every rank samples under ZeRO-3 / FSDP2). Sampling with top_k 1 makes every rollout a function of
+its prompt alone, so the single process (4 prompts) draws the rollouts the two processes draw
+together (the responses of a group are then equal, so grpo / rloo use the REINFORCE++ estimator,
+advantages normalised over the global batch, to have a gradient at all); the stop strings `STOP`
+end responses at varied lengths, and the reward function records
+each rank's lengths (`RLHFKIT_TEST_LENGTHS`), so the test shows that ranks sampled different lengths
+in the same step (sampling runs with the policy's parameters gathered on every rank,
+`Optimization.whole`: no collective inside the sampler, no deadlock). Checked:
+- summary.json names the engine asked for;
+- what each rank held: ZeRO-3 and FSDP2 about half of the trained parameters, ZeRO-2 all parameters
+  and half of the optimizer state;
+- the metric curve (the keys in COMPARED; per-process statistics such as rewards/std are means of
+  per-process values by design and differ) equals the single process's within rel 1e-4 / abs 1e-5
+  (measured, largest relative difference of a value above 1e-3: 2.6e-5 for zero3 ppo full, <= 5e-6
+  for the others; DeepSpeed clips and reduces in another order than torch, so not bit-identical);
+- the saved policy loads with plain transformers (full fine-tuning) or peft (LoRA, adapter on the
+  saved base) on one process and matches the single run's weights within 1e-4;
+- per stage one run interrupted after its step-2 checkpoint and resumed under the same engine ends
+  with the uninterrupted run's metrics and weights.
+
+Every case is slow-marked (`make test` runs them; `make unit` does not).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhfkit.config import build_config, dump_config
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+ACCEL = REPO / "configs" / "accelerate"
+HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED,
+                                     reason="deepspeed not installed (pip install 'rlhfkit[deepspeed]')")
+
+PROMPTS = ["The cat was", "A dog is", "A dog looked", "The acting is", "This film felt", "My friend was",
+           "The plot looked", "The ending felt"]
+STOP = ["LL", "MMM", "today", "is is is", "helpful"]
+"""The random tiny model (conftest's `tiny_model`) answers the prompts above greedily with repeated
+tokens; these stop strings end its first five answers after 2, 3, 1, 2, 1 tokens and leave the last
+three running to max_new_tokens (8): ranks that draw different prompts sample different lengths."""
+
+
+def length_reward(prompts, completions, completion_ids=None, **kwargs):
+    """Longer responses score higher (varied within a group); records this rank's response lengths
+    when RLHFKIT_TEST_LENGTHS names a directory."""
+    out = os.environ.get("RLHFKIT_TEST_LENGTHS")
+    if out and completion_ids is not None:
+        with (Path(out) / f"rank-{os.environ.get('RANK', '0')}.jsonl").open("a") as f:
+            f.write(json.dumps([len(c) for c in completion_ids]) + "\n")
+    return [len(c) / 10 for c in completions]
+
+
+COMMON = dict(max_steps=3, top_k=1, temperature=1.0, max_new_tokens=8, stop=STOP, logging_steps=1,
+              per_device_train_batch_size=2, num_mini_batches=1, learning_rate=1e-3, max_grad_norm=1.0,
+              save_steps=2, eval_steps=3, eval_num_prompts=4, per_device_eval_batch_size=4,
+              reward_funcs=["test_scaleout_online:length_reward"], report_to=[], disable_tqdm=True, seed=0)
+STAGES = {"grpo": dict(rollout_batch_size=4, num_generations=2, advantage_estimator="reinforce_pp"),
+          "rloo": dict(rollout_batch_size=4, num_generations=2, advantage_estimator="reinforce_pp",
+                       beta=0.05),
+          "ppo": dict(rollout_batch_size=4, num_ppo_epochs=2)}
+LORA = dict(finetuning_type="lora", lora_rank=4, merge_lora=False)
+CASES = {  # (engine, stage, tuning)
+    ("zero2", "grpo", "full"), ("zero3", "rloo", "lora"), ("fsdp2", "grpo", "full"),
+    ("zero2", "ppo", "lora"), ("zero3", "ppo", "full"), ("fsdp2", "ppo", "lora"),
+}
+COMPARED = {"grpo": ("rewards/mean", "loss", "grad_norm", "gen/length", "policy/entropy", "eval/scores"),
+            "rloo": ("rewards/mean", "loss", "grad_norm", "gen/length", "objective/kl", "eval/scores",
+                     "eval/kl"),
+            "ppo": ("objective/scores", "objective/kl", "policy/loss", "val/loss", "grad_norm", "gen/length",
+                    "eval/scores", "eval/kl")}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, tiny_model_dir) -> Path:
+    d = tmp_path_factory.mktemp("online_data")
+    (d / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    return d
+
+
+def online_config(data: Path, tiny_model_dir: Path, stage: str, tuning: str, out: Path, **kw):
+    values = dict(model_name_or_path=str(tiny_model_dir), dataset=str(data / "prompts.jsonl"),
+                  eval_dataset=str(data / "prompts.jsonl"), output_dir=str(out), **COMMON, **STAGES[stage],
+                  **(LORA if tuning == "lora" else {}))
+    values.update(kw)
+    return build_config(stage, values)
+
+
+def run_launched(engine: str, stage: str, cfg: Path,
+                 lengths: Path | None = None) -> subprocess.CompletedProcess:
+    """`accelerate launch` with 2 processes (tests/ on the path for the reward function)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
+    env.pop("RLHFKIT_TEST_LENGTHS", None)
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO}:{REPO / 'tests'}",
+               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR",
+                                                   str(REPO / "build" / "torch_extensions")))
+    if lengths is not None:
+        lengths.mkdir(parents=True, exist_ok=True)
+        env["RLHFKIT_TEST_LENGTHS"] = str(lengths)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCEL / f"{engine}.yaml"),
+           "--num_processes", "2", "--main_process_port", str(_free_port()), "-m", "rlhfkit", stage, str(cfg)]
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data, tiny_model_dir):
+    """Launched runs and single-process references, each made once per module on first use."""
+    root = tmp_path_factory.mktemp("scaleout_online")
+    done: dict = {}
+
+    def get(engine: str, stage: str, tuning: str) -> Path:
+        key = (engine, stage, tuning)
+        if key not in done:
+            out = root / "_".join(key)
+            if engine == "single":
+                from rlhfkit.train.grpo import train_grpo
+                from rlhfkit.train.ppo import train_ppo
+
+                train = train_ppo if stage == "ppo" else train_grpo
+                train(online_config(data, tiny_model_dir, stage, tuning, out))
+            else:
+                cfg = root / f"{'_'.join(key)}.yaml"
+                dump_config(online_config(data, tiny_model_dir, stage, tuning, out), cfg)
+                run_launched(engine, stage, cfg, lengths=out.parent / f"{out.name}_lengths")
+            done[key] = out
+        return done[key]
+
+    return get
+
+
+def assert_same_curve(a: Path, b: Path, keys, rel: float = 1e-4, abs_: float = 1e-5) -> None:
+    ma, mb = metrics(a), metrics(b)
+    assert [r["step"] for r in ma] == [r["step"] for r in mb] == [0, 1, 2, 3]
+    for ra, rb in zip(ma, mb):
+        assert ra.keys() == rb.keys(), (ra["step"], set(ra) ^ set(rb))
+        for k in keys:
+            if k in ra:
+                assert ra[k] == pytest.approx(rb[k], rel=rel, abs=abs_), (ra["step"], k, ra[k], rb[k])
+
+
+def policy_weights(out: Path, tuning: str) -> dict[str, torch.Tensor]:
+    return load_file(str(out / ("adapter_model.safetensors" if tuning == "lora" else "model.safetensors")))
+
+
+def engine_case(e, s, t):
+    marks = needs_deepspeed if e.startswith("zero") else ()
+    return pytest.param(e, s, t, marks=marks, id=f"{e}-{s}-{t}")
+
+
+@pytest.mark.parametrize("engine, stage, tuning", [engine_case(*k) for k in sorted(CASES)])
+def test_online_stage_under_engine_matches_one_process(runs, tiny_model_dir, engine, stage, tuning):
+    launched, single = runs(engine, stage, tuning), runs("single", stage, tuning)
+    s, ref = summary(launched), summary(single)
+    # 1. the engine asked for
+    assert (s["engine"], s["world_size"]) == (engine, 2)
+    assert (ref["engine"], ref["world_size"]) == ("single", 1)
+    # 2. what each rank held (the trained models: the policy; PPO: + critic and value head)
+    total, state = ref["local_parameters"][0], ref["local_optimizer_state"][0]
+    params, optim = s["local_parameters"], s["local_optimizer_state"]
+    if engine in ("zero3", "fsdp2"):
+        assert all(0.4 * total <= n <= 0.6 * total for n in params), (params, total)
+        assert sum(params) == pytest.approx(total, rel=0.02)
+    else:
+        assert params == [total, total]
+    assert all(0.4 * state <= n <= 0.6 * state for n in optim), (optim, state)
+    # 3. ranks sampled different lengths in the same step (no deadlock), the same curve as one process
+    lengths = launched.parent / f"{launched.name}_lengths"
+    per_rank = [[json.loads(x) for x in (lengths / f"rank-{r}.jsonl").read_text().splitlines()]
+                for r in (0, 1)]
+    if len(per_rank[0]) == len(per_rank[1]) + 2:  # zero2: only the main process evaluates (steps 0 and 3)
+        per_rank[0] = per_rank[0][1:-1]
+    assert len(per_rank[0]) == len(per_rank[1]) >= 3
+    assert any(max(a) != max(b) for a, b in zip(*per_rank)), per_rank
+    assert_same_curve(launched, single, COMPARED[stage])
+    first = metrics(launched)[0]
+    assert first["step"] == 0 and "eval/scores" in first  # evaluated before training, every rank sampling
+    # 4. the saved policy: plain transformers / peft on one process, the single run's weights
+    a, b = policy_weights(launched, tuning), policy_weights(single, tuning)
+    # FSDP2's gathered state also writes the lm_head tied to the input embedding (equal values)
+    assert set(b) <= set(a) <= set(b) | {"lm_head.weight"} and b
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-4, msg=k)
+    if tuning == "full":
+        from transformers import AutoModelForCausalLM
+
+        AutoModelForCausalLM.from_pretrained(launched)
+    else:
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(launched)
+        assert set(model.peft_config) == {"default"}
+    if stage == "ppo":
+        assert (launched / "critic").is_dir()
+
+
+@pytest.mark.parametrize("engine, stage, tuning", [engine_case("fsdp2", "grpo", "full"),
+                                                   engine_case("zero3", "ppo", "full")])
+def test_interrupted_online_run_resumes_under_the_same_engine(runs, data, tiny_model_dir, tmp_path, engine,
+                                                              stage, tuning):
+    """What a run killed after its step-2 checkpoint leaves, resumed with `resume_from_checkpoint:
+    true` under the same engine: the uninterrupted run's metrics (step 3) and weights."""
+    full = runs(engine, stage, tuning)
+    out = tmp_path / "resumed"
+    final = shutil.ignore_patterns("*.safetensors", "summary.json", "tokenizer*", "config.json", "critic",
+                                   "generation_config.json", "chat_template*", "adapter_config.json")
+    shutil.copytree(full, out, ignore=lambda d, names: final(d, names) if Path(d) == full else set())
+    assert (out / "checkpoints" / "step-000002" / "trainer_state.json").is_file()
+    cfg = tmp_path / "resume.yaml"
+    dump_config(online_config(data, tiny_model_dir, stage, tuning, out, resume_from_checkpoint=True), cfg)
+    proc = run_launched(engine, stage, cfg)
+    assert "resumed from" in proc.stdout + proc.stderr
+    ma, mb = metrics(out), metrics(full)
+    assert [r["step"] for r in ma] == [r["step"] for r in mb]
+    for k, v in mb[-1].items():
+        # diag/: the diagnostics registry fires on a window of steps, which a resumed run starts afresh
+        if not k.startswith(("time/", "diag/")):
+            assert ma[-1][k] == pytest.approx(v, rel=1e-6, abs=1e-7), k
+    a, b = policy_weights(out, tuning), policy_weights(full, tuning)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-6, msg=k)
