@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # GPU check (issue 12): short sft, dpo and ppo runs on one GPU with bf16 and the default attention
-# kernel, sft/dpo under DeepSpeed ZeRO-3 (one process), ppo under `single` (rlhfkit runs ppo under
-# single/ddp only). Prints tokens/s, peak GPU memory and MFU against the GPU's bf16 dense peak.
+# kernel, each under DeepSpeed ZeRO-3 (one process). Prints tokens/s, peak GPU memory and MFU against the GPU's bf16 dense peak.
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]        (PEAK_TFLOPS=989 for an H100/H200 SXM by default)
 #
@@ -38,7 +37,7 @@ run sft $Z3 sft configs/sft_sentiment.yaml model_name_or_path=preset:smollm2-135
 run dpo $Z3 dpo configs/dpo_sentiment.yaml model_name_or_path="$OUT/sft" \
   dataset="$OUT/data/preference_train.jsonl" eval_dataset=null output_dir="$OUT/dpo" max_length=128 \
   per_device_train_batch_size=16 gradient_accumulation_steps=1 task=null eval_steps=null $common
-run ppo $PY -m rlhfkit ppo configs/ppo_sentiment.yaml model_name_or_path="$OUT/sft" reward_model=null \
+run ppo $Z3 ppo configs/ppo_sentiment.yaml model_name_or_path="$OUT/sft" reward_model=null \
   reward_funcs=[gold] task=sentiment dataset="$OUT/data/prompt_train.jsonl" output_dir="$OUT/ppo" \
   rollout_batch_size=64 $common
 
