@@ -313,3 +313,32 @@ def test_arithmetic_demo_runs_sft_then_grpo(tmp_path):
     text = (tmp_path / "demo" / "report.md").read_text()
     assert "| SFT (GRPO step 0) |" in text and "| GRPO (4 steps) |" in text
     assert (tmp_path / "demo" / "grpo" / "model.safetensors").is_file()
+
+
+def test_gradient_checkpointing_reaches_the_policy_and_changes_nothing(fx, tmp_path, monkeypatch):
+    """`gradient_checkpointing: true`: every training (grad) pass of a decoder layer of the policy runs
+    checkpointed (the layer's flag on, in train mode); the metrics are those of the run without."""
+    import rlhfkit.train.grpo as grpo_mod
+
+    seen = set()
+    build = grpo_mod.build_model
+
+    def spy(*args, **kwargs):
+        model = build(*args, **kwargs)
+        layer = next(m for m in model.modules() if type(m).__name__.endswith("DecoderLayer"))
+        layer.register_forward_hook(lambda module, *a: seen.add(bool(module.gradient_checkpointing and module.training))
+                                    if torch.is_grad_enabled() else None)
+        return model
+
+    monkeypatch.setattr(grpo_mod, "build_model", spy)
+    out, flags = {}, {}
+    for ckpt in (False, True):
+        seen.clear()
+        out[ckpt] = train_grpo(grpo_config(fx, tmp_path / str(ckpt), stage="rloo", finetuning_type="lora",
+                                           gradient_checkpointing=ckpt, max_steps=2, logging_steps=1)).history
+        flags[ckpt] = set(seen)
+    assert flags == {False: {False}, True: {True}}
+    for a, b in zip(out[False], out[True], strict=True):
+        for k in a:
+            if not k.startswith("time/"):
+                assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), (a["step"], k)

@@ -509,3 +509,56 @@ def test_single_update_reads_old_logps_and_values_from_its_training_forward(fixt
         # Adam divides a gradient by its own size: an element whose gradient is ~0 may differ by a
         # fraction of a step, so the tensors are compared in norm
         assert (w8[k] - w2[k]).norm() <= 1e-2 * w8[k].norm() + 1e-6, k
+
+
+@pytest.mark.parametrize("finetuning_type", ["full", "lora"])
+def test_gradient_checkpointing_reaches_policy_and_critic_and_changes_nothing(fixtures, tmp_path,
+                                                                            finetuning_type, monkeypatch):
+    """`gradient_checkpointing: true` reaches every role that trains: every training (grad) pass of a
+    decoder layer of the policy and of the critic's backbone runs checkpointed (the layer's flag on, in
+    train mode), no pass does without it; the metrics are those of the run without."""
+    import rlhfkit.train.ppo as ppo_mod
+
+    seen: dict = {}
+    build = ppo_mod.build_roles
+
+    def spy(*args, **kwargs):
+        roles = build(*args, **kwargs)
+        for role, model in (("policy", roles.policy), ("critic", roles.critic_backbone)):
+            layer = next(m for m in model.modules() if type(m).__name__.endswith("DecoderLayer"))
+
+            def record(module, inputs, output, role=role):
+                if torch.is_grad_enabled():  # a training pass
+                    seen.setdefault(role, set()).add(bool(module.gradient_checkpointing and module.training))
+            layer.register_forward_hook(record)
+        return roles
+
+    monkeypatch.setattr(ppo_mod, "build_roles", spy)
+    out, flags = {}, {}
+    for ckpt in (False, True):
+        seen.clear()
+        out[ckpt] = train_ppo(ppo_config(fixtures, tmp_path / str(ckpt), finetuning_type=finetuning_type,
+                                         gradient_checkpointing=ckpt, max_steps=2, logging_steps=1)).history
+        flags[ckpt] = dict(seen)
+    assert flags == {False: {"policy": {False}, "critic": {False}}, True: {"policy": {True}, "critic": {True}}}
+    for a, b in zip(out[False], out[True], strict=True):
+        for k in a:
+            if not k.startswith("time/"):
+                assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), (a["step"], k)
+
+
+@pytest.mark.parametrize("finetuning_type, rm", [("lora", "rm_lora"), ("full", "rm_full"), ("lora", "rm_full")],
+                         ids=["shared_base", "separate_full", "separate_lora_critic"])
+def test_packed_reward_pass_equals_the_padded_one(fixtures, tmp_path, tiny_tokenizer, finetuning_type, rm):
+    """The reward model scores a rollout (left-padded prompts, right-padded responses) packed,
+    padding-free, with the padded pass's scores, on every reward layout."""
+    c = ppo_config(fixtures, tmp_path, finetuning_type=finetuning_type, reward_model=str(fixtures / rm))
+    roles = build_roles(c, tiny_tokenizer, "cpu", printer=lambda *a: None)
+    ro = make_rollout(roles, tiny_tokenizer, c)
+    assert ro.attention_mask.sum(-1).unique().numel() > 2  # varied lengths: packing moves rows
+    padded = roles.reward(ro.input_ids, ro.attention_mask)
+    roles.pack_rewards(True)
+    packed = roles.reward(ro.input_ids, ro.attention_mask)
+    torch.testing.assert_close(packed, padded, rtol=0, atol=1e-5)
+    assert not torch.equal(padded, torch.zeros_like(padded))
+    assert roles.packed_rewards_match(ro.input_ids, ro.attention_mask) and roles.reward_padding_free

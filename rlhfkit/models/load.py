@@ -192,6 +192,18 @@ def load_causal_lm(
     return model.to(dtype)
 
 
+def enable_gradient_checkpointing(model) -> None:
+    """Activation checkpointing on `model` (`gradient_checkpointing: true`): its decoder layers keep
+    only their inputs and recompute their activations in backward, in train mode only (sampling and
+    the no-grad passes run in eval mode and are unaffected). Non-reentrant, so a frozen LoRA base
+    needs no gradient on its inputs. The one switch of every stage and role that trains (`fit`; the
+    online policies; PPO's critic)."""
+    if hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+
+
 def keep_4bit_layout(model) -> None:
     """Keep every bitsandbytes 4-bit layer of `model` in its training layout.
 

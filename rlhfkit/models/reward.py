@@ -227,6 +227,16 @@ def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     return _head_outputs(model, inputs)[at_rows, at_cols]
 
 
+def packing_probe(vocab_size: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of three right-padded rows of different lengths (token ids 5, 6,
+    ... within the vocabulary): a batch on which to check that a model scores packed rows as padded
+    ones before a run packs its passes."""
+    from rlhfkit.data.collate import pad_batch
+
+    batch = pad_batch([[(5 + i) % vocab_size for i in range(n)] for n in (7, 12, 4)], 0, side="right")
+    return batch["input_ids"].to(device), batch["attention_mask"].to(device)
+
+
 @torch.no_grad()
 def padding_free_rewards_match(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                                groups: list[int] | None = None, atol: float = 1e-3) -> bool:

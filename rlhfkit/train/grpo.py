@@ -37,7 +37,7 @@ from rlhfkit.losses.kl import KL_ESTIMATORS, kl_loss_term
 from rlhfkit.losses.masked import masked_sum
 from rlhfkit.losses.policy import aggregate_loss, clipped_policy_loss, overlong_penalty
 from rlhfkit.losses.ppo import eos_trick
-from rlhfkit.models.load import load_causal_lm
+from rlhfkit.models.load import enable_gradient_checkpointing, load_causal_lm
 from rlhfkit.models.logprobs import response_logps
 from rlhfkit.rollout.rollout import Rollout, Scorer, concat_rollouts, generate_rollout, select_rows, source_metrics
 from rlhfkit.train.common import build_model, save_final
@@ -90,6 +90,10 @@ def build_scorer(c: GRPOConfig, tokenizer, reward_funcs, device) -> Scorer:
 
         rm = load_reward_model(c.reward_model, device=device)
         rm.model.requires_grad_(False).eval()
+        if c.padding_free:  # scored packed once the model is seen to follow packed positions
+            from rlhfkit.models.reward import packing_probe, padding_free_rewards_match
+
+            rm.padding_free = padding_free_rewards_match(rm.model, *packing_probe(rm.model.config.vocab_size, device))
         reward_model = rm.score
         if rm.tokenizer.get_vocab() != tokenizer.get_vocab():
             rm_tokenizer = rm.tokenizer
@@ -256,6 +260,8 @@ def train_grpo(config: GRPOConfig) -> Result:
     setup = start_online(c, stage)
     run, tokenizer = setup.run, setup.tokenizer
     policy = build_model(run, tokenizer)
+    if c.gradient_checkpointing:  # recomputed in the training passes (train mode) only
+        enable_gradient_checkpointing(policy)
     reference = build_reference(c, tokenizer, policy, run.device)
     scorer = build_scorer(c, tokenizer, setup.reward_funcs, run.device)
     check_padding_free(run, policy, setup.prompt_ids, tokenizer.pad_token_id)

@@ -315,10 +315,10 @@ def fit(
 
     c = run.config
     acc = run.accelerator
-    if c.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
+    if c.gradient_checkpointing:
+        from rlhfkit.models.load import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model)
     model.train()
     # the engine's side (rlhfkit.train.distributed.Optimization): FSDP2 sharding, optimizer, schedule,
     # resume, accelerate's prepare (DDP / DeepSpeed)

@@ -116,6 +116,19 @@ def advantages(run, c: PPOConfig, ro: Rollout, data: dict, scores: torch.Tensor,
     data.update(kl=kl, values=values, advantages=adv, returns=returns, value_mask=vmask)
 
 
+def reward_packing_matches(run, roles: Roles) -> bool:
+    """At start: does the reward model score packed batches as it scores padded ones (`packing_probe`,
+    in the reward model's vocabulary)? A model that does not follow packed position ids is scored
+    padded for the whole run, with a note."""
+    from rlhfkit.models.reward import packing_probe
+
+    with run.precision():
+        ok = roles.packed_rewards_match(*packing_probe(roles.reward_vocab_size, run.device))
+    if not ok:
+        run.print("[ppo] note: the reward model's packed scores differ from its padded ones: it scores padded")
+    return ok
+
+
 def roles_scorer(c: PPOConfig, roles: Roles, tokenizer, reward_funcs) -> Scorer:
     """# 2. the scorer: the roles' reward model (normalised; on its own tokenizer's re-encoding of the
     texts when its vocabulary differs) and the reward functions, weighted."""
@@ -179,8 +192,12 @@ def train_ppo(config: PPOConfig) -> Result:
     setup = start_online(c, "ppo")
     run, tokenizer = setup.run, setup.tokenizer
     roles = build_roles(c, tokenizer, run.device, printer=run.print)
+    if c.gradient_checkpointing:  # policy and critic: recomputed in the training passes only
+        roles.enable_gradient_checkpointing()
     scorer = roles_scorer(c, roles, tokenizer, setup.reward_funcs)
     check_padding_free(run, roles.policy, setup.prompt_ids, tokenizer.pad_token_id)
+    if c.padding_free and roles.has_reward_model:  # the reward model's passes packed too, once checked
+        roles.pack_rewards(reward_packing_matches(run, roles))
 
     # derived sizes, printed once
     steps = setup.steps
@@ -215,7 +232,7 @@ def train_ppo(config: PPOConfig) -> Result:
     bar = progress(total=steps, initial=start_step, disable=run.quiet, desc="ppo")
     for step in range(start_step, steps):
         t0 = time.perf_counter()
-        roles.policy.eval()
+        roles.train(False)
         idx = setup.stream.indices(step)
         # 1. generate (one pad column appended: the score slot); ZeRO-3 / FSDP2: with the policy's
         #    parameters whole on this rank, so ranks may sample different lengths (no collective inside)
@@ -243,7 +260,7 @@ def train_ppo(config: PPOConfig) -> Result:
             advantages(run, c, ro, data, scores, beta)
         t_prep = time.perf_counter()
         # 6. PPO epochs over shuffled minibatches (gradient accumulation over micro-batches)
-        roles.policy.train()
+        roles.train()
         plans = (plan0 if e == 0 else minibatch_plan(len(idx), c, step, e) for e in range(c.num_ppo_epochs))
         if single:
             def loss_of(mb, n):
@@ -255,7 +272,7 @@ def train_ppo(config: PPOConfig) -> Result:
             run, opt, plans,  # through the engine's forward (`Trainable`: the roles' passes of a micro-batch)
             micro_loss=lambda mb, n: opt.wrapped(lambda: loss_of(mb, n)),
             counts=lambda rows: [m[rows].sum().item(), vmask[rows].sum().item()])
-        roles.policy.eval()
+        roles.train(False)
         t_train = time.perf_counter()
         kl, values, returns = data["kl"], data["values"], data["returns"]
         # 7. KL control (on the mean sequence KL of this batch)

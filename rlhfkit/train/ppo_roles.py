@@ -43,8 +43,8 @@ import torch
 
 from rlhfkit.config import PPOConfig
 from rlhfkit.errors import ConfigError
-from rlhfkit.models.load import apply_lora, disable_dropout, load_causal_lm, prepare_4bit
-from rlhfkit.models.logprobs import position_ids_from_mask, response_hidden
+from rlhfkit.models.load import apply_lora, disable_dropout, enable_gradient_checkpointing, load_causal_lm, prepare_4bit
+from rlhfkit.models.logprobs import hidden_at, response_hidden
 from rlhfkit.models.reward import (
     Normalization,
     RewardScorer,
@@ -114,6 +114,7 @@ class Roles:
     reward_normalization: Normalization | None = None
     reward_same_vocab: bool = True
     critic_on_reward_model: bool = False               # critic backbone = the separate reward model's
+    reward_padding_free: bool = False                  # score packed (`pack_rewards`)
     modules: dict[str, list[torch.nn.Module]] = field(default_factory=dict)
     _trainable_names: dict[int, set[str]] = field(default_factory=dict)
 
@@ -155,6 +156,20 @@ class Roles:
             yield self.policy
         self._restore_grads(self.policy)
 
+    # ---- modes ---------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> None:
+        """Train (True) or eval mode for the trained roles: the policy, the critic's backbone and value
+        head (dropout is off everywhere; the mode switches gradient checkpointing on in the training
+        passes and off for sampling and the no-grad passes)."""
+        for module in (self.policy, self.critic_backbone, self.value_head):
+            module.train(mode)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """`gradient_checkpointing: true` for every role that trains: the policy and the critic's
+        backbone (under LoRA on one base: the same layers)."""
+        for module in (self.policy, self.critic_backbone):
+            enable_gradient_checkpointing(module)
+
     # ---- roles ---------------------------------------------------------------------------------
     def values(self, input_ids, attention_mask, context_length: int, padding_free: bool = False) -> torch.Tensor:
         """(B, W) critic values V(s_t), read from the hidden state before response token t of a rollout
@@ -165,9 +180,38 @@ class Roles:
                                      padding_free=padding_free)
         return self.value_head(hidden.float()).squeeze(-1).float()
 
+    def pack_rewards(self, flag: bool) -> None:
+        """Score the reward model's passes packed, padding-free (`flag`), like every other pass: a
+        rollout batch is left-padded prompts + right-padded responses, so a padded pass computes
+        ~1.5x the real tokens on varied lengths."""
+        self.reward_padding_free = flag
+        if self.reward_scorer is not None:
+            self.reward_scorer.padding_free = flag
+
+    @property
+    def reward_vocab_size(self) -> int:
+        """The vocabulary of the ids `reward` takes (the separate reward model's own, when it has one)."""
+        model = self.reward_scorer.model if self.reward_scorer is not None else self.policy
+        return model.config.vocab_size
+
+    @torch.no_grad()
+    def packed_rewards_match(self, input_ids, attention_mask, atol: float = 1e-3) -> bool:
+        """Whether the packed reward pass gives this batch the padded pass's scores (a model that
+        ignores packed position ids would not). Leaves the packing as it was."""
+        was = self.reward_padding_free
+        try:
+            self.pack_rewards(False)
+            padded = self.reward(input_ids, attention_mask)
+            self.pack_rewards(True)
+            packed = self.reward(input_ids, attention_mask)
+        finally:
+            self.pack_rewards(was)
+        return bool(torch.allclose(padded, packed, atol=atol, rtol=0))
+
     @torch.no_grad()
     def reward(self, input_ids, attention_mask) -> torch.Tensor:
-        """(B,) normalised reward-model score read at the last real token."""
+        """(B,) normalised reward-model score read at the last real token (packed when
+        `reward_padding_free`)."""
         if self.reward_scorer is not None:
             peft = self.critic_peft if self.critic_peft is not None and self.critic_peft is not self.policy else None
             context = peft.disable_adapter() if peft is not None else nullcontext()
@@ -176,12 +220,10 @@ class Roles:
             if peft is not None:
                 self._restore_grads(peft)
             return scores
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         with self.adapter(self.policy, REWARD):
-            hidden = self.reward_backbone_shared(input_ids=input_ids, attention_mask=attention_mask.long(),
-                                                 position_ids=position_ids_from_mask(attention_mask),
-                                                 use_cache=False).last_hidden_state
-        idx = last_token_index(attention_mask)
-        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
+            last = hidden_at(self.reward_backbone_shared, input_ids, attention_mask.bool(), rows,
+                             last_token_index(attention_mask), padding_free=self.reward_padding_free)
         raw = self.reward_head_shared(last).squeeze(-1).float()
         return self.reward_normalization.apply(raw)
 
