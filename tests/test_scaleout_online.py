@@ -82,6 +82,9 @@ CASES = {  # (engine, stage, tuning)
     ("zero2", "grpo", "full"), ("zero3", "rloo", "lora"), ("fsdp2", "grpo", "full"),
     ("zero2", "ppo", "lora"), ("zero3", "ppo", "full"), ("fsdp2", "ppo", "lora"),
 }
+CHECKPOINTED = {("zero3", "ppo", "full"), ("zero3", "rloo", "lora")}
+"""Launched with gradient checkpointing on every role that trains (the single-process reference
+without: the same curve)."""
 COMPARED = {"grpo": ("rewards/mean", "loss", "grad_norm", "gen/length", "policy/entropy", "eval/scores"),
             "rloo": ("rewards/mean", "loss", "grad_norm", "gen/length", "objective/kl", "eval/scores",
                      "eval/kl"),
@@ -154,7 +157,8 @@ def runs(tmp_path_factory, data, tiny_model_dir):
                 train(online_config(data, tiny_model_dir, stage, tuning, out))
             else:
                 cfg = root / f"{'_'.join(key)}.yaml"
-                dump_config(online_config(data, tiny_model_dir, stage, tuning, out), cfg)
+                extra = {"gradient_checkpointing": True} if key in CHECKPOINTED else {}
+                dump_config(online_config(data, tiny_model_dir, stage, tuning, out, **extra), cfg)
                 run_launched(engine, stage, cfg, lengths=out.parent / f"{out.name}_lengths")
             done[key] = out
         return done[key]
@@ -237,7 +241,8 @@ def test_interrupted_online_run_resumes_under_the_same_engine(runs, data, tiny_m
     out = interrupted_copy(full, tmp_path / "resumed", "critic", "generation_config.json", "adapter_config.json")
     assert (out / "checkpoints" / "step-000002" / "trainer_state.json").is_file()
     cfg = tmp_path / "resume.yaml"
-    dump_config(online_config(data, tiny_model_dir, stage, tuning, out, resume_from_checkpoint=True), cfg)
+    extra = {"gradient_checkpointing": True} if (engine, stage, tuning) in CHECKPOINTED else {}
+    dump_config(online_config(data, tiny_model_dir, stage, tuning, out, resume_from_checkpoint=True, **extra), cfg)
     proc = run_launched(engine, stage, cfg)
     assert "resumed from" in proc.stdout + proc.stderr
     ma, mb = metrics(out), metrics(full)

@@ -36,6 +36,7 @@ import time
 import torch
 
 from rlhfkit.config import PPOConfig
+from rlhfkit.errors import ConfigError
 from rlhfkit.losses.advantages import gae
 from rlhfkit.losses.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController
 from rlhfkit.losses.masked import masked_mean, masked_sum
@@ -193,6 +194,13 @@ def train_ppo(config: PPOConfig) -> Result:
     run, tokenizer = setup.run, setup.tokenizer
     roles = build_roles(c, tokenizer, run.device, printer=run.print)
     if c.gradient_checkpointing:  # policy and critic: recomputed in the training passes only
+        if roles.critic_peft is roles.policy:
+            raise ConfigError(
+                "gradient_checkpointing: true with LoRA where the critic is adapter 'critic' on the policy's own "
+                "base (reward functions only, or a LoRA reward model over the same base) is not supported: the "
+                "backward pass would recompute the policy's layers under whichever adapter is active then. Set "
+                "gradient_checkpointing: false, or train the critic on its own base (a full reward model, or one "
+                "over another base)")
         roles.enable_gradient_checkpointing()
     scorer = roles_scorer(c, roles, tokenizer, setup.reward_funcs)
     check_padding_free(run, roles.policy, setup.prompt_ids, tokenizer.pad_token_id)
