@@ -721,6 +721,13 @@ class PPOConfig(OnlineConfig):
                 problems.append(f"{key} must be > 0, got {getattr(self, key)}")
         if self.vf_coef < 0 or self.entropy_coef < 0:
             problems.append("vf_coef and entropy_coef must be >= 0")
+        if self.gradient_checkpointing and self.finetuning_type == "lora" and self.reward_model is None:
+            # the critic is then adapter 'critic' on the policy's own base (rlhfkit.train.ppo_roles): a
+            # checkpointed backward would recompute the policy's layers under the critic's adapter
+            problems.append("gradient_checkpointing: true with LoRA and no reward_model puts the critic on the "
+                            "policy's own base as a second adapter, which checkpointing cannot serve; set "
+                            "gradient_checkpointing: false (or train the critic on its own base: a full reward "
+                            "model, or one over another base)")
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -568,8 +568,12 @@ def test_gradient_checkpointing_with_the_critic_on_the_policy_base_is_refused(fi
     """LoRA with reward functions only puts the critic on the policy's own base as a second adapter: a
     checkpointed backward would recompute the policy's layers under the critic's adapter (measured:
     step 2's policy loss -0.0356 instead of -0.0350). A clear error, before any training."""
-    c = ppo_config(fixtures, tmp_path, finetuning_type="lora", reward_model=None,
+    with pytest.raises(ConfigError, match="critic on the policy's own base"):  # reward functions: the config
+        ppo_config(fixtures, tmp_path, finetuning_type="lora", reward_model=None,
                    reward_funcs=["test_ppo:length_reward"], gradient_checkpointing=True)
+    # a LoRA reward model over the same base: known once the roles are built, still before any training
+    c = ppo_config(fixtures, tmp_path, finetuning_type="lora", reward_model=str(fixtures / "rm_lora"),
+                   gradient_checkpointing=True)
     with pytest.raises(ConfigError, match="critic.*policy's own base"):
         train_ppo(c)
     assert not (tmp_path / "metrics.jsonl").exists()
