@@ -53,6 +53,12 @@ class SamplingParams:
     do_sample: bool = True
     stop: tuple[str, ...] = ()
 
+    @classmethod
+    def with_greedy_at_zero(cls, *, temperature: float, **kw) -> "SamplingParams":
+        """The user-facing convention of `generate` and `chat`: temperature 0 means greedy decoding."""
+        greedy = temperature == 0
+        return cls(temperature=1.0 if greedy else temperature, do_sample=not greedy, **kw)
+
 
 @dataclass
 class Generation:

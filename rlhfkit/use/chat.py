@@ -137,10 +137,8 @@ class Settings:
     seed: int = 0
 
     def params(self) -> SamplingParams:
-        greedy = self.temperature == 0
-        return SamplingParams(max_new_tokens=self.max_new_tokens,
-                              temperature=1.0 if greedy else self.temperature,
-                              top_p=self.top_p, top_k=self.top_k, do_sample=not greedy)
+        return SamplingParams.with_greedy_at_zero(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                                                  top_p=self.top_p, top_k=self.top_k)
 
 
 @dataclass

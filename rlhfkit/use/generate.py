@@ -51,10 +51,8 @@ class GenerateOptions:
     def sampling_params(self):
         from rlhfkit.rollout.generate import SamplingParams
 
-        greedy = self.temperature == 0
-        return SamplingParams(max_new_tokens=self.max_new_tokens,
-                              temperature=1.0 if greedy else self.temperature,
-                              top_k=self.top_k, top_p=self.top_p, do_sample=not greedy, stop=tuple(self.stop))
+        return SamplingParams.with_greedy_at_zero(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                                                  top_k=self.top_k, top_p=self.top_p, stop=tuple(self.stop))
 
 
 def sample_seed(seed: int, row: int, sample: int) -> int:
