@@ -221,6 +221,13 @@ def old_and_reference_logps(c: GRPOConfig, policy, reference, ro: Rollout, micro
     return out
 
 
+def loss_mask_of(c: GRPOConfig, ro: Rollout) -> torch.Tensor:
+    """(B, W) the tokens the loss covers: the responses, without the truncated ones when
+    `mask_truncated_completions`."""
+    m = ro.response_mask
+    return m & ~ro.truncated[:, None] if c.mask_truncated_completions else m
+
+
 def advantages(c: GRPOConfig, ro: Rollout, data: dict, scores: torch.Tensor, reduce_sum) -> None:
     """# 4. advantages by `advantage_estimator` (the KL folded into the reward first when it goes
     there: needs data's `old_logps`); adds `advantages` and `loss_mask` to `data`."""
@@ -235,7 +242,7 @@ def advantages(c: GRPOConfig, ro: Rollout, data: dict, scores: torch.Tensor, red
     data["advantages"] = ADVANTAGE_ESTIMATORS[c.advantage_estimator](
         adv_scores, m, c.num_generations, token_kl=token_kl if c.advantage_estimator.startswith("reinforce") else None,
         kl_coef=c.beta if kl_to_reward else 0.0, scale_rewards=c.scale_rewards, reduce_sum=reduce_sum)
-    data["loss_mask"] = m & ~ro.truncated[:, None] if c.mask_truncated_completions else m
+    data["loss_mask"] = loss_mask_of(c, ro)
 
 
 def single_update_loss(policy, ro: Rollout, data: dict, idx: torch.Tensor, c: GRPOConfig, counts: list[float],
@@ -323,7 +330,7 @@ def train_grpo(config: GRPOConfig) -> Result:
         else:
             def loss_of(mb, n):
                 return grpo_micro_loss(opt.wrapped, ro, data, mb, c, n[0], n[1])
-        loss_mask = m & ~ro.truncated[:, None] if c.mask_truncated_completions else m
+        loss_mask = loss_mask_of(c, ro)
         means, first = run_updates(
             # the policy through the engine's forward (DeepSpeed: its per-forward bookkeeping, which
             # ZeRO-3's gradient reduction relies on; elsewhere `opt.wrapped` is the policy itself)
