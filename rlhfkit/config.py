@@ -562,6 +562,17 @@ class OnlineConfig(BaseConfig):
     stop: list[str] = []
     """Stop strings: generation stops after one; such a response counts as finished (not
     penalised by the EOS trick)."""
+    sampling_dtype: Literal["float32", "bfloat16"] = "float32"
+    """The weights the sampler reads (rollouts and evaluation). `bfloat16`: a bf16 copy of the
+    policy, made at each rollout after the LoRA merge, while training, old/reference log-probs and
+    the optimizer stay as they are: decoding a few rows on a CPU is bound by weight bytes (see
+    benchmarks/README.md). The samples then come from a slightly different policy than the one
+    trained; grpo/rloo correct each token's loss by truncated importance sampling
+    (`sampling_is_cap`). Not for ppo yet, nor with load_in_4bit or under zero3/fsdp2."""
+    sampling_is_cap: float = 2.0
+    """With `sampling_dtype` other than float32: the cap C of the per-token importance weight
+    min(pi_old / pi_sampler, C) (truncated importance sampling, Yao et al. 2025; TRL's
+    `vllm_importance_sampling_cap`)."""
     missing_eos_penalty: float | None = None
     """EOS trick: subtract this from the score of a response that did not finish (TRL)."""
     missing_eos_score: float | None = None
@@ -633,6 +644,11 @@ class OnlineConfig(BaseConfig):
             problems.append(f"top_k must be >= 0 and top_p in (0, 1], got {self.top_k}, {self.top_p}")
         if self.total_episodes is not None and self.total_episodes < 1:
             problems.append(f"total_episodes must be >= 1, got {self.total_episodes}")
+        if self.sampling_is_cap < 1:
+            problems.append(f"sampling_is_cap must be >= 1, got {self.sampling_is_cap}")
+        if self.sampling_dtype != "float32" and self.load_in_4bit:
+            problems.append(f"sampling_dtype: {self.sampling_dtype} cannot copy a 4-bit (load_in_4bit) base; "
+                            "use sampling_dtype: float32")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -707,6 +723,9 @@ class PPOConfig(OnlineConfig):
             problems.append("kl_estimator k2 is not offered for ppo's reward shaping; use k1 or k3")
         if self.kl_coef < 0:
             problems.append(f"kl_coef must be >= 0, got {self.kl_coef}")
+        if self.sampling_dtype != "float32":
+            problems.append(f"sampling_dtype: {self.sampling_dtype} is offered by grpo and rloo only (their loss "
+                            "has the importance-sampling correction; ppo's does not yet): use float32")
         if self.target_kl is not None and self.target_kl <= 0:
             problems.append(f"target_kl must be > 0 (or null), got {self.target_kl}")
         if self.kl_horizon <= 0:

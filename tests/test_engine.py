@@ -88,6 +88,20 @@ def test_merged_lora_under_zero3_or_fsdp2_is_refused():
                 check_config(engine, config(**kw))
 
 
+def test_bf16_sampling_under_zero3_or_fsdp2_is_refused():
+    from rlhfkit.config import build_config
+    from rlhfkit.train.engine import check_config
+
+    config = build_config("grpo", dict(model_name_or_path="some/dir", dataset="x.jsonl", output_dir="o",
+                                       reward_funcs=["exact_answer"], sampling_dtype="bfloat16",
+                                       rollout_batch_size=4, num_generations=4, per_device_train_batch_size=8))
+    for engine in ("single", "ddp", "zero2"):
+        check_config(engine, config)
+    for engine in ("zero3", "fsdp2"):
+        with pytest.raises(ConfigError, match=f"sampling_dtype: bfloat16 under engine '{engine}'"):
+            check_config(engine, config)
+
+
 def test_an_engine_other_than_the_one_asked_for_is_an_error():
     check_engine("zero3", Engine("zero3", "DEEPSPEED", 2))
     with pytest.raises(ConfigError, match="asks for engine 'zero3' but accelerate set up 'ddp'"):

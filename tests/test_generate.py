@@ -252,6 +252,66 @@ def test_lora_model_samples_with_merged_adapters_and_is_restored(tiny_tokenizer)
     assert all(p.requires_grad == ("lora_" in n) for n, p in model.named_parameters())
 
 
+# ---- sampling in another dtype and the sampler's own log-probs ---------------------------------------------
+
+def _rollout_logps(model, tok, gen, temperature: float) -> torch.Tensor:
+    """The trainer's log-probs of `gen`'s responses (models.logprobs.response_logps on the rollout layout)."""
+    from rlhfkit.models.logprobs import response_logps
+
+    queries = pad_batch(gen.prompt_ids, tok.pad_token_id, side="left")
+    ids = torch.cat([queries["input_ids"], gen.response_ids], 1)
+    mask = torch.cat([queries["attention_mask"], gen.response_mask], 1)
+    with torch.no_grad():
+        return response_logps(model, ids, mask, queries["input_ids"].shape[1], temperature,
+                              suppress_ids=[tok.pad_token_id])[0]
+
+
+def test_recorded_sampling_logps_are_the_trainers_logps(tiny_tokenizer):
+    """In the model's own dtype the sampler's recorded log-probs (pad suppressed, / temperature) are
+    what the trainer computes for the same tokens, position by position, 0 after each row's end
+    (greedy rows of very different lengths; the temperature still defines the recorded log-probs)."""
+    tok = tiny_tokenizer
+    model = _eos_model(tok)
+    params = SamplingParams(max_new_tokens=12, temperature=0.7, do_sample=False)
+    gen = HFGenerator(tok, batch_size=3).generate(model, _prompts(tok), params, num_generations=2, record_logps=True)
+    assert gen.sampling_logps.shape == gen.response_ids.shape
+    assert len(set(_lengths(gen))) >= 3  # ragged rows: positions after an end must stay 0
+    assert torch.all(gen.sampling_logps[~gen.response_mask] == 0)
+    torch.testing.assert_close(gen.sampling_logps, _rollout_logps(model, tok, gen, 0.7), atol=2e-5, rtol=0)
+    assert HFGenerator(tok).generate(model, _prompts(tok), params).sampling_logps is None
+
+
+def test_bf16_linears_sample_what_hf_samples_with_them_and_leave_the_model_untouched(tiny_tokenizer):
+    """`dtype=torch.bfloat16`: the linear layers (LM head included) compute in bf16 from copies; the
+    tokens are HF generate's under the same `linears_in`, the recorded log-probs differ from the
+    float32 model's (so bf16 really ran) by little (measured: mean 0.002, max 0.016 nats), and the
+    model is left bit-identical (LoRA merged and restored, no patched forward left behind)."""
+    from rlhfkit.models.load import apply_lora
+    from rlhfkit.rollout.generate import linears_in
+
+    tok = tiny_tokenizer
+    model = apply_lora(_eos_model(tok), rank=4, alpha=8, dropout=0.0, target="all-linear")
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prompts = _prompts(tok)
+    greedy = SamplingParams(max_new_tokens=10, do_sample=False)
+    gen = HFGenerator(tok, batch_size=5, dtype=torch.bfloat16).generate(model, prompts, greedy, num_generations=2,
+                                                                        record_logps=True)
+    with linears_in(model, torch.bfloat16):
+        hf = _hf_generate(model, tok, prompts, greedy, G=2)
+    assert _same_tokens(gen.response_ids, hf, tok.pad_token_id)
+    gap = (gen.sampling_logps - _rollout_logps(model, tok, gen, 1.0)).abs()[gen.response_mask]
+    assert 0 < gap.mean() < 0.01 and gap.max() < 0.1
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any("forward" in vars(m) for m in model.modules())
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
 # ---- helpers and bad input --------------------------------------------------------------------------------
 
 def test_compaction_worked_example():

@@ -266,6 +266,61 @@ def test_bf16_first_ratio_is_one(fx, tmp_path, stage):
     assert step1["objective/kl"] == 0.0
 
 
+@pytest.mark.parametrize("stage", ["grpo", "rloo"])
+def test_bf16_sampling_runs_with_importance_weights(fx, tmp_path, stage):
+    """sampling_dtype bfloat16: the sampler's linear layers run in bf16, so its log-probs differ a
+    little from the float32 policy's (logp_gap > 0, importance weights near 1); the ratio to the
+    float32 old policy is still exactly 1 at the first update."""
+    result = train_grpo(grpo_config(fx, tmp_path, stage=stage, sampling_dtype="bfloat16", finetuning_type="lora",
+                                    max_steps=2, max_new_tokens=8))
+    for rec in result.history:
+        if "loss" not in rec:
+            continue
+        assert 0 < rec["sampling/logp_gap"] < 0.05
+        assert 0.95 < rec["sampling/is_weight"] < 1.05 and 0 <= rec["sampling/is_capped"] < 0.05
+    step1 = next(r for r in result.history if r["step"] == 1)
+    assert step1["policy/first_ratio_dev"] == 0.0
+
+
+def test_importance_weights_multiply_each_tokens_policy_gradient(fx, tmp_path):
+    """grpo_micro_loss with recorded sampling log-probs: at ratio 1 the token-aggregated loss's
+    gradient in each token's log-prob is -A w / n_tokens with w = min(pi_old / pi_sampler, cap);
+    here w = [0.5, 1, 2 (3 capped)] and [1.5, 1 | pad]."""
+    import math
+
+    from rlhfkit.rollout.rollout import Rollout
+    from rlhfkit.train.grpo import grpo_micro_loss
+
+    c = grpo_config(fx, tmp_path, sampling_is_cap=2.0, loss_aggregation="token")
+    logps = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -1.0, 0.0]], requires_grad=True)
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    shift = torch.tensor([[math.log(0.5), 0.0, math.log(3.0)], [math.log(1.5), 0.0, 0.0]])
+    ro = Rollout(input_ids=torch.zeros(2, 4, dtype=torch.long), attention_mask=torch.ones(2, 4, dtype=torch.bool),
+                 responses=torch.zeros(2, 3, dtype=torch.long), response_mask=mask, context_length=1,
+                 ended=torch.ones(2, dtype=torch.bool), texts=["", ""], rows=[{}, {}], group_size=2,
+                 truncated=torch.zeros(2, dtype=torch.bool), sampling_logps=(logps.detach() - shift))
+    advantages = torch.tensor([1.0, -2.0])
+    data = {"advantages": advantages, "loss_mask": mask}
+    loss, stats = grpo_micro_loss(None, ro, data, torch.arange(2), c, n_tokens=5.0, n_sequences=2.0,
+                                  forward=(logps, torch.zeros(2, 3)))
+    loss.backward()
+    w = torch.tensor([[0.5, 1.0, 2.0], [1.5, 1.0, 0.0]])
+    torch.testing.assert_close(logps.grad, -advantages[:, None] * w / 5.0)
+    assert stats["sampling/is_capped"] == pytest.approx(1 / 5)
+    assert stats["sampling/is_weight"] == pytest.approx((0.5 + 1 + 2 + 1.5 + 1) / 5)
+
+
+def test_bf16_sampling_config_errors(fx, tmp_path):
+    with pytest.raises(ConfigError, match="sampling_is_cap must be >= 1"):
+        grpo_config(fx, tmp_path, sampling_dtype="bfloat16", sampling_is_cap=0.5)
+    with pytest.raises(ConfigError, match="sampling_dtype: bfloat16 is offered by grpo and rloo only"):
+        build_config("ppo", dict(model_name_or_path=str(fx / "sft"), dataset=str(fx / "prompts.jsonl"),
+                                 output_dir=str(tmp_path), reward_funcs=["test_grpo:words_reward"],
+                                 sampling_dtype="bfloat16"))
+    with pytest.raises(ConfigError, match="sampling_dtype"):
+        grpo_config(fx, tmp_path, sampling_dtype="float16")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kw", [dict(), dict(stage="rloo", finetuning_type="lora", num_mini_batches=2)],
                          ids=["grpo_full", "rloo_lora"])

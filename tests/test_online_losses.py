@@ -24,7 +24,13 @@ from rlhfkit.losses.advantages import (
 )
 from rlhfkit.losses.kl import KL_ESTIMATORS, kl_loss_term
 from rlhfkit.losses.masked import masked_mean, masked_var
-from rlhfkit.losses.policy import LOSS_AGGREGATIONS, aggregate_loss, clipped_policy_loss, overlong_penalty
+from rlhfkit.losses.policy import (
+    LOSS_AGGREGATIONS,
+    aggregate_loss,
+    clipped_policy_loss,
+    overlong_penalty,
+    truncated_importance_weights,
+)
 
 SCORES = torch.tensor([1.0, 0.0, 3.0, 1.0])
 LENGTHS = torch.tensor([3, 1, 2, 4])
@@ -412,3 +418,16 @@ def test_bad_inputs_raise_clear_errors():
         ADVANTAGE_ESTIMATORS["rloo"](SCORES, MASK, G, token_kl=torch.zeros(4, 4), kl_coef=0.1)
     with pytest.raises(ValueError, match="disagree"):
         ADVANTAGE_ESTIMATORS["grpo"](SCORES, MASK[:3], G)
+
+
+def test_truncated_importance_weights_by_hand():
+    """w = min(exp(old - sampling), cap) per token, 1 outside the mask, detached from old_logps.
+    Row 0: old - sampling = [log 0.5, 0, log 3] -> [0.5, 1, min(3, 2) = 2]; row 1: [log 1.5, pad]."""
+    old = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -1.0, 9.0]], requires_grad=True)
+    shift = torch.tensor([[math.log(0.5), 0.0, math.log(3.0)], [math.log(1.5), 0.0, -50.0]])
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    w = truncated_importance_weights(old, old.detach() - shift, mask, cap=2.0)
+    torch.testing.assert_close(w, torch.tensor([[0.5, 1.0, 2.0], [1.5, 1.0, 1.0]]))
+    assert not w.requires_grad
+    with pytest.raises(ValueError, match="cap must be >= 1"):
+        truncated_importance_weights(old, old, mask, cap=0.5)

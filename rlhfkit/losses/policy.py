@@ -68,6 +68,24 @@ def clipped_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages
     }
 
 
+def truncated_importance_weights(old_logps: torch.Tensor, sampling_logps: torch.Tensor,
+                                 response_mask: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance sampling (TIS; Yao et al. 2025, "Your efficient RL framework secretly
+    brings you off-policy RL training") for samples drawn by a sampler whose distribution differs
+    from the trained policy's at sampling time (another dtype or engine):
+
+        w_t = min(exp(old_logp_t - sampling_logp_t), cap)
+
+    per token, detached: multiply the per-token policy-gradient loss by it. `old_logps` are the
+    trained policy's log-probs at sampling time, `sampling_logps` the sampler's, both (B, T).
+    Returns (B, T), 1 outside `response_mask`."""
+    if cap < 1:
+        raise ValueError(f"the importance-weight cap must be >= 1, got {cap}")
+    mask = response_mask.bool()
+    log_w = (old_logps.detach() - sampling_logps).masked_fill(~mask, 0.0)
+    return torch.exp(log_w).clamp(max=cap)
+
+
 # ---- aggregation ----------------------------------------------------------------------------------------
 
 

@@ -7,6 +7,8 @@ response g to prompt p, so a group is G consecutive rows):
 
     input_ids, attention_mask  (B, P + W)  left-padded prompt | right-padded response [| score slot]
     responses, response_mask   (B, W)      True on real response tokens (EOS included)
+    sampling_logps             (B, W)      the sampler's own log-prob of each token, when it samples
+                                           in another dtype than the model (else None)
 
 `models.logprobs.response_logps` reads every online log-prob from this layout.
 """
@@ -54,6 +56,7 @@ class Rollout:
     group_size: int = 1
     truncated: torch.Tensor = field(default=None)
     pad_id: int = 0
+    sampling_logps: torch.Tensor | None = None
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -69,8 +72,10 @@ def generate_rollout(model, tokenizer, generator: HFGenerator, prompt_ids: list[
                      params: SamplingParams, seed: int, device, num_generations: int = 1,
                      score_slot: bool = False) -> Rollout:
     """Sample `num_generations` responses per prompt and lay them out as a `Rollout`; with
-    `score_slot` one pad column is appended to the responses (PPO puts the score there)."""
-    gen = generator.generate(model, prompt_ids, params, generator_seed=seed, num_generations=num_generations)
+    `score_slot` one pad column is appended to the responses (PPO puts the score there). A generator
+    with its own `dtype` also records each token's sampling log-prob (`Rollout.sampling_logps`)."""
+    gen = generator.generate(model, prompt_ids, params, generator_seed=seed, num_generations=num_generations,
+                             record_logps=generator.dtype is not None)
     pad = tokenizer.pad_token_id
     queries = pad_batch(gen.prompt_ids, pad, side="left")
     extra = 1 if score_slot else 0
@@ -78,13 +83,16 @@ def generate_rollout(model, tokenizer, generator: HFGenerator, prompt_ids: list[
     rmask = torch.nn.functional.pad(gen.response_mask, (0, extra), value=False)
     ended = gen.ended  # EOS or a stop string
     truncated = ~ended & (gen.response_mask.sum(-1) >= params.max_new_tokens)
+    sampling_logps = None
+    if gen.sampling_logps is not None:
+        sampling_logps = torch.nn.functional.pad(gen.sampling_logps, (0, extra)).to(device)
     return Rollout(
         input_ids=torch.cat([queries["input_ids"], responses], 1).to(device),
         attention_mask=torch.cat([queries["attention_mask"], rmask], 1).to(device),
         responses=responses.to(device), response_mask=rmask.to(device),
         context_length=queries["input_ids"].shape[1], ended=ended.to(device), texts=gen.texts,
         rows=[r for r in rows for _ in range(num_generations)], group_size=num_generations,
-        truncated=truncated.to(device), pad_id=pad)
+        truncated=truncated.to(device), pad_id=pad, sampling_logps=sampling_logps)
 
 
 def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
@@ -108,7 +116,9 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
                                                          value=False) for r in parts]),
         context_length=P, ended=torch.cat([r.ended for r in parts]),
         texts=[t for r in parts for t in r.texts], rows=[x for r in parts for x in r.rows],
-        group_size=parts[0].group_size, truncated=torch.cat([r.truncated for r in parts]), pad_id=pad_id)
+        group_size=parts[0].group_size, truncated=torch.cat([r.truncated for r in parts]), pad_id=pad_id,
+        sampling_logps=None if parts[0].sampling_logps is None else torch.cat(
+            [torch.nn.functional.pad(r.sampling_logps, (0, W - r.responses.shape[1])) for r in parts]))
 
 
 def select_rows(ro: Rollout, idx: torch.Tensor) -> Rollout:
@@ -118,7 +128,7 @@ def select_rows(ro: Rollout, idx: torch.Tensor) -> Rollout:
                    responses=ro.responses[idx], response_mask=ro.response_mask[idx],
                    context_length=ro.context_length, ended=ro.ended[idx], texts=[ro.texts[i] for i in keep],
                    rows=[ro.rows[i] for i in keep], group_size=ro.group_size, truncated=ro.truncated[idx],
-                   pad_id=ro.pad_id)
+                   pad_id=ro.pad_id, sampling_logps=None if ro.sampling_logps is None else ro.sampling_logps[idx])
 
 
 class Scorer:

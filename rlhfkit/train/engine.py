@@ -132,6 +132,9 @@ def check_config(engine: str, config) -> None:
     where merging would run on partitioned weights. The adapter itself saves fine (tested)."""
     if engine in ("zero2", "zero3", "fsdp2") and getattr(config, "load_in_4bit", False):
         raise ConfigError(f"load_in_4bit (QLoRA) under engine '{engine}' is not supported yet: use single or ddp")
+    if engine in ("zero3", "fsdp2") and getattr(config, "sampling_dtype", "float32") != "float32":
+        raise ConfigError(f"sampling_dtype: {config.sampling_dtype} under engine '{engine}' is not supported yet "
+                          "(not tested on gathered weights): use sampling_dtype: float32, or zero2 / ddp")
     if engine not in ("zero3", "fsdp2") or getattr(config, "finetuning_type", "full") != "lora":
         return
     from rlhfkit.models.presets import preset_name

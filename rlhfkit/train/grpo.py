@@ -17,6 +17,11 @@ Everything around the loop is the shared online layer (rollout/, train/online.py
 train/distributed.py), the same PPO uses. A loss near 0 at the start is expected: advantages are
 centred within each group and the ratio is 1, so the loss value is ~0 while its gradient is not.
 
+Sampling in bfloat16 (`sampling_dtype`): the sampler reads a bf16 copy of the policy, so each
+token's policy-gradient loss is weighted by min(pi_old / pi_sampler, sampling_is_cap) (truncated
+importance sampling), pi_old being the trained policy at sampling time (its old log-probs, or the
+training forward's own, detached, when there is no old pass).
+
 Single update: when the KL goes to the reward (RLOO, REINFORCE++ with beta > 0) the advantages need
 the old log-probs. When a step makes exactly one optimizer step over one micro-batch per process
 (`num_iterations` 1, `num_mini_batches` 1, `per_device_train_batch_size` = the process's rows) the old
@@ -35,7 +40,12 @@ from rlhfkit.config import GRPOConfig
 from rlhfkit.losses.advantages import ADVANTAGE_ESTIMATORS, flat_groups
 from rlhfkit.losses.kl import KL_ESTIMATORS, kl_loss_term
 from rlhfkit.losses.masked import masked_sum
-from rlhfkit.losses.policy import aggregate_loss, clipped_policy_loss, overlong_penalty
+from rlhfkit.losses.policy import (
+    aggregate_loss,
+    clipped_policy_loss,
+    overlong_penalty,
+    truncated_importance_weights,
+)
 from rlhfkit.losses.ppo import eos_trick
 from rlhfkit.models.load import enable_gradient_checkpointing, load_causal_lm
 from rlhfkit.models.logprobs import response_logps
@@ -175,6 +185,10 @@ def grpo_micro_loss(policy, ro: Rollout, data: dict, idx: torch.Tensor, c: GRPOC
     pg = clipped_policy_loss(logps, old, data["advantages"][idx], m, epsilon=c.epsilon,
                              epsilon_high=c.epsilon_high, importance_sampling_level=c.importance_sampling_level)
     per_token = pg["loss"]
+    weights = None
+    if ro.sampling_logps is not None:  # sampled from other weights (`sampling_dtype`): truncated IS per token
+        weights = truncated_importance_weights(old, ro.sampling_logps[idx], ro.response_mask[idx], c.sampling_is_cap)
+        per_token = per_token * weights
     seq_kl = None
     if "ref_logps" in data and not c.kl_goes_to_reward:
         kl = kl_loss_term(logps, data["ref_logps"][idx], c.kl_estimator)
@@ -193,6 +207,10 @@ def grpo_micro_loss(policy, ro: Rollout, data: dict, idx: torch.Tensor, c: GRPOC
              "policy/approxkl": share(pg["approxkl"]), "policy/ratio": share(pg["ratio"]),
              "policy/ratio_dev": share((pg["ratio"] - 1).abs()),
              "policy/entropy": share(entropy)}
+    if weights is not None:  # how far the sampler's distribution is from the trained policy's
+        stats["sampling/is_weight"] = share(weights)
+        stats["sampling/is_capped"] = share((weights >= c.sampling_is_cap).float())
+        stats["sampling/logp_gap"] = share((old - ro.sampling_logps[idx]).abs())
     if seq_kl is not None:  # k1 summed per response: the mean KL to the reference, over this pass
         stats["policy/kl_loss"] = kl_share
         stats["policy/kl"] = seq_kl

@@ -59,6 +59,9 @@ class OnlineSetup:
     params: SamplingParams
 
 
+SAMPLING_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}  # None: the model's own weights
+
+
 def online_steps(c: OnlineConfig, n_prompts: int) -> int:
     if c.max_steps > 0:
         return c.max_steps
@@ -99,7 +102,8 @@ def start_online(c: OnlineConfig, stage: str) -> OnlineSetup:
                        prompt_ids=prompt_ids, skipped=skipped, eval_ids=eval_ids, eval_rows=ev_rows, steps=steps,
                        local_prompts=local_prompts,
                        stream=BatchStream(len(prompt_ids), local_prompts, run.world_size, run.rank, seed=c.seed),
-                       generator=HFGenerator(tokenizer, batch_size=c.generation_batch_size or local_prompts),
+                       generator=HFGenerator(tokenizer, batch_size=c.generation_batch_size or local_prompts,
+                                             dtype=SAMPLING_DTYPES[c.sampling_dtype]),
                        params=params)
 
 
