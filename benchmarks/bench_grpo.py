@@ -365,7 +365,7 @@ def run_rlhfkit(cfg: dict) -> dict:
                   generation_batch_size=w.completions, per_device_eval_batch_size=w.completions,
                   learning_rate=LR, lr_scheduler_type="linear",
                   max_grad_norm=1.0, seed=0, report_to=[], disable_tqdm=True, logging_steps=1,
-                  num_sample_generations=0)
+                  num_sample_generations=0, sampling_dtype=cfg.get("sampling_dtype", "float32"))
     if algo == "ppo":
         from rlhfkit.train.ppo import train_ppo as train
 
@@ -385,7 +385,8 @@ def run_rlhfkit(cfg: dict) -> dict:
     split = [{k: r[f"time/{k}"] for k in ("generation", "scoring", "training")} for r in rows]
     lengths = [{"mean": r["gen/length"], "truncated": r.get("gen/truncated_rate")} for r in rows]
     version = getattr(rlhfkit, "__version__", "rlhfkit")
-    return probe.result(w, w.completions, split, lengths, {"impl": "rlhfkit", "version": version,
+    impl = "rlhfkit" if config.sampling_dtype == "float32" else f"rlhfkit-{config.sampling_dtype}-sampling"
+    return probe.result(w, w.completions, split, lengths, {"impl": impl, "version": version,
                                                              "prompt_ids_match": True})
 
 
@@ -623,7 +624,7 @@ def ratios(results: list[dict]) -> list[str]:
              "| peak RSS rlhfkit / TRL | FLOPs / step rlhfkit / TRL | MFU rlhfkit / TRL "
              "| completion tokens rlhfkit / TRL |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        if r.get("impl") != "rlhfkit" or "error" in r:
+        if not r.get("impl", "").startswith("rlhfkit") or "error" in r:
             continue
         key = (r["workload"], r["algo"], r.get("round"))
         t = next((x for x in results if x.get("impl") == "trl" and "error" not in x
@@ -636,7 +637,7 @@ def ratios(results: list[dict]) -> list[str]:
                      if r["completion_tokens_per_s"] and t["completion_tokens_per_s"] else "-")
         flops = (f"{r['flops_counted_step'] / t['flops_counted_step']:.2f}"
                  if r["flops_counted_step"] and t["flops_counted_step"] else "-")
-        lines.append(f"| {r['workload']} | {r['algo']} | {r['round']} | {speed:.2f}x | >= {target}x "
+        lines.append(f"| {r['workload']} | {r['algo']} | {r['round']} | {r['impl']}: {speed:.2f}x | >= {target}x "
                      f"({'met' if speed >= target else 'not met'}) | {tok_speed} | "
                      f"{r['peak_rss_mb'] / t['peak_rss_mb']:.2f} | {flops} | "
                      f"{_fmt(r['mfu'], '.0%')} / {_fmt(t['mfu'], '.0%')} | "
@@ -677,7 +678,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workloads", default="fixed,realistic")
     p.add_argument("--algos", default="grpo,rloo,ppo")
-    p.add_argument("--impls", default="rlhfkit,trl")
+    p.add_argument("--impls", default="rlhfkit,trl",
+                   help="comma-separated: rlhfkit, rlhfkit-bf16s (rlhfkit with sampling_dtype: bfloat16; grpo "
+                        "and rloo), trl")
     p.add_argument("--rounds", type=int, default=1,
                    help="runs per implementation and configuration (who goes first alternates)")
     p.add_argument("--steps", type=int, default=0, help="timed steps per run (0: the workload's default)")
@@ -712,12 +715,15 @@ def main(argv: list[str] | None = None) -> int:
         for algo in args.algos.split(","):
             used = write_run_prompts(d, w, algo, steps)
             trl_python = args.trl112_python if algo == "ppo" else args.trl116_python
-            impls = []
-            if "rlhfkit" in args.impls:
-                impls.append(("--rlhfkit", sys.executable))
-            if "trl" in args.impls:
+            impls = []  # (child mode, interpreter, extra settings)
+            wanted = args.impls.split(",")
+            if "rlhfkit" in wanted:
+                impls.append(("--rlhfkit", sys.executable, {}))
+            if "rlhfkit-bf16s" in wanted and algo != "ppo":
+                impls.append(("--rlhfkit", sys.executable, {"sampling_dtype": "bfloat16"}))
+            if "trl" in wanted:
                 if Path(trl_python).exists():
-                    impls.append(("--trl-ppo" if algo == "ppo" else "--trl-grpo", trl_python))
+                    impls.append(("--trl-ppo" if algo == "ppo" else "--trl-grpo", trl_python, {}))
                 else:
                     print(f"skip TRL for {algo}: {trl_python} not found (see benchmarks/README.md)",
                           flush=True)
@@ -726,13 +732,14 @@ def main(argv: list[str] | None = None) -> int:
                 # single round too each implementation leads about half of the time
                 flip = (len(pairs) % 2 == 1)
                 pairs.append((workload, algo, rnd))
-                for mode, python in (impls[::-1] if flip else impls):
+                for i, (mode, python, extra) in enumerate(impls[::-1] if flip else impls):
                     cfg = {"workload": workload, "algo": algo, "round": rnd + 1, "dir": str(d),
                            "out": str(d / "runs"), "threads": args.threads, "steps": args.steps,
-                           "default_malloc": args.default_malloc}
-                    log = d / "runs" / f"{algo}_{mode.lstrip('-')}_round{rnd + 1}.log"
+                           "default_malloc": args.default_malloc, **extra}
+                    name = mode.lstrip("-") + "".join(f"_{v}" for v in extra.values())
+                    log = d / "runs" / f"{algo}_{name}_round{rnd + 1}.log"
                     r = spawn(python, mode, cfg, args.timeout, log)
-                    r["first"] = (mode, python) == (impls[::-1] if flip else impls)[0]
+                    r["first"] = i == 0
                     r["run_prompts"] = used
                     r.pop("dir", None)
                     r.pop("out", None)
