@@ -51,6 +51,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_train import trl_step_stamps  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "dpo.json"
 DEFAULT_TRL_PYTHON = "/tmp/trlvenv/bin/python"
@@ -150,18 +153,10 @@ def child_trl(args) -> dict:
     torch.set_num_threads(args.threads)
     import trl
     from datasets import load_dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     marks: list[float] = []
     rss: list[float] = []
-
-    class Stamp(TrainerCallback):
-        def on_train_begin(self, *a, **k):
-            marks.append(time.perf_counter())
-
-        def on_step_end(self, *a, **k):
-            marks.append(time.perf_counter())
-            rss.append(max_rss_mb())
 
     model_dir = str(Path(args.workdir) / args.model)
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -183,7 +178,7 @@ def child_trl(args) -> dict:
     config = config_cls(**{k: v for k, v in values.items() if k in fields})
     trainer_cls = trl.DPOTrainer if args.stage == "dpo" else trl.KTOTrainer
     trainer = trainer_cls(model=model, args=config, train_dataset=data, processing_class=tok)
-    trainer.add_callback(Stamp())
+    trainer.add_callback(trl_step_stamps(marks, rss))
     trainer.train()
     return _result(marks, rss, args.batch_size, args.warmup, {"version": f"trl {trl.__version__}"})
 

@@ -66,6 +66,7 @@ from bench_train import (  # noqa: E402
     dequantized_smollm2,
     peak_rss,
     tiny_tokenizer,
+    trl_step_stamps,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -282,18 +283,10 @@ def vs_child_trl(args, files: dict) -> dict:
     import trl
     from datasets import load_dataset
     from peft import LoraConfig, TaskType
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     marks: list[float] = []
     rss: list[float] = []
-
-    class Stamp(TrainerCallback):
-        def on_train_begin(self, *a, **k):
-            marks.append(time.perf_counter())
-
-        def on_step_end(self, *a, **k):
-            marks.append(time.perf_counter())
-            rss.append(peak_rss() / 2**20)
 
     tok = AutoTokenizer.from_pretrained(files["model"])
     model = AutoModelForSequenceClassification.from_pretrained(files["model"], num_labels=1, dtype=torch.float32)
@@ -310,7 +303,7 @@ def vs_child_trl(args, files: dict) -> dict:
     lora = LoraConfig(r=VS_LORA["rank"], lora_alpha=VS_LORA["alpha"], lora_dropout=0.0, target_modules="all-linear",
                       task_type=TaskType.SEQ_CLS, modules_to_save=["score"])
     trainer = trl.RewardTrainer(model=model, args=config, train_dataset=train, processing_class=tok, peft_config=lora)
-    trainer.add_callback(Stamp())
+    trainer.add_callback(trl_step_stamps(marks, rss))
     n_train = len(trainer.train_dataset)
     trainer.train()
     extra = {"version": f"trl {trl.__version__}", "train_pairs": n_train}

@@ -85,6 +85,22 @@ def peak_rss() -> int:
     return r if sys.platform == "darwin" else r * 1024
 
 
+def trl_step_stamps(marks: list[float], rss_mb: list[float]):
+    """A transformers `TrainerCallback` for the TRL children: appends `time.perf_counter()` to `marks`
+    at the start of training and after each optimizer step, and the peak RSS (MB) after each step."""
+    from transformers import TrainerCallback
+
+    class Stamp(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            marks.append(time.perf_counter())
+
+        def on_step_end(self, *a, **k):
+            marks.append(time.perf_counter())
+            rss_mb.append(peak_rss() / 2**20)
+
+    return Stamp()
+
+
 def matmul_peak(precision: str, n: int | None = None, reps: int = 5, budget_s: float = 4.0) -> float:
     """Best achieved FLOP/s of an n x n torch.matmul (FLOP = 2 n^3) in fp32 or bf16."""
     import torch
