@@ -12,6 +12,10 @@ is what is measured. TRL: `trl==1.16.0` (`GRPOTrainer`, `RLOOTrainer`) and `trl=
 (`trl.experimental.ppo.PPOTrainer`), each in its own venv with torch 2.13.0 CPU (see
 benchmarks/README.md); an implementation whose interpreter is missing is skipped.
 
+`--impls rlhfkit-bf16s` adds rlhfkit with `sampling_dtype: bfloat16` (the sampler's linear layers in
+bf16, the loss importance-weighted back to the float32 policy; grpo and rloo) as a third row: not the
+same numerics as TRL's float32 sampling, reported beside the float32 row, never instead of it.
+
 Workloads (both fp32, LoRA rank 16 / alpha 32 on every linear layer, 1 torch thread per process):
 
 - `fixed`: the shape of bench_ppo.py: the random-init `tiny` preset, prompts of exactly 16 tokens,
