@@ -456,6 +456,11 @@ class RMConfig(BaseConfig):
     center_rewards_coefficient: float | None = None
     """Weight of the reward-centering penalty coef * (sum of a row's rewards)^2 (Eisenstein et al.
     2023; 0.01 is a common value). None/0 disables it."""
+    length_decorrelation_coefficient: float | None = None
+    """Weight of coef * rho^2, rho the Pearson correlation of reward and response length over each
+    micro-batch's responses (the single-head correlation term of ODIN, Chen et al. 2024): a reward
+    that counts tokens is a known way RLHF fails. None/0 disables it; eval's `length_corr` shows
+    the effect."""
     normalize_std: bool = False
     """Normalised reward = (r - mean) / std instead of r - mean (mean and std over the reference
     responses, computed after training and stored in reward_normalization.json)."""
@@ -489,6 +494,9 @@ class RMConfig(BaseConfig):
         if self.center_rewards_coefficient is not None and self.center_rewards_coefficient < 0:
             problems.append(f"center_rewards_coefficient must be >= 0 (or null), got "
                             f"{self.center_rewards_coefficient}")
+        if self.length_decorrelation_coefficient is not None and self.length_decorrelation_coefficient < 0:
+            problems.append(f"length_decorrelation_coefficient must be >= 0 (or null), got "
+                            f"{self.length_decorrelation_coefficient}")
         if self.normalization_samples is not None and self.normalization_samples < 1:
             problems.append(f"normalization_samples must be >= 1 (or null), got {self.normalization_samples}")
         if self.calibration_bins < 1:

@@ -15,7 +15,7 @@ from rlhfkit.data.collate import pad_batch
 from rlhfkit.data.groups import collate_groups, encode_group, truncation_counts, ungroup
 from rlhfkit.errors import ConfigError
 from rlhfkit.eval.reward import expected_calibration_error
-from rlhfkit.losses.preference import bradley_terry, centering_penalty, plackett_luce
+from rlhfkit.losses.preference import bradley_terry, centering_penalty, length_decorrelation_penalty, plackett_luce
 from rlhfkit.models.reward import (
     Normalization,
     apply_reward_lora,
@@ -147,6 +147,38 @@ def test_centering_penalty_values():
     """coef * (r_c + r_r)^2: 0.01 * (1 + 2)^2 = 0.09; 0.01 * (1 - 1)^2 = 0."""
     out = centering_penalty(torch.tensor([[1.0, 2.0], [1.0, -1.0]]), 0.01)
     torch.testing.assert_close(out, torch.tensor([0.09, 0.0]))
+
+
+def test_length_decorrelation_penalty_values():
+    """coef * rho^2: rewards [1, 2, 3] against lengths [1, 2, 3] or [3, 2, 1]: rho = +-1 -> coef; rewards
+    [1, -1, 1, -1] against lengths [1, 1, 2, 2]: centred lengths [-.5, -.5, .5, .5], sum r*l = 0 -> 0;
+    constant lengths -> 0. The gradient moves the rewards away from the length trend."""
+    r = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    torch.testing.assert_close(length_decorrelation_penalty(r, torch.tensor([1, 2, 3]), 0.5), torch.tensor(0.5))
+    torch.testing.assert_close(length_decorrelation_penalty(r, torch.tensor([3, 2, 1]), 0.5), torch.tensor(0.5))
+    assert length_decorrelation_penalty(torch.tensor([1.0, -1.0, 1.0, -1.0]), torch.tensor([1, 1, 2, 2]), 1.0) == 0
+    assert length_decorrelation_penalty(r, torch.tensor([4, 4, 4]), 1.0) == 0
+    r2 = torch.tensor([1.0, 3.0, 2.0], requires_grad=True)  # rho = 0.5 with lengths [1, 2, 3]
+    penalty = length_decorrelation_penalty(r2, torch.tensor([1, 2, 3]), 1.0)
+    torch.testing.assert_close(penalty, torch.tensor(0.25))
+    penalty.backward()
+    assert r2.grad[0] < 0 < r2.grad[2]  # descent raises the shortest response's reward, lowers the longest's
+
+
+def test_rm_loss_adds_the_length_penalty_once_per_row(tiny_model_dir, tiny_tokenizer, rows):
+    """rm_loss with length_coef = the loss without it + rows x coef x rho^2 of the batch's rewards and
+    response lengths."""
+    tok = tiny_tokenizer
+    torch.manual_seed(0)
+    model = build_reward_model(str(tiny_model_dir), tok)
+    batch = collate_groups([encode_group(tok, row, 64) for row in rows["train"][:6]], tok.pad_token_id)
+    with torch.no_grad():
+        plain, _ = rm_loss(model, batch, dataset_format="preference", center_coef=None)
+        with_len, _ = rm_loss(model, batch, dataset_format="preference", center_coef=None, length_coef=2.0)
+        flat = sequence_rewards(model, batch["input_ids"], batch["attention_mask"])
+    rho2 = length_decorrelation_penalty(flat, batch["response_mask"].sum(-1), 1.0)
+    assert rho2 > 0
+    torch.testing.assert_close(with_len, plain + 6 * 2.0 * rho2, atol=1e-5, rtol=1e-5)
 
 
 def test_pairwise_stats_values():

@@ -56,6 +56,20 @@ def centering_penalty(rewards: torch.Tensor, coef: float) -> torch.Tensor:
     return coef * rewards.sum(-1) ** 2
 
 
+def length_decorrelation_penalty(rewards: torch.Tensor, lengths: torch.Tensor, coef: float,
+                                 eps: float = 1e-8) -> torch.Tensor:
+    """Scalar coef * rho^2, rho the Pearson correlation of the rewards and the lengths (tokens) of a
+    batch's responses (N,): pushes the reward to carry no linear length signal. The correlation
+    term of ODIN (Chen et al. 2024, "ODIN: Disentangled Reward Mitigates Hacking in RLHF") for a
+    single head; a batch estimate, so over n responses it is noisy (E[rho^2] ~ 1/(n-1) without any
+    true correlation). 0 when the lengths (or rewards) do not vary."""
+    r = rewards - rewards.mean()
+    n = lengths.to(rewards.dtype)
+    n = n - n.mean()
+    rho = (r * n).sum() / (torch.sqrt((r * r).sum() * (n * n).sum()) + eps)
+    return coef * rho ** 2
+
+
 # ---- per-format losses over a (B, K) reward matrix, best first -------------------------------
 
 def pair_loss(rewards: torch.Tensor, mask: torch.Tensor, margin: torch.Tensor | None = None) -> torch.Tensor:

@@ -34,7 +34,7 @@ from rlhfkit.data.groups import (
 from rlhfkit.data.sources import load_rows
 from rlhfkit.errors import ConfigError
 from rlhfkit.eval.reward import evaluate_rewards, format_metrics, score_examples
-from rlhfkit.losses.preference import RM_LOSSES, centering_penalty
+from rlhfkit.losses.preference import RM_LOSSES, centering_penalty, length_decorrelation_penalty
 from rlhfkit.models.load import base_reference, count_parameters, disable_dropout, prepare_4bit
 from rlhfkit.models.presets import preset_name
 from rlhfkit.models.reward import (
@@ -77,8 +77,9 @@ def pairwise_stats(rewards: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Ten
 
 
 def rm_loss(model, batch: dict, *, dataset_format: str, center_coef: float | None,
-            padding_free: bool = False) -> tuple[torch.Tensor, dict]:
-    """Summed per-row loss of a micro-batch of groups and summed metrics (divided by rows later)."""
+            padding_free: bool = False, length_coef: float | None = None) -> tuple[torch.Tensor, dict]:
+    """Summed per-row loss of a micro-batch of groups and summed metrics (divided by rows later);
+    `length_coef`: + the micro-batch's length-decorrelation penalty, counted once per row."""
     # 1. one forward over every response of every group (packed: a group's prompt once)
     flat = sequence_rewards(model, batch["input_ids"], batch["attention_mask"], padding_free=padding_free,
                             groups=batch.get("prefix_groups"))                   # (N,)
@@ -88,11 +89,15 @@ def rm_loss(model, batch: dict, *, dataset_format: str, center_coef: float | Non
     losses = RM_LOSSES[dataset_format](rewards, mask, batch.get("margin"))
     if center_coef:
         losses = losses + centering_penalty(rewards, center_coef)
+    total = losses.sum()
+    if length_coef:  # a batch-level term: rows x penalty, so that the mean over rows is the penalty
+        lengths = batch["response_mask"].sum(-1)
+        total = total + mask.shape[0] * length_decorrelation_penalty(flat, lengths, length_coef)
     # 3. metrics
     with torch.no_grad():
         accuracy, margin = pairwise_stats(rewards.detach(), mask)
         mean = (rewards.detach() * mask).sum(-1) / mask.sum(-1)
-    return losses.sum(), {"rm/accuracy": accuracy.sum(), "rm/margin": margin.sum(), "rm/reward_mean": mean.sum()}
+    return total, {"rm/accuracy": accuracy.sum(), "rm/margin": margin.sum(), "rm/reward_mean": mean.sum()}
 
 
 def rows_in_batch(batch: dict) -> float:
@@ -271,7 +276,7 @@ def train_rm(config: RMConfig) -> Result:
         make_batch=lambda idx: to_device(collate_groups([train[i] for i in idx], pad), run.device),
         batch_weight=rows_in_batch,
         loss_fn=partial(rm_loss, dataset_format=fmt, center_coef=c.center_rewards_coefficient,
-                        padding_free=padding_free),
+                        padding_free=padding_free, length_coef=c.length_decorrelation_coefficient),
         steps=steps, evaluate=evaluate if evaluation else None,
     )
 
