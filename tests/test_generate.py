@@ -231,16 +231,22 @@ def test_first_token_frequencies_match_the_processed_softmax(tiny_tokenizer, tem
 
 # ---- LoRA ------------------------------------------------------------------------------------------------
 
-def test_lora_model_samples_with_merged_adapters_and_is_restored(tiny_tokenizer):
+def _lora_model(tok):
+    """`_eos_model` with LoRA on every linear layer, B drawn non-zero (so the adapters change the tokens)."""
     from rlhfkit.models.load import apply_lora
 
-    tok = tiny_tokenizer
     model = apply_lora(_eos_model(tok), rank=4, alpha=8, dropout=0.0, target="all-linear")
     torch.manual_seed(5)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.02)
+    return model
+
+
+def test_lora_model_samples_with_merged_adapters_and_is_restored(tiny_tokenizer):
+    tok = tiny_tokenizer
+    model = _lora_model(tok)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     prompts = _prompts(tok)
     params = SamplingParams(max_new_tokens=10, do_sample=False)
@@ -286,16 +292,10 @@ def test_bf16_linears_sample_what_hf_samples_with_them_and_leave_the_model_untou
     tokens are HF generate's under the same `linears_in`, the recorded log-probs differ from the
     float32 model's (so bf16 really ran) by little (measured: mean 0.002, max 0.016 nats), and the
     model is left bit-identical (LoRA merged and restored, no patched forward left behind)."""
-    from rlhfkit.models.load import apply_lora
     from rlhfkit.rollout.generate import linears_in
 
     tok = tiny_tokenizer
-    model = apply_lora(_eos_model(tok), rank=4, alpha=8, dropout=0.0, target="all-linear")
-    torch.manual_seed(5)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.02)
+    model = _lora_model(tok)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     prompts = _prompts(tok)
     greedy = SamplingParams(max_new_tokens=10, do_sample=False)
