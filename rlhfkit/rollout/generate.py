@@ -287,8 +287,8 @@ def sampled_logps(logits: torch.Tensor, tokens: torch.Tensor, pad_id: int, tempe
 
 class HFGenerator:
     """`generate(model, prompt_ids, params, generator_seed=None, num_generations=1)`; `batch_size`
-    prompts per chunk (so batch_size * num_generations rows decode together); `dtype`: sample from
-    a copy of the weights in this dtype (None: the model's own, the default)."""
+    prompts per chunk (so batch_size * num_generations rows decode together); `dtype`: the linear
+    layers sample in this dtype (`linears_in`; None: the model's own, the default)."""
 
     def __init__(self, tokenizer, batch_size: int = 32, dtype: torch.dtype | None = None):
         self.tokenizer = tokenizer
