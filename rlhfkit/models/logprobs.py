@@ -42,6 +42,21 @@ def token_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float 
     return picked - torch.logsumexp(logits, dim=-1)
 
 
+def sampling_scores(logits: torch.Tensor, temperature: float = 1.0,
+                    suppress_ids: list[int] | None = None) -> torch.Tensor:
+    """The online stages' one sampling distribution, as float32 scores: logits / temperature with
+    `suppress_ids` (tokens the sampler never emits, e.g. pad) removed. Both the trainer
+    (`response_logps`) and the sampler's recorded log-probs (`rollout.generate.sampled_logps`) take
+    their log-probs from it."""
+    z = logits.float()
+    if temperature != 1.0:
+        z = z / temperature
+    if suppress_ids:
+        ids = torch.tensor(suppress_ids, device=z.device)
+        z = z.index_fill(-1, ids, torch.finfo(z.dtype).min)  # finite: 0 * min stays 0 in the entropy
+    return z
+
+
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of softmax(logits) along the last axis: logsumexp(z) - sum_v softmax(z)_v z_v.
     Pass temperature-scaled logits to get the entropy of the sampling distribution."""
@@ -143,14 +158,8 @@ def response_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     score_mask = torch.zeros_like(attention_mask[:, 1:], dtype=torch.bool)
     score_mask[:, P - 1:] = attention_mask[:, P:].bool()
     logits, rows, cols = scored_logits(model, input_ids, attention_mask, score_mask, padding_free, groups)
-    z = logits.float()
-    if temperature != 1.0:
-        z = z / temperature
-    if suppress_ids:
-        ids = torch.tensor(suppress_ids, device=z.device)
-        z = z.index_fill(-1, ids, torch.finfo(z.dtype).min)  # finite: 0 * min stays 0 in the entropy
-    logz = torch.logsumexp(z, dim=-1)
-    values = z.gather(-1, input_ids[rows, cols + 1].unsqueeze(-1)).squeeze(-1) - logz
+    z = sampling_scores(logits, temperature, suppress_ids)
+    values = token_logps(z, input_ids[rows, cols + 1])
     B, W = input_ids.shape[0], input_ids.shape[1] - P
     logps = torch.zeros((B, W), dtype=values.dtype, device=values.device).index_put((rows, cols - P + 1), values)
     if not with_entropy:

@@ -54,7 +54,7 @@ import torch
 
 from rlhfkit.data.collate import pad_batch
 from rlhfkit.models.load import merged_lora
-from rlhfkit.models.logprobs import position_ids_from_mask
+from rlhfkit.models.logprobs import position_ids_from_mask, sampling_scores, token_logps
 
 
 @dataclass
@@ -279,10 +279,8 @@ def linears_in(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[torch.nn.
 
 def sampled_logps(logits: torch.Tensor, tokens: torch.Tensor, pad_id: int, temperature: float) -> torch.Tensor:
     """(n,) log-prob of `tokens` (n,) under (n, V) `logits` with pad suppressed and divided by
-    `temperature`: the trainer's own definition of a token's log-prob (models/logprobs.py)."""
-    scores = logits.float() / temperature
-    scores[:, pad_id] = float("-inf")
-    return scores.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(scores, -1)
+    `temperature`: the trainer's own definition of a token's log-prob (models.logprobs.sampling_scores)."""
+    return token_logps(sampling_scores(logits, temperature, [pad_id]), tokens)
 
 
 class HFGenerator:
