@@ -571,9 +571,10 @@ class OnlineConfig(BaseConfig):
     """Stop strings: generation stops after one; such a response counts as finished (not
     penalised by the EOS trick)."""
     sampling_dtype: Literal["float32", "bfloat16"] = "float32"
-    """The weights the sampler reads (rollouts and evaluation). `bfloat16`: a bf16 copy of the
-    policy, made at each rollout after the LoRA merge, while training, old/reference log-probs and
-    the optimizer stay as they are: decoding a few rows on a CPU is bound by weight bytes (see
+    """The dtype of the sampler's linear layers (rollouts and evaluation). `bfloat16`: they run
+    from bf16 copies of their weights, made at each rollout after the LoRA merge (attention, norms
+    and the KV cache stay float32), while training, old/reference log-probs and the optimizer stay
+    as they are: decoding a few rows on a CPU is bound by weight bytes (see
     benchmarks/README.md). The samples then come from a slightly different policy than the one
     trained; grpo/rloo correct each token's loss by truncated importance sampling
     (`sampling_is_cap`). Not for ppo yet, nor with load_in_4bit or under zero3/fsdp2."""
