@@ -76,6 +76,14 @@ class BaseConfig(BaseModel):
     """Split this much off the training data for evaluation: a fraction (< 1) or a row count."""
     max_samples: int | None = None
     """Use at most this many training rows (after shuffling with `seed`)."""
+    num_shards: int = 1
+    """Split the training rows (after `val_size` is taken off, before `max_samples`) into this many
+    disjoint shards of the `seed`-shuffled order and train on shard `shard_index` only: two reward
+    models on disjoint halves of the same data (a proxy and a judge) are `num_shards: 2` with
+    `shard_index: 0` and `1` (`datasets.Dataset.shard(num_shards, index, contiguous=True)` applied to
+    the shuffled rows)."""
+    shard_index: int = 0
+    """Which of the `num_shards` shards to train on (0-based)."""
     max_length: int = 512
     """Maximum tokens per example (prompt + response)."""
 
@@ -195,6 +203,9 @@ class BaseConfig(BaseModel):
             problems.append("give either eval_dataset or val_size, not both")
         if self.val_size < 0:
             problems.append(f"val_size must be >= 0, got {self.val_size}")
+        if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
+            problems.append(f"shard_index must be in [0, num_shards) and num_shards >= 1, got shard_index "
+                            f"{self.shard_index}, num_shards {self.num_shards}")
         if self.val_size >= 1 and self.val_size != int(self.val_size):
             problems.append(f"val_size >= 1 is a row count and must be whole, got {self.val_size}")
         for key in ("per_device_train_batch_size", "per_device_eval_batch_size",
@@ -518,7 +529,8 @@ class OnlineConfig(BaseConfig):
 
     dataset_format: DatasetFormat | None = "prompt"
     """Row format; `prompt` rows (a `prompt` column: a string or a message list; other columns are
-    passed to reward functions)."""
+    passed to reward functions). `preference` (or null: detected) takes the prompts of preference
+    pairs, e.g. HH-RLHF transcripts, whose shared conversation is the prompt."""
     max_length: int = 512
     """Not used by the online stages: prompts are cut to `max_prompt_length`, responses to
     `max_new_tokens`."""
@@ -549,6 +561,13 @@ class OnlineConfig(BaseConfig):
     reward_weights: list[float] | None = None
     """Weight of each reward source, in order [reward_model (when given), *reward_funcs];
     default 1 each."""
+    judge_reward_model: str | None = None
+    """A second reward-model directory (from `rlhfkit rm`) scored on the held-out evaluation responses
+    only, never trained against: a stand-in for the human judge (Gao et al. 2022, "Scaling Laws for
+    Reward Model Overoptimization": a proxy RM for training, a gold RM on other data for judging).
+    Adds `eval/judge_score` and, against the step-0 (initial) policy's responses to the same
+    prompts, `eval/judge_win_rate` (ties count half) with its standard error; `eval/win_rate` is the
+    same by the training reward. Train the two on disjoint data (`num_shards` / `shard_index`)."""
 
     # ---- rollout -------------------------------------------------------------------------------
     rollout_batch_size: int = 64
@@ -626,6 +645,9 @@ class OnlineConfig(BaseConfig):
                             "reward sources ([reward_model,] *reward_funcs)")
         if self.missing_eos_penalty is not None and self.missing_eos_score is not None:
             problems.append("give missing_eos_penalty or missing_eos_score, not both")
+        if self.judge_reward_model is not None and self.judge_reward_model == self.reward_model:
+            problems.append("judge_reward_model is the training reward_model: a judge must be a different reward "
+                            "model (trained on other data) to say anything the training reward does not")
         if self.eval_strategy == "epoch":
             problems.append(f"eval_strategy: epoch is not offered by {self._stage} (an online step is not a pass "
                             "over the data); use eval_strategy: steps with eval_steps")

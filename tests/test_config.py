@@ -8,6 +8,7 @@ built-in task data as `data/<task>/<kind>_<split>.jsonl`, the files written by
 from __future__ import annotations
 
 import importlib
+import json
 import pkgutil
 import re
 from pathlib import Path
@@ -104,6 +105,8 @@ def test_missing_required_key_is_named_with_its_docstring():
     ({"val_size": 2.5}, "whole"),
     ({"per_device_train_batch_size": 0}, "per_device_train_batch_size must be >= 1"),
     ({"warmup_ratio": 1.0}, "warmup_ratio"),
+    ({"num_shards": 2, "shard_index": 2}, "shard_index must be in [0, num_shards)"),
+    ({"num_shards": 0}, "num_shards >= 1"),
 ])
 def test_impossible_combinations_raise(values, expected):
     assert expected in _error("sft", **{**BASE, **values})
@@ -281,3 +284,23 @@ def test_lora_dropout_is_an_error_where_forward_passes_must_be_deterministic(sta
 def test_lora_dropout_is_a_training_regulariser_in_pt_and_sft(stage):
     assert build_config(stage, {**BASE, "finetuning_type": "lora", "lora_dropout": 0.1}).lora_dropout == 0.1
     assert "off in evaluation and generation" in describe_config(STAGES[stage])
+
+
+def test_shards_are_disjoint_halves_of_the_training_rows(tmp_path):
+    """num_shards / shard_index: the val_size rows are the same as without shards, and the shards
+    partition the rest (a proxy and a judge reward model on disjoint halves)."""
+    from rlhfkit.train.common import load_split
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"p{i}", "chosen": "a", "rejected": "b"}) + "\n" for i in range(25)))
+    base = {"model_name_or_path": "m", "dataset": str(path), "output_dir": str(tmp_path / "o"), "val_size": 5,
+            "seed": 3}
+    whole_train, whole_val = load_split(build_config("rm", base), ("preference",))
+    parts = [load_split(build_config("rm", {**base, "num_shards": 2, "shard_index": k}), ("preference",))
+             for k in (0, 1)]
+    prompts = [{r["prompt"] for r in train} for train, _ in parts]
+    assert [r["prompt"] for r in parts[0][1]] == [r["prompt"] for r in whole_val] == [r["prompt"] for r in parts[1][1]]
+    assert not prompts[0] & prompts[1] and sorted(map(len, prompts)) == [10, 10]
+    assert prompts[0] | prompts[1] == {r["prompt"] for r in whole_train}
+    with pytest.raises(ConfigError, match="leaves shard 0 without training rows"):
+        load_split(build_config("rm", {**base, "val_size": 22, "num_shards": 4, "shard_index": 0}), ("preference",))

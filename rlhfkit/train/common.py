@@ -48,14 +48,23 @@ def load_split(config: BaseConfig, formats: tuple[str, ...]) -> tuple[list[dict]
     else:
         evaluation = []
     rng = random.Random(config.seed)
-    if config.val_size > 0:
+    if config.val_size > 0 or config.num_shards > 1:
         order = list(range(len(train)))
         rng.shuffle(order)
-        n_val = int(config.val_size) if config.val_size >= 1 else max(1, round(config.val_size * len(train)))
-        if n_val >= len(train):
-            raise ConfigError(f"val_size={config.val_size} leaves no training rows (dataset has {len(train)})")
-        evaluation = [train[i] for i in order[:n_val]]
-        train = [train[i] for i in sorted(order[n_val:])]
+        n_val = 0
+        if config.val_size > 0:
+            n_val = int(config.val_size) if config.val_size >= 1 else max(1, round(config.val_size * len(train)))
+            if n_val >= len(train):
+                raise ConfigError(f"val_size={config.val_size} leaves no training rows (dataset has {len(train)})")
+            evaluation = [train[i] for i in order[:n_val]]
+        rest = order[n_val:]
+        if config.num_shards > 1:  # contiguous pieces of the shuffled order, sizes differing by at most 1
+            k, n = config.shard_index, config.num_shards
+            rest = rest[k * len(rest) // n:(k + 1) * len(rest) // n]
+            if not rest:
+                raise ConfigError(f"num_shards={n} leaves shard {k} without training rows "
+                                  f"({len(order) - n_val} rows to share)")
+        train = [train[i] for i in sorted(rest)]
     if config.max_samples is not None and config.max_samples < len(train):
         order = list(range(len(train)))
         rng.shuffle(order)
