@@ -65,7 +65,7 @@ TASK_FILES: dict[str, tuple[str, str | None]] = {
 }
 """Kind -> (dataset, eval_dataset) file stems of a built-in task's data (`rlhfkit data`)."""
 
-MODEL_KEYS = ("model_name_or_path", "tokenizer_name_or_path", "ref_model", "reward_model")
+MODEL_KEYS = ("model_name_or_path", "tokenizer_name_or_path", "ref_model", "reward_model", "judge_reward_model")
 """Keys whose value may name an earlier stage (meaning that stage's output directory)."""
 
 PATH_KEYS = (*MODEL_KEYS, "dataset", "eval_dataset", "normalization_dataset")

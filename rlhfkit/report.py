@@ -315,7 +315,8 @@ def _rl(pipeline, evals: dict) -> str:
         history = _history(s.output_dir)
         reward_key = next((k for k in REWARD_KEYS if any(k in r for r in history)), None)
         panels = [(reward_key, "training reward"), ("objective/kl", "KL to reference (train)"),
-                  ("eval/gold_reward", "gold reward (held-out)")]
+                  ("eval/gold_reward", "gold reward (held-out)"), ("eval/judge_score", "judge reward (held-out)"),
+                  ("eval/judge_win_rate", "judge win rate vs step 0 (held-out)")]
         panels = [(k, t) for k, t in panels if k and any(k in r for r in history)]
         if not panels:
             parts.append(f"<h3>{html.escape(s.name)}</h3><p class=note>No metrics logged.</p>")
@@ -328,7 +329,9 @@ def _rl(pipeline, evals: dict) -> str:
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
         parts.append(f"<h3>{html.escape(s.name)} ({s.kind})</h3>" + _png(fig))
-        evals_at = [r for r in history if "eval/gold_reward" in r and "eval/kl" in r]
+        # the judge reward model (`judge_reward_model`) stands in for a gold reward where there is none
+        gold_key = "eval/gold_reward" if any("eval/gold_reward" in r for r in history) else "eval/judge_score"
+        evals_at = [{**r, "eval/gold_reward": r[gold_key]} for r in history if gold_key in r and "eval/kl" in r]
         train_at = [r for r in history if reward_key in r and "objective/kl" in r] if reward_key else []
         frontier.append((s.name, evals_at, train_at, reward_key))
     model_pts = [(name, m["metrics"]) for name, m in (evals.get("models") or {}).items()
@@ -359,8 +362,8 @@ def _rl(pipeline, evals: dict) -> str:
             a1.scatter(met["kl_to_reference"], met["gold_reward"], marker="x", color="gray")
             a1.annotate(name, (met["kl_to_reference"], met["gold_reward"]), fontsize=8, color="gray",
                         textcoords="offset points", xytext=(4, -10))
-        a1.set_title("gold reward vs KL (x: the models table)", fontsize=10)
-        a1.set_ylabel("gold reward")
+        a1.set_title("gold (or judge) reward vs KL (x: the models table)", fontsize=10)
+        a1.set_ylabel("gold reward (judge RM without a task)")
     if a2 is not None:
         a2.set_title("training reward vs KL (per logged step)", fontsize=10)
         a2.set_ylabel("training reward")

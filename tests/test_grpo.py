@@ -397,3 +397,31 @@ def test_gradient_checkpointing_reaches_the_policy_and_changes_nothing(fx, tmp_p
         for k in a:
             if not k.startswith("time/"):
                 assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), (a["step"], k)
+
+
+SEEN_COLUMNS: list[dict] = []
+
+
+def hh_reward(prompts, completions, chosen, rejected, **kwargs):
+    """Records what an HH preference row passes: the conversation as the prompt, the replies as columns."""
+    SEEN_COLUMNS.append({"prompts": prompts, "completions": completions, "chosen": chosen, "rejected": rejected})
+    return [len(c[0]["content"].split()) / 10 for c in completions]  # conversational: TRL's message lists
+
+
+def test_preference_rows_give_their_conversation_as_the_prompt(fx, tmp_path):
+    """HH-RLHF transcripts (no `prompt` column) as online prompts: the shared conversation is the prompt
+    (a message list, through the chat template) and the two replies reach reward functions as columns."""
+    human = ["How do I bake bread?", "What is the capital of France?", "Tell me a joke.", "Is it going to rain?"]
+    path = tmp_path / "hh.jsonl"
+    path.write_text("".join(json.dumps({"chosen": f"\n\nHuman: {h}\n\nAssistant: Sure, here you go.",
+                                        "rejected": f"\n\nHuman: {h}\n\nAssistant: No."}) + "\n" for h in human))
+    SEEN_COLUMNS.clear()
+    c = grpo_config(fx, tmp_path / "run", dataset=str(path), dataset_format=None,
+                    reward_funcs=["test_grpo:hh_reward"], chat_template="{% for m in messages %}<{{ m['role'] }}>"
+                    "{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+    train_grpo(c)
+    seen = SEEN_COLUMNS[0]
+    assert sorted(p[0]["content"] for p in seen["prompts"][::4]) == sorted(human)
+    assert all(p == [{"role": "user", "content": p[0]["content"]}] for p in seen["prompts"])
+    assert {r[0]["content"] if isinstance(r, list) else r for r in seen["chosen"]} == {"Sure, here you go."}
+    assert build_config("grpo", {**c.model_dump(), "dataset_format": "preference"}).dataset_format == "preference"

@@ -65,9 +65,14 @@ def test_named_stages_from_and_stage_references(tmp_path):
     spec = tiny_pipeline(tmp_path / "p")
     spec["stages"]["dpo_ipo"] = {"stage": "dpo", "from": "sft", "loss_type": "ipo"}
     spec["stages"]["grpo"] = {"reward_model": "rm", "reward_funcs": ["gold"], "max_steps": 1}
+    spec["stages"]["rm_judge"] = {"stage": "rm", "num_shards": 2, "shard_index": 1}
+    spec["stages"]["ppo_judged"] = {"stage": "ppo", "reward_model": "rm", "judge_reward_model": "rm_judge"}
     p = resolve_pipeline(spec)
     assert p.stage("dpo_ipo").kind == "dpo" and p.stage("dpo_ipo").config.loss_type == "ipo"
     assert p.stage("grpo").upstream == {"model_name_or_path": "sft", "reward_model": "rm"}
+    assert p.stage("ppo_judged").upstream == {"model_name_or_path": "sft", "reward_model": "rm",
+                                              "judge_reward_model": "rm_judge"}
+    assert p.stage("ppo_judged").config.judge_reward_model == str(tmp_path / "p" / "rm_judge")
     assert p.stage("dpo").config.beta != 0  # defaults of the stage itself untouched
 
 
@@ -298,6 +303,40 @@ def test_eval_json_takes_over_the_models_table_and_samples(finished, tmp_path):
     assert "win rate vs sft (gold)" in text and "0.625 [0.500, 0.750] (n=64)" in text
     assert "<th>rouge1</th>" in text  # metrics the report does not know are shown too
     assert "the zebra was" in text and "From <code>eval/eval.json</code>" in text
+
+
+def test_report_plots_a_judge_where_there_is_no_gold_reward(finished, tmp_path, monkeypatch):
+    """A PPO stage with `judge_reward_model` and no built-in task: the report plots the judge's held-out
+    score and win rate, and puts the judge on the frontier's gold axis."""
+    from rlhfkit import report
+    from rlhfkit.report import render_report
+
+    titles: list[str] = []
+    points: list = []
+    real_png = report._png
+
+    def record(fig):
+        titles.extend(ax.get_title() for ax in fig.axes)
+        points.extend(line.get_xydata().tolist() for ax in fig.axes for line in ax.get_lines())
+        return real_png(fig)
+
+    monkeypatch.setattr(report, "_png", record)
+
+    spec, root = _copy(finished, tmp_path)
+    path = root / "p" / "ppo" / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    judged = []
+    for r in records:
+        if "eval/gold_reward" in r:
+            r["eval/judge_score"] = r.pop("eval/gold_reward")
+            r["eval/judge_win_rate"] = 0.5
+        judged.append(r)
+    path.write_text("".join(json.dumps(r) + "\n" for r in judged))
+    render_report(resolve_pipeline(spec), {"baseline": None, "judges": [], "models": {}, "samples": []})
+    assert "judge reward (held-out)\neval/judge_score" in titles and any("eval/judge_win_rate" in t for t in titles)
+    assert not any("eval/gold_reward" in t for t in titles)
+    frontier = [(r["eval/kl"], r["eval/judge_score"]) for r in judged if "eval/judge_score" in r]
+    assert any(p == [list(x) for x in frontier] for p in points)  # the judge vs KL on the frontier
 
 
 def test_report_screenshot_in_headless_chromium(finished):

@@ -7,6 +7,8 @@ tests/test_ppo_learning.py.
 from __future__ import annotations
 
 import json
+import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -578,3 +580,35 @@ def test_gradient_checkpointing_with_the_critic_on_the_policy_base_is_refused(fi
         train_ppo(c)
     assert not (tmp_path / "metrics.jsonl").exists()
 
+
+
+def test_win_rate_and_its_standard_error():
+    from rlhfkit.train.online import win_rate_and_se
+
+    rate, se = win_rate_and_se([1.0, 2.0, 3.0], [0.0, 2.0, 4.0])  # a win, a tie, a loss
+    assert rate == 0.5 and se == pytest.approx(math.sqrt(0.25 / 3))
+
+
+def test_judge_reward_model_scores_evaluation_and_win_rates(fixtures, tmp_path):
+    """judge_reward_model: eval/judge_score is the judge's mean on the held-out responses (checked against
+    a run that trains on that model: its step-0 eval/scores, the same responses), and eval/win_rate /
+    eval/judge_win_rate compare each response with step 0's on the same prompt."""
+    kw = dict(eval_dataset=str(fixtures / "prompts.jsonl"), eval_num_prompts=8, eval_steps=2, max_steps=2,
+              num_sample_generations=8)
+    judged = train_ppo(ppo_config(fixtures, tmp_path / "judged", judge_reward_model=str(fixtures / "rm_lora"), **kw))
+    as_reward = train_ppo(ppo_config(fixtures, tmp_path / "as_reward", reward_model=str(fixtures / "rm_lora"), **kw))
+    first = next(r for r in judged.history if r["step"] == 0)
+    assert first["eval/judge_score"] == pytest.approx(
+        next(r for r in as_reward.history if r["step"] == 0)["eval/scores"], abs=1e-5)
+    assert first["eval/judge_score"] != pytest.approx(first["eval/scores"], abs=1e-3)  # two different models
+    samples = [json.loads(line) for line in (tmp_path / "judged" / "samples.jsonl").read_text().splitlines()]
+    at = {step: [s for s in samples if s["split"] == "eval" and s["step"] == step] for step in (0, 2)}
+    baseline = json.loads((tmp_path / "judged" / "eval_initial_scores.json").read_text())
+    assert baseline == {"score": [s["score"] for s in at[0]], "judge": [s["judge"] for s in at[0]]}
+    last = next(r for r in judged.history if r["step"] == 2)
+    for key, name in (("score", "eval/win_rate"), ("judge", "eval/judge_win_rate")):
+        outcomes = [1.0 if a[key] > b[key] else 0.5 if a[key] == b[key] else 0.0 for a, b in zip(at[2], at[0])]
+        assert last[name] == pytest.approx(sum(outcomes) / 8)
+        assert last[f"{name}_se"] == pytest.approx(statistics.stdev(outcomes) / math.sqrt(8))
+    with pytest.raises(ConfigError, match="judge_reward_model is the training reward_model"):
+        ppo_config(fixtures, tmp_path / "x", judge_reward_model=str(fixtures / "rm_full"))

@@ -58,6 +58,7 @@ from rlhfkit.train.online import (
     adapters_disabled,
     check_padding_free,
     finish_online,
+    frozen_reward_model,
     minibatch_plan,
     rollout_seed,
     run_updates,
@@ -96,17 +97,7 @@ def build_scorer(c: GRPOConfig, tokenizer, reward_funcs, device) -> Scorer:
     normalisation; texts re-encoded when its tokenizer differs from the policy's)."""
     reward_model = rm_tokenizer = None
     if c.reward_model is not None:
-        from rlhfkit.models.reward import load_reward_model
-
-        rm = load_reward_model(c.reward_model, device=device)
-        rm.model.requires_grad_(False).eval()
-        if c.padding_free:  # scored packed once the model is seen to follow packed positions
-            from rlhfkit.models.reward import packing_probe, padding_free_rewards_match
-
-            rm.padding_free = padding_free_rewards_match(rm.model, *packing_probe(rm.model.config.vocab_size, device))
-        reward_model = rm.score
-        if rm.tokenizer.get_vocab() != tokenizer.get_vocab():
-            rm_tokenizer = rm.tokenizer
+        reward_model, rm_tokenizer = frozen_reward_model(c.reward_model, tokenizer, device, c.padding_free)
     return Scorer(tokenizer, reward_funcs, c.reward_weights, reward_model=reward_model, rm_tokenizer=rm_tokenizer,
                   batch_size=c.per_device_eval_batch_size)
 

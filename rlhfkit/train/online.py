@@ -6,7 +6,8 @@ the stage loops in their numbered steps:
   minibatch_plan    shuffled minibatches -> micro-batches of row indices (whole groups shuffled)
   run_updates       the epochs x minibatches x micro-batches driver: global token counts,
                     backward per micro-batch, summed gradients, one optimizer step per minibatch
-  evaluate_policy   held-out prompts: proxy score, KL to the reference, gold reward / accuracy
+  evaluate_policy   held-out prompts: proxy score, KL to the reference, gold reward / accuracy, judge score
+  frozen_reward_model, judge_scorer   a separate frozen reward model; the evaluation's judge
   OnlineLog         per step: diagnostics, the logging window, samples.jsonl, evaluation
   save_policy, finish_online   final weights, summary, plots
 """
@@ -34,7 +35,9 @@ from rlhfkit.train.deepspeed import samples_on_this_rank
 from rlhfkit.train.loop import BatchStream, Run, start_run
 from rlhfkit.train.tracking import write_summary
 
-ONLINE_FORMATS = ("prompt", "prompt_completion", "messages")
+ONLINE_FORMATS = ("prompt", "prompt_completion", "messages", "preference")
+"""Row formats the online stages take prompts from (a preference pair's prompt is its shared
+conversation; `chosen` / `rejected` go to reward functions as other columns)."""
 
 
 # ---- set-up ----------------------------------------------------------------------------------------
@@ -177,7 +180,8 @@ def check_padding_free(run: Run, model, prompt_ids: list[list[int]], pad_id: int
     """At start: does this model's packed forward (prompts shared by the responses of a group) match
     its padded one? Checked on a few training prompts, each as a group of itself and itself + the
     start of the next prompt. A model that does not follow packed position ids or the shared-prompt
-    mask trains padded for the whole run, with a warning."""
+    mask trains padded for the whole run, with a warning. In float32 even under `bf16: true` (as the
+    preference stages check): the question is the model's structure, which bf16 rounding would blur."""
     from rlhfkit.data.collate import pad_batch
     from rlhfkit.models.logprobs import padding_free_matches
 
@@ -189,7 +193,7 @@ def check_padding_free(run: Run, model, prompt_ids: list[list[int]], pad_id: int
     batch = pad_batch(seqs, pad_id, side="right")
 
     def matches() -> bool:
-        with torch.no_grad(), run.precision():
+        with torch.no_grad():
             return padding_free_matches(model, batch["input_ids"].to(run.device),
                                         batch["attention_mask"].to(run.device), groups)
 
@@ -211,14 +215,50 @@ def adapters_disabled(model):
 
 # ---- evaluation ----------------------------------------------------------------------------------
 
+def frozen_reward_model(path: str, tokenizer, device, padding_free: bool) -> tuple[Callable, object]:
+    """A reward model of its own (not sharing the policy's base), frozen: (its normalised score function
+    on the policy's token ids, its tokenizer when the vocabularies differ (texts are then re-encoded),
+    else None). `padding_free`: scored packed once the model is seen to follow packed positions."""
+    from rlhfkit.models.reward import load_reward_model
+
+    rm = load_reward_model(path, device=device)
+    rm.model.requires_grad_(False).eval()
+    if padding_free:
+        from rlhfkit.models.reward import packing_probe, padding_free_rewards_match
+
+        rm.padding_free = padding_free_rewards_match(rm.model, *packing_probe(rm.model.config.vocab_size, device))
+    return rm.score, (rm.tokenizer if rm.tokenizer.get_vocab() != tokenizer.get_vocab() else None)
+
+
+def judge_scorer(c: OnlineConfig, tokenizer, device) -> Scorer | None:
+    """The held-out evaluation's judge (`judge_reward_model`), or None."""
+    if c.judge_reward_model is None:
+        return None
+    score, rm_tokenizer = frozen_reward_model(c.judge_reward_model, tokenizer, device, c.padding_free)
+    return Scorer(tokenizer, [], None, reward_model=score, rm_tokenizer=rm_tokenizer,
+                  batch_size=c.per_device_eval_batch_size)
+
+
+def win_rate_and_se(scores: list[float], baseline: list[float]) -> tuple[float, float]:
+    """The share of prompts where `scores` beats `baseline` (ties half; `eval.compare.pairwise_outcomes`)
+    and its standard error sqrt(var / n) over prompts."""
+    from rlhfkit.eval.compare import pairwise_outcomes
+
+    x = pairwise_outcomes(scores, baseline)
+    mean = sum(x) / len(x)
+    var = sum((v - mean) ** 2 for v in x) / max(1, len(x) - 1)
+    return mean, math.sqrt(var / len(x))
+
+
 @torch.no_grad()
 def evaluate_policy(run: Run, setup: OnlineSetup, policy, reference, scorer: Scorer, seed: int,
-                    batch_size: int, whole=None) -> tuple[dict, list[dict]]:
+                    batch_size: int, whole=None, judge: Scorer | None = None) -> tuple[dict, list[dict]]:
     """One response per held-out prompt from `policy` (the training sampling settings): the proxy
     score (`scores`; with several reward sources also each one's mean and std, `rewards/<source>`), the KL to the reference summed over response tokens (k1, the same log-probs as
     training; when `reference` (a context manager factory yielding the reference model) is given),
     length, EOS rate, and with a built-in task the gold reward and, where the task defines it,
-    accuracy. `whole(policy)`: the context in which the policy's parameters are whole on this rank
+    accuracy; with a `judge` scorer its mean score (`judge_score`; each sample's under `judge`).
+    `whole(policy)`: the context in which the policy's parameters are whole on this rank
     (`Optimization.whole`; ZeRO-3 / FSDP2), entered by every rank."""
     c, tok = run.config, setup.tokenizer
     was_training = policy.training
@@ -231,6 +271,9 @@ def evaluate_policy(run: Run, setup: OnlineSetup, policy, reference, scorer: Sco
                    "eos_rate": ro.ended.float().mean().item(), **(source_metrics(parts) if len(parts) > 1 else {})}
         if reference is not None:
             metrics["kl"] = rollout_kl(policy, reference, ro, c.temperature, batch_size).mean().item()
+        judged = judge(ro)[0] if judge is not None else None
+        if judged is not None:
+            metrics["judge_score"] = judged.mean().item()
     policy.train(was_training)
     gold = correct = None
     prompts = [r["prompt"] for r in ro.rows]
@@ -240,7 +283,8 @@ def evaluate_policy(run: Run, setup: OnlineSetup, policy, reference, scorer: Sco
         correct = [setup.task.correct(p, t, e) for p, t, e in zip(prompts, ro.texts, ro.ended.tolist())]
         if all(x is not None for x in correct):
             metrics["accuracy"] = sum(correct) / len(correct)
-    samples = [{"prompt": p, "response": t, "score": s, "ended": e, **({"gold": gold[i]} if gold else {})}
+    samples = [{"prompt": p, "response": t, "score": s, "ended": e, **({"gold": gold[i]} if gold else {}),
+                **({"judge": judged[i].item()} if judged is not None else {})}
                for i, (p, t, s, e) in enumerate(zip(prompts, ro.texts, scores.tolist(), ro.ended.tolist()))]
     return metrics, samples
 
@@ -261,14 +305,38 @@ class OnlineLog:
         self.do_eval = bool(setup.eval_ids) and samples_on_this_rank(run)
         self.window: list[dict] = []
         self.first_eval: dict | None = None
+        judge = judge_scorer(c, setup.tokenizer, run.device) if self.do_eval else None
         self._evaluate = lambda: evaluate_policy(run, setup, policy, reference, scorer, c.seed + 7,
-                                                 c.per_device_eval_batch_size, whole)
+                                                 c.per_device_eval_batch_size, whole, judge=judge)
+        self.baseline_path = run.output_dir / "eval_initial_scores.json"
+        """Step 0's held-out scores (training reward, judge), the baseline of the win rates; kept on disk
+        so that a resumed run compares with the same responses."""
 
     def evaluate(self, step: int) -> dict:
         metrics, samples = self._evaluate()
         self.samples.write(step, "eval", samples[:self.run.config.num_sample_generations])
+        metrics.update(self.win_rates(step, samples))
         out = {f"eval/{k}": v for k, v in metrics.items()}
         out.update(self.monitor.evaluation(step, out))
+        return out
+
+    def win_rates(self, step: int, samples: list[dict]) -> dict:
+        """Against the step-0 policy's responses to the same held-out prompts: `win_rate` by the
+        training reward and, with a judge, `judge_win_rate`, each with `_se`."""
+        current = {"score": [s["score"] for s in samples]}
+        if "judge" in samples[0]:
+            current["judge"] = [s["judge"] for s in samples]
+        if step == 0:
+            if self.run.is_main:
+                self.baseline_path.write_text(json.dumps(current) + "\n")
+            return {}
+        if not self.baseline_path.is_file():
+            return {}
+        baseline = json.loads(self.baseline_path.read_text())
+        out = {}
+        for key, name in (("score", "win_rate"), ("judge", "judge_win_rate")):
+            if key in current and len(baseline.get(key, [])) == len(current[key]):
+                out[name], out[f"{name}_se"] = win_rate_and_se(current[key], baseline[key])
         return out
 
     def start(self, start_step: int) -> None:
@@ -331,12 +399,15 @@ def rollout_samples(ro: Rollout, scores: torch.Tensor, n: int) -> list[dict]:
 
 def finish_online(run: Run, summary: dict, plot_keys: list[str]) -> dict:
     """Write summary.json (with the run's engine) and plots (main process), close the logger, wait
-    for every process."""
+    for every process. With a judge, its held-out score and win rate are plotted next to the
+    training reward's (`eval/scores`): the proxy-vs-judge curves of over-optimisation."""
     summary.update(run.engine.summary())
     if run.is_main:
         write_summary(run.output_dir, summary)
         history = run.logger.history
-        run.logger.plot(keys=[k for k in plot_keys if any(k in r for r in history)])
+        if any("eval/judge_score" in r for r in history):
+            plot_keys = [*plot_keys, "eval/scores", "eval/judge_score", "eval/judge_win_rate", "eval/kl"]
+        run.logger.plot(keys=[k for k in dict.fromkeys(plot_keys) if any(k in r for r in history)])
         run.logger.close()
     run.accelerator.wait_for_everyone()
     return summary

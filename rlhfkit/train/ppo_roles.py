@@ -43,7 +43,14 @@ import torch
 
 from rlhfkit.config import PPOConfig
 from rlhfkit.errors import ConfigError
-from rlhfkit.models.load import apply_lora, disable_dropout, enable_gradient_checkpointing, load_causal_lm, prepare_4bit
+from rlhfkit.models.load import (
+    apply_lora,
+    base_reference,
+    disable_dropout,
+    enable_gradient_checkpointing,
+    load_causal_lm,
+    prepare_4bit,
+)
 from rlhfkit.models.logprobs import hidden_at, response_hidden
 from rlhfkit.models.reward import (
     Normalization,
@@ -61,8 +68,11 @@ POLICY, CRITIC, REWARD = "default", "critic", "reward"
 
 
 def _same_path(a: str | None, b: str | None) -> bool:
+    """Do two model references name the same model? (`pkg:` files and paths resolved, as an adapter
+    records its base: `base_reference`.)"""
     if a is None or b is None:
         return False
+    a, b = base_reference(a), base_reference(b)
     pa, pb = Path(a).expanduser(), Path(b).expanduser()
     if pa.exists() and pb.exists():
         return pa.resolve() == pb.resolve()
