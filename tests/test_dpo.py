@@ -379,7 +379,7 @@ def test_two_processes_match_one(tiny_model_dir, pref_file, tmp_path):
     cfg = tmp_path / "dpo.yaml"
     dump_config(dpo_config(tiny_model_dir, pref_file, tmp_path / "ddp", per_device_train_batch_size=4,
                            **common), cfg)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
     proc = subprocess.run([*torchrun, "-m", "rlhfkit", "dpo", str(cfg)], env=env,
                           cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)

@@ -118,7 +118,7 @@ def _config(tmp_path, data_file, stage: str = "sft") -> Path:
 
 def _launch_env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
-    return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **extra}
+    return {**env, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO), **extra}
 
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
@@ -176,3 +176,19 @@ def test_accelerate_launch_configs_load():
         assert str(getattr(config.distributed_type, "value", config.distributed_type)) == dtype, name
         assert config.num_processes == 2
     assert load_config_from_file(str(ACCEL / "fsdp2.yaml")).fsdp_config["fsdp_version"] == 2
+
+
+def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
+    """Seen on a 1-GPU machine: torchrun --nproc_per_node 2 died in the launch with 'invalid device
+    ordinal'. Now a ConfigError says why and what to do; CPU processes are unaffected."""
+    import torch
+
+    from rlhfkit.train.engine import check_gpu_count
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match=r"2 processes on this machine but 1 GPU\(s\) visible.*CUDA_VISIBLE_DEVICES="):
+        check_gpu_count(on_cpu=False)
+    check_gpu_count(on_cpu=True)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    check_gpu_count(on_cpu=False)

@@ -179,7 +179,7 @@ def test_resume_after_sigkill(fx, tmp_path):
     kw = dict(max_steps=4, save_steps=1, reward_funcs=["test_grpo:slow_words_reward"], logging_steps=1)
     cfg = tmp_path / "grpo.yaml"
     dump_config(grpo_config(fx, tmp_path / "killed", resume_from_checkpoint=True, **kw), cfg)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT / 'tests'}:{os.environ.get('PYTHONPATH', '')}"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": f"{ROOT / 'tests'}:{os.environ.get('PYTHONPATH', '')}"}
     cmd = [sys.executable, "-m", "rlhfkit", "grpo", str(cfg)]
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     state = tmp_path / "killed" / "checkpoints" / "step-000002" / "trainer_state.json"
@@ -335,7 +335,7 @@ def test_two_processes_match_one(fx, tmp_path, kw):
                   per_device_train_batch_size=2, **kw)
     cfg = tmp_path / "grpo.yaml"
     dump_config(grpo_config(fx, tmp_path / "ddp", stage=stage, **common), cfg)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT / 'tests'}:{os.environ.get('PYTHONPATH', '')}"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": f"{ROOT / 'tests'}:{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                            "-m", "rlhfkit", stage, str(cfg)], env=env, cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]

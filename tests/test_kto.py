@@ -219,7 +219,7 @@ def test_kto_two_processes_match_one(tiny_model_dir, noisy_ref_dir, unpaired_fil
     cfg = tmp_path / "kto.yaml"
     dump_config(kto_config(tiny_model_dir, unpaired_file, tmp_path / "ddp", per_device_train_batch_size=4,
                            **common), cfg)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
     proc = subprocess.run([*torchrun, "-m", "rlhfkit", "kto", str(cfg)], env=env,
                           cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)

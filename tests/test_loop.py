@@ -206,7 +206,7 @@ def test_two_processes_match_one(sft_file, tmp_path):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(f"model_name_or_path: preset:tiny\ndataset: {sft_file}\nmax_length: 64\nmax_steps: 4\n"
                    "learning_rate: 1.0e-3\nlogging_steps: 1\nreport_to: []\nseed: 3\ndisable_tqdm: true\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                     "-m", "rlhfkit", "sft", str(cfg), f"output_dir={tmp_path / 'ddp'}",
                     "per_device_train_batch_size=4"], check=True, env=env, cwd=REPO, capture_output=True)

@@ -305,7 +305,7 @@ def test_two_processes_match_one(fixtures, tmp_path, finetuning_type):
         common["reward_model"] = str(fixtures / "rm_lora")
     cfg = tmp_path / "ppo.yaml"
     dump_config(ppo_config(fixtures, tmp_path / "ddp", **common), cfg)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                            "-m", "rlhfkit", "ppo", str(cfg)], env=env, cwd=Path(__file__).resolve().parents[1],
                           capture_output=True, text=True)

@@ -69,7 +69,7 @@ def _ids(tok, text: str) -> list[int]:
 
 
 def _params(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 # ---- reward index and padding ------------------------------------------------------------------
@@ -396,8 +396,8 @@ def test_train_full_save_load_identical_rewards_and_reference_mean_zero(trained_
     assert norm.divide_by_std and norm.count == 64 and "chosen" in norm.reference
     groups = [encode_group(scorer.tokenizer, row, 64) for row in rows["train"]]
     b = pad_batch([g.responses[0].input_ids for g in groups], scorer.tokenizer.pad_token_id)
-    with torch.no_grad():
-        raw = sequence_rewards(result.model, b["input_ids"], b["attention_mask"])
+    with torch.no_grad():  # the trained model on the CPU, where load_reward_model puts the reloaded one
+        raw = sequence_rewards(result.model.cpu(), b["input_ids"], b["attention_mask"])
     scores = scorer.score(b["input_ids"], b["attention_mask"])
     torch.testing.assert_close(scores, (raw - norm.mean) / norm.std, atol=1e-5, rtol=1e-5)
     assert abs(scores.mean().item()) < 1e-4
@@ -435,8 +435,8 @@ def test_train_lora_from_preset_records_a_loadable_base(data, tmp_path):
     scorer = load_reward_model(out)
     b = pad_batch([_ids(result.tokenizer, "the movie was great ."), _ids(result.tokenizer, "so bad")],
                   result.tokenizer.pad_token_id)
-    with torch.no_grad():
-        raw = sequence_rewards(result.model, b["input_ids"], b["attention_mask"])
+    with torch.no_grad():  # the trained model on the CPU, where load_reward_model puts the reloaded one
+        raw = sequence_rewards(result.model.cpu(), b["input_ids"], b["attention_mask"])
     torch.testing.assert_close(scorer.score(b["input_ids"], b["attention_mask"]), raw - scorer.normalization.mean,
                                atol=1e-5, rtol=1e-5)
 
@@ -538,12 +538,13 @@ def test_two_processes_match_one(data, tiny_model_dir, tmp_path):
 
     common = dict(model_name_or_path=str(tiny_model_dir), logging_steps=1, learning_rate=1e-3)
     dump_config(_config(data, tmp_path / "ddp", per_device_train_batch_size=4, **common), tmp_path / "rm.yaml")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-                           "-m", "rlhfkit", "rm", str(tmp_path / "rm.yaml")], env=env,
-                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    train_rm(_config(data, tmp_path / "single", **common))
+    dump_config(_config(data, tmp_path / "single", **common), tmp_path / "single.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # both on the CPU, also on a GPU box
+    for launch, name in ((["-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"], "rm"),
+                         ([], "single")):
+        proc = subprocess.run([sys.executable, *launch, "-m", "rlhfkit", "rm", str(tmp_path / f"{name}.yaml")],
+                              env=env, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
     runs = [[json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
             for d in ("ddp", "single")]
     assert len(runs[0]) == len(runs[1]) == 4

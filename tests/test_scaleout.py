@@ -60,7 +60,7 @@ def _free_port() -> int:
 
 def launch(engine: str, stage: str, config: Path, *overrides: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO),
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO),
                TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / "build" / "torch_extensions")))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCEL / f"{engine}.yaml"),
            "--num_processes", "2", "--main_process_port", str(_free_port()),

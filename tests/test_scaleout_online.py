@@ -126,7 +126,7 @@ def run_launched(engine: str, stage: str, cfg: Path,
     """`accelerate launch` with 2 processes (tests/ on the path for the reward function)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
     env.pop("RLHFKIT_TEST_LENGTHS", None)
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO}:{REPO / 'tests'}",
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=f"{REPO}:{REPO / 'tests'}",
                TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR",
                                                    str(REPO / "build" / "torch_extensions")))
     if lengths is not None:

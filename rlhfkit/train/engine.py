@@ -145,10 +145,26 @@ def check_config(engine: str, config) -> None:
                           "merge afterwards on one process, or use zero2 / ddp")
 
 
+def check_gpu_count(on_cpu: bool) -> None:
+    """With GPUs, each process of a machine takes one (cuda:LOCAL_RANK): more processes than visible
+    GPUs would fail deep in the launch with 'invalid device ordinal'; say so before anything starts."""
+    if on_cpu:
+        return
+    import torch
+
+    local, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count()
+    if local > gpus:
+        raise ConfigError(f"{local} processes on this machine but {gpus} GPU(s) visible: each process needs its own "
+                          f"GPU; launch at most {gpus} per machine (torchrun --nproc_per_node {gpus}), or hide the "
+                          "GPUs (CUDA_VISIBLE_DEVICES=) to run CPU processes (gloo)")
+
+
 def build_accelerator(engine: str, precision: str, on_cpu: bool):
     """An Accelerator that sets up `engine`. On a CPU machine DeepSpeed needs a process group
     backend named (gloo), not `cpu=True`, which would drop the DeepSpeed plugin."""
     from accelerate import Accelerator
+
+    check_gpu_count(on_cpu)
 
     if engine.startswith("zero"):
         try:
