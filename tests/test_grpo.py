@@ -179,7 +179,7 @@ def test_resume_after_sigkill(fx, tmp_path):
     kw = dict(max_steps=4, save_steps=1, reward_funcs=["test_grpo:slow_words_reward"], logging_steps=1)
     cfg = tmp_path / "grpo.yaml"
     dump_config(grpo_config(fx, tmp_path / "killed", resume_from_checkpoint=True, **kw), cfg)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": f"{ROOT / 'tests'}:{os.environ.get('PYTHONPATH', '')}"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT / 'tests'}:{os.environ.get('PYTHONPATH', '')}"}
     cmd = [sys.executable, "-m", "rlhfkit", "grpo", str(cfg)]
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     state = tmp_path / "killed" / "checkpoints" / "step-000002" / "trainer_state.json"
