@@ -612,3 +612,9 @@ def test_judge_reward_model_scores_evaluation_and_win_rates(fixtures, tmp_path):
         assert last[f"{name}_se"] == pytest.approx(statistics.stdev(outcomes) / math.sqrt(8))
     with pytest.raises(ConfigError, match="judge_reward_model is the training reward_model"):
         ppo_config(fixtures, tmp_path / "x", judge_reward_model=str(fixtures / "rm_full"))
+
+
+def test_win_rate_of_no_comparable_prompt_is_nan():
+    from rlhfkit.train.online import win_rate_and_se
+
+    assert all(math.isnan(v) for v in win_rate_and_se([float("nan")], [1.0]))

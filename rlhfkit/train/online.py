@@ -245,6 +245,8 @@ def win_rate_and_se(scores: list[float], baseline: list[float]) -> tuple[float, 
     from rlhfkit.eval.compare import pairwise_outcomes
 
     x = pairwise_outcomes(scores, baseline)
+    if not x:  # no prompt scored by both (a reward function that applies nowhere)
+        return math.nan, math.nan
     mean = sum(x) / len(x)
     var = sum((v - mean) ** 2 for v in x) / max(1, len(x) - 1)
     return mean, math.sqrt(var / len(x))
