@@ -110,7 +110,7 @@ def child(args) -> dict:
         common["max_steps"] = c["max_steps"]
     else:
         common["num_train_epochs"] = c["num_train_epochs"]
-    target = c["lora_target"] if c["lora_target"] != "all-linear" else "all-linear"
+    target = c["lora_target"]  # "all-linear" or module names: peft takes both as given
     if args.stage == "rm":
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
