@@ -78,6 +78,12 @@ def prepare(stage: str, workdir: Path, eval_limit: int = 0) -> dict:
         files[name] = str(workdir / f"{name}.jsonl")
         Path(files[name]).write_text("".join(json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected")}) + "\n"
                                              for r in rows))
+    # eval-rm reads the held-out pairs as they are in the data file (HH transcripts): rlhfkit keeps an
+    # empty final HH reply (4 of the 1800 pairs) but rejects an empty assistant message in a message list
+    source = Path(c.dataset).read_text(encoding="utf-8").splitlines()
+    files["eval_source"] = str(workdir / "eval_source.jsonl")
+    Path(files["eval_source"]).write_text("".join(source[int(r["_source"].rsplit(":line ", 1)[1]) - 1] + "\n"
+                                                  for r in eval_rows))
     return {"config": c.model_dump(mode="json"), "model": str(workdir / ("rm_init" if stage == "rm" else "lm")),
             **files}
 
@@ -185,20 +191,22 @@ def main(argv: list[str] | None = None) -> int:
     spec_path.write_text(json.dumps(spec))
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     start = time.perf_counter()
-    proc = subprocess.run([args.trl_python, __file__, "--child", "--stage", args.stage, "--workdir", args.workdir,
-                           "--threads", str(args.threads), "--max-steps", str(args.max_steps), "--spec",
-                           str(spec_path)], env=env, capture_output=True, text=True)
+    log = workdir / "trl_child.log"  # TRL's progress bars and warnings, readable while it runs
+    with open(log, "w") as err:
+        proc = subprocess.run([args.trl_python, __file__, "--child", "--stage", args.stage, "--workdir",
+                               args.workdir, "--threads", str(args.threads), "--max-steps", str(args.max_steps),
+                               "--spec", str(spec_path)], env=env, stdout=subprocess.PIPE, stderr=err, text=True)
     wall = time.perf_counter() - start
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if proc.returncode or line is None:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-        raise SystemExit(f"TRL child failed (exit {proc.returncode})")
+        sys.stderr.write(proc.stdout[-4000:] + log.read_text()[-8000:])
+        raise SystemExit(f"TRL child failed (exit {proc.returncode}; its log: {log})")
     result = {"stage": args.stage, "config": str(CONFIGS[args.stage].relative_to(ROOT)), "child_wall_s": wall,
               "eval_pairs": sum(1 for _ in open(spec["eval"])),
               **json.loads(line[len("RESULT "):]), "note": args.note,
               "date": time.strftime("%Y-%m-%d %H:%M")}
     if args.stage == "rm":
-        ours = rlhfkit_eval_rm(workdir / "trl_rm_merged", spec["eval"], spec["config"])
+        ours = rlhfkit_eval_rm(workdir / "trl_rm_merged", spec["eval_source"], spec["config"])
         result["rlhfkit_eval_rm"] = {k: v for k, v in ours.items() if not isinstance(v, list)}
     out = Path(args.json or ROOT / "benchmarks" / "results" / f"trl_hh_{args.stage}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
