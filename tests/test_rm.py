@@ -14,7 +14,7 @@ from rlhfkit.config import build_config
 from rlhfkit.data.collate import pad_batch
 from rlhfkit.data.groups import collate_groups, encode_group, truncation_counts, ungroup
 from rlhfkit.errors import ConfigError
-from rlhfkit.eval.reward import expected_calibration_error
+from rlhfkit.eval.reward import evaluate_rewards, expected_calibration_error
 from rlhfkit.losses.preference import bradley_terry, centering_penalty, length_decorrelation_penalty, plackett_luce
 from rlhfkit.models.reward import (
     Normalization,
@@ -308,6 +308,31 @@ def test_packed_pass_equals_padded_values_and_gradients(tiny_model_dir, tiny_tok
         common = next(i for i in range(min(len(c), len(r)) + 1) if i == min(len(c), len(r)) or c[i] != r[i])
         expected += len(c) + len(r) - common
     assert slots == expected < int(batch["attention_mask"].sum())
+
+
+def test_evaluate_rewards_packed_with_shared_prompts_equals_padded(rm, tiny_tokenizer, rows):
+    """Every metric of the held-out evaluation (the missing-EOS pass included) is the padded pass's
+    when both passes pack and share each row's prompt; both passes get the group ids."""
+    tok = tiny_tokenizer
+    groups = [g for i, row in enumerate(rows["eval"][:12]) if (g := encode_group(tok, row, 64, index=i))]
+    got_groups = []
+
+    def score_fn(packed):
+        def score(ids, mask, groups=None):
+            got_groups.append(groups is not None)
+            return sequence_rewards(rm, ids, mask, padding_free=packed, groups=groups)
+        return score
+
+    kw = dict(pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, dataset_format="preference", batch_size=5)
+    padded = evaluate_rewards(score_fn(False), groups, **kw)
+    assert not any(got_groups)
+    got_groups.clear()
+    packed = evaluate_rewards(score_fn(True), groups, share_prompts=True, **kw)
+    main_batches = math.ceil(sum(len(g.responses) for g in groups) / 5)
+    assert all(got_groups) and len(got_groups) > main_batches  # the missing-EOS pass shares prompts too
+    assert packed.keys() == padded.keys() and "eos_sensitivity" in packed
+    for key, value in padded.items():
+        assert packed[key] == pytest.approx(value, abs=1e-5), key
 
 
 def test_lora_on_the_last_layers_only(tiny_model_dir, tiny_tokenizer, rows):

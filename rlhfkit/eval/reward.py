@@ -189,7 +189,8 @@ def evaluate_rewards(score_fn: ScoreFn, groups: list[ResponseGroup], *, pad_id: 
     pairs = [(i, s) for i, e in enumerate(flat) if (s := without_final_eos(e, eos_id)) is not None]
     if pairs:
         stripped = score_examples(score_fn, [s for _, s in pairs], pad_id, batch_size=batch_size,
-                                  device=device, quiet=quiet, desc="eval (no EOS)")
+                                  device=device, quiet=quiet, desc="eval (no EOS)",
+                                  groups=[ids[i] for i, _ in pairs] if share_prompts else None)
         metrics["eos_sensitivity"] = (stripped - rewards[[i for i, _ in pairs]]).mean().item()
     metrics["reward_mean"] = rewards.mean().item()
     metrics["reward_std"] = rewards.std().item() if rewards.numel() > 1 else 0.0
