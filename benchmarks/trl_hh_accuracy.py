@@ -205,12 +205,13 @@ def main(argv: list[str] | None = None) -> int:
               "eval_pairs": sum(1 for _ in open(spec["eval"])),
               **json.loads(line[len("RESULT "):]), "note": args.note,
               "date": time.strftime("%Y-%m-%d %H:%M")}
+    out = Path(args.json or ROOT / "benchmarks" / "results" / f"trl_hh_{args.stage}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")  # TRL's part is kept even if the scoring below fails
     if args.stage == "rm":
         ours = rlhfkit_eval_rm(workdir / "trl_rm_merged", spec["eval_source"], spec["config"])
         result["rlhfkit_eval_rm"] = {k: v for k, v in ours.items() if not isinstance(v, list)}
-    out = Path(args.json or ROOT / "benchmarks" / "results" / f"trl_hh_{args.stage}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+        out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "config"}, indent=1))
     return 0
 
