@@ -51,6 +51,7 @@ def prepare(stage: str, workdir: Path, eval_limit: int = 0) -> dict:
     import torch
 
     from rlhfkit.config import load_config
+    from rlhfkit.data.sources import jsonl_lines
     from rlhfkit.models.reward import build_reward_model
     from rlhfkit.train.common import load_split
 
@@ -80,7 +81,7 @@ def prepare(stage: str, workdir: Path, eval_limit: int = 0) -> dict:
                                              for r in rows))
     # eval-rm reads the held-out pairs as they are in the data file (HH transcripts): rlhfkit keeps an
     # empty final HH reply (4 of the 1800 pairs) but rejects an empty assistant message in a message list
-    source = Path(c.dataset).read_text(encoding="utf-8").splitlines()
+    source = jsonl_lines(Path(c.dataset).read_text(encoding="utf-8"))  # the lines `_source` counts
     files["eval_source"] = str(workdir / "eval_source.jsonl")
     Path(files["eval_source"]).write_text("".join(source[int(r["_source"].rsplit(":line ", 1)[1]) - 1] + "\n"
                                                   for r in eval_rows))

@@ -41,6 +41,17 @@ def test_json_file_that_is_really_json_lines(tmp_path):
     assert rows[2]["_source"] == f"{path}:line 3"
 
 
+def test_jsonl_keeps_line_separator_characters_inside_strings(tmp_path):
+    # valid JSON Lines (json.dumps(..., ensure_ascii=False) writes U+2028 / U+0085 as they are):
+    # only \n, \r\n and \r end a line, so the rows and their line numbers stay right
+    path = tmp_path / "train.jsonl"
+    rows = [{"text": "a\u2028b"}, {"text": "c\x85d\u2029e"}, {"text": "f"}]
+    path.write_text("\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    got = load_rows(str(path))
+    assert _strip_source(got) == rows
+    assert [r["_source"] for r in got] == [f"{path}:line {i}" for i in (1, 2, 3)]
+
+
 def test_jsonl_round_trips_and_skips_blank_lines(tmp_path):
     path = tmp_path / "train.jsonl"
     lines = [json.dumps(ROWS[0]), "", "   ", json.dumps(ROWS[1]), json.dumps(ROWS[2]), ""]

@@ -24,6 +24,7 @@ import csv
 import json
 import math
 import os
+import re
 
 from rlhfkit.errors import DataError
 
@@ -197,10 +198,16 @@ def _read_json(text: str, path: str) -> list[dict]:
     raise DataError(f"expected a JSON list of objects (or one object per line), got {_json_type(data)}", source=path)
 
 
+def jsonl_lines(text: str) -> list[str]:
+    """The lines of a JSON Lines text, split at \\n, \\r\\n or \\r only: JSON strings may hold U+2028,
+    U+0085 and other characters that `str.splitlines` would also split at."""
+    return re.split(r"\r\n|\r|\n", text)
+
+
 def _read_jsonl(text: str, path: str) -> list[dict]:
     """One JSON object per line; blank lines are skipped but still counted."""
     rows = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(jsonl_lines(text), start=1):
         if not line.strip():
             continue
         source = f"{path}:line {lineno}"
