@@ -21,6 +21,8 @@ import io
 import json
 from pathlib import Path
 
+from rlhfkit.data.sources import jsonl_lines
+
 
 
 SECTIONS = {
@@ -71,7 +73,7 @@ def _history(stage_dir: Path) -> list[dict]:
     path = stage_dir / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in jsonl_lines(path.read_text(encoding="utf-8")) if line.strip()]
 
 
 def _fmt(value, digits: int = 3) -> str:

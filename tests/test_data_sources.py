@@ -74,6 +74,13 @@ def test_csv_round_trips_rows_counted_without_header_and_empty_cells_are_none(tm
     assert [r["_source"] for r in rows] == [f"{path}:row {i}" for i in (1, 2, 3)]
 
 
+def test_csv_keeps_line_separator_characters_inside_cells(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_text("prompt,completion\r\nsay a\u2028b,c\x85d\r\nnext,row\n", encoding="utf-8")
+    assert _strip_source(load_rows(str(path))) == [{"prompt": "say a\u2028b", "completion": "c\x85d"},
+                                                    {"prompt": "next", "completion": "row"}]
+
+
 def test_csv_with_too_many_cells_names_the_row(tmp_path):
     path = tmp_path / "bad.csv"
     path.write_text("prompt,completion\na,b\nc,d,e\n")

@@ -144,6 +144,25 @@ def test_generate_resumes_to_the_uninterrupted_result(tiny_model, tiny_tokenizer
                       GenerateOptions(**{**options.__dict__, "temperature": 0.7}), quiet=True)
 
 
+def test_generate_resume_keeps_rows_with_line_separator_characters(tiny_model, tiny_tokenizer, tmp_path):
+    # generate writes with ensure_ascii=False, so a response may hold U+2028 / U+0085 as they are:
+    # they do not end a line, and the resumed rows are kept as written
+    prompts = _write_prompts(tmp_path / "prompts.jsonl")
+    options = GenerateOptions(max_new_tokens=8, num_return_sequences=2, batch_size=2, seed=3, temperature=1.3)
+    full = tmp_path / "full.jsonl"
+    generate_file(tiny_model, tiny_tokenizer, str(prompts), full, options, quiet=True)
+    rows = [json.loads(x) for x in full.read_text(encoding="utf-8").split("\n") if x]
+    rows[0]["responses"][0] += "\u2028 and \x85 inside"
+    part = tmp_path / "part.jsonl"
+    part.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows[:3]), encoding="utf-8")
+    kept = part.read_bytes()
+    (tmp_path / "part.jsonl.settings.json").write_text((tmp_path / "full.jsonl.settings.json").read_text())
+    result = generate_file(tiny_model, tiny_tokenizer, str(prompts), part, options, quiet=True)
+    assert result["resumed"] == 3 and result["generated"] == 6
+    assert part.read_bytes().startswith(kept)
+    assert [json.loads(x) for x in part.read_text(encoding="utf-8").split("\n") if x][3:] == rows[3:]
+
+
 def test_generate_greedy_is_temperature_zero(tiny_model, tiny_tokenizer, tmp_path):
     prompts = _write_prompts(tmp_path / "prompts.jsonl", chat_rows=0)
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"

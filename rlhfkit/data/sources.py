@@ -21,6 +21,7 @@ valid example is `rlhfkit.data.formats`' job. It never imports models or torch;
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -198,9 +199,12 @@ def _read_json(text: str, path: str) -> list[dict]:
     raise DataError(f"expected a JSON list of objects (or one object per line), got {_json_type(data)}", source=path)
 
 
-def jsonl_lines(text: str) -> list[str]:
+def jsonl_lines(text: str, keepends: bool = False) -> list[str]:
     """The lines of a JSON Lines text, split at \\n, \\r\\n or \\r only: JSON strings may hold U+2028,
-    U+0085 and other characters that `str.splitlines` would also split at."""
+    U+0085 and other characters that `str.splitlines` would also split at. KEEPENDS: each line with
+    its line break (no empty last line), as `splitlines(keepends=True)`."""
+    if keepends:
+        return io.StringIO(text, newline="").readlines()
     return re.split(r"\r\n|\r|\n", text)
 
 
@@ -223,7 +227,7 @@ def _read_jsonl(text: str, path: str) -> list[dict]:
 
 def _read_csv(text: str, path: str) -> list[dict]:
     """CSV with a header row. Every cell is a string; an empty cell becomes None."""
-    reader = csv.reader(text.splitlines(keepends=True))
+    reader = csv.reader(io.StringIO(text, newline=""))  # records end at \n, \r\n or \r only, not at U+2028
     try:
         header = next(reader, None)
         if header is None:

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from rlhfkit.data.sources import jsonl_lines
+
 
 def progress(iterable=None, *, disable: bool | None = None, **kwargs):
     """tqdm that is quiet when stderr is not a terminal (unless `disable` says otherwise)."""
@@ -161,7 +163,7 @@ class MetricsLogger:
         check_trackers(trackers)
         if resume_step is not None and self.path.exists():
             # Keep what was logged up to the checkpoint; later lines are replayed by the run.
-            kept = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            kept = [json.loads(line) for line in jsonl_lines(self.path.read_text(encoding="utf-8")) if line.strip()]
             self.history = [r for r in kept if r.get("step", 0) <= resume_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
         elif self.path.exists():

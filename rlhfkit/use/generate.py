@@ -28,6 +28,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from rlhfkit.data.sources import jsonl_lines
 from rlhfkit.errors import ConfigError, DataError
 
 _CANONICAL_KEYS = {"_source", "prompt", "completion", "chosen", "rejected", "margin", "responses", "label",
@@ -96,7 +97,7 @@ def _existing_rows(out_path: Path, prompts: list) -> dict[int, dict]:
     PROMPTS, is an error."""
     if not out_path.is_file():
         return {}
-    lines = out_path.read_text(encoding="utf-8").splitlines(keepends=True)
+    lines = jsonl_lines(out_path.read_text(encoding="utf-8"), keepends=True)
     done: dict[int, dict] = {}
     keep = 0
     for lineno, line in enumerate(lines, start=1):
