@@ -46,6 +46,21 @@ def test_win_rate_counts_ties_half_and_skips_unscored_prompts():
     assert win_rate([nan], [1.0]) == {"rate": None, "low": None, "high": None, "n": 0}
 
 
+def test_win_rate_with_several_responses_per_prompt_averages_each_prompt_first():
+    """2 responses per prompt, the j-th against the baseline's j-th: prompt 1 [win, loss] -> .5, prompt 2
+    [win, tie] -> .75, prompt 3 [NaN, win] -> 1 (the NaN pair left out), prompt 4 all NaN -> left out:
+    rate (.5 + .75 + 1) / 3 = .75 over n = 3 prompts."""
+    nan = float("nan")
+    scores = [1.0, 0.0, 2.0, 2.0, nan, 3.0, nan, nan]
+    base = [0.0, 1.0, 1.0, 2.0, 1.0, 1.0, 1.0, 1.0]
+    assert pairwise_outcomes(scores, base, group=2) == [0.5, 0.75, 1.0]
+    w = win_rate(scores, base, resamples=200, seed=0, group=2)
+    assert w["rate"] == 0.75 and w["n"] == 3
+    assert pairwise_outcomes(scores, base, group=1) == [1.0, 0.0, 1.0, 0.5, 1.0]
+    with pytest.raises(ValueError, match="groups of 3"):
+        pairwise_outcomes(scores, base, group=3)
+
+
 def test_bootstrap_interval_worked_values():
     """Percentile bootstrap of the mean of [1, 1, 1, 0] (n = 4): a resample's mean is Binomial(4, 3/4) / 4,
     P(0) = 1/256, P(1/4) = 12/256, P(1/2) = 54/256, P(3/4) = 108/256, P(1) = 81/256; CDF .004, .051, .262,
@@ -169,6 +184,24 @@ def test_eval_cli_is_deterministic_and_writes_the_schema(tmp_path, two_models, c
         assert w["n"] == 12 and w["low"] <= w["rate"] <= w["high"]
     assert len(res["samples"]) == 5 and set(res["samples"][0]["responses"]) == {"a", "b"}
     assert res["config"]["models"] == {"a": two_models["a"], "b": two_models["b"]}
+
+
+def test_eval_several_responses_per_prompt(tmp_path, two_models):
+    """responses_per_prompt 3: every model samples 3 responses per prompt (stats per response), the win
+    rate is over the 12 prompts with each prompt's 3 outcomes averaged (recomputed here from the stats),
+    and the samples show each prompt's first response."""
+    out = run_eval(_config(tmp_path, two_models, num_prompts=12, responses_per_prompt=3, num_samples=4),
+                   printer=lambda *a: None)
+    a, b = (out["models"][n]["stats"]["gold_reward"] for n in ("a", "b"))
+    assert len(a) == len(b) == 36 and len(out["models"]["a"]["stats"]["length"]) == 36
+    w = out["models"]["b"]["win_rate"]["gold"]
+    assert w["n"] == 12
+    assert w["rate"] == pytest.approx(sum(pairwise_outcomes(b, a, group=3)) / 12)
+    assert w["rate"] != pytest.approx(sum(pairwise_outcomes(b[::3], a[::3])) / 12)  # not just the first responses
+    assert out["models"]["b"]["metrics"]["gold_reward"] == pytest.approx(sum(b) / 36)
+    assert [s["scores"]["b"]["gold"] for s in out["samples"]] == [b[0], b[3], b[6], b[9]]
+    with pytest.raises(ConfigError, match="responses_per_prompt must be >= 1"):
+        _config(tmp_path, two_models, responses_per_prompt=0)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """`rlhfkit eval`: compare trained models on one prompt set, with win rates against a baseline.
 
-Every model answers the same prompts with the same sampling settings and the same seed (one
-response per prompt), the way the demo's summary table and the online stages' held-out
+Every model answers the same prompts with the same sampling settings and the same seed
+(`responses_per_prompt` responses per prompt, default one), the way the demo's summary table and the online stages' held-out
 evaluation sample (`HFGenerator`, one private generator seeded with `seed`, `batch_size` prompts
 per chunk: same seed and batch size, same samples). Per model:
 
@@ -17,7 +17,8 @@ per chunk: same seed and batch size, same samples). Per model:
 
 and the win rate of each model against the baseline under each judge (the gold reward, the
 reward model, a reward function): per prompt 1 if the model's response scores higher than the
-baseline's, 1/2 if equal, 0 if lower, averaged over the prompts both are scored on, with a
+baseline's, 1/2 if equal, 0 if lower (with k responses per prompt: the model's j-th against the
+baseline's j-th, the k outcomes averaged), averaged over the prompts both are scored on, with a
 percentile bootstrap 95% interval over prompts (seeded). Writes JSON (schema in `run_eval`'s
 docstring) and prints a table.
 
@@ -104,6 +105,11 @@ class EvalConfig(BaseModel):
     equal to the run you reproduce; the demo and `sample_and_score` use 64)."""
     bootstrap_samples: int = 1000
     """Bootstrap resamples of the prompts for the win rates' 95% intervals."""
+    responses_per_prompt: int = 1
+    """Responses each model samples per prompt (k). A win rate compares the model's j-th response to a
+    prompt with the baseline's j-th and averages the k outcomes per prompt before the bootstrap over
+    prompts: k > 1 removes part of the sampling noise, the prompts stay the unit of the interval.
+    Metrics average over all responses."""
     num_samples: int = 8
     """Prompts whose responses go into the JSON's `samples`."""
     output: str = "eval.json"
@@ -129,7 +135,7 @@ class EvalConfig(BaseModel):
             value = getattr(self, key)
             if value is not None and value < 1:
                 problems.append(f"{key} must be >= 1 (or null), got {value}")
-        for key in ("max_new_tokens", "batch_size", "bootstrap_samples"):
+        for key in ("max_new_tokens", "batch_size", "bootstrap_samples", "responses_per_prompt"):
             if getattr(self, key) < 1:
                 problems.append(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.num_samples < 0:
@@ -176,13 +182,23 @@ def distinct_n(texts: list[str], n: int) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
-def pairwise_outcomes(scores: list[float], baseline: list[float]) -> list[float]:
-    """Per prompt: 1 if the model's score beats the baseline's, 0.5 on a tie, 0 if lower; prompts where
-    either score is NaN (a reward function that does not apply) are left out."""
+def pairwise_outcomes(scores: list[float], baseline: list[float], group: int = 1) -> list[float]:
+    """Per prompt: 1 if the model's score beats the baseline's, 0.5 on a tie, 0 if lower; pairs where
+    either score is NaN (a reward function that does not apply) are left out. GROUP > 1: the scores
+    hold GROUP consecutive responses per prompt; a prompt's outcome is the mean of its scored pairs
+    (the j-th response against the baseline's j-th), a prompt with none is left out."""
     if len(scores) != len(baseline):
         raise ValueError(f"{len(scores)} scores but {len(baseline)} baseline scores")
-    return [1.0 if a > b else 0.5 if a == b else 0.0
-            for a, b in zip(scores, baseline) if not (math.isnan(a) or math.isnan(b))]
+    if group < 1 or len(scores) % group:
+        raise ValueError(f"{len(scores)} scores do not split into groups of {group}")
+    outcomes = []
+    for start in range(0, len(scores), group):
+        pairs = [1.0 if a > b else 0.5 if a == b else 0.0
+                 for a, b in zip(scores[start:start + group], baseline[start:start + group])
+                 if not (math.isnan(a) or math.isnan(b))]
+        if pairs:
+            outcomes.append(sum(pairs) / len(pairs))
+    return outcomes
 
 
 def bootstrap_interval(outcomes: list[float], resamples: int, seed: int, level: float = 0.95) -> tuple[float, float]:
@@ -200,10 +216,12 @@ def bootstrap_interval(outcomes: list[float], resamples: int, seed: int, level: 
     return float(low), float(high)
 
 
-def win_rate(scores: list[float], baseline: list[float], *, resamples: int = 1000, seed: int = 0) -> dict:
-    """{"rate", "low", "high", "n"}: the mean of `pairwise_outcomes` (ties count half) and its
-    bootstrap 95% interval over prompts; rate/low/high None when no prompt has both scores."""
-    outcomes = pairwise_outcomes(scores, baseline)
+def win_rate(scores: list[float], baseline: list[float], *, resamples: int = 1000, seed: int = 0,
+             group: int = 1) -> dict:
+    """{"rate", "low", "high", "n"}: the mean of `pairwise_outcomes` (ties count half; GROUP responses
+    per prompt) and its bootstrap 95% interval over the n prompts; rate/low/high None when no prompt
+    has both scores."""
+    outcomes = pairwise_outcomes(scores, baseline, group)
     if not outcomes:
         return {"rate": None, "low": None, "high": None, "n": 0}
     low, high = bootstrap_interval(outcomes, resamples, seed)
@@ -459,7 +477,10 @@ def run_eval(c: EvalConfig, printer=print) -> dict:
     baseline = c.baseline_name
     device = torch.device(c.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     load = _loader()
-    printer(f"[eval] {len(c.models)} model(s) x {len(rows)} prompts, baseline {baseline}, judges "
+    k = c.responses_per_prompt
+    sampled = [r for r in rows for _ in range(k)]  # each prompt k times in a row: response j of prompt i at i*k+j
+    printer(f"[eval] {len(c.models)} model(s) x {len(rows)} prompts" + (f" x {k} responses" if k > 1 else "") +
+            f", baseline {baseline}, judges "
             f"{', '.join(judges) or '-'}; seed {c.seed}, temperature {c.temperature}, {c.max_new_tokens} new tokens")
 
     # ---- 1. the shared scorers
@@ -488,7 +509,7 @@ def run_eval(c: EvalConfig, printer=print) -> dict:
         bar.set_postfix_str(f"{name}: sampling")
         model, tokenizer = load(c.models[name], device=device, trust_remote_code=c.trust_remote_code)
         with torch.no_grad():
-            ids, ro = _responses(c, model, tokenizer, rows, device)
+            ids, ro = _responses(c, model, tokenizer, sampled, device)
         bar.update(1)
         bar.set_postfix_str(f"{name}: scoring")
         scores[name] = _score(c, ro, tokenizer, task, funcs, rm)
@@ -504,7 +525,7 @@ def run_eval(c: EvalConfig, printer=print) -> dict:
         metrics.update({"length": ro.lengths.float().mean().item(), "eos_rate": ro.ended.float().mean().item(),
                         "distinct_1": distinct_n(ro.texts, 1), "distinct_2": distinct_n(ro.texts, 2)})
         if references is not None:
-            metrics.update(rouge_scores(ro.texts, references))
+            metrics.update(rouge_scores(ro.texts, [x for x in references for _ in range(k)]))
         results[name] = {"path": c.models[name], "metrics": {k: v for k, v in metrics.items() if v is not None},
                          "stats": {"length": ro.lengths.tolist(),
                                    **{metric_key(k): [_clean(x) for x in v] for k, v in scores[name].items()}}}
@@ -515,15 +536,15 @@ def run_eval(c: EvalConfig, printer=print) -> dict:
     # ---- 3. win rates against the baseline, the samples, the file
     for name in c.models:
         results[name]["win_rate"] = {} if name == baseline else {
-            j: win_rate(scores[name][j], scores[baseline][j], resamples=c.bootstrap_samples, seed=c.seed)
+            j: win_rate(scores[name][j], scores[baseline][j], resamples=c.bootstrap_samples, seed=c.seed, group=k)
             for j in judges}
     samples = []
     for i, row in enumerate(rows[:c.num_samples]):
         samples.append({"prompt": prompt_text(row["prompt"]),
                         **({"reference": row["reference"]} if "reference" in row else {}),
-                        "responses": {n: texts[n][i] for n in c.models},
-                        "ended": {n: ended[n][i] for n in c.models},
-                        "scores": {n: {k: _clean(v[i]) for k, v in scores[n].items()} for n in c.models}})
+                        "responses": {n: texts[n][i * k] for n in c.models},  # each prompt's first response
+                        "ended": {n: ended[n][i * k] for n in c.models},
+                        "scores": {n: {s: _clean(v[i * k]) for s, v in scores[n].items()} for n in c.models}})
     out = {"baseline": baseline, "judges": judges, "models": {n: results[n] for n in c.models}, "samples": samples,
            "config": c.model_dump(mode="json")}
     path = Path(c.output)
