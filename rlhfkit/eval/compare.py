@@ -1,9 +1,9 @@
 """`rlhfkit eval`: compare trained models on one prompt set, with win rates against a baseline.
 
 Every model answers the same prompts with the same sampling settings and the same seed
-(`responses_per_prompt` responses per prompt, default one), the way the demo's summary table and the online stages' held-out
-evaluation sample (`HFGenerator`, one private generator seeded with `seed`, `batch_size` prompts
-per chunk: same seed and batch size, same samples). Per model:
+(`responses_per_prompt` responses per prompt, default one), the way the demo's summary table and
+the online stages' held-out evaluation sample (`HFGenerator`, one private generator seeded with
+`seed`, `batch_size` prompts per chunk: same seed and batch size, same samples). Per model:
 
     gold_reward        mean gold reward of a built-in `task` (the demo's number)
     rm_score           mean reward-model score, normalised as stored (`load_reward_model`)
@@ -477,9 +477,10 @@ def run_eval(c: EvalConfig, printer=print) -> dict:
     baseline = c.baseline_name
     device = torch.device(c.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     load = _loader()
-    k = c.responses_per_prompt
-    sampled = [r for r in rows for _ in range(k)]  # each prompt k times in a row: response j of prompt i at i*k+j
-    printer(f"[eval] {len(c.models)} model(s) x {len(rows)} prompts" + (f" x {k} responses" if k > 1 else "") +
+    per_prompt = c.responses_per_prompt
+    sampled = [r for r in rows for _ in range(per_prompt)]  # response j to prompt i is at i * per_prompt + j
+    printer(f"[eval] {len(c.models)} model(s) x {len(rows)} prompts"
+            + (f" x {per_prompt} responses" if per_prompt > 1 else "") +
             f", baseline {baseline}, judges "
             f"{', '.join(judges) or '-'}; seed {c.seed}, temperature {c.temperature}, {c.max_new_tokens} new tokens")
 
@@ -525,7 +526,7 @@ def run_eval(c: EvalConfig, printer=print) -> dict:
         metrics.update({"length": ro.lengths.float().mean().item(), "eos_rate": ro.ended.float().mean().item(),
                         "distinct_1": distinct_n(ro.texts, 1), "distinct_2": distinct_n(ro.texts, 2)})
         if references is not None:
-            metrics.update(rouge_scores(ro.texts, [x for x in references for _ in range(k)]))
+            metrics.update(rouge_scores(ro.texts, [x for x in references for _ in range(per_prompt)]))
         results[name] = {"path": c.models[name], "metrics": {k: v for k, v in metrics.items() if v is not None},
                          "stats": {"length": ro.lengths.tolist(),
                                    **{metric_key(k): [_clean(x) for x in v] for k, v in scores[name].items()}}}
@@ -536,15 +537,16 @@ def run_eval(c: EvalConfig, printer=print) -> dict:
     # ---- 3. win rates against the baseline, the samples, the file
     for name in c.models:
         results[name]["win_rate"] = {} if name == baseline else {
-            j: win_rate(scores[name][j], scores[baseline][j], resamples=c.bootstrap_samples, seed=c.seed, group=k)
+            j: win_rate(scores[name][j], scores[baseline][j], resamples=c.bootstrap_samples, seed=c.seed,
+                     group=per_prompt)
             for j in judges}
     samples = []
     for i, row in enumerate(rows[:c.num_samples]):
         samples.append({"prompt": prompt_text(row["prompt"]),
                         **({"reference": row["reference"]} if "reference" in row else {}),
-                        "responses": {n: texts[n][i * k] for n in c.models},  # each prompt's first response
-                        "ended": {n: ended[n][i * k] for n in c.models},
-                        "scores": {n: {s: _clean(v[i * k]) for s, v in scores[n].items()} for n in c.models}})
+                        "responses": {n: texts[n][i * per_prompt] for n in c.models},  # its first response
+                        "ended": {n: ended[n][i * per_prompt] for n in c.models},
+                        "scores": {n: {k: _clean(v[i * per_prompt]) for k, v in scores[n].items()} for n in c.models}})
     out = {"baseline": baseline, "judges": judges, "models": {n: results[n] for n in c.models}, "samples": samples,
            "config": c.model_dump(mode="json")}
     path = Path(c.output)
