@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rlhfkit.data.sources import jsonl_lines
+from rlhfkit.data.sources import jsonl_records
 from rlhfkit.tasks import get_task
 
 
@@ -140,7 +140,7 @@ def _rm_lines(s: dict) -> tuple[list[str], dict]:
 def _ppo_lines(out: Path, s: dict) -> tuple[list[str], dict]:
     """Gold reward and KL to the SFT model before (step 0 = SFT) and after PPO on the same held-out
     prompts, and samples side by side (from the ppo stage's summary.json and samples.jsonl)."""
-    samples = [json.loads(line) for line in jsonl_lines((out / "ppo" / "samples.jsonl").read_text(encoding="utf-8")) if line]
+    samples = jsonl_records(out / "ppo" / "samples.jsonl")
     evals = [r for r in samples if r["split"] == "eval"]
     before = [r for r in evals if r["step"] == 0]
     after = [r for r in evals if r["step"] == s["steps"]]
@@ -235,7 +235,7 @@ def arithmetic_demo(output_dir: str = "runs/demo_arithmetic", seed: int = 0, qui
     result = run_pipeline(pipeline)
     s = result.summaries["grpo"]
     config = pipeline.stage("grpo").config
-    samples = [json.loads(line) for line in jsonl_lines((out / "grpo" / "samples.jsonl").read_text(encoding="utf-8")) if line]
+    samples = jsonl_records(out / "grpo" / "samples.jsonl")
     evals = [r for r in samples if r["split"] == "eval"]
     before = [r for r in evals if r["step"] == 0]
     after = [r for r in evals if r["step"] == s["steps"]]

@@ -21,8 +21,7 @@ import io
 import json
 from pathlib import Path
 
-from rlhfkit.data.sources import jsonl_lines
-
+from rlhfkit.data.sources import jsonl_records
 
 
 SECTIONS = {
@@ -73,7 +72,7 @@ def _history(stage_dir: Path) -> list[dict]:
     path = stage_dir / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in jsonl_lines(path.read_text(encoding="utf-8")) if line.strip()]
+    return jsonl_records(path)
 
 
 def _fmt(value, digits: int = 3) -> str:

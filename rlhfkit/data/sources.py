@@ -208,6 +208,13 @@ def jsonl_lines(text: str, keepends: bool = False) -> list[str]:
     return re.split(r"\r\n|\r|\n", text)
 
 
+def jsonl_records(path) -> list:
+    """The JSON values of a JSON Lines file rlhfkit wrote (metrics, samples): every non-blank line,
+    split by `jsonl_lines`. Data files a user gives go through `load_rows` (file and line on errors)."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in jsonl_lines(f.read()) if line.strip()]
+
+
 def _read_jsonl(text: str, path: str) -> list[dict]:
     """One JSON object per line; blank lines are skipped but still counted."""
     rows = []

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from rlhfkit.data.sources import jsonl_lines
+from rlhfkit.data.sources import jsonl_records
 
 
 def progress(iterable=None, *, disable: bool | None = None, **kwargs):
@@ -163,7 +163,7 @@ class MetricsLogger:
         check_trackers(trackers)
         if resume_step is not None and self.path.exists():
             # Keep what was logged up to the checkpoint; later lines are replayed by the run.
-            kept = [json.loads(line) for line in jsonl_lines(self.path.read_text(encoding="utf-8")) if line.strip()]
+            kept = jsonl_records(self.path)
             self.history = [r for r in kept if r.get("step", 0) <= resume_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
         elif self.path.exists():
