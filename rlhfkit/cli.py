@@ -71,6 +71,9 @@ def run_stage(stage: str | None, argv: list[str]) -> int:
     config = load_config(stage, argv[0], argv[1:])
     stage = stage or next(name for name, cls in STAGES.items() if type(config) is cls)
     result = stage_function(stage)(config)
+    from rlhfkit.train.engine import end_distributed
+
+    end_distributed()
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"[{stage}] done: model and outputs in {result.output_dir}")
     return 0

@@ -192,6 +192,18 @@ def build_accelerator(engine: str, precision: str, on_cpu: bool):
     return Accelerator(mixed_precision=precision, cpu=on_cpu)
 
 
+def end_distributed() -> None:
+    """Tear down the process group of a launched run once its stage has finished (every rank waits for
+    the others first). Left to the interpreter's exit, the gloo / DeepSpeed communicator threads are
+    destroyed still running and a rank can abort ("terminate called without an active exception",
+    SIGABRT) after the run has saved everything, failing the launch."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def actual_engine(accelerator, requested: str | None = None) -> Engine:
     """The engine the run will use: what accelerate set up, except that FSDP2 is applied by rlhfkit
     itself (`rlhfkit.train.fsdp`) over accelerate's data-parallel process group (MULTI_CPU /
