@@ -354,6 +354,25 @@ def test_hh_empty_final_reply_is_kept():
     assert row["rejected"] == [assistant("yo")]
 
 
+def test_empty_final_reply_round_trips_as_messages(tmp_path):
+    """The canonical row of an HH transcript with an empty reply, written to a file and read back,
+    is the same row (message lists accept an empty last assistant reply in chosen / rejected, as
+    transcripts do); an empty reply anywhere else, or in a user turn, stays an error."""
+    [row] = to_canonical([{"chosen": "\n\nHuman: Hi\n\nAssistant: ", "rejected": "\n\nHuman: Hi\n\nAssistant: yo"}])
+    path = tmp_path / "canonical.jsonl"
+    path.write_text(json.dumps({k: v for k, v in row.items() if not k.startswith("_")}) + "\n")
+    [again] = to_canonical(load_rows(str(path)))
+    assert {k: again[k] for k in ("prompt", "chosen", "rejected")} == {k: row[k] for k in ("prompt", "chosen", "rejected")}
+    # the same as full conversations, the prompt implicit in the shared turns
+    [full] = to_canonical([{"chosen": [user("Hi"), assistant("")], "rejected": [user("Hi"), assistant("yo")]}])
+    assert full["prompt"] == [user("Hi")] and full["chosen"] == [assistant("")]
+    bad({"prompt": [user("Hi")], "chosen": [assistant(""), user("?"), assistant("x")], "rejected": [assistant("y")]},
+        "chosen[0].content", "assistant message is empty")
+    bad({"prompt": [user("")], "chosen": [assistant("x")], "rejected": [assistant("y")]},
+        "prompt[0].content", "user message is empty")
+    bad({"messages": [user("hi"), assistant("")]}, "messages[1].content", "assistant message is empty")
+
+
 def test_hh_only_one_side_is_a_transcript():
     bad({"chosen": "\n\nHuman: Hi\n\nAssistant: yo", "rejected": "yo"}, "rejected", "not an HH-RLHF transcript")
 

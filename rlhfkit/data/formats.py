@@ -308,7 +308,7 @@ def _response(value, field: str, prompt: str | list[dict]) -> str | list[dict]:
         return _check_text(value, field)
     if isinstance(value, str):
         return [{"role": "assistant", "content": _check_text(value, field)}]
-    messages = _messages(value, field)
+    messages = _messages(value, field, empty_reply_ok=True)
     if not messages:
         raise _RowError("is an empty message list", field)
     if messages[0]["role"] != "assistant":
@@ -338,7 +338,7 @@ def _implicit_prompt(chosen, rejected) -> tuple[list[dict], list[dict], list[dic
         raise _RowError(
             "is a string while the other response is a message list, and there is no 'prompt' column", field
         )
-    c_msgs, r_msgs = _messages(chosen, "chosen"), _messages(rejected, "rejected")
+    c_msgs, r_msgs = _messages(chosen, "chosen", True), _messages(rejected, "rejected", True)
     k = 0
     while k < min(len(c_msgs), len(r_msgs)) and c_msgs[k] == r_msgs[k]:
         k += 1
@@ -430,8 +430,10 @@ def _check_text(value, field: str) -> str:
     return value
 
 
-def _messages(value, field: str) -> list[dict]:
-    """New `{"role", "content"}` dicts; ShareGPT `{"from", "value"}` accepted and converted."""
+def _messages(value, field: str, empty_reply_ok: bool = False) -> list[dict]:
+    """New `{"role", "content"}` dicts; ShareGPT `{"from", "value"}` accepted and converted.
+    `empty_reply_ok` (chosen / rejected): the last message may be an empty assistant reply, as an
+    HH-RLHF transcript's may be, so the rows rlhfkit makes of those read back from a file."""
     if isinstance(value, str):
         raise _RowError(
             "expected a list of messages, got a string (a CSV cell is always text: use JSON Lines "
@@ -464,7 +466,8 @@ def _messages(value, field: str) -> list[dict]:
                 f"content must be a string, got {_type(content) if content is not None else 'nothing'}",
                 f"{where}.{content_key}",
             )
-        if role != "system" and not content.strip():
+        empty_reply = empty_reply_ok and role == "assistant" and i == len(value) - 1
+        if role != "system" and not content.strip() and not empty_reply:
             raise _RowError(f"{role} message is empty", f"{where}.{content_key}")
         out.append({"role": role, "content": content})
     return out
