@@ -161,7 +161,9 @@ def assert_same_run(a: Path, b: Path, weights: str = "model.safetensors") -> Non
     wa, wb = load_file(str(a / weights)), load_file(str(b / weights))
     assert wa.keys() == wb.keys()
     for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4, msg=k)
+        # Adam divides by sqrt(v): rounding in a near-zero gradient moves the odd weight (measured 1.9e-5
+        # on an AVX2 CPU at lr 5e-4, where 4 steps move a weight up to 2e-3); a per-micro-batch z0 moves many
+        torch.testing.assert_close(wa[k], wb[k], atol=5e-5, rtol=1e-4, msg=k)
 
 
 @pytest.fixture(scope="module")
