@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from rlhfkit.errors import ConfigError
 
@@ -180,7 +180,11 @@ class BaseConfig(BaseModel):
     GGUF); `pip install 'rlhfkit[qlora]'`. Every stage takes it under `single`/`ddp` (the reference
     is the 4-bit base with adapters off; ppo's critic and reward adapters share that base)."""
     bf16: bool = False
-    """Train with bfloat16 autocast (weights and optimizer stay fp32)."""
+    """Train with bfloat16 autocast (weights and optimizer stay fp32). `auto`: bf16 where the
+    hardware computes it natively (a GPU that supports it; a CPU with AVX512-BF16 or AMX), fp32
+    elsewhere, decided when the config is loaded (the run's config.yaml holds the result). On a CPU
+    without bf16 instructions autocast emulates it: matmuls measured ~60x slower than fp32 on an
+    AVX2 CPU, so `bf16: true` there warns at start with the factor measured on that machine."""
     fp16: bool = False
     """float16 mixed precision is not implemented (it needs loss scaling in every loop). On a CPU,
     `fp16: true` trains in fp32 and says so at start (CPU autocast has no fp16 training path worth
@@ -193,6 +197,15 @@ class BaseConfig(BaseModel):
     """Held-out prompts sampled for gold-reward evaluation (with `task`)."""
     max_new_tokens: int = 32
     """Tokens generated per prompt in evaluation and reports."""
+
+    @field_validator("bf16", mode="before")
+    @classmethod
+    def _resolve_bf16(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            from rlhfkit.train.loop import bf16_is_native
+
+            return bf16_is_native()
+        return value
 
     @model_validator(mode="after")
     def _check_combinations(self) -> "BaseConfig":
