@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_same_run, launch, load_weights, read_metrics
 from safetensors.torch import load_file
 
 from rlhfkit.config import build_config
@@ -164,16 +165,12 @@ def dpo_config(model: Path, data: Path, out: Path, **overrides):
     return build_config("dpo", values)
 
 
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.parametrize("loss_type, expected", [("sigmoid", math.log(2)), ("hinge", 1.0), ("ipo", 25.0)])
 def test_first_logged_loss_at_initialisation(tiny_model_dir, pref_file, tmp_path, loss_type, expected):
     """Policy = frozen copy of itself at step 1: h = 0 on every pair, so the logged loss is exactly
     log 2 / 1 / 1 / (4 beta^2) with beta 0.1, and all implicit rewards are 0."""
     result = train_dpo(dpo_config(tiny_model_dir, pref_file, tmp_path, loss_type=loss_type, max_steps=1))
-    first = metrics(tmp_path)[0]
+    first = read_metrics(tmp_path)[0]
     assert result.summary["reference"] == "model"
     assert first["loss"] == pytest.approx(expected, abs=1e-5)
     assert first["rewards/chosen"] == first["rewards/rejected"] == first["rewards/margins"] == 0.0
@@ -183,7 +180,7 @@ def test_first_logged_loss_at_initialisation(tiny_model_dir, pref_file, tmp_path
 def test_reference_free_path(tiny_model_dir, pref_file, tmp_path):
     """reference_free: no reference at all; rewards are beta * policy log-probs."""
     result = train_dpo(dpo_config(tiny_model_dir, pref_file, tmp_path, reference_free=True, max_steps=1))
-    first = metrics(tmp_path)[0]
+    first = read_metrics(tmp_path)[0]
     assert result.summary["reference"] == "none"
     assert first["rewards/chosen"] == pytest.approx(BETA * first["logps/chosen"], rel=1e-5)
     assert first["rewards/rejected"] == pytest.approx(BETA * first["logps/rejected"], rel=1e-5)
@@ -246,10 +243,6 @@ def test_lora_reference_is_the_base_model_with_adapters_disabled(tiny_model, tin
     assert (with_adapters - expected).abs().max() > 1e-2  # the adapters are back on afterwards
 
 
-def _weights(path: Path, name: str = "model.safetensors") -> dict[str, torch.Tensor]:
-    return load_file(str(path / name))
-
-
 @pytest.mark.parametrize("finetuning", ["full", "lora"])
 def test_every_trainable_parameter_changes(tiny_model_dir, pref_file, tmp_path, finetuning):
     """A few DPO steps move every trainable tensor (LoRA: lora_A needs step 2, when lora_B != 0)."""
@@ -260,10 +253,10 @@ def test_every_trainable_parameter_changes(tiny_model_dir, pref_file, tmp_path, 
         init_run = train_dpo(dpo_config(tiny_model_dir, pref_file, tmp_path / "init", max_steps=1,
                                         **{**extra, "learning_rate": 0.0}))
         assert init_run.summary["steps"] == 1
-        before, after = _weights(tmp_path / "init", "adapter_model.safetensors"), \
-            _weights(tmp_path / "run", "adapter_model.safetensors")
+        before, after = load_weights(tmp_path / "init", "adapter_model.safetensors"), \
+            load_weights(tmp_path / "run", "adapter_model.safetensors")
     else:
-        before, after = _weights(tiny_model_dir), _weights(tmp_path / "run")
+        before, after = load_weights(tiny_model_dir), load_weights(tmp_path / "run")
     assert before.keys() == after.keys() and before
     unchanged = [k for k in before if torch.equal(before[k], after[k])]
     assert not unchanged, unchanged
@@ -278,8 +271,8 @@ def test_precomputed_reference_matches_frozen_copy_and_cache_is_reused_on_resume
     pre = train_dpo(dpo_config(tiny_model_dir, pref_file, tmp_path / "pre", max_steps=4, save_steps=2,
                                precompute_ref_log_probs=True, eval_dataset=str(pref_file)))
     assert pre.summary["reference"] == "precomputed" and (tmp_path / "pre" / preference.REF_CACHE).exists()
-    assert metrics(tmp_path / "pre")[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
-    for a, b in zip(metrics(tmp_path / "frozen"), metrics(tmp_path / "pre")):
+    assert read_metrics(tmp_path / "pre")[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    for a, b in zip(read_metrics(tmp_path / "frozen"), read_metrics(tmp_path / "pre")):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
     assert pre.summary["eval/loss"] == pytest.approx(frozen.summary["eval/loss"], abs=1e-5)
 
@@ -335,22 +328,9 @@ def test_rollout_kl_to_itself_is_zero(tiny_model, tiny_tokenizer):
 
 # ---- invariance: how the global batch is split does not matter ----------------------------------
 
-def assert_same_run(a: Path, b: Path) -> None:
-    """Every logged metric (train and eval) of every step, and the trained weights, agree."""
-    ma, mb = metrics(a), metrics(b)
-    assert len(ma) == len(mb) and ma
-    for ra, rb in zip(ma, mb):
-        assert ra.keys() == rb.keys()
-        for k in ra:
-            assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-5), (ra["step"], k, ra[k], rb[k])
-    wa, wb = _weights(a), _weights(b)
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        # Adam divides by sqrt(v): rounding in a near-zero gradient moves the odd weight by ~2e-5 (lr 1e-3)
-        torch.testing.assert_close(wa[k], wb[k], atol=1e-4, rtol=1e-4, msg=k)
-
-
 DPO_INVARIANCE = dict(max_steps=4, learning_rate=1e-3, eval_steps=2)
+WEIGHTS_ATOL = 1e-4
+"""Adam divides by sqrt(v): rounding in a near-zero gradient moves the odd weight by ~2e-5 (lr 1e-3)."""
 
 
 def test_accumulation_matches_one_big_batch(tiny_model_dir, pref_file, tmp_path):
@@ -361,31 +341,23 @@ def test_accumulation_matches_one_big_batch(tiny_model_dir, pref_file, tmp_path)
     train_dpo(dpo_config(tiny_model_dir, pref_file, tmp_path / "big", **common))
     train_dpo(dpo_config(tiny_model_dir, pref_file, tmp_path / "small", per_device_train_batch_size=1,
                          gradient_accumulation_steps=8, per_device_eval_batch_size=3, **common))
-    assert metrics(tmp_path / "big")[-1]["rewards/margins"] != 0.0  # it trained
-    assert_same_run(tmp_path / "big", tmp_path / "small")
+    assert read_metrics(tmp_path / "big")[-1]["rewards/margins"] != 0.0  # it trained
+    assert_same_run(tmp_path / "big", tmp_path / "small", weights_atol=WEIGHTS_ATOL)
 
 
 @pytest.mark.slow
 def test_two_processes_match_one(tiny_model_dir, pref_file, tmp_path):
     """torchrun with 2 CPU processes (gloo) x batch 4 gives the same losses, metrics and weights as
     one process with batch 8 (pair counts and metric sums reduced across processes)."""
-    import os
-    import subprocess
-    import sys
-
     from rlhfkit.config import dump_config
 
     common = dict(eval_dataset=str(pref_file), **DPO_INVARIANCE)
     cfg = tmp_path / "dpo.yaml"
     dump_config(dpo_config(tiny_model_dir, pref_file, tmp_path / "ddp", per_device_train_batch_size=4,
                            **common), cfg)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
-    proc = subprocess.run([*torchrun, "-m", "rlhfkit", "dpo", str(cfg)], env=env,
-                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    launch("dpo", cfg)
     train_dpo(dpo_config(tiny_model_dir, pref_file, tmp_path / "single", **common))
-    assert_same_run(tmp_path / "ddp", tmp_path / "single")
+    assert_same_run(tmp_path / "ddp", tmp_path / "single", weights_atol=WEIGHTS_ATOL)
 
 
 # ---- diagnostic --------------------------------------------------------------------------------
@@ -453,7 +425,7 @@ def test_padding_free_training_matches_padded_training(tiny_model_dir, pref_file
         out = tmp_path / str(padding_free)
         result = train_dpo(dpo_config(tiny_model_dir, pref_file, out, padding_free=padding_free, max_steps=3))
         assert result.summary["padding_free"] is padding_free
-        runs[padding_free] = (metrics(out), load_file(str(out / "model.safetensors")))
+        runs[padding_free] = (read_metrics(out), load_file(str(out / "model.safetensors")))
     (m_packed, w_packed), (m_padded, w_padded) = runs[True], runs[False]
     for a, b in zip(m_packed, m_padded):
         for k in ("loss", "rewards/margins", "logps/chosen", "logps/rejected"):

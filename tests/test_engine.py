@@ -5,18 +5,16 @@ drops a DeepSpeed or FSDP config under `Accelerator(cpu=True)`)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import ACCEL, REPO, launch, launch_env
 
 from rlhfkit.errors import ConfigError
 from rlhfkit.train.engine import Engine, check_engine, check_supported, deepspeed_stage, requested_engine
 
-REPO = Path(__file__).resolve().parents[1]
-ACCEL = REPO / "configs" / "accelerate"
 
 
 @pytest.fixture(scope="module")
@@ -116,39 +114,30 @@ def _config(tmp_path, data_file, stage: str = "sft") -> Path:
     return cfg
 
 
-def _launch_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
-    return {**env, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO), **extra}
-
-
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
-
-
 def test_deepspeed_launch_dropped_by_accelerate_is_an_error_not_ddp(sft_file, tmp_path):
     """2 processes asking for ZeRO-3 while accelerate is told to use the CPU (`ACCELERATE_USE_CPU`, as
     `Accelerator(cpu=True)` did in rlhfkit before): accelerate drops the DeepSpeed plugin and sets up
     MULTI_CPU data parallel; rlhfkit refuses to train on it."""
-    env = _launch_env(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_USE_CPU="true",
-                      ACCELERATE_DEEPSPEED_CONFIG_FILE=str(ACCEL / "zero3.json"))
-    proc = subprocess.run([*TORCHRUN, "-m", "rlhfkit", "sft", str(_config(tmp_path, sft_file))],
-                          env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    env = launch_env(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_USE_CPU="true",
+                     ACCELERATE_DEEPSPEED_CONFIG_FILE=str(ACCEL / "zero3.json"))
+    proc = launch("sft", _config(tmp_path, sft_file), env=env, check=False, timeout=300)
     assert proc.returncode != 0
     assert ("asks for engine 'zero3' but accelerate set up 'ddp'" in proc.stderr
             or "deepspeed is not installed" in proc.stderr), proc.stderr[-2000:]
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
 
 
-@pytest.mark.parametrize("launch_env, stage, message", [
+@pytest.mark.parametrize("accelerate_env, stage, message", [
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "ppo", "'fsdp1', which rlhfkit does not support"),
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "sft", "'fsdp1', which rlhfkit does not support"),
     ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "1"}, "ppo",
      "'zero1', which rlhfkit does not support"),
 ])
-def test_unhonourable_launch_fails_before_training(sft_file, tmp_path, launch_env, stage, message):
+def test_unhonourable_launch_fails_before_training(sft_file, tmp_path, accelerate_env, stage, message):
     """The launch environment accelerate sets for an FSDP config, or a DeepSpeed config for a stage
     without a DeepSpeed path: an error before any model loads (no process group needed)."""
     proc = subprocess.run([sys.executable, "-m", "rlhfkit", stage, str(_config(tmp_path, sft_file, stage))],
-                          env=_launch_env(**launch_env), cwd=REPO, capture_output=True, text=True, timeout=300)
+                          env=launch_env(**accelerate_env), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
 
 

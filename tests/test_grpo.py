@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import launch, read_metrics
 from safetensors.torch import load_file
 
 from rlhfkit.config import build_config, dump_config
@@ -335,16 +336,10 @@ def test_two_processes_match_one(fx, tmp_path, kw):
                   per_device_train_batch_size=2, **kw)
     cfg = tmp_path / "grpo.yaml"
     dump_config(grpo_config(fx, tmp_path / "ddp", stage=stage, **common), cfg)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": f"{ROOT / 'tests'}:{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-                           "-m", "rlhfkit", stage, str(cfg)], env=env, cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    launch(stage, cfg)  # tests/ on the path: the reward function lives in this module
     train_grpo(grpo_config(fx, tmp_path / "single", stage=stage, **common))
 
-    def steps(out: Path) -> list[dict]:
-        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-    ddp, single = steps(tmp_path / "ddp"), steps(tmp_path / "single")
+    ddp, single = read_metrics(tmp_path / "ddp"), read_metrics(tmp_path / "single")
     assert len(ddp) == len(single) == 2
     for a, b in zip(ddp, single):
         for k in ("rewards/mean", "loss", "grad_norm", "gen/length", "policy/entropy"):

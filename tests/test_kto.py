@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_same_run, launch, read_metrics, write_jsonl
 from safetensors.torch import load_file
 
 from rlhfkit.config import build_config
@@ -100,11 +101,6 @@ def test_config_rejects_nonpositive_weights():
 
 # ---- the stage on a tiny model -------------------------------------------------------------------
 
-def _write(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def kto_config(model: Path, data: Path, out: Path, **overrides):
     values = dict(model_name_or_path=str(model), dataset=str(data), output_dir=str(out), max_length=48,
                   max_steps=2, learning_rate=1e-3, logging_steps=1, report_to=[], seed=0,
@@ -115,9 +111,9 @@ def kto_config(model: Path, data: Path, out: Path, **overrides):
 
 def test_kto_stage_starts_at_half_and_trains_every_parameter(tiny_model_dir, tmp_path):
     """At step 1 policy = reference: rho = 0 and z0 = 0, so the logged loss is exactly 0.5."""
-    data = _write(tmp_path / "unpaired.jsonl", get_task("sentiment").make("unpaired", 40, seed=0))
+    data = write_jsonl(tmp_path / "unpaired.jsonl", get_task("sentiment").make("unpaired", 40, seed=0))
     result = train_kto(kto_config(tiny_model_dir, data, tmp_path / "run", max_steps=3, eval_dataset=str(data)))
-    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    first = read_metrics(tmp_path / "run")[0]
     assert first["loss"] == pytest.approx(0.5, abs=1e-6) and first["kl"] == 0.0
     assert result.summary["reference"] == "model"
     for key in ("eval/loss", "eval/rewards/chosen", "eval/rewards/rejected", "eval/rewards/margins", "eval/kl"):
@@ -130,14 +126,14 @@ def test_kto_stage_starts_at_half_and_trains_every_parameter(tiny_model_dir, tmp
 def test_kto_on_paired_data_with_lora_and_precomputed_reference_warns_on_balance(tiny_model_dir, tmp_path, capsys):
     """Pairs give a 1:1 balance; desirable_weight 3 makes it 3:1 and prints a warning with the weight
     that would restore 1:1 (1.0). LoRA + precompute uses the base with adapters disabled once."""
-    data = _write(tmp_path / "pairs.jsonl", get_task("sentiment").make("preference", 16, seed=0))
+    data = write_jsonl(tmp_path / "pairs.jsonl", get_task("sentiment").make("preference", 16, seed=0))
     result = train_kto(kto_config(tiny_model_dir, data, tmp_path / "run", desirable_weight=3.0, finetuning_type="lora",
                                   lora_rank=4, precompute_ref_log_probs=True))
     out = capsys.readouterr().out
     assert "far from 1:1" in out and "desirable_weight=1.000" in out
     assert result.summary["desirable_examples"] == result.summary["undesirable_examples"] == 16
     assert result.summary["reference"] == "precomputed"
-    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    first = read_metrics(tmp_path / "run")[0]
     # at initialisation each example's loss is w / 2: w_D = 3 for the chosen (even) items, w_U = 1
     # for the rejected (odd) ones, averaged over the first micro-batch of the stream
     idx = BatchStream(32, 8, seed=0).indices(0)
@@ -146,30 +142,15 @@ def test_kto_on_paired_data_with_lora_and_precomputed_reference_warns_on_balance
 
 # ---- invariance: how the global batch is split does not matter ----------------------------------
 
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def assert_same_run(a: Path, b: Path, weights: str = "model.safetensors") -> None:
-    """Every logged metric (train and eval) of every step, and the trained weights, agree."""
-    ma, mb = _metrics(a), _metrics(b)
-    assert len(ma) == len(mb) and ma
-    for ra, rb in zip(ma, mb):
-        assert ra.keys() == rb.keys()
-        for k in ra:
-            assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-5), (ra["step"], k, ra[k], rb[k])
-    wa, wb = load_file(str(a / weights)), load_file(str(b / weights))
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        # Adam divides by sqrt(v): rounding in a near-zero gradient moves the odd weight (measured 1.9e-5
-        # on an AVX2 CPU at lr 5e-4, where 4 steps move a weight up to 2e-3); a per-micro-batch z0 moves many
-        torch.testing.assert_close(wa[k], wb[k], atol=5e-5, rtol=1e-4, msg=k)
+WEIGHTS_ATOL = 5e-5
+"""Adam divides by sqrt(v): rounding in a near-zero gradient moves the odd weight (measured 1.9e-5 on an
+AVX2 CPU at lr 5e-4, where 4 steps move a weight up to 2e-3); a per-micro-batch z0 moves many."""
 
 
 @pytest.fixture(scope="module")
 def unpaired_file(tmp_path_factory) -> Path:
     rows = get_task("sentiment").make("unpaired", 40, seed=0)
-    return _write(tmp_path_factory.mktemp("kto") / "unpaired.jsonl", rows)
+    return write_jsonl(tmp_path_factory.mktemp("kto") / "unpaired.jsonl", rows)
 
 
 @pytest.fixture(scope="module")
@@ -202,32 +183,24 @@ def test_kto_accumulation_matches_one_big_batch(tiny_model_dir, noisy_ref_dir, u
     small = tmp_path / "small"
     train_kto(kto_config(tiny_model_dir, unpaired_file, small, per_device_train_batch_size=1,
                          gradient_accumulation_steps=8, per_device_eval_batch_size=3, **common))
-    z0 = [r["kl"] for r in _metrics(big) if "kl" in r]
+    z0 = [r["kl"] for r in read_metrics(big) if "kl" in r]
     assert z0[0] > 1.0 and len(z0) == 4  # z0 is active (not clamped at 0) from the first step
-    assert_same_run(big, small)
+    assert_same_run(big, small, weights_atol=WEIGHTS_ATOL)
 
 
 @pytest.mark.slow
 def test_kto_two_processes_match_one(tiny_model_dir, noisy_ref_dir, unpaired_file, tmp_path):
     """torchrun with 2 CPU processes (gloo) x batch 4 gives the same losses, metrics and weights as
     one process with batch 8: z0 is reduced across processes (and over the sharded evaluation set)."""
-    import os
-    import subprocess
-    import sys
-
     from rlhfkit.config import dump_config
 
     common = dict(eval_dataset=str(unpaired_file), ref_model=str(noisy_ref_dir), **INVARIANCE)
     cfg = tmp_path / "kto.yaml"
     dump_config(kto_config(tiny_model_dir, unpaired_file, tmp_path / "ddp", per_device_train_batch_size=4,
                            **common), cfg)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
-    proc = subprocess.run([*torchrun, "-m", "rlhfkit", "kto", str(cfg)], env=env,
-                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    launch("kto", cfg)
     train_kto(kto_config(tiny_model_dir, unpaired_file, tmp_path / "single", **common))
-    assert_same_run(tmp_path / "ddp", tmp_path / "single")
+    assert_same_run(tmp_path / "ddp", tmp_path / "single", weights_atol=WEIGHTS_ATOL)
 
 
 @pytest.mark.slow

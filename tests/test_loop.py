@@ -4,13 +4,12 @@ checkpoints. Each test trains a preset tiny model for a few steps on a slice of 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import launch
 from safetensors.torch import load_file
 
 from rlhfkit.config import build_config
@@ -19,8 +18,6 @@ from rlhfkit.train import checkpoint as ckpt_mod
 from rlhfkit.train.checkpoint import list_checkpoints, resolve_resume
 from rlhfkit.train.loop import BatchStream
 from rlhfkit.train.sft import train_sft
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -206,18 +203,13 @@ def test_two_processes_match_one(sft_file, tmp_path):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(f"model_name_or_path: preset:tiny\ndataset: {sft_file}\nmax_length: 64\nmax_steps: 4\n"
                    "learning_rate: 1.0e-3\nlogging_steps: 1\nreport_to: []\nseed: 3\ndisable_tqdm: true\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-                    "-m", "rlhfkit", "sft", str(cfg), f"output_dir={tmp_path / 'ddp'}",
-                    "per_device_train_batch_size=4"], check=True, env=env, cwd=REPO, capture_output=True)
+    launch("sft", cfg, f"output_dir={tmp_path / 'ddp'}", "per_device_train_batch_size=4")
     train_sft(sft_config(sft_file, tmp_path / "single", per_device_train_batch_size=8))
     assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "single"), abs=1e-5)
     assert_same_weights(tmp_path / "ddp", tmp_path / "single", atol=1e-5)
 
 
 def test_cpu_allocator_tuning_and_bf16_probe_run():
-    import sys
-
     from rlhfkit.train.loop import bf16_is_native, bf16_slowdown, cpu_has_native_bf16, tune_cpu_allocator
 
     assert tune_cpu_allocator() is sys.platform.startswith("linux")  # glibc accepts both settings

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import launch, read_metrics
 from safetensors.torch import load_file
 
 from rlhfkit.config import build_config
@@ -293,10 +294,6 @@ def test_two_processes_match_one(fixtures, tmp_path, finetuning_type):
     x 8 episodes: global advantage whitening, global token counts, gradients summed across
     processes. Sampling with top_k 1 makes every rollout a function of its prompt alone, and one
     minibatch per epoch makes the minibatches the same rows in both runs."""
-    import os
-    import subprocess
-    import sys
-
     from rlhfkit.config import dump_config
 
     common = dict(rollout_batch_size=8, per_device_train_batch_size=2, num_mini_batches=1, num_ppo_epochs=2,
@@ -305,15 +302,10 @@ def test_two_processes_match_one(fixtures, tmp_path, finetuning_type):
         common["reward_model"] = str(fixtures / "rm_lora")
     cfg = tmp_path / "ppo.yaml"
     dump_config(ppo_config(fixtures, tmp_path / "ddp", **common), cfg)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-                           "-m", "rlhfkit", "ppo", str(cfg)], env=env, cwd=Path(__file__).resolve().parents[1],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    launch("ppo", cfg)
     train_ppo(ppo_config(fixtures, tmp_path / "single", **common))
     def steps(out: Path) -> list[dict]:
-        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        return [r for r in records if "objective/kl" in r]
+        return [r for r in read_metrics(out) if "objective/kl" in r]
 
     ddp, single = steps(tmp_path / "ddp"), steps(tmp_path / "single")
     assert len(ddp) == len(single) == 2

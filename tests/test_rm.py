@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from helpers import REPO, launch, launch_env, load_weights, read_metrics, read_summary
 
 from rlhfkit.config import build_config
 from rlhfkit.data.collate import pad_batch
@@ -552,37 +553,31 @@ def test_rm_reaches_90_percent_of_the_bayes_ceiling(sentiment_rm, sentiment_sft)
 def test_two_processes_match_one(data, tiny_model_dir, tmp_path):
     """torchrun with 2 CPU processes (gloo) x batch 4 gives the same losses, eval metrics, reward
     normalisation and weights as one process with batch 8; summary.json names the engine."""
-    import os
     import subprocess
     import sys
-    from pathlib import Path
-
-    from safetensors.torch import load_file
 
     from rlhfkit.config import dump_config
 
     common = dict(model_name_or_path=str(tiny_model_dir), logging_steps=1, learning_rate=1e-3)
     dump_config(_config(data, tmp_path / "ddp", per_device_train_batch_size=4, **common), tmp_path / "rm.yaml")
     dump_config(_config(data, tmp_path / "single", **common), tmp_path / "single.yaml")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # both on the CPU, also on a GPU box
-    for launch, name in ((["-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"], "rm"),
-                         ([], "single")):
-        proc = subprocess.run([sys.executable, *launch, "-m", "rlhfkit", "rm", str(tmp_path / f"{name}.yaml")],
-                              env=env, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = [[json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
-            for d in ("ddp", "single")]
+    launch("rm", tmp_path / "rm.yaml")
+    # the single process through the CLI too, on the CPU (also on a GPU box)
+    proc = subprocess.run([sys.executable, "-m", "rlhfkit", "rm", str(tmp_path / "single.yaml")], env=launch_env(),
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [read_metrics(tmp_path / d) for d in ("ddp", "single")]
     assert len(runs[0]) == len(runs[1]) == 4
     for a, b in zip(*runs):
         assert a.keys() == b.keys()
         for k in a:
             # float rounding only (other batch shapes per process): measured <= 2e-5 absolute at lr 1e-2
             assert a[k] == pytest.approx(b[k], rel=2e-4, abs=2e-5), (a["step"], k)
-    summaries = [json.loads((tmp_path / d / "summary.json").read_text()) for d in ("ddp", "single")]
+    summaries = [read_summary(tmp_path / d) for d in ("ddp", "single")]
     assert (summaries[0]["engine"], summaries[0]["world_size"]) == ("ddp", 2)
     assert (summaries[1]["engine"], summaries[1]["world_size"]) == ("single", 1)
     assert summaries[0]["normalization"]["mean"] == pytest.approx(summaries[1]["normalization"]["mean"], rel=1e-4)
-    wa, wb = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("ddp", "single"))
+    wa, wb = (load_weights(tmp_path / d) for d in ("ddp", "single"))
     for k in wa:
         # Adam divides by sqrt(v): where a gradient is ~0, rounding can flip an update of ~lr, so a few
         # elements may differ by up to a few lr (seen on another CPU, a 16-core GPU host); the rest agree

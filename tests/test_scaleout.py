@@ -24,23 +24,18 @@ them; `make unit` does not).
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import launch, read_metrics, read_summary
 
 from rlhfkit.config import build_config, dump_config
 from rlhfkit.tasks import get_task
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
-ACCEL = REPO / "configs" / "accelerate"
 HAS_DEEPSPEED = __import__("importlib").util.find_spec("deepspeed") is not None
 needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed not installed (pip install 'rlhfkit[deepspeed]')")
 
@@ -50,24 +45,6 @@ LAUNCHED = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, sa
 SINGLE = dict(per_device_train_batch_size=8, gradient_accumulation_steps=1)
 CHECKPOINTED = {("zero3", "dpo"), ("fsdp2", "sft")}
 """Launched with gradient checkpointing (the single-process reference without: same curve)."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(engine: str, stage: str, config: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
-    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO),
-               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / "build" / "torch_extensions")))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCEL / f"{engine}.yaml"),
-           "--num_processes", "2", "--main_process_port", str(_free_port()),
-           "-m", "rlhfkit", stage, str(config), *overrides]
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return proc
 
 
 # ---- data and configs ----------------------------------------------------------------------------
@@ -108,23 +85,15 @@ def runs(tmp_path_factory, data):
                 cfg = root / f"{engine}_{stage}.yaml"
                 extra = {"gradient_checkpointing": True} if key in CHECKPOINTED else {}
                 dump_config(stage_config(data, stage, out, **LAUNCHED, **extra), cfg)
-                launch(engine, stage, cfg)
+                launch(stage, cfg, engine=engine)
             done[key] = out
         return done[key]
 
     return get
 
 
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def summary(out: Path) -> dict:
-    return json.loads((out / "summary.json").read_text())
-
-
 def assert_same_curve(a: Path, b: Path, rel: float = 1e-4, abs_: float = 1e-5) -> None:
-    ma, mb = metrics(a), metrics(b)
+    ma, mb = read_metrics(a), read_metrics(b)
     assert [r["step"] for r in ma] == [r["step"] for r in mb] == [1, 2, 3, 4]
     for ra, rb in zip(ma, mb):
         assert ra.keys() == rb.keys()
@@ -168,7 +137,7 @@ MATRIX = [(e, s) for e in ENGINES for s in ("sft", "dpo")
 @pytest.mark.parametrize("engine, stage", [pytest.param(e.values[0], s, marks=e.marks) for e, s in MATRIX])
 def test_engine_matches_one_process(runs, engine, stage):
     launched, single = runs(engine, stage), runs("single", stage)
-    s, ref = summary(launched), summary(single)
+    s, ref = read_summary(launched), read_summary(single)
     # 1. the engine asked for, as accelerate set it up
     assert (s["engine"], s["world_size"]) == (engine, 2)
     # FSDP2 is applied by rlhfkit over accelerate's data-parallel group (accelerate 1.15 has no FSDP on CPU)
@@ -190,7 +159,7 @@ def test_engine_matches_one_process(runs, engine, stage):
     # 3. the same loss curve (and DPO's metrics, evaluation included) as one process
     assert_same_curve(launched, single)
     if stage == "sft":  # sampled at the end (every rank takes part under ZeRO-3/FSDP2)
-        assert "eval/gold_reward" in metrics(launched)[-1]
+        assert "eval/gold_reward" in read_metrics(launched)[-1]
     # 4. the saved model: plain transformers, one process, the single run's logits
     torch.testing.assert_close(logits(launched), logits(single), atol=1e-4, rtol=1e-4)
 
@@ -206,7 +175,7 @@ def test_interrupted_run_resumes_under_the_same_engine(runs, tmp_path, engine, s
     assert (out / "checkpoints" / "step-000002" / "trainer_state.json").is_file()
     cfg = tmp_path / "resume.yaml"
     dump_config(stage_config(data, stage, out, resume_from_checkpoint=True, **LAUNCHED), cfg)
-    proc = launch(engine, stage, cfg)
+    proc = launch(stage, cfg, engine=engine)
     assert "resumed from" in proc.stdout + proc.stderr
     assert_same_curve(out, full, rel=1e-6, abs_=1e-7)
     from safetensors.torch import load_file
@@ -229,9 +198,9 @@ def test_lora_under_a_sharded_engine_matches_one_process(data, tiny_model_dir, t
     train_sft(build_config("sft", dict(lora, output_dir=str(tmp_path / "single"), **COMMON, **SINGLE)))
     cfg = tmp_path / "lora.yaml"
     dump_config(build_config("sft", dict(lora, output_dir=str(tmp_path / "launched"), **COMMON, **LAUNCHED)), cfg)
-    launch(engine, "sft", cfg)
+    launch("sft", cfg, engine=engine)
     assert_same_curve(tmp_path / "launched", tmp_path / "single")
-    s, ref = summary(tmp_path / "launched"), summary(tmp_path / "single")
+    s, ref = read_summary(tmp_path / "launched"), read_summary(tmp_path / "single")
     assert s["engine"] == engine
     assert all(0.45 * ref["local_parameters"][0] <= n <= 0.55 * ref["local_parameters"][0]
                for n in s["local_parameters"])

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import launch, read_metrics, read_summary
 from test_scaleout import (
     COMMON,
     LAUNCHED,
@@ -36,10 +37,7 @@ from test_scaleout import (
     assert_halved,
     assert_same_curve,
     interrupted_copy,
-    launch,
-    metrics,
     needs_deepspeed,
-    summary,
 )
 
 from rlhfkit.config import build_config, dump_config
@@ -91,7 +89,7 @@ def runs(tmp_path_factory, data):
             else:
                 cfg = root / f"{'_'.join(key)}.yaml"
                 dump_config(stage_config(data, stage, variant, out, **LAUNCHED), cfg)
-                launch(engine, stage, cfg)
+                launch(stage, cfg, engine=engine)
             done[key] = out
         return done[key]
 
@@ -131,6 +129,7 @@ def outputs(out: Path, stage: str, base: Path) -> torch.Tensor:
 def reference_rewards(out: Path, base: Path) -> torch.Tensor:
     """Raw rewards of the saved RM (plain transformers, right-padded batches) on the run's own
     normalisation reference responses (the same seeded sample of the training chosen responses)."""
+    import yaml
     from transformers import AutoTokenizer
 
     from rlhfkit.data.collate import pad_batch
@@ -138,8 +137,6 @@ def reference_rewards(out: Path, base: Path) -> torch.Tensor:
     from rlhfkit.data.groups import encode_group
     from rlhfkit.data.sources import load_rows
     from rlhfkit.train.rm import reference_examples
-
-    import yaml
 
     config = build_config("rm", yaml.safe_load((out / "config.yaml").read_text()))  # the run's resolved config
     tokenizer = AutoTokenizer.from_pretrained(out)
@@ -165,7 +162,7 @@ CASES = [pytest.param(e, s, marks=needs_deepspeed if e.startswith("zero") else (
 def test_rm_and_kto_under_a_sharded_engine_match_one_process(runs, data, tiny_model_dir, engine, stage):
     variant = VARIANT[(engine, stage)]
     launched, single = runs(engine, stage), runs("single", stage, variant)
-    s, ref = summary(launched), summary(single)
+    s, ref = read_summary(launched), read_summary(single)
     # 1. the engine asked for
     assert (s["engine"], s["world_size"]) == (engine, 2)
     assert s["distributed_type"] == ("DEEPSPEED" if engine.startswith("zero") else "MULTI_CPU")
@@ -180,7 +177,7 @@ def test_rm_and_kto_under_a_sharded_engine_match_one_process(runs, data, tiny_mo
     assert all(0.45 * state <= n <= 0.55 * state for n in optim), (optim, state)
     # 3. the curve of one process (evaluation at the end included)
     assert_same_curve(launched, single)
-    assert any(k.startswith("eval/") for k in metrics(launched)[-1])
+    assert any(k.startswith("eval/") for k in read_metrics(launched)[-1])
     # 4. the saved model, loaded with plain transformers on one process
     torch.testing.assert_close(outputs(launched, stage, tiny_model_dir), outputs(single, stage, tiny_model_dir),
                                atol=1e-4, rtol=1e-4)
@@ -205,10 +202,10 @@ def test_interrupted_rm_resumes_under_zero3(runs, data, tmp_path):
     cfg = tmp_path / "resume.yaml"
     dump_config(stage_config(data, "rm", VARIANT[("zero3", "rm")], out, resume_from_checkpoint=True, **LAUNCHED),
                 cfg)
-    proc = launch("zero3", "rm", cfg)
+    proc = launch("rm", cfg, engine="zero3")
     assert "resumed from" in proc.stdout + proc.stderr
     assert_same_curve(out, full, rel=1e-6, abs_=1e-7)
-    resumed, uninterrupted = summary(out)["normalization"], summary(full)["normalization"]
+    resumed, uninterrupted = read_summary(out)["normalization"], read_summary(full)["normalization"]
     for k in ("mean", "std"):
         assert resumed[k] == pytest.approx(uninterrupted[k], rel=1e-6, abs=1e-7)
     from safetensors.torch import load_file

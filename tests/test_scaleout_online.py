@@ -29,27 +29,19 @@ Every case is slow-marked (`make test` runs them; `make unit` does not).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import launch, launch_env, read_metrics, read_summary
 from safetensors.torch import load_file
-from test_scaleout import assert_halved, interrupted_copy
+from test_scaleout import assert_halved, interrupted_copy, needs_deepspeed
 
 from rlhfkit.config import build_config, dump_config
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
-ACCEL = REPO / "configs" / "accelerate"
-HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
-needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED,
-                                     reason="deepspeed not installed (pip install 'rlhfkit[deepspeed]')")
 
 PROMPTS = ["The cat was", "A dog is", "A dog looked", "The acting is", "This film felt", "My friend was",
            "The plot looked", "The ending felt"]
@@ -92,20 +84,6 @@ COMPARED = {"grpo": ("rewards/mean", "loss", "grad_norm", "gen/length", "policy/
                     "eval/scores", "eval/kl")}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def summary(out: Path) -> dict:
-    return json.loads((out / "summary.json").read_text())
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, tiny_model_dir) -> Path:
     d = tmp_path_factory.mktemp("online_data")
@@ -119,24 +97,6 @@ def online_config(data: Path, tiny_model_dir: Path, stage: str, tuning: str, out
                   **(LORA if tuning == "lora" else {}))
     values.update(kw)
     return build_config(stage, values)
-
-
-def run_launched(engine: str, stage: str, cfg: Path,
-                 lengths: Path | None = None) -> subprocess.CompletedProcess:
-    """`accelerate launch` with 2 processes (tests/ on the path for the reward function)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
-    env.pop("RLHFKIT_TEST_LENGTHS", None)
-    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=f"{REPO}:{REPO / 'tests'}",
-               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR",
-                                                   str(REPO / "build" / "torch_extensions")))
-    if lengths is not None:
-        lengths.mkdir(parents=True, exist_ok=True)
-        env["RLHFKIT_TEST_LENGTHS"] = str(lengths)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCEL / f"{engine}.yaml"),
-           "--num_processes", "2", "--main_process_port", str(_free_port()), "-m", "rlhfkit", stage, str(cfg)]
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +119,9 @@ def runs(tmp_path_factory, data, tiny_model_dir):
                 cfg = root / f"{'_'.join(key)}.yaml"
                 extra = {"gradient_checkpointing": True} if key in CHECKPOINTED else {}
                 dump_config(online_config(data, tiny_model_dir, stage, tuning, out, **extra), cfg)
-                run_launched(engine, stage, cfg, lengths=out.parent / f"{out.name}_lengths")
+                lengths = out.parent / f"{out.name}_lengths"  # each rank's response lengths (length_reward)
+                lengths.mkdir()
+                launch(stage, cfg, engine=engine, env=launch_env(RLHFKIT_TEST_LENGTHS=str(lengths)))
             done[key] = out
         return done[key]
 
@@ -167,7 +129,7 @@ def runs(tmp_path_factory, data, tiny_model_dir):
 
 
 def assert_same_curve(a: Path, b: Path, keys, rel: float = 1e-4, abs_: float = 1e-5) -> None:
-    ma, mb = metrics(a), metrics(b)
+    ma, mb = read_metrics(a), read_metrics(b)
     assert [r["step"] for r in ma] == [r["step"] for r in mb] == [0, 1, 2, 3]
     for ra, rb in zip(ma, mb):
         assert ra.keys() == rb.keys(), (ra["step"], set(ra) ^ set(rb))
@@ -188,7 +150,7 @@ def engine_case(e, s, t):
 @pytest.mark.parametrize("engine, stage, tuning", [engine_case(*k) for k in sorted(CASES)])
 def test_online_stage_under_engine_matches_one_process(runs, tiny_model_dir, engine, stage, tuning):
     launched, single = runs(engine, stage, tuning), runs("single", stage, tuning)
-    s, ref = summary(launched), summary(single)
+    s, ref = read_summary(launched), read_summary(single)
     # 1. the engine asked for
     assert (s["engine"], s["world_size"]) == (engine, 2)
     assert (ref["engine"], ref["world_size"]) == ("single", 1)
@@ -210,7 +172,7 @@ def test_online_stage_under_engine_matches_one_process(runs, tiny_model_dir, eng
     assert len(per_rank[0]) == len(per_rank[1]) >= 3
     assert any(max(a) != max(b) for a, b in zip(*per_rank)), per_rank
     assert_same_curve(launched, single, COMPARED[stage])
-    first = metrics(launched)[0]
+    first = read_metrics(launched)[0]
     assert first["step"] == 0 and "eval/scores" in first  # evaluated before training, every rank sampling
     # 4. the saved policy: plain transformers / peft on one process, the single run's weights
     a, b = policy_weights(launched, tuning), policy_weights(single, tuning)
@@ -243,9 +205,9 @@ def test_interrupted_online_run_resumes_under_the_same_engine(runs, data, tiny_m
     cfg = tmp_path / "resume.yaml"
     extra = {"gradient_checkpointing": True} if (engine, stage, tuning) in CHECKPOINTED else {}
     dump_config(online_config(data, tiny_model_dir, stage, tuning, out, resume_from_checkpoint=True, **extra), cfg)
-    proc = run_launched(engine, stage, cfg)
+    proc = launch(stage, cfg, engine=engine)
     assert "resumed from" in proc.stdout + proc.stderr
-    ma, mb = metrics(out), metrics(full)
+    ma, mb = read_metrics(out), read_metrics(full)
     assert [r["step"] for r in ma] == [r["step"] for r in mb]
     for k, v in mb[-1].items():
         # diag/: the diagnostics registry fires on a window of steps, which a resumed run starts afresh

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import builtins
 import shutil
-import socket
 import time
 
 import pytest
 import torch
+from helpers import free_port
 
 from rlhfkit.cli import main
 from rlhfkit.models.presets import build_preset_model
@@ -68,12 +68,6 @@ def _slow(model, seconds: float):
     return model
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _browser():
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not chromium or not driver:
@@ -115,7 +109,7 @@ def test_webchat_compare_in_a_headless_browser(tiny_tokenizer):
     for m in models:
         _slow(m.model, 0.1)
 
-    port = _free_port()
+    port = free_port()
     app = build_app(models, settings)
     app.queue(default_concurrency_limit=1).launch(server_name="127.0.0.1", server_port=port,
                                                   prevent_thread_lock=True, quiet=True)

@@ -1,0 +1,91 @@
+"""Helpers shared by the test modules: reading a run directory, launching a stage on 2 CPU
+processes (torchrun or `accelerate launch`), and comparing two runs that must agree."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+ACCEL = REPO / "configs" / "accelerate"
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def read_metrics(out: Path) -> list[dict]:
+    """The records of a run's metrics.jsonl, in order."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def read_summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def load_weights(out: Path, name: str = "model.safetensors") -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / name))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_env(**extra: str) -> dict[str, str]:
+    """The environment of a 2-process launch: CPU only, one intra-op thread per process, no
+    ACCELERATE_* / FSDP_* settings inherited from the caller, the repository and tests/ importable
+    (reward functions defined in test modules), DeepSpeed's JIT-compiled ops cached under build/."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
+    env.pop("RLHFKIT_TEST_LENGTHS", None)
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=f"{REPO}:{REPO / 'tests'}",
+               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / "build" / "torch_extensions")))
+    env.update(extra)
+    return env
+
+
+def launch(stage: str, config: Path, *overrides: str, engine: str | None = None, check: bool = True,
+           env: dict[str, str] | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    """`rlhfkit <stage> <config> [overrides]` on 2 CPU processes: under torchrun (DDP) when `engine` is
+    None, else `accelerate launch --config_file configs/accelerate/<engine>.yaml`. With `check`, a
+    non-zero exit fails the test with the end of the output."""
+    if engine is None:
+        runner = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
+    else:
+        runner = ["-m", "accelerate.commands.launch", "--config_file", str(ACCEL / f"{engine}.yaml"),
+                  "--num_processes", "2", "--main_process_port", str(free_port())]
+    proc = subprocess.run([sys.executable, *runner, "-m", "rlhfkit", stage, str(config), *overrides],
+                          env=launch_env() if env is None else env, cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def assert_same_run(a: Path, b: Path, weights: str = "model.safetensors", *, weights_atol: float,
+                    rel: float = 1e-4, abs_: float = 1e-5) -> None:
+    """Every logged metric (train and eval) of every step agrees within rel / abs_, and so do the
+    trained weights within weights_atol (rtol 1e-4). The weight tolerance is the caller's: Adam divides
+    by sqrt(v), so float rounding in a near-zero gradient moves the odd weight by a fraction of the
+    learning rate per step."""
+    ma, mb = read_metrics(a), read_metrics(b)
+    assert len(ma) == len(mb) and ma
+    for ra, rb in zip(ma, mb):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            assert ra[k] == pytest.approx(rb[k], rel=rel, abs=abs_), (ra["step"], k, ra[k], rb[k])
+    wa, wb = load_weights(a, weights), load_weights(b, weights)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=weights_atol, rtol=1e-4, msg=k)
