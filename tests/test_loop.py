@@ -1,5 +1,6 @@
-"""The shared training loop: invariances (accumulation, data parallel), exact resume, atomic
-checkpoints. Each test trains a preset tiny model for a few steps on a slice of task data."""
+"""The shared training loop: invariances (accumulation; data parallel: test_scaleout.py's ddp sft and
+each stage's torchrun test), exact resume, atomic checkpoints. Each test trains a preset tiny model
+for a few steps on a slice of task data."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import launch
 from safetensors.torch import load_file
 
 from rlhfkit.config import build_config
@@ -194,19 +194,6 @@ def test_sft_lora_dropout_is_active_in_training_and_off_in_evaluation(sft_file, 
     with torch.no_grad():
         assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
     model.eval()
-
-
-@pytest.mark.slow
-def test_two_processes_match_one(sft_file, tmp_path):
-    """torchrun with 2 CPU processes (gloo) x batch 4 follows the same loss curve as one process
-    with batch 8: same global batch, same data, same normalisation."""
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(f"model_name_or_path: preset:tiny\ndataset: {sft_file}\nmax_length: 64\nmax_steps: 4\n"
-                   "learning_rate: 1.0e-3\nlogging_steps: 1\nreport_to: []\nseed: 3\ndisable_tqdm: true\n")
-    launch("sft", cfg, f"output_dir={tmp_path / 'ddp'}", "per_device_train_batch_size=4")
-    train_sft(sft_config(sft_file, tmp_path / "single", per_device_train_batch_size=8))
-    assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "single"), abs=1e-5)
-    assert_same_weights(tmp_path / "ddp", tmp_path / "single", atol=1e-5)
 
 
 def test_cpu_allocator_tuning_and_bf16_probe_run():
