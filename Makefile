@@ -29,7 +29,7 @@ lint: install
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/build/torch_extensions
 
 test: lint trackers web smollm
-	$(PY) -m pytest -n 2 --durations=15 tests
+	$(PY) -m pytest -n 2 --dist worksteal --durations=15 tests
 
 unit: install
 	$(PY) -m pytest -n 2 -m "not slow" tests

@@ -12,6 +12,7 @@ import random
 
 import pytest
 import torch
+from helpers import build_once, shared_dir
 
 # Tiny models on CPU: one intra-op thread per pytest worker. `pytest -n 2` on 2 cores with torch's
 # default threads oversubscribes the CPU and makes small forward passes ~50x slower.
@@ -69,28 +70,6 @@ def tiny_model_dir(tmp_path_factory, tiny_model, tiny_tokenizer):
     tiny_tokenizer.save_pretrained(out)
     return out
 
-# ---- a trained sentiment pipeline, shared by the learning tests of later stages ----------------
-
-def _shared_dir(tmp_path_factory, name: str):
-    """A directory shared by all xdist workers of this session (they have sibling basetemps)."""
-    base = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        base = base.parent
-    return base / name
-
-
-def build_once(tmp_path_factory, name: str, build) -> "os.PathLike":
-    """Run `build(dir)` once per session, whichever worker gets there first; the others wait
-    (file lock) and reuse the result. `build` must write `dir/DONE` last."""
-    from filelock import FileLock
-
-    out = _shared_dir(tmp_path_factory, name)
-    with FileLock(str(out) + ".lock"):
-        if not (out / "DONE").exists():
-            build(out)
-            (out / "DONE").write_text("ok")
-    return out
-
 
 @pytest.fixture(scope="session", autouse=True)
 def gguf_cache(tmp_path_factory):
@@ -99,10 +78,12 @@ def gguf_cache(tmp_path_factory):
     one core, a converted one ~1 s. test_models compares the two and tests the direct load."""
     from rlhfkit.models.load import GGUF_CACHE_ENV
 
-    os.environ[GGUF_CACHE_ENV] = str(_shared_dir(tmp_path_factory, "gguf_cache"))
+    os.environ[GGUF_CACHE_ENV] = str(shared_dir(tmp_path_factory, "gguf_cache"))
     yield
     os.environ.pop(GGUF_CACHE_ENV, None)
 
+
+# ---- a trained sentiment pipeline, shared by the learning tests of later stages ----------------
 
 SENTIMENT_SIZES = {"pt": 3000, "pt_eval": 64, "sft": 2000, "sft_eval": 128, "preference": 2000,
                    "preference_eval": 256, "ranking": 500, "ranking_eval": 128, "unpaired": 2000,

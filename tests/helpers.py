@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,6 +16,30 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 ACCEL = REPO / "configs" / "accelerate"
+
+
+def shared_dir(tmp_path_factory, name: str) -> Path:
+    """A directory shared by all xdist workers of this session (they have sibling basetemps)."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    return base / name
+
+
+def build_once(tmp_path_factory, name: str, build) -> Path:
+    """Run `build(dir)` once per session (into an existing `dir`), whichever worker gets there first;
+    the others wait (file lock) and reuse the result. `dir/DONE` is written when `build` returns."""
+    from filelock import FileLock
+
+    out = shared_dir(tmp_path_factory, name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if not (out / "DONE").exists():
+            shutil.rmtree(out, ignore_errors=True)  # what a failed attempt left
+            out.mkdir()
+            build(out)
+            (out / "DONE").write_text("ok")
+    return out
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import launch, read_metrics, read_summary
+from helpers import build_once, launch, read_metrics, read_summary
 
 from rlhfkit.config import build_config, dump_config
 from rlhfkit.tasks import get_task
@@ -79,26 +79,22 @@ def stage_config(data: dict, stage: str, out: Path, **kw):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data):
-    """Launched runs and single-process references, each made once per module on first use."""
-    root = tmp_path_factory.mktemp("scaleout")
-    done: dict = {}
+    """Launched runs and single-process references, each made once per session on first use, by
+    whichever xdist worker asks first (the other waits for it: `build_once`)."""
 
     def get(engine: str, stage: str) -> Path:
-        key = (engine, stage)
-        if key not in done:
-            out = root / f"{engine}_{stage}"
+        def build(d: Path) -> None:
             if engine == "single":
                 from rlhfkit.train.dpo import train_dpo
                 from rlhfkit.train.sft import train_sft
 
-                {"sft": train_sft, "dpo": train_dpo}[stage](stage_config(data, stage, out, **SINGLE))
+                {"sft": train_sft, "dpo": train_dpo}[stage](stage_config(data, stage, d / "run", **SINGLE))
             else:
-                cfg = root / f"{engine}_{stage}.yaml"
-                extra = {"gradient_checkpointing": True} if key in CHECKPOINTED else {}
-                dump_config(stage_config(data, stage, out, **LAUNCHED, **extra), cfg)
-                launch(stage, cfg, engine=engine)
-            done[key] = out
-        return done[key]
+                extra = {"gradient_checkpointing": True} if (engine, stage) in CHECKPOINTED else {}
+                dump_config(stage_config(data, stage, d / "run", **LAUNCHED, **extra), d / "config.yaml")
+                launch(stage, d / "config.yaml", engine=engine)
+
+        return build_once(tmp_path_factory, f"scaleout/{engine}_{stage}", build) / "run"
 
     return get
 

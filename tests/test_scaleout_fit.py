@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import launch, read_metrics, read_summary
+from helpers import build_once, launch, read_metrics, read_summary
 from test_scaleout import (
     COMMON,
     LAUNCHED,
@@ -72,26 +72,22 @@ def stage_config(data: dict, stage: str, variant: str, out: Path, **kw):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data):
     """Launched runs (engine, stage) and single-process references (single, stage, variant), each
-    made once per module on first use."""
-    root = tmp_path_factory.mktemp("scaleout_fit")
-    done: dict = {}
+    made once per session on first use, by whichever xdist worker asks first (`build_once`)."""
 
     def get(engine: str, stage: str, variant: str | None = None) -> Path:
         variant = variant or VARIANT[(engine, stage)]
-        key = (engine, stage, variant)
-        if key not in done:
-            out = root / "_".join(key)
+
+        def build(d: Path) -> None:
             if engine == "single":
                 from rlhfkit.train.kto import train_kto
                 from rlhfkit.train.rm import train_rm
 
-                {"rm": train_rm, "kto": train_kto}[stage](stage_config(data, stage, variant, out, **SINGLE))
+                {"rm": train_rm, "kto": train_kto}[stage](stage_config(data, stage, variant, d / "run", **SINGLE))
             else:
-                cfg = root / f"{'_'.join(key)}.yaml"
-                dump_config(stage_config(data, stage, variant, out, **LAUNCHED), cfg)
-                launch(stage, cfg, engine=engine)
-            done[key] = out
-        return done[key]
+                dump_config(stage_config(data, stage, variant, d / "run", **LAUNCHED), d / "config.yaml")
+                launch(stage, d / "config.yaml", engine=engine)
+
+        return build_once(tmp_path_factory, f"scaleout_fit/{engine}_{stage}_{variant}", build) / "run"
 
     return get
 

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import launch, launch_env, read_metrics, read_summary
+from helpers import build_once, launch, launch_env, read_metrics, read_summary
 from safetensors.torch import load_file
 from test_scaleout import assert_halved, interrupted_copy, needs_deepspeed
 
@@ -101,14 +101,14 @@ def online_config(data: Path, tiny_model_dir: Path, stage: str, tuning: str, out
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data, tiny_model_dir):
-    """Launched runs and single-process references, each made once per module on first use."""
-    root = tmp_path_factory.mktemp("scaleout_online")
-    done: dict = {}
+    """Launched runs and single-process references, each made once per session on first use, by
+    whichever xdist worker asks first (the other waits for it: `build_once`)."""
 
     def get(engine: str, stage: str, tuning: str) -> Path:
         key = (engine, stage, tuning)
-        if key not in done:
-            out = root / "_".join(key)
+
+        def build(d: Path) -> None:
+            out = d / "run"
             if engine == "single":
                 from rlhfkit.train.grpo import train_grpo
                 from rlhfkit.train.ppo import train_ppo
@@ -116,14 +116,13 @@ def runs(tmp_path_factory, data, tiny_model_dir):
                 train = train_ppo if stage == "ppo" else train_grpo
                 train(online_config(data, tiny_model_dir, stage, tuning, out))
             else:
-                cfg = root / f"{'_'.join(key)}.yaml"
                 extra = {"gradient_checkpointing": True} if key in CHECKPOINTED else {}
-                dump_config(online_config(data, tiny_model_dir, stage, tuning, out, **extra), cfg)
-                lengths = out.parent / f"{out.name}_lengths"  # each rank's response lengths (length_reward)
+                dump_config(online_config(data, tiny_model_dir, stage, tuning, out, **extra), d / "config.yaml")
+                lengths = d / "run_lengths"  # each rank's response lengths (length_reward)
                 lengths.mkdir()
-                launch(stage, cfg, engine=engine, env=launch_env(RLHFKIT_TEST_LENGTHS=str(lengths)))
-            done[key] = out
-        return done[key]
+                launch(stage, d / "config.yaml", engine=engine, env=launch_env(RLHFKIT_TEST_LENGTHS=str(lengths)))
+
+        return build_once(tmp_path_factory, f"scaleout_online/{'_'.join(key)}", build) / "run"
 
     return get
 
