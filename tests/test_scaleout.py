@@ -19,13 +19,15 @@ fires: the gradient norms are 2-7), a checkpoint at step 2. Checked:
 Every launch is ~10 s of imports per process before any work, so each case below is one that no
 other launch covers (the three scale-out modules together):
   engine  stages launched (tuning)                                  resumed        LoRA
-  ddp     sft here; dpo / kto / rm / grpo / rloo / ppo under torchrun in their own modules
-  zero2   dpo here; rm (lora), kto, grpo, ppo (lora)                 dpo here       rm, ppo
+  ddp     sft here; dpo / kto / rm / rloo (lora) / ppo (full, lora) under torchrun in their own modules
+  zero2   dpo here; ppo (lora)                                       dpo here       ppo
   zero3   sft, dpo (checkpointed) here; rm, kto (lora), rloo (lora),  rm, ppo        kto, rloo
           ppo (checkpointed)
   fsdp2   sft (checkpointed), dpo here; rm (lora), kto, grpo,         grpo           rm, ppo
           ppo (lora)
-(test_scaleout_fit.py: rm / kto; test_scaleout_online.py: grpo / rloo / ppo.)
+(test_scaleout_fit.py: rm / kto; test_scaleout_online.py: grpo / rloo / ppo.) ZeRO-2 partitions the
+optimizer state only, the same for every stage; ZeRO-3 and FSDP2 shard parameters, which each stage's
+extra models (reference, reward model, critic), sampling and evaluation meet in their own way.
 
 The first DeepSpeed launch on a machine JIT-compiles DeepSpeed's shared-memory op (~80 s on 2 cores);
 it is cached in build/torch_extensions (ignored by git). Every case is slow-marked (`make test` runs

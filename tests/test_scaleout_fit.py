@@ -1,10 +1,12 @@
-"""rm and kto under the sharded engines on 2 CPU processes (gloo, OMP_NUM_THREADS=1): `accelerate
-launch --config_file configs/accelerate/{zero2,zero3,fsdp2}.yaml`, each checked against one process
-with the same global batch (the launches, tolerances and helpers of tests/test_scaleout.py).
+"""rm and kto under the parameter-sharding engines on 2 CPU processes (gloo, OMP_NUM_THREADS=1):
+`accelerate launch --config_file configs/accelerate/{zero3,fsdp2}.yaml`, each checked against one
+process with the same global batch (the launches, tolerances and helpers of tests/test_scaleout.py).
+Under DDP they run in test_rm.py / test_kto.py; ZeRO-2 (the optimizer state partitioned, nothing
+stage-specific) is launched with dpo, grpo and ppo (the table in tests/test_scaleout.py).
 
 One launch per (engine, stage), LoRA or full fine-tuning so that each stage runs both under the
-engines that shard parameters (`VARIANT`): rm LoRA under zero2 and fsdp2, full under zero3; kto full
-under zero2 and fsdp2, LoRA under zero3. Each: 4 optimizer steps of 2 per device x 2 accumulation x 2
+engines that shard parameters (`VARIANT`): rm LoRA under fsdp2, full under zero3; kto full under
+fsdp2, LoRA under zero3. Each: 4 optimizer steps of 2 per device x 2 accumulation x 2
 processes (the single process: 8 x 1 x 1), clipping at 1.0, a checkpoint at step 2, an evaluation
 at the end (rm: every rank scores the evaluation set under ZeRO-3/FSDP2; kto: z0 over the whole
 evaluation set). Checked per launch:
@@ -45,8 +47,7 @@ from rlhfkit.tasks import get_task
 
 pytestmark = pytest.mark.slow
 
-VARIANT = {("zero2", "rm"): "lora", ("zero3", "rm"): "full", ("fsdp2", "rm"): "lora",
-           ("zero2", "kto"): "full", ("zero3", "kto"): "lora", ("fsdp2", "kto"): "full"}
+VARIANT = {("zero3", "rm"): "full", ("fsdp2", "rm"): "lora", ("zero3", "kto"): "lora", ("fsdp2", "kto"): "full"}
 LORA = dict(finetuning_type="lora", lora_rank=8)
 N_REFERENCE = 31
 """Reference responses of the rm normalisation: odd, so 2 ranks' shares differ by one."""
