@@ -1,8 +1,9 @@
 """rm and kto under the parameter-sharding engines on 2 CPU processes (gloo, OMP_NUM_THREADS=1):
 `accelerate launch --config_file configs/accelerate/{zero3,fsdp2}.yaml`, each checked against one
 process with the same global batch (the launches, tolerances and helpers of tests/test_scaleout.py).
-Under DDP they run in test_rm.py / test_kto.py; ZeRO-2 (the optimizer state partitioned, nothing
-stage-specific) is launched with dpo, grpo and ppo (the table in tests/test_scaleout.py).
+Under DDP rm runs in test_rm.py (kto's z0, reduced across processes, is checked here under both
+engines); ZeRO-2 (the optimizer state partitioned, nothing stage-specific) is launched with dpo and
+ppo (the table in tests/test_scaleout.py).
 
 One launch per (engine, stage), LoRA or full fine-tuning so that each stage runs both under the
 engines that shard parameters (`VARIANT`): rm LoRA under fsdp2, full under zero3; kto full under
