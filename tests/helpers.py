@@ -42,6 +42,25 @@ def build_once(tmp_path_factory, name: str, build) -> Path:
     return out
 
 
+def run_once(tmp_path_factory, name: str, stage: str, engine: str, config_for, env_for=None) -> Path:
+    """The run `name` of `stage`, made once per session (`build_once`) into `<dir>/run` from the
+    config `config_for(<dir>/run)`: in this process when `engine` is "single", else launched on 2
+    processes under `engine` from `<dir>/config.yaml`, in the environment `env_for(<dir>)` if given.
+    The scale-out modules' runs: launched runs and their single-process references."""
+    from rlhfkit.cli import stage_function
+    from rlhfkit.config import dump_config
+
+    def build(d: Path) -> None:
+        config = config_for(d / "run")
+        if engine == "single":
+            stage_function(stage)(config)
+        else:
+            dump_config(config, d / "config.yaml")
+            launch(stage, d / "config.yaml", engine=engine, env=None if env_for is None else env_for(d))
+
+    return build_once(tmp_path_factory, name, build) / "run"
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

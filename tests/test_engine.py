@@ -16,7 +16,6 @@ from rlhfkit.errors import ConfigError
 from rlhfkit.train.engine import Engine, check_engine, check_supported, deepspeed_stage, requested_engine
 
 
-
 @pytest.fixture(scope="module")
 def sft_file(tmp_path_factory) -> Path:
     from rlhfkit.tasks import get_task

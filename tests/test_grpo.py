@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import launch, read_metrics
+from helpers import launch, load_weights, read_metrics
 from safetensors.torch import load_file
 
 from rlhfkit.config import build_config, dump_config
@@ -323,18 +323,16 @@ def test_bf16_sampling_config_errors(fx, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kw", [dict(stage="rloo", finetuning_type="lora", num_mini_batches=2)], ids=["rloo_lora"])
-def test_two_processes_match_one(fx, tmp_path, kw):
+def test_two_processes_match_one(fx, tmp_path):
     """torchrun with 2 CPU processes x 2 prompts follows the same updates as one process x 4 prompts:
     groups stay whole on one process, the advantages are per group, the loss is normalised by the
     token counts of the whole batch, gradients are summed. Sampling with top_k 1 makes every rollout a
-    function of its prompt alone. One launch (~25 s): rloo runs grpo's code with its own estimator,
-    with LoRA and 2 minibatches; full fine-tuning under DDP is launched by the dpo, kto, rm and ppo
-    tests, and grpo itself under zero2 / fsdp2 in test_scaleout_online.py."""
-    kw = dict(kw)
-    stage = kw.pop("stage", "grpo")
+    function of its prompt alone. One launch (~25 s): rloo (grpo's code with its own estimator) with
+    LoRA and 2 minibatches; full fine-tuning under DDP is launched by the dpo, rm and ppo tests, and
+    grpo itself under fsdp2 in test_scaleout_online.py."""
+    stage = "rloo"
     common = dict(max_steps=2, top_k=1, temperature=1.0, logging_steps=1, num_generations=2,
-                  per_device_train_batch_size=2, **kw)
+                  per_device_train_batch_size=2, finetuning_type="lora", num_mini_batches=2)
     cfg = tmp_path / "grpo.yaml"
     dump_config(grpo_config(fx, tmp_path / "ddp", stage=stage, **common), cfg)
     launch(stage, cfg)  # tests/ on the path: the reward function lives in this module
@@ -345,8 +343,7 @@ def test_two_processes_match_one(fx, tmp_path, kw):
     for a, b in zip(ddp, single):
         for k in ("rewards/mean", "loss", "grad_norm", "gen/length", "policy/entropy"):
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
-    name = "adapter_model.safetensors" if kw.get("finetuning_type") == "lora" else "model.safetensors"
-    w_ddp, w_single = load_file(str(tmp_path / "ddp" / name)), load_file(str(tmp_path / "single" / name))
+    w_ddp, w_single = (load_weights(tmp_path / d, "adapter_model.safetensors") for d in ("ddp", "single"))
     for n, value in w_single.items():
         torch.testing.assert_close(w_ddp[n], value, atol=1e-5, rtol=1e-4, msg=n)
 

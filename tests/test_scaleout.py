@@ -42,9 +42,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import build_once, launch, read_metrics, read_summary
+from helpers import read_metrics, read_summary, run_once
 
-from rlhfkit.config import build_config, dump_config
+from rlhfkit.config import build_config
 from rlhfkit.tasks import get_task
 
 pytestmark = pytest.mark.slow
@@ -85,18 +85,10 @@ def runs(tmp_path_factory, data):
     whichever xdist worker asks first (the other waits for it: `build_once`)."""
 
     def get(engine: str, stage: str) -> Path:
-        def build(d: Path) -> None:
-            if engine == "single":
-                from rlhfkit.train.dpo import train_dpo
-                from rlhfkit.train.sft import train_sft
-
-                {"sft": train_sft, "dpo": train_dpo}[stage](stage_config(data, stage, d / "run", **SINGLE))
-            else:
-                extra = {"gradient_checkpointing": True} if (engine, stage) in CHECKPOINTED else {}
-                dump_config(stage_config(data, stage, d / "run", **LAUNCHED, **extra), d / "config.yaml")
-                launch(stage, d / "config.yaml", engine=engine)
-
-        return build_once(tmp_path_factory, f"scaleout/{engine}_{stage}", build) / "run"
+        batches = SINGLE if engine == "single" else LAUNCHED
+        extra = {"gradient_checkpointing": True} if (engine, stage) in CHECKPOINTED else {}
+        return run_once(tmp_path_factory, f"scaleout/{engine}_{stage}", stage, engine,
+                        lambda out: stage_config(data, stage, out, **batches, **extra))
 
     return get
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import build_once, launch, read_metrics, read_summary
+from helpers import launch, read_metrics, read_summary, run_once
 from test_scaleout import (
     COMMON,
     LAUNCHED,
@@ -78,18 +78,9 @@ def runs(tmp_path_factory, data):
 
     def get(engine: str, stage: str, variant: str | None = None) -> Path:
         variant = variant or VARIANT[(engine, stage)]
-
-        def build(d: Path) -> None:
-            if engine == "single":
-                from rlhfkit.train.kto import train_kto
-                from rlhfkit.train.rm import train_rm
-
-                {"rm": train_rm, "kto": train_kto}[stage](stage_config(data, stage, variant, d / "run", **SINGLE))
-            else:
-                dump_config(stage_config(data, stage, variant, d / "run", **LAUNCHED), d / "config.yaml")
-                launch(stage, d / "config.yaml", engine=engine)
-
-        return build_once(tmp_path_factory, f"scaleout_fit/{engine}_{stage}_{variant}", build) / "run"
+        batches = SINGLE if engine == "single" else LAUNCHED
+        return run_once(tmp_path_factory, f"scaleout_fit/{engine}_{stage}_{variant}", stage, engine,
+                        lambda out: stage_config(data, stage, variant, out, **batches))
 
     return get
 

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import build_once, launch, launch_env, read_metrics, read_summary
+from helpers import launch, launch_env, read_metrics, read_summary, run_once
 from safetensors.torch import load_file
 from test_scaleout import assert_halved, interrupted_copy, needs_deepspeed
 
@@ -106,25 +106,16 @@ def runs(tmp_path_factory, data, tiny_model_dir):
     """Launched runs and single-process references, each made once per session on first use, by
     whichever xdist worker asks first (the other waits for it: `build_once`)."""
 
+    def lengths_env(d: Path) -> dict[str, str]:
+        """Each rank records its response lengths (length_reward) in `d/run_lengths`."""
+        (d / "run_lengths").mkdir()
+        return launch_env(RLHFKIT_TEST_LENGTHS=str(d / "run_lengths"))
+
     def get(engine: str, stage: str, tuning: str) -> Path:
         key = (engine, stage, tuning)
-
-        def build(d: Path) -> None:
-            out = d / "run"
-            if engine == "single":
-                from rlhfkit.train.grpo import train_grpo
-                from rlhfkit.train.ppo import train_ppo
-
-                train = train_ppo if stage == "ppo" else train_grpo
-                train(online_config(data, tiny_model_dir, stage, tuning, out))
-            else:
-                extra = {"gradient_checkpointing": True} if key in CHECKPOINTED else {}
-                dump_config(online_config(data, tiny_model_dir, stage, tuning, out, **extra), d / "config.yaml")
-                lengths = d / "run_lengths"  # each rank's response lengths (length_reward)
-                lengths.mkdir()
-                launch(stage, d / "config.yaml", engine=engine, env=launch_env(RLHFKIT_TEST_LENGTHS=str(lengths)))
-
-        return build_once(tmp_path_factory, f"scaleout_online/{'_'.join(key)}", build) / "run"
+        extra = {"gradient_checkpointing": True} if key in CHECKPOINTED else {}
+        return run_once(tmp_path_factory, f"scaleout_online/{'_'.join(key)}", stage, engine,
+                        lambda out: online_config(data, tiny_model_dir, stage, tuning, out, **extra), lengths_env)
 
     return get
 
