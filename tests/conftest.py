@@ -148,40 +148,40 @@ def sentiment_rm(tmp_path_factory, sentiment_sft):
 
 # ---- a trained arithmetic pipeline, for the learning tests of the critic-free online stages --------
 
-ARITHMETIC_SIZES = {"pt": 30000, "pt_eval": 0, "sft": 3000, "sft_eval": 0, "preference": 0, "preference_eval": 0,
-                    "ranking": 0, "ranking_eval": 0, "unpaired": 0, "unpaired_eval": 0, "prompt": 512,
-                    "prompt_eval": 0}
-"""Only the kinds the arithmetic learning tests use (held-out prompts come from the task itself)."""
+ARITHMETIC_ONLY = {"pt_eval": 0, "sft_eval": 0, "preference": 0, "preference_eval": 0, "ranking": 0,
+                   "ranking_eval": 0, "unpaired": 0, "unpaired_eval": 0, "prompt_eval": 0}
+"""Beside the arithmetic demo's sizes (pt 30000, sft 3000, prompt 512), only the kinds the arithmetic
+learning tests use (held-out prompts come from the task itself)."""
 
 
 def _build_arithmetic_sft(out):
     from rlhfkit.config import build_config
+    from rlhfkit.demo import ARITHMETIC_PT, ARITHMETIC_SFT, ARITHMETIC_SIZES
     from rlhfkit.tasks import get_task
     from rlhfkit.train.pt import train_pt
     from rlhfkit.train.sft import train_sft
 
     data = out / "data"
-    get_task("arithmetic").write(data, seed=0, sizes=ARITHMETIC_SIZES)
+    get_task("arithmetic").write(data, seed=0, sizes={**ARITHMETIC_SIZES, **ARITHMETIC_ONLY})
     common = dict(seed=0, report_to=[], disable_tqdm=True, logging_steps=200, lr_scheduler_type="cosine",
                   warmup_ratio=0.05)
-    # one document per row (no packing): a document is ~6 tokens, so 16-token rows cost ~3x less than
-    # packed 64-token blocks, and the ~1900 small steps learn the facts that a few big ones do not
-    train_pt(build_config("pt", dict(common, model_name_or_path="preset:tiny",
-                                     dataset=str(data / "pt_train.jsonl"), output_dir=str(out / "pt"),
-                                     packing=False, max_length=16, per_device_train_batch_size=16,
-                                     num_train_epochs=1, learning_rate=2e-4)))
-    train_sft(build_config("sft", dict(common, model_name_or_path=str(out / "pt"),
-                                       dataset=str(data / "sft_train.jsonl"), output_dir=str(out / "sft"),
-                                       max_length=16, per_device_train_batch_size=32, num_train_epochs=1,
-                                       learning_rate=1e-4)))
+    # the arithmetic demo's pt and sft settings: one document per row (no packing; a document is ~6
+    # tokens, so 16-token rows cost ~3x less than packed 64-token blocks) in ~1900 small steps. Half as
+    # many steps of 32 (lr 3e-4 or 4e-4, 2026-12-01) learned less: the SFT model's held-out T=1 accuracy
+    # 0.44-0.48, and GRPO / RLOO gained only 0.05-0.08 from there (seeds 0, 1), at or under the tests' 0.08
+    train_pt(build_config("pt", dict(common, **ARITHMETIC_PT, model_name_or_path="preset:tiny",
+                                     dataset=str(data / "pt_train.jsonl"), output_dir=str(out / "pt"))))
+    train_sft(build_config("sft", dict(common, **ARITHMETIC_SFT, model_name_or_path=str(out / "pt"),
+                                       dataset=str(data / "sft_train.jsonl"), output_dir=str(out / "sft"))))
 
 
 @pytest.fixture(scope="session")
 def arithmetic_sft(tmp_path_factory):
-    """`{"data": dir, "sft": dir}`: the arithmetic task's files (ARITHMETIC_SIZES: 30000 pretraining
+    """`{"data": dir, "sft": dir}`: the arithmetic task's files (the demo's sizes: 30000 pretraining
     documents over all 492 prompts, 3000 demonstrations and 512 prompt rows on the 386 train prompts)
     and a preset:tiny model pretrained 1 epoch on the documents (one per row, batch 16, lr 2e-4),
-    then SFT'd 1 epoch on the demonstrations (lr 1e-4). Built once per session (~80 s of one core).
+    then SFT'd 1 epoch on the demonstrations (lr 1e-4): `rlhfkit demo --task arithmetic`'s data and
+    models. Built once per session (~80 s of one core with AVX512, ~130 s with AVX2 only).
 
     What it knows (exact probabilities over the 106 held-out prompts): after pretraining the greedy
     answer is right on all of them and a T=1 sample on 59%; SFT on the 70%-correct demonstrations
