@@ -60,6 +60,18 @@ def _samples_table(before: list[dict], after: list[dict], n: int = 5) -> list[st
     return lines
 
 
+def _write_report(out: Path, lines: list[str], report: dict, models: str, html: str, html_path) -> dict:
+    """report.md (printed too) and report.json under `out`; the paths printed last."""
+    text = "\n".join(lines) + "\n"
+    (out / "report.md").write_text(text)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print()
+    print(text)
+    print(f"== done: report in {out / 'report.md'}; models under {out} ({models})")
+    print(f"== HTML report ({html}): {html_path}")
+    return report
+
+
 def demo(output_dir: str = "runs/demo", task: str = "sentiment", seed: int = 0, quick: bool = False) -> dict:
     """`sentiment` (default): pt -> sft -> rm -> ppo and dpo; `arithmetic`: pt -> sft -> grpo, a task
     with one right answer, reported as held-out accuracy before and after GRPO. Both run as a pipeline
@@ -108,14 +120,8 @@ def demo(output_dir: str = "runs/demo", task: str = "sentiment", seed: int = 0, 
     lines += dpo_lines
     summary_lines, report["comparison"] = _comparison(result.evals)
     lines[2:2] = summary_lines
-    text = "\n".join(lines) + "\n"
-    (out / "report.md").write_text(text)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    print()
-    print(text)
-    print(f"== done: report in {out / 'report.md'}; models under {out} (pt, sft, rm, ppo, dpo)")
-    print(f"== HTML report (loss curves, reward/KL, RM calibration, samples side by side): {result.report}")
-    return report
+    return _write_report(out, lines, report, "pt, sft, rm, ppo, dpo",
+                         "loss curves, reward/KL, RM calibration, samples side by side", result.report)
 
 
 # ---- the markdown report's sections, from the stages' outputs ----------------------------------------
@@ -253,11 +259,5 @@ def arithmetic_demo(output_dir: str = "runs/demo_arithmetic", seed: int = 0, qui
                      f"| {a['gold']:+.2f} |")
     report = {k: s[k] for k in ("initial_eval/accuracy", "eval/accuracy", "initial_eval/gold_reward",
                                 "eval/gold_reward")}
-    text = "\n".join(lines) + "\n"
-    (out / "report.md").write_text(text)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    print()
-    print(text)
-    print(f"== done: report in {out / 'report.md'}; models under {out} (pt, sft, grpo)")
-    print(f"== HTML report (loss curves, reward/KL, samples side by side): {result.report}")
-    return report
+    return _write_report(out, lines, report, "pt, sft, grpo", "loss curves, reward/KL, samples side by side",
+                         result.report)
