@@ -168,7 +168,8 @@ def _build_arithmetic_sft(out):
     # the arithmetic demo's pt and sft settings: one document per row (no packing; a document is ~6
     # tokens, so 16-token rows cost ~3x less than packed 64-token blocks) in ~1900 small steps. Half as
     # many steps of 32 (lr 3e-4 or 4e-4, 2026-12-01) learned less: the SFT model's held-out T=1 accuracy
-    # 0.44-0.48, and GRPO / RLOO gained only 0.05-0.08 from there (seeds 0, 1), at or under the tests' 0.08
+    # 0.44-0.48, and from there GRPO gained 0.06-0.08 (seeds 0, 1) and RLOO 0.05 (seed 0), at or under
+    # the tests' 0.08
     train_pt(build_config("pt", dict(common, **ARITHMETIC_PT, model_name_or_path="preset:tiny",
                                      dataset=str(data / "pt_train.jsonl"), output_dir=str(out / "pt"))))
     train_sft(build_config("sft", dict(common, **ARITHMETIC_SFT, model_name_or_path=str(out / "pt"),
