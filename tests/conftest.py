@@ -64,11 +64,14 @@ def tiny_model(tiny_tokenizer):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tiny_model, tiny_tokenizer):
     """`tiny_model` + `tiny_tokenizer` saved as an HF directory (what an SFT stage writes), for
-    stages that load their model by path. Read-only."""
-    out = tmp_path_factory.mktemp("tiny_model_dir")
-    tiny_model.save_pretrained(out, safe_serialization=True)
-    tiny_tokenizer.save_pretrained(out)
-    return out
+    stages that load their model by path. One directory shared by the xdist workers (the same path in
+    every worker, so that a run launched by one worker names the base every worker loads). Read-only."""
+
+    def save(out):
+        tiny_model.save_pretrained(out, safe_serialization=True)
+        tiny_tokenizer.save_pretrained(out)
+
+    return build_once(tmp_path_factory, "tiny_model_dir", save)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,5 +1,6 @@
 """Helpers shared by the test modules: reading a run directory, launching a stage on 2 CPU
-processes (torchrun or `accelerate launch`), and comparing two runs that must agree."""
+processes (torchrun or `accelerate launch`), batching the scale-out modules' launched runs per engine,
+and comparing two runs that must agree."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -61,6 +63,53 @@ def run_once(tmp_path_factory, name: str, stage: str, engine: str, config_for, e
     return build_once(tmp_path_factory, name, build) / "run"
 
 
+LAUNCHED_JOBS: dict[str, dict[str, Callable]] = {}
+"""engine -> {name: job}: the launched runs of the scale-out modules, registered at import
+(`register_launched`). A job is `job(tmp_path_factory, model_dir, out) -> (stage, config, env)`: the
+stage, its config writing to `out`, and environment variables for that run only."""
+
+
+def register_launched(engine: str, name: str, job: Callable) -> None:
+    LAUNCHED_JOBS.setdefault(engine, {})[name] = job
+
+
+def launched_run(tmp_path_factory, model_dir: Path, engine: str, name: str) -> Path:
+    """The run `name` under `engine`: every job registered for `engine` runs in ONE launch on 2
+    processes (tests/launch_batch.py: each process runs the stages one after another, each with a
+    fresh accelerate state from the launch's environment), made once per session by whichever xdist
+    worker asks first. A launch costs ~10 s of imports per process before any work, most of what one
+    of these tiny runs costs. Returns `<dir>/<name>/run`. A failed batch fails every later request
+    at once with its output (no second attempt)."""
+    from filelock import FileLock
+
+    from rlhfkit.config import dump_config
+
+    out = shared_dir(tmp_path_factory, f"launched/{engine}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if (out / "FAILED").exists():
+            pytest.fail(f"the {engine} launch failed earlier:\n" + (out / "FAILED").read_text())
+        if not (out / "DONE").exists():
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir()
+            jobs = []
+            for job_name, job in LAUNCHED_JOBS[engine].items():
+                (out / job_name).mkdir()
+                stage, config, env = job(tmp_path_factory, model_dir, out / job_name / "run")
+                dump_config(config, out / job_name / "config.yaml")
+                jobs.append(dict(name=job_name, stage=stage, config=str(out / job_name / "config.yaml"),
+                                 env=env or {}))
+            (out / "jobs.json").write_text(json.dumps(jobs, indent=1))
+            proc = launch_script(REPO / "tests" / "launch_batch.py", str(out / "jobs.json"), engine=engine,
+                                 check=False)
+            if proc.returncode != 0:
+                (out / "FAILED").write_text(proc.stdout[-2000:] + proc.stderr[-6000:])
+                pytest.fail(f"the {engine} launch failed:\n" + (out / "FAILED").read_text())
+            (out / "DONE").write_text("ok")
+    assert name in LAUNCHED_JOBS[engine], (engine, name)
+    return out / name / "run"
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -104,14 +153,24 @@ def launch(stage: str, config: Path, *overrides: str, engine: str | None = None,
     """`rlhfkit <stage> <config> [overrides]` on 2 CPU processes: under torchrun (DDP) when `engine` is
     None, else `accelerate launch --config_file configs/accelerate/<engine>.yaml`. With `check`, a
     non-zero exit fails the test with the end of the output."""
+    return _launch(["-m", "rlhfkit", stage, str(config), *overrides], engine, check, env, timeout)
+
+
+def launch_script(script: Path, *args: str, engine: str | None = None, check: bool = True,
+                  env: dict[str, str] | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    """`script args` on 2 CPU processes, launched as `launch` launches a stage."""
+    return _launch([str(script), *args], engine, check, env, timeout)
+
+
+def _launch(command: list[str], engine: str | None, check: bool, env: dict[str, str] | None,
+            timeout: int) -> subprocess.CompletedProcess:
     if engine is None:
         runner = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
     else:
         runner = ["-m", "accelerate.commands.launch", "--config_file", str(ACCEL / f"{engine}.yaml"),
                   "--num_processes", "2", "--main_process_port", str(free_port())]
-    proc = subprocess.run([sys.executable, *runner, "-m", "rlhfkit", stage, str(config), *overrides],
-                          env=launch_env() if env is None else env, cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run([sys.executable, *runner, *command], env=launch_env() if env is None else env,
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout)
     if check:
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import read_metrics, read_summary, run_once
+from helpers import build_once, launched_run, read_metrics, read_summary, register_launched, run_once
 
 from rlhfkit.config import build_config
 from rlhfkit.tasks import get_task
@@ -62,33 +62,50 @@ CHECKPOINTED = {("zero3", "dpo"), ("fsdp2", "sft")}
 
 # ---- data and configs ----------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory, tiny_model_dir) -> dict:
-    d = tmp_path_factory.mktemp("scaleout_data")
-    task = get_task("sentiment")
-    for kind, n in (("sft", 64), ("preference", 48)):
-        (d / f"{kind}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in task.make(kind, n, seed=0)))
+def scaleout_data(tmp_path_factory, model_dir: Path) -> dict:
+    """The sft / dpo config values; the data files written once per session (shared by the workers)."""
+
+    def write(d: Path) -> None:
+        task = get_task("sentiment")
+        for kind, n in (("sft", 64), ("preference", 48)):
+            (d / f"{kind}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in task.make(kind, n, seed=0)))
+
+    d = build_once(tmp_path_factory, "scaleout_data", write)
     # sft evaluates the gold reward of samples at the end: under ZeRO-3/FSDP2 every rank samples
     return {"sft": dict(model_name_or_path="preset:tiny", dataset=str(d / "sft.jsonl"), max_length=64,
                         task="sentiment", eval_steps=4, eval_num_prompts=8, max_new_tokens=12),
-            "dpo": dict(model_name_or_path=str(tiny_model_dir), dataset=str(d / "preference.jsonl"),
+            "dpo": dict(model_name_or_path=str(model_dir), dataset=str(d / "preference.jsonl"),
                         eval_dataset=str(d / "preference.jsonl"), eval_steps=2, max_length=48)}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, tiny_model_dir) -> dict:
+    return scaleout_data(tmp_path_factory, tiny_model_dir)
 
 
 def stage_config(data: dict, stage: str, out: Path, **kw):
     return build_config(stage, dict(data[stage], output_dir=str(out), **COMMON, **kw))
 
 
+def launched_job(engine: str, stage: str):
+    extra = {"gradient_checkpointing": True} if (engine, stage) in CHECKPOINTED else {}
+
+    def job(tmp_path_factory, model_dir: Path, out: Path):
+        return stage, stage_config(scaleout_data(tmp_path_factory, model_dir), stage, out, **LAUNCHED, **extra), None
+
+    return job
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, data):
-    """Launched runs and single-process references, each made once per session on first use, by
-    whichever xdist worker asks first (the other waits for it: `build_once`)."""
+def runs(tmp_path_factory, tiny_model_dir, data):
+    """Launched runs (one launch per engine for the three scale-out modules: `launched_run`) and
+    single-process references (each made once per session, by whichever xdist worker asks first)."""
 
     def get(engine: str, stage: str) -> Path:
-        batches = SINGLE if engine == "single" else LAUNCHED
-        extra = {"gradient_checkpointing": True} if (engine, stage) in CHECKPOINTED else {}
-        return run_once(tmp_path_factory, f"scaleout/{engine}_{stage}", stage, engine,
-                        lambda out: stage_config(data, stage, out, **batches, **extra))
+        if engine != "single":
+            return launched_run(tmp_path_factory, tiny_model_dir, engine, f"scaleout_{stage}")
+        return run_once(tmp_path_factory, f"scaleout/single_{stage}", stage, "single",
+                        lambda out: stage_config(data, stage, out, **SINGLE))
 
     return get
 
@@ -133,6 +150,8 @@ ENGINES = [pytest.param("ddp", marks=()), pytest.param("zero2", marks=needs_deep
 
 MATRIX = [(e, s) for e in ENGINES for s in ("sft", "dpo")
           if (e.values[0], s) not in {("ddp", "dpo"), ("zero2", "sft")}]  # covered elsewhere (table above)
+for _e, _s in MATRIX:
+    register_launched(_e.values[0], f"scaleout_{_s}", launched_job(_e.values[0], _s))
 
 
 @pytest.mark.parametrize("engine, stage", [pytest.param(e.values[0], s, marks=e.marks) for e, s in MATRIX])

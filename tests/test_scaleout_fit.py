@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import launch, read_metrics, read_summary, run_once
+from helpers import build_once, launch, launched_run, read_metrics, read_summary, register_launched, run_once
 from test_scaleout import (
     COMMON,
     LAUNCHED,
@@ -54,16 +54,24 @@ N_REFERENCE = 31
 """Reference responses of the rm normalisation: odd, so 2 ranks' shares differ by one."""
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory, tiny_model_dir) -> dict:
-    d = tmp_path_factory.mktemp("scaleout_fit_data")
-    task = get_task("sentiment")
-    for name, n, seed in (("train", 32, 0), ("eval", 16, 1)):
-        rows = task.make("preference", n, seed=seed)
-        (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    common = dict(model_name_or_path=str(tiny_model_dir), dataset=str(d / "train.jsonl"),
+def fit_data(tmp_path_factory, model_dir: Path) -> dict:
+    """The rm / kto config values; the data files written once per session (shared by the workers)."""
+
+    def write(d: Path) -> None:
+        task = get_task("sentiment")
+        for name, n, seed in (("train", 32, 0), ("eval", 16, 1)):
+            rows = task.make("preference", n, seed=seed)
+            (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    d = build_once(tmp_path_factory, "scaleout_fit_data", write)
+    common = dict(model_name_or_path=str(model_dir), dataset=str(d / "train.jsonl"),
                   eval_dataset=str(d / "eval.jsonl"), eval_steps=4, max_length=48)
     return {"rm": dict(common, normalization_samples=N_REFERENCE), "kto": dict(common)}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, tiny_model_dir) -> dict:
+    return fit_data(tmp_path_factory, tiny_model_dir)
 
 
 def stage_config(data: dict, stage: str, variant: str, out: Path, **kw):
@@ -71,16 +79,29 @@ def stage_config(data: dict, stage: str, variant: str, out: Path, **kw):
     return build_config(stage, dict(data[stage], output_dir=str(out), **COMMON, **lora, **kw))
 
 
+def launched_job(engine: str, stage: str):
+    def job(tmp_path_factory, model_dir: Path, out: Path):
+        data = fit_data(tmp_path_factory, model_dir)
+        return stage, stage_config(data, stage, VARIANT[(engine, stage)], out, **LAUNCHED), None
+
+    return job
+
+
+for (_engine, _stage) in VARIANT:
+    register_launched(_engine, f"fit_{_stage}", launched_job(_engine, _stage))
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, data):
-    """Launched runs (engine, stage) and single-process references (single, stage, variant), each
-    made once per session on first use, by whichever xdist worker asks first (`build_once`)."""
+def runs(tmp_path_factory, tiny_model_dir, data):
+    """Launched runs (engine, stage), one launch per engine (`launched_run`), and single-process
+    references (single, stage, variant), each made once per session on first use, by whichever
+    xdist worker asks first (`build_once`)."""
 
     def get(engine: str, stage: str, variant: str | None = None) -> Path:
-        variant = variant or VARIANT[(engine, stage)]
-        batches = SINGLE if engine == "single" else LAUNCHED
-        return run_once(tmp_path_factory, f"scaleout_fit/{engine}_{stage}_{variant}", stage, engine,
-                        lambda out: stage_config(data, stage, variant, out, **batches))
+        if engine != "single":
+            return launched_run(tmp_path_factory, tiny_model_dir, engine, f"fit_{stage}")
+        return run_once(tmp_path_factory, f"scaleout_fit/single_{stage}_{variant}", stage, engine,
+                        lambda out: stage_config(data, stage, variant, out, **SINGLE))
 
     return get
 

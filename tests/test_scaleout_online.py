@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import launch, launch_env, read_metrics, read_summary, run_once
+from helpers import build_once, launch, launched_run, read_metrics, read_summary, register_launched, run_once
 from safetensors.torch import load_file
 from test_scaleout import assert_halved, interrupted_copy, needs_deepspeed
 
@@ -86,11 +86,15 @@ COMPARED = {"grpo": ("rewards/mean", "loss", "grad_norm", "gen/length", "policy/
                     "eval/scores", "eval/kl")}
 
 
+def online_data(tmp_path_factory) -> Path:
+    """The prompts file, written once per session (shared by the workers)."""
+    return build_once(tmp_path_factory, "online_data", lambda d: (d / "prompts.jsonl").write_text(
+        "".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS)))
+
+
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, tiny_model_dir) -> Path:
-    d = tmp_path_factory.mktemp("online_data")
-    (d / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-    return d
+def data(tmp_path_factory) -> Path:
+    return online_data(tmp_path_factory)
 
 
 def online_config(data: Path, tiny_model_dir: Path, stage: str, tuning: str, out: Path, **kw):
@@ -101,21 +105,37 @@ def online_config(data: Path, tiny_model_dir: Path, stage: str, tuning: str, out
     return build_config(stage, values)
 
 
+def launched_job(engine: str, stage: str, tuning: str):
+    """Launched with each rank recording its response lengths (length_reward) in `<run>_lengths`."""
+    extra = {"gradient_checkpointing": True} if (engine, stage, tuning) in CHECKPOINTED else {}
+
+    def job(tmp_path_factory, model_dir: Path, out: Path):
+        lengths = out.parent / f"{out.name}_lengths"
+        lengths.mkdir(parents=True)
+        config = online_config(online_data(tmp_path_factory), model_dir, stage, tuning, out, **extra)
+        return stage, config, {"RLHFKIT_TEST_LENGTHS": str(lengths)}
+
+    return job
+
+
+def launched_name(stage: str, tuning: str) -> str:
+    return f"online_{stage}_{tuning}"
+
+
+for _key in CASES:
+    register_launched(_key[0], launched_name(*_key[1:]), launched_job(*_key))
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data, tiny_model_dir):
-    """Launched runs and single-process references, each made once per session on first use, by
-    whichever xdist worker asks first (the other waits for it: `build_once`)."""
-
-    def lengths_env(d: Path) -> dict[str, str]:
-        """Each rank records its response lengths (length_reward) in `d/run_lengths`."""
-        (d / "run_lengths").mkdir()
-        return launch_env(RLHFKIT_TEST_LENGTHS=str(d / "run_lengths"))
+    """Launched runs (one launch per engine: `launched_run`) and single-process references, each made
+    once per session on first use, by whichever xdist worker asks first (the other waits for it)."""
 
     def get(engine: str, stage: str, tuning: str) -> Path:
-        key = (engine, stage, tuning)
-        extra = {"gradient_checkpointing": True} if key in CHECKPOINTED else {}
-        return run_once(tmp_path_factory, f"scaleout_online/{'_'.join(key)}", stage, engine,
-                        lambda out: online_config(data, tiny_model_dir, stage, tuning, out, **extra), lengths_env)
+        if engine != "single":
+            return launched_run(tmp_path_factory, tiny_model_dir, engine, launched_name(stage, tuning))
+        return run_once(tmp_path_factory, f"scaleout_online/single_{stage}_{tuning}", stage, "single",
+                        lambda out: online_config(data, tiny_model_dir, stage, tuning, out))
 
     return get
 
