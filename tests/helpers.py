@@ -64,36 +64,39 @@ def run_once(tmp_path_factory, name: str, stage: str, engine: str, config_for, e
 
 
 LAUNCHED_JOBS: dict[str, dict[str, Callable]] = {}
-"""engine -> {name: job}: the launched runs of the scale-out modules, registered at import
-(`register_launched`). A job is `job(tmp_path_factory, model_dir, out) -> (stage, config, env)`: the
-stage, its config writing to `out`, and environment variables for that run only."""
+"""launch -> {name: job}: the launched runs of the test modules, registered at import
+(`register_launched`). A launch is an engine (`configs/accelerate/<engine>.yaml`), or `<engine>-<tag>`
+for a second launch under it (the resumed runs, which need the first launch's checkpoints). A job is
+`job(tmp_path_factory, model_dir, out) -> (stage, config, env)`: the stage, its config writing to
+`out`, and environment variables for that run only."""
 
 
-def register_launched(engine: str, name: str, job: Callable) -> None:
-    LAUNCHED_JOBS.setdefault(engine, {})[name] = job
+def register_launched(launch_name: str, name: str, job: Callable) -> None:
+    LAUNCHED_JOBS.setdefault(launch_name, {})[name] = job
 
 
-def launched_run(tmp_path_factory, model_dir: Path, engine: str, name: str) -> Path:
-    """The run `name` under `engine`: every job registered for `engine` runs in ONE launch on 2
-    processes (tests/launch_batch.py: each process runs the stages one after another, each with a
+def launched_run(tmp_path_factory, model_dir: Path, launch_name: str, name: str) -> Path:
+    """The run `name` of the launch `launch_name`: every job registered for it runs in ONE launch on
+    2 processes (tests/launch_batch.py: each process runs the stages one after another, each with a
     fresh accelerate state from the launch's environment), made once per session by whichever xdist
     worker asks first. A launch costs ~10 s of imports per process before any work, most of what one
-    of these tiny runs costs. Returns `<dir>/<name>/run`. A failed batch fails every later request
-    at once with its output (no second attempt)."""
+    of these tiny runs costs. Returns `<dir>/<name>/run`; the launch's output is in `<dir>/launch.log`.
+    A failed launch fails every later request at once with its output (no second attempt)."""
     from filelock import FileLock
 
     from rlhfkit.config import dump_config
 
-    out = shared_dir(tmp_path_factory, f"launched/{engine}")
+    engine = launch_name.split("-")[0]
+    out = shared_dir(tmp_path_factory, f"launched/{launch_name}")
     out.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out) + ".lock"):
         if (out / "FAILED").exists():
-            pytest.fail(f"the {engine} launch failed earlier:\n" + (out / "FAILED").read_text())
+            pytest.fail(f"the {launch_name} launch failed earlier:\n" + (out / "FAILED").read_text())
         if not (out / "DONE").exists():
             shutil.rmtree(out, ignore_errors=True)
             out.mkdir()
             jobs = []
-            for job_name, job in LAUNCHED_JOBS[engine].items():
+            for job_name, job in LAUNCHED_JOBS[launch_name].items():
                 (out / job_name).mkdir()
                 stage, config, env = job(tmp_path_factory, model_dir, out / job_name / "run")
                 dump_config(config, out / job_name / "config.yaml")
@@ -102,11 +105,12 @@ def launched_run(tmp_path_factory, model_dir: Path, engine: str, name: str) -> P
             (out / "jobs.json").write_text(json.dumps(jobs, indent=1))
             proc = launch_script(REPO / "tests" / "launch_batch.py", str(out / "jobs.json"), engine=engine,
                                  check=False)
+            (out / "launch.log").write_text(proc.stdout + proc.stderr)
             if proc.returncode != 0:
                 (out / "FAILED").write_text(proc.stdout[-2000:] + proc.stderr[-6000:])
-                pytest.fail(f"the {engine} launch failed:\n" + (out / "FAILED").read_text())
+                pytest.fail(f"the {launch_name} launch failed:\n" + (out / "FAILED").read_text())
             (out / "DONE").write_text("ok")
-    assert name in LAUNCHED_JOBS[engine], (engine, name)
+    assert name in LAUNCHED_JOBS[launch_name], (launch_name, name)
     return out / name / "run"
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_same_run, launch, load_weights, read_metrics
+from helpers import assert_same_run, build_once, launched_run, load_weights, read_metrics, register_launched
 from safetensors.torch import load_file
 
 from rlhfkit.config import build_config
@@ -149,12 +149,19 @@ def test_config_accepts_a_weighted_combination():
 
 # ---- mechanics on a tiny model -----------------------------------------------------------------
 
+def shared_pref_file(tmp_path_factory) -> Path:
+    """48 sentiment preference pairs, written once per session (shared by the xdist workers)."""
+
+    def write(d: Path) -> None:
+        rows = get_task("sentiment").make("preference", 48, seed=0)
+        (d / "preference.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    return build_once(tmp_path_factory, "dpo_pref", write) / "preference.jsonl"
+
+
 @pytest.fixture(scope="module")
 def pref_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("pref") / "preference.jsonl"
-    rows = get_task("sentiment").make("preference", 48, seed=0)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return shared_pref_file(tmp_path_factory)
 
 
 def dpo_config(model: Path, data: Path, out: Path, **overrides):
@@ -345,19 +352,25 @@ def test_accumulation_matches_one_big_batch(tiny_model_dir, pref_file, tmp_path)
     assert_same_run(tmp_path / "big", tmp_path / "small", weights_atol=WEIGHTS_ATOL)
 
 
-@pytest.mark.slow
-def test_two_processes_match_one(tiny_model_dir, pref_file, tmp_path):
-    """torchrun with 2 CPU processes (gloo) x batch 4 gives the same losses, metrics and weights as
-    one process with batch 8 (pair counts and metric sums reduced across processes)."""
-    from rlhfkit.config import dump_config
+def ddp_job(tmp_path_factory, model_dir: Path, out: Path):
+    """The DDP run of test_two_processes_match_one (in the ddp launch of `launched_run`)."""
+    pref = shared_pref_file(tmp_path_factory)
+    return "dpo", dpo_config(model_dir, pref, out, per_device_train_batch_size=4, eval_dataset=str(pref),
+                             **DPO_INVARIANCE), None
 
-    common = dict(eval_dataset=str(pref_file), **DPO_INVARIANCE)
-    cfg = tmp_path / "dpo.yaml"
-    dump_config(dpo_config(tiny_model_dir, pref_file, tmp_path / "ddp", per_device_train_batch_size=4,
-                           **common), cfg)
-    launch("dpo", cfg)
-    train_dpo(dpo_config(tiny_model_dir, pref_file, tmp_path / "single", **common))
-    assert_same_run(tmp_path / "ddp", tmp_path / "single", weights_atol=WEIGHTS_ATOL)
+
+register_launched("ddp", "dpo_ddp", ddp_job)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path_factory, tiny_model_dir, pref_file, tmp_path):
+    """DDP on 2 CPU processes (gloo; `accelerate launch` with configs/accelerate/ddp.yaml) x batch 4
+    gives the same losses, metrics and weights as one process with batch 8 (pair counts and metric
+    sums reduced across processes)."""
+    ddp = launched_run(tmp_path_factory, tiny_model_dir, "ddp", "dpo_ddp")
+    train_dpo(dpo_config(tiny_model_dir, pref_file, tmp_path / "single", eval_dataset=str(pref_file),
+                         **DPO_INVARIANCE))
+    assert_same_run(ddp, tmp_path / "single", weights_atol=WEIGHTS_ATOL)
 
 
 # ---- diagnostic --------------------------------------------------------------------------------

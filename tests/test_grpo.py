@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import launch, load_weights, read_metrics
+from helpers import build_once, launched_run, load_weights, read_metrics, register_launched
 from safetensors.torch import load_file
 
 from rlhfkit.config import build_config, dump_config
@@ -45,18 +45,25 @@ def short_reward(prompts, completions, **kwargs):
     return [0.0] * (len(completions) - 1)
 
 
-@pytest.fixture(scope="module")
-def fx(tmp_path_factory, tiny_tokenizer):
+def grpo_fixtures(tmp_path_factory, tokenizer) -> Path:
+    """An (untrained) tiny 'SFT' model and a prompt file; written once per session (shared by the
+    xdist workers and the ddp launch of `launched_run`)."""
     from rlhfkit.models.presets import build_preset_model
 
-    out = tmp_path_factory.mktemp("grpo_fx")
-    torch.manual_seed(0)
-    build_preset_model("tiny", tiny_tokenizer).save_pretrained(out / "sft")
-    tiny_tokenizer.save_pretrained(out / "sft")
-    with (out / "prompts.jsonl").open("w") as f:
-        for p in PROMPTS:
-            f.write(json.dumps({"prompt": p, "extra": len(p)}) + "\n")
-    return out
+    def build(out: Path) -> None:
+        torch.manual_seed(0)
+        build_preset_model("tiny", tokenizer).save_pretrained(out / "sft")
+        tokenizer.save_pretrained(out / "sft")
+        with (out / "prompts.jsonl").open("w") as f:
+            for p in PROMPTS:
+                f.write(json.dumps({"prompt": p, "extra": len(p)}) + "\n")
+
+    return build_once(tmp_path_factory, "grpo_fx", build)
+
+
+@pytest.fixture(scope="module")
+def fx(tmp_path_factory, tiny_tokenizer):
+    return grpo_fixtures(tmp_path_factory, tiny_tokenizer)
 
 
 def grpo_config(fx: Path, out: Path, stage: str = "grpo", **kw):
@@ -322,21 +329,33 @@ def test_bf16_sampling_config_errors(fx, tmp_path):
         grpo_config(fx, tmp_path, sampling_dtype="float16")
 
 
-@pytest.mark.slow
-def test_two_processes_match_one(fx, tmp_path):
-    """torchrun with 2 CPU processes x 2 prompts follows the same updates as one process x 4 prompts:
-    groups stay whole on one process, the advantages are per group, the loss is normalised by the
-    token counts of the whole batch, gradients are summed. Sampling with top_k 1 makes every rollout a
-    function of its prompt alone. One launch (~25 s): rloo (grpo's code with its own estimator) with
-    LoRA and 2 minibatches; full fine-tuning under DDP is launched by the dpo, rm and ppo tests, and
-    grpo itself under fsdp2 in test_scaleout_online.py."""
-    stage = "rloo"
-    common = dict(max_steps=2, top_k=1, temperature=1.0, logging_steps=1, num_generations=2,
+DDP_STAGE = "rloo"
+DDP_COMMON = dict(max_steps=2, top_k=1, temperature=1.0, logging_steps=1, num_generations=2,
                   per_device_train_batch_size=2, finetuning_type="lora", num_mini_batches=2)
-    cfg = tmp_path / "grpo.yaml"
-    dump_config(grpo_config(fx, tmp_path / "ddp", stage=stage, **common), cfg)
-    launch(stage, cfg)  # tests/ on the path: the reward function lives in this module
-    train_grpo(grpo_config(fx, tmp_path / "single", stage=stage, **common))
+
+
+def ddp_job(tmp_path_factory, model_dir: Path, out: Path):
+    """The DDP run of test_two_processes_match_one (in the ddp launch of `launched_run`; tests/ is on
+    the launched processes' path: the reward function lives in this module)."""
+    from transformers import AutoTokenizer
+
+    fx = grpo_fixtures(tmp_path_factory, AutoTokenizer.from_pretrained(model_dir))
+    return DDP_STAGE, grpo_config(fx, out, stage=DDP_STAGE, **DDP_COMMON), None
+
+
+register_launched("ddp", "rloo_ddp", ddp_job)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(fx, tmp_path_factory, tiny_model_dir, tmp_path):
+    """DDP on 2 CPU processes (gloo; `accelerate launch` with configs/accelerate/ddp.yaml) x 2 prompts
+    follows the same updates as one process x 4 prompts: groups stay whole on one process, the
+    advantages are per group, the loss is normalised by the token counts of the whole batch, gradients
+    are summed. Sampling with top_k 1 makes every rollout a function of its prompt alone. rloo (grpo's
+    code with its own estimator) with LoRA and 2 minibatches; full fine-tuning under DDP is launched by
+    the dpo, rm and ppo tests, and grpo itself under fsdp2 in test_scaleout_online.py."""
+    (tmp_path / "ddp").symlink_to(launched_run(tmp_path_factory, tiny_model_dir, "ddp", "rloo_ddp"))
+    train_grpo(grpo_config(fx, tmp_path / "single", stage=DDP_STAGE, **DDP_COMMON))
 
     ddp, single = read_metrics(tmp_path / "ddp"), read_metrics(tmp_path / "single")
     assert len(ddp) == len(single) == 2

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import launch, read_metrics
+from helpers import build_once, launched_run, read_metrics, register_launched
 from safetensors.torch import load_file
 
 from rlhfkit.config import build_config
@@ -50,33 +50,39 @@ def length_reward(prompts, completions, ended, **columns):
     return [len(c.split()) / 10 for c in completions]
 
 
-@pytest.fixture(scope="module")
-def fixtures(tmp_path_factory, tiny_tokenizer):
-    """An (untrained) tiny 'SFT' model, a full RM and a LoRA RM over it, and a prompt file."""
+def ppo_fixtures(tmp_path_factory, tokenizer) -> Path:
+    """An (untrained) tiny 'SFT' model, a full RM and a LoRA RM over it, and a prompt file; written once
+    per session (shared by the xdist workers and the ddp launch of `launched_run`)."""
     from rlhfkit.models.presets import build_preset_model
 
-    out = tmp_path_factory.mktemp("ppo_fx")
-    torch.manual_seed(0)
-    build_preset_model("tiny", tiny_tokenizer).save_pretrained(out / "sft")
-    tiny_tokenizer.save_pretrained(out / "sft")
-    rm = build_reward_model(str(out / "sft"), tiny_tokenizer)
-    rm.save_pretrained(out / "rm_full")
-    tiny_tokenizer.save_pretrained(out / "rm_full")
-    save_normalization(out / "rm_full", Normalization(mean=0.3, std=2.0, divide_by_std=True))
-    lora = apply_reward_lora(build_reward_model(str(out / "sft"), tiny_tokenizer),
-                             base_model_name_or_path=str((out / "sft").resolve()), rank=4, alpha=8,
-                             dropout=0.0, target="all-linear")
-    with torch.no_grad():  # a trained-looking adapter (peft initialises B = 0)
-        for name, p in lora.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    lora.save_pretrained(out / "rm_lora")
-    tiny_tokenizer.save_pretrained(out / "rm_lora")
-    save_normalization(out / "rm_lora", Normalization(mean=-0.1, std=1.0))
-    with (out / "prompts.jsonl").open("w") as f:
-        for p in PROMPTS:
-            f.write(json.dumps({"prompt": p, "extra": len(p)}) + "\n")
-    return out
+    def build(out: Path) -> None:
+        torch.manual_seed(0)
+        build_preset_model("tiny", tokenizer).save_pretrained(out / "sft")
+        tokenizer.save_pretrained(out / "sft")
+        rm = build_reward_model(str(out / "sft"), tokenizer)
+        rm.save_pretrained(out / "rm_full")
+        tokenizer.save_pretrained(out / "rm_full")
+        save_normalization(out / "rm_full", Normalization(mean=0.3, std=2.0, divide_by_std=True))
+        lora = apply_reward_lora(build_reward_model(str(out / "sft"), tokenizer),
+                                 base_model_name_or_path=str((out / "sft").resolve()), rank=4, alpha=8,
+                                 dropout=0.0, target="all-linear")
+        with torch.no_grad():  # a trained-looking adapter (peft initialises B = 0)
+            for name, p in lora.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05)
+        lora.save_pretrained(out / "rm_lora")
+        tokenizer.save_pretrained(out / "rm_lora")
+        save_normalization(out / "rm_lora", Normalization(mean=-0.1, std=1.0))
+        with (out / "prompts.jsonl").open("w") as f:
+            for p in PROMPTS:
+                f.write(json.dumps({"prompt": p, "extra": len(p)}) + "\n")
+
+    return build_once(tmp_path_factory, "ppo_fx", build)
+
+
+@pytest.fixture(scope="module")
+def fixtures(tmp_path_factory, tiny_tokenizer):
+    return ppo_fixtures(tmp_path_factory, tiny_tokenizer)
 
 
 def ppo_config(fx: Path, out: Path, **kw):
@@ -287,23 +293,41 @@ def test_config_errors_before_any_model_loads(fixtures, tmp_path):
     assert not (tmp_path / "config.yaml").exists()  # failed before the run started
 
 
+DDP_COMMON = dict(rollout_batch_size=8, per_device_train_batch_size=2, num_mini_batches=1, num_ppo_epochs=2,
+                  max_steps=2, top_k=1, logging_steps=1)
+
+
+def ddp_config(fx: Path, out: Path, finetuning_type: str):
+    # LoRA: one base serving all four roles, in each process
+    extra = {"reward_model": str(fx / "rm_lora")} if finetuning_type == "lora" else {}
+    return ppo_config(fx, out, finetuning_type=finetuning_type, **DDP_COMMON, **extra)
+
+
+def ddp_job(finetuning_type: str):
+    """The DDP runs of test_two_processes_match_one (in the ddp launch of `launched_run`)."""
+
+    def job(tmp_path_factory, model_dir: Path, out: Path):
+        from transformers import AutoTokenizer
+
+        fx = ppo_fixtures(tmp_path_factory, AutoTokenizer.from_pretrained(model_dir))
+        return "ppo", ddp_config(fx, out, finetuning_type), None
+
+    return job
+
+
+for _tuning in ("full", "lora"):
+    register_launched("ddp", f"ppo_ddp_{_tuning}", ddp_job(_tuning))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("finetuning_type", ["full", "lora"])
-def test_two_processes_match_one(fixtures, tmp_path, finetuning_type):
-    """torchrun with 2 CPU processes (gloo) x 4 episodes follows the same PPO updates as one process
-    x 8 episodes: global advantage whitening, global token counts, gradients summed across
-    processes. Sampling with top_k 1 makes every rollout a function of its prompt alone, and one
-    minibatch per epoch makes the minibatches the same rows in both runs."""
-    from rlhfkit.config import dump_config
-
-    common = dict(rollout_batch_size=8, per_device_train_batch_size=2, num_mini_batches=1, num_ppo_epochs=2,
-                  max_steps=2, top_k=1, logging_steps=1, finetuning_type=finetuning_type)
-    if finetuning_type == "lora":  # one base serving all four roles, in each process
-        common["reward_model"] = str(fixtures / "rm_lora")
-    cfg = tmp_path / "ppo.yaml"
-    dump_config(ppo_config(fixtures, tmp_path / "ddp", **common), cfg)
-    launch("ppo", cfg)
-    train_ppo(ppo_config(fixtures, tmp_path / "single", **common))
+def test_two_processes_match_one(fixtures, tmp_path_factory, tiny_model_dir, tmp_path, finetuning_type):
+    """DDP on 2 CPU processes (gloo; `accelerate launch` with configs/accelerate/ddp.yaml) x 4 episodes
+    follows the same PPO updates as one process x 8 episodes: global advantage whitening, global token
+    counts, gradients summed across processes. Sampling with top_k 1 makes every rollout a function of
+    its prompt alone, and one minibatch per epoch makes the minibatches the same rows in both runs."""
+    (tmp_path / "ddp").symlink_to(launched_run(tmp_path_factory, tiny_model_dir, "ddp", f"ppo_ddp_{finetuning_type}"))
+    train_ppo(ddp_config(fixtures, tmp_path / "single", finetuning_type))
     def steps(out: Path) -> list[dict]:
         return [r for r in read_metrics(out) if "objective/kl" in r]
 

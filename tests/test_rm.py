@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
-from helpers import launch, load_weights, read_metrics, read_summary
+from helpers import build_once, launched_run, load_weights, read_metrics, read_summary, register_launched
 
 from rlhfkit.config import build_config
 from rlhfkit.data.collate import pad_batch
@@ -45,11 +46,15 @@ def rm(tiny_model_dir, tiny_tokenizer):
     return build_reward_model(str(tiny_model_dir), tiny_tokenizer).eval()
 
 
-@pytest.fixture(scope="module")
-def rows():
+def make_rows() -> dict[str, list[dict]]:
     task = get_task("sentiment")
     return {"train": task.make("preference", 64, seed=0), "eval": task.make("preference", 32, seed=1, split="eval"),
             "ranking": task.make("ranking", 32, seed=0)}
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return make_rows()
 
 
 def _write(path, rows):
@@ -57,12 +62,22 @@ def _write(path, rows):
     return str(path)
 
 
+def rm_data(tmp_path_factory) -> dict[str, str]:
+    """The data files (and task.json, which lets eval-rm find the task), written once per session
+    (shared by the xdist workers)."""
+
+    def write(d: Path) -> None:
+        (d / "task.json").write_text(json.dumps({"name": "sentiment"}))
+        for k, v in make_rows().items():
+            _write(d / f"{k}.jsonl", v)
+
+    d = build_once(tmp_path_factory, "rmdata", write)
+    return {k: str(d / f"{k}.jsonl") for k in ("train", "eval", "ranking")}
+
+
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, rows):
-    d = tmp_path_factory.mktemp("rmdata")
-    get_task("sentiment")  # task.json lets eval-rm find the task
-    (d / "task.json").write_text(json.dumps({"name": "sentiment"}))
-    return {k: _write(d / f"{k}.jsonl", v) for k, v in rows.items()}
+def data(tmp_path_factory):
+    return rm_data(tmp_path_factory)
 
 
 def _ids(tok, text: str) -> list[int]:
@@ -549,15 +564,25 @@ def test_rm_reaches_90_percent_of_the_bayes_ceiling(sentiment_rm, sentiment_sft)
 
 # ---- data parallel -------------------------------------------------------------------------------
 
-@pytest.mark.slow
-def test_two_processes_match_one(data, tiny_model_dir, tmp_path):
-    """torchrun with 2 CPU processes (gloo) x batch 4 gives the same losses, eval metrics, reward
-    normalisation and weights as one process with batch 8; summary.json names the engine."""
-    from rlhfkit.config import dump_config
+DDP_COMMON = dict(logging_steps=1, learning_rate=1e-3)
 
-    common = dict(model_name_or_path=str(tiny_model_dir), logging_steps=1, learning_rate=1e-3)
-    dump_config(_config(data, tmp_path / "ddp", per_device_train_batch_size=4, **common), tmp_path / "rm.yaml")
-    launch("rm", tmp_path / "rm.yaml")
+
+def ddp_job(tmp_path_factory, model_dir: Path, out: Path):
+    """The DDP run of test_two_processes_match_one (in the ddp launch of `launched_run`)."""
+    return "rm", _config(rm_data(tmp_path_factory), out, model_name_or_path=str(model_dir),
+                         per_device_train_batch_size=4, **DDP_COMMON), None
+
+
+register_launched("ddp", "rm_ddp", ddp_job)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path_factory, data, tiny_model_dir, tmp_path):
+    """DDP on 2 CPU processes (gloo; `accelerate launch` with configs/accelerate/ddp.yaml) x batch 4
+    gives the same losses, eval metrics, reward normalisation and weights as one process with batch 8;
+    summary.json names the engine."""
+    common = dict(model_name_or_path=str(tiny_model_dir), **DDP_COMMON)
+    (tmp_path / "ddp").symlink_to(launched_run(tmp_path_factory, tiny_model_dir, "ddp", "rm_ddp"))
     train_rm(_config(data, tmp_path / "single", **common))
     runs = [read_metrics(tmp_path / d) for d in ("ddp", "single")]
     assert len(runs[0]) == len(runs[1]) == 4

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import build_once, launch, launched_run, read_metrics, read_summary, register_launched, run_once
+from helpers import build_once, launched_run, read_metrics, read_summary, register_launched, run_once
 from test_scaleout import (
     COMMON,
     LAUNCHED,
@@ -43,7 +43,7 @@ from test_scaleout import (
     needs_deepspeed,
 )
 
-from rlhfkit.config import build_config, dump_config
+from rlhfkit.config import build_config
 from rlhfkit.tasks import get_task
 
 pytestmark = pytest.mark.slow
@@ -202,18 +202,27 @@ def test_rm_and_kto_under_a_sharded_engine_match_one_process(runs, data, tiny_mo
         assert json.loads((launched / "reward_normalization.json").read_text())["mean"] == norm["mean"]
 
 
-@needs_deepspeed
-def test_interrupted_rm_resumes_under_zero3(runs, data, tmp_path):
+def resumed_job(tmp_path_factory, model_dir: Path, out: Path):
     """zero3 rm killed after its step-2 checkpoint (no final model, summary or normalisation), resumed
-    with `resume_from_checkpoint: true`: the same metrics, normalisation and weights."""
-    full = runs("zero3", "rm")
-    out = interrupted_copy(full, tmp_path / "resumed", "reward_normalization.json")
+    with `resume_from_checkpoint: true` (in the zero3-resume launch of `launched_run`)."""
+    full = launched_run(tmp_path_factory, model_dir, "zero3", "fit_rm")
+    interrupted_copy(full, out, "reward_normalization.json")
     assert (out / "checkpoints" / "step-000002" / "deepspeed").is_dir()
-    cfg = tmp_path / "resume.yaml"
-    dump_config(stage_config(data, "rm", VARIANT[("zero3", "rm")], out, resume_from_checkpoint=True, **LAUNCHED),
-                cfg)
-    proc = launch("rm", cfg, engine="zero3")
-    assert "resumed from" in proc.stdout + proc.stderr
+    config = stage_config(fit_data(tmp_path_factory, model_dir), "rm", VARIANT[("zero3", "rm")], out,
+                          resume_from_checkpoint=True, **LAUNCHED)
+    return "rm", config, None
+
+
+register_launched("zero3-resume", "fit_rm", resumed_job)
+
+
+@needs_deepspeed
+def test_interrupted_rm_resumes_under_zero3(runs, tmp_path_factory, tiny_model_dir):
+    """The resumed zero3 rm run (`resumed_job`): the uninterrupted run's metrics, normalisation and
+    weights."""
+    full = runs("zero3", "rm")
+    out = launched_run(tmp_path_factory, tiny_model_dir, "zero3-resume", "fit_rm")
+    assert "[rm] resumed from" in (out.parents[1] / "launch.log").read_text()
     assert_same_curve(out, full, rel=1e-6, abs_=1e-7)
     resumed, uninterrupted = read_summary(out)["normalization"], read_summary(full)["normalization"]
     for k in ("mean", "std"):

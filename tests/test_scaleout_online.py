@@ -37,11 +37,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import build_once, launch, launched_run, read_metrics, read_summary, register_launched, run_once
+from helpers import build_once, launched_run, read_metrics, read_summary, register_launched, run_once
 from safetensors.torch import load_file
 from test_scaleout import assert_halved, interrupted_copy, needs_deepspeed
 
-from rlhfkit.config import build_config, dump_config
+from rlhfkit.config import build_config
 
 pytestmark = pytest.mark.slow
 
@@ -205,20 +205,36 @@ def test_online_stage_under_engine_matches_one_process(runs, tiny_model_dir, eng
         assert (launched / "critic").is_dir()
 
 
-@pytest.mark.parametrize("engine, stage, tuning", [engine_case("fsdp2", "grpo", "full"),
-                                                   engine_case("zero3", "ppo", "full")])
-def test_interrupted_online_run_resumes_under_the_same_engine(runs, data, tiny_model_dir, tmp_path, engine,
-                                                              stage, tuning):
-    """What a run killed after its step-2 checkpoint leaves, resumed with `resume_from_checkpoint:
-    true` under the same engine: the uninterrupted run's metrics (step 3) and weights."""
-    full = runs(engine, stage, tuning)
-    out = interrupted_copy(full, tmp_path / "resumed", "critic", "generation_config.json", "adapter_config.json")
-    assert (out / "checkpoints" / "step-000002" / "trainer_state.json").is_file()
-    cfg = tmp_path / "resume.yaml"
+RESUMED = [("fsdp2", "grpo", "full"), ("zero3", "ppo", "full")]
+
+
+def resumed_job(engine: str, stage: str, tuning: str):
+    """What the run killed after its step-2 checkpoint leaves, resumed with `resume_from_checkpoint:
+    true` under the same engine (in the `<engine>-resume` launch of `launched_run`)."""
     extra = {"gradient_checkpointing": True} if (engine, stage, tuning) in CHECKPOINTED else {}
-    dump_config(online_config(data, tiny_model_dir, stage, tuning, out, resume_from_checkpoint=True, **extra), cfg)
-    proc = launch(stage, cfg, engine=engine)
-    assert "resumed from" in proc.stdout + proc.stderr
+
+    def job(tmp_path_factory, model_dir: Path, out: Path):
+        full = launched_run(tmp_path_factory, model_dir, engine, launched_name(stage, tuning))
+        interrupted_copy(full, out, "critic", "generation_config.json", "adapter_config.json")
+        assert (out / "checkpoints" / "step-000002" / "trainer_state.json").is_file()
+        config = online_config(online_data(tmp_path_factory), model_dir, stage, tuning, out,
+                               resume_from_checkpoint=True, **extra)
+        return stage, config, None
+
+    return job
+
+
+for _key in RESUMED:
+    register_launched(f"{_key[0]}-resume", launched_name(*_key[1:]), resumed_job(*_key))
+
+
+@pytest.mark.parametrize("engine, stage, tuning", [engine_case(*k) for k in RESUMED])
+def test_interrupted_online_run_resumes_under_the_same_engine(runs, tmp_path_factory, tiny_model_dir, engine,
+                                                              stage, tuning):
+    """The resumed run (`resumed_job`): the uninterrupted run's metrics (step 3) and weights."""
+    full = runs(engine, stage, tuning)
+    out = launched_run(tmp_path_factory, tiny_model_dir, f"{engine}-resume", launched_name(stage, tuning))
+    assert f"[{stage}] resumed from" in (out.parents[1] / "launch.log").read_text()
     ma, mb = read_metrics(out), read_metrics(full)
     assert [r["step"] for r in ma] == [r["step"] for r in mb]
     for k, v in mb[-1].items():
