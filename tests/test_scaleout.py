@@ -16,10 +16,13 @@ fires: the gradient norms are 2-7), a checkpoint at step 2. Checked:
 - (the resume from a step-2 checkpoint under each engine: zero3 rm, zero3 ppo and fsdp2 grpo in the
   other two modules, with `interrupted_copy` below).
 
-Every launch is ~10 s of imports per process before any work, so each case below is one that no
-other launch covers (the three scale-out modules together):
+A launch is ~10 s of imports per process before any work, more than one of these tiny runs costs,
+so all runs under one engine share ONE launch (`helpers.launched_run`: tests/launch_batch.py runs the
+stages one after another in each process, each with a fresh accelerate state), the resumed runs one
+more per engine; and each case below is one that no other run covers (the three scale-out modules and
+the DDP tests of the stage modules together):
   engine  stages launched (tuning)                                  resumed        LoRA
-  ddp     sft here; dpo / rm / rloo (lora) / ppo (full, lora) under torchrun in their own modules
+  ddp     sft here; dpo / rm / rloo (lora) / ppo (full, lora) from their own modules (test_<stage>.py)
   zero2   dpo here; ppo (lora)                                       -              ppo
   zero3   sft, dpo (checkpointed) here; rm, kto (lora), rloo (lora),  rm, ppo        kto, rloo
           ppo (checkpointed)
