@@ -1,6 +1,6 @@
 """Helpers shared by the test modules: reading a run directory, launching a stage on 2 CPU
-processes (torchrun or `accelerate launch`), batching the scale-out modules' launched runs per engine,
-and comparing two runs that must agree."""
+processes (torchrun or `accelerate launch`), the launched runs of the tests batched into one launch per
+engine, and comparing two runs that must agree."""
 
 from __future__ import annotations
 
@@ -44,23 +44,12 @@ def build_once(tmp_path_factory, name: str, build) -> Path:
     return out
 
 
-def run_once(tmp_path_factory, name: str, stage: str, engine: str, config_for, env_for=None) -> Path:
-    """The run `name` of `stage`, made once per session (`build_once`) into `<dir>/run` from the
-    config `config_for(<dir>/run)`: in this process when `engine` is "single", else launched on 2
-    processes under `engine` from `<dir>/config.yaml`, in the environment `env_for(<dir>)` if given.
-    The scale-out modules' runs: launched runs and their single-process references."""
+def run_once(tmp_path_factory, name: str, stage: str, config_for) -> Path:
+    """The single-process run `name` of `stage`, made in this process once per session (`build_once`)
+    into `<dir>/run` from the config `config_for(<dir>/run)`: the scale-out modules' references."""
     from rlhfkit.cli import stage_function
-    from rlhfkit.config import dump_config
 
-    def build(d: Path) -> None:
-        config = config_for(d / "run")
-        if engine == "single":
-            stage_function(stage)(config)
-        else:
-            dump_config(config, d / "config.yaml")
-            launch(stage, d / "config.yaml", engine=engine, env=None if env_for is None else env_for(d))
-
-    return build_once(tmp_path_factory, name, build) / "run"
+    return build_once(tmp_path_factory, name, lambda d: stage_function(stage)(config_for(d / "run"))) / "run"
 
 
 LAUNCHED_JOBS: dict[str, dict[str, Callable]] = {}

@@ -107,7 +107,7 @@ def runs(tmp_path_factory, tiny_model_dir, data):
     def get(engine: str, stage: str) -> Path:
         if engine != "single":
             return launched_run(tmp_path_factory, tiny_model_dir, engine, f"scaleout_{stage}")
-        return run_once(tmp_path_factory, f"scaleout/single_{stage}", stage, "single",
+        return run_once(tmp_path_factory, f"scaleout/single_{stage}", stage,
                         lambda out: stage_config(data, stage, out, **SINGLE))
 
     return get

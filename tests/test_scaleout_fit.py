@@ -5,12 +5,12 @@ Under DDP rm runs in test_rm.py (kto's z0, reduced across processes, is checked 
 engines); ZeRO-2 (the optimizer state partitioned, nothing stage-specific) is launched with dpo and
 ppo (the table in tests/test_scaleout.py).
 
-One launch per (engine, stage), LoRA or full fine-tuning so that each stage runs both under the
-engines that shard parameters (`VARIANT`): rm LoRA under fsdp2, full under zero3; kto full under
-fsdp2, LoRA under zero3. Each: 4 optimizer steps of 2 per device x 2 accumulation x 2
-processes (the single process: 8 x 1 x 1), clipping at 1.0, a checkpoint at step 2, an evaluation
-at the end (rm: every rank scores the evaluation set under ZeRO-3/FSDP2; kto: z0 over the whole
-evaluation set). Checked per launch:
+One run per (engine, stage), in the engine's launch (`helpers.launched_run`), LoRA or full
+fine-tuning so that each stage runs both under the engines that shard parameters (`VARIANT`): rm
+LoRA under fsdp2, full under zero3; kto full under fsdp2, LoRA under zero3. Each: 4 optimizer
+steps of 2 per device x 2 accumulation x 2 processes (the single process: 8 x 1 x 1), clipping at
+1.0, a checkpoint at step 2, an evaluation at the end (rm: every rank scores the evaluation set
+under ZeRO-3/FSDP2; kto: z0 over the whole evaluation set). Checked per run:
 - summary.json names the engine; what each rank held: ZeRO-3 / FSDP2 about half of the parameters,
   ZeRO-2 all parameters and half of the optimizer state (ZeRO-3 / FSDP2 half of it too);
 - the metric curve (kto: its z0 `kl` pre-pass over the global batch) equals the single process's
@@ -100,7 +100,7 @@ def runs(tmp_path_factory, tiny_model_dir, data):
     def get(engine: str, stage: str, variant: str | None = None) -> Path:
         if engine != "single":
             return launched_run(tmp_path_factory, tiny_model_dir, engine, f"fit_{stage}")
-        return run_once(tmp_path_factory, f"scaleout_fit/single_{stage}_{variant}", stage, engine,
+        return run_once(tmp_path_factory, f"scaleout_fit/single_{stage}_{variant}", stage,
                         lambda out: stage_config(data, stage, variant, out, **SINGLE))
 
     return get

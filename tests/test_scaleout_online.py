@@ -134,7 +134,7 @@ def runs(tmp_path_factory, data, tiny_model_dir):
     def get(engine: str, stage: str, tuning: str) -> Path:
         if engine != "single":
             return launched_run(tmp_path_factory, tiny_model_dir, engine, launched_name(stage, tuning))
-        return run_once(tmp_path_factory, f"scaleout_online/single_{stage}_{tuning}", stage, "single",
+        return run_once(tmp_path_factory, f"scaleout_online/single_{stage}_{tuning}", stage,
                         lambda out: online_config(data, tiny_model_dir, stage, tuning, out))
 
     return get
