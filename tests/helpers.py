@@ -103,6 +103,17 @@ def launched_run(tmp_path_factory, model_dir: Path, launch_name: str, name: str)
     return out / name / "run"
 
 
+def write_tiny_policy(out: Path, tokenizer, prompts: list[str]) -> None:
+    """`out/sft`: an untrained tiny preset model (seed 0) with `tokenizer`, as an SFT stage saves it;
+    `out/prompts.jsonl`: `prompts`, each with an `extra` column (its length) that reward functions get."""
+    from rlhfkit.models.presets import build_preset_model
+
+    torch.manual_seed(0)
+    build_preset_model("tiny", tokenizer).save_pretrained(out / "sft")
+    tokenizer.save_pretrained(out / "sft")
+    write_jsonl(out / "prompts.jsonl", [{"prompt": p, "extra": len(p)} for p in prompts])
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

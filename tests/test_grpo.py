@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import build_once, launched_run, load_weights, read_metrics, register_launched
+from helpers import build_once, launched_run, load_weights, read_metrics, register_launched, write_tiny_policy
 from safetensors.torch import load_file
 
 from rlhfkit.config import build_config, dump_config
@@ -48,17 +48,7 @@ def short_reward(prompts, completions, **kwargs):
 def grpo_fixtures(tmp_path_factory, tokenizer) -> Path:
     """An (untrained) tiny 'SFT' model and a prompt file; written once per session (shared by the
     xdist workers and the ddp launch of `launched_run`)."""
-    from rlhfkit.models.presets import build_preset_model
-
-    def build(out: Path) -> None:
-        torch.manual_seed(0)
-        build_preset_model("tiny", tokenizer).save_pretrained(out / "sft")
-        tokenizer.save_pretrained(out / "sft")
-        with (out / "prompts.jsonl").open("w") as f:
-            for p in PROMPTS:
-                f.write(json.dumps({"prompt": p, "extra": len(p)}) + "\n")
-
-    return build_once(tmp_path_factory, "grpo_fx", build)
+    return build_once(tmp_path_factory, "grpo_fx", lambda out: write_tiny_policy(out, tokenizer, PROMPTS))
 
 
 @pytest.fixture(scope="module")

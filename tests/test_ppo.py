@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import build_once, launched_run, read_metrics, register_launched
+from helpers import build_once, launched_run, read_metrics, register_launched, write_tiny_policy
 from safetensors.torch import load_file
 
 from rlhfkit.config import build_config
@@ -53,12 +53,8 @@ def length_reward(prompts, completions, ended, **columns):
 def ppo_fixtures(tmp_path_factory, tokenizer) -> Path:
     """An (untrained) tiny 'SFT' model, a full RM and a LoRA RM over it, and a prompt file; written once
     per session (shared by the xdist workers and the ddp launch of `launched_run`)."""
-    from rlhfkit.models.presets import build_preset_model
-
     def build(out: Path) -> None:
-        torch.manual_seed(0)
-        build_preset_model("tiny", tokenizer).save_pretrained(out / "sft")
-        tokenizer.save_pretrained(out / "sft")
+        write_tiny_policy(out, tokenizer, PROMPTS)
         rm = build_reward_model(str(out / "sft"), tokenizer)
         rm.save_pretrained(out / "rm_full")
         tokenizer.save_pretrained(out / "rm_full")
@@ -73,9 +69,6 @@ def ppo_fixtures(tmp_path_factory, tokenizer) -> Path:
         lora.save_pretrained(out / "rm_lora")
         tokenizer.save_pretrained(out / "rm_lora")
         save_normalization(out / "rm_lora", Normalization(mean=-0.1, std=1.0))
-        with (out / "prompts.jsonl").open("w") as f:
-            for p in PROMPTS:
-                f.write(json.dumps({"prompt": p, "extra": len(p)}) + "\n")
 
     return build_once(tmp_path_factory, "ppo_fx", build)
 
