@@ -20,7 +20,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_same_run, build_once, launched_run, load_weights, read_metrics, register_launched
+from helpers import (
+    assert_same_run,
+    build_once,
+    launched_run,
+    load_weights,
+    read_metrics,
+    register_launched,
+    write_jsonl,
+)
 from safetensors.torch import load_file
 
 from rlhfkit.config import build_config
@@ -154,7 +162,7 @@ def shared_pref_file(tmp_path_factory) -> Path:
 
     def write(d: Path) -> None:
         rows = get_task("sentiment").make("preference", 48, seed=0)
-        (d / "preference.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_jsonl(d / "preference.jsonl", rows)
 
     return build_once(tmp_path_factory, "dpo_pref", write) / "preference.jsonl"
 

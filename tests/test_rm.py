@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import build_once, launched_run, load_weights, read_metrics, read_summary, register_launched
+from helpers import build_once, launched_run, load_weights, read_metrics, read_summary, register_launched, write_jsonl
 
 from rlhfkit.config import build_config
 from rlhfkit.data.collate import pad_batch
@@ -69,7 +69,7 @@ def rm_data(tmp_path_factory) -> dict[str, str]:
     def write(d: Path) -> None:
         (d / "task.json").write_text(json.dumps({"name": "sentiment"}))
         for k, v in make_rows().items():
-            _write(d / f"{k}.jsonl", v)
+            write_jsonl(d / f"{k}.jsonl", v)
 
     d = build_once(tmp_path_factory, "rmdata", write)
     return {k: str(d / f"{k}.jsonl") for k in ("train", "eval", "ranking")}

@@ -39,13 +39,12 @@ them; `make unit` does not).
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import build_once, launched_run, read_metrics, read_summary, register_launched, run_once
+from helpers import build_once, launched_run, read_metrics, read_summary, register_launched, run_once, write_jsonl
 
 from rlhfkit.config import build_config
 from rlhfkit.tasks import get_task
@@ -71,7 +70,7 @@ def scaleout_data(tmp_path_factory, model_dir: Path) -> dict:
     def write(d: Path) -> None:
         task = get_task("sentiment")
         for kind, n in (("sft", 64), ("preference", 48)):
-            (d / f"{kind}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in task.make(kind, n, seed=0)))
+            write_jsonl(d / f"{kind}.jsonl", task.make(kind, n, seed=0))
 
     d = build_once(tmp_path_factory, "scaleout_data", write)
     # sft evaluates the gold reward of samples at the end: under ZeRO-3/FSDP2 every rank samples

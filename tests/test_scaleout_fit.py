@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import build_once, launched_run, read_metrics, read_summary, register_launched, run_once
+from helpers import build_once, launched_run, read_metrics, read_summary, register_launched, run_once, write_jsonl
 from test_scaleout import (
     COMMON,
     LAUNCHED,
@@ -61,7 +61,7 @@ def fit_data(tmp_path_factory, model_dir: Path) -> dict:
         task = get_task("sentiment")
         for name, n, seed in (("train", 32, 0), ("eval", 16, 1)):
             rows = task.make("preference", n, seed=seed)
-            (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            write_jsonl(d / f"{name}.jsonl", rows)
 
     d = build_once(tmp_path_factory, "scaleout_fit_data", write)
     common = dict(model_name_or_path=str(model_dir), dataset=str(d / "train.jsonl"),

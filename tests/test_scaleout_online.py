@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import build_once, launched_run, read_metrics, read_summary, register_launched, run_once
+from helpers import build_once, launched_run, read_metrics, read_summary, register_launched, run_once, write_jsonl
 from safetensors.torch import load_file
 from test_scaleout import assert_halved, interrupted_copy, needs_deepspeed
 
@@ -88,8 +88,8 @@ COMPARED = {"grpo": ("rewards/mean", "loss", "grad_norm", "gen/length", "policy/
 
 def online_data(tmp_path_factory) -> Path:
     """The prompts file, written once per session (shared by the workers)."""
-    return build_once(tmp_path_factory, "online_data", lambda d: (d / "prompts.jsonl").write_text(
-        "".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS)))
+    return build_once(tmp_path_factory, "online_data",
+                      lambda d: write_jsonl(d / "prompts.jsonl", [{"prompt": p} for p in PROMPTS]))
 
 
 @pytest.fixture(scope="module")
