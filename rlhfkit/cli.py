@@ -31,6 +31,7 @@ rlhfkit data reasoning-gym:TASK OUT_DIR     prompt files of a reasoning-gym task
 rlhfkit pipeline CONFIG.yaml [key=value]    several stages from one YAML (skip/resume/re-run), report.html
 rlhfkit demo [--output-dir DIR]             the built-in end-to-end demo
 rlhfkit eval-rm MODEL DATA                  evaluate a reward model on preference/ranking rows
+rlhfkit eval-dpo RUN [DATA]                 a DPO run's implicit-reward accuracy (+ SE), pair by pair
 rlhfkit score MODEL DATA [--output F]       add a `reward` field to prompt/response rows
 rlhfkit eval [CONFIG.yaml] [--model N=REF]  compare models: rewards, KL, win rates vs a baseline
 rlhfkit generate MODEL PROMPTS OUT.jsonl    sample responses to a prompt file (resumable)
@@ -40,7 +41,7 @@ rlhfkit estimate-memory MODEL --stage S --engine E [--num-processes N]   memory 
 
 # evaluation commands: name -> "module:function" taking argv (imported lazily)
 RM_COMMANDS = {"eval-rm": "rlhfkit.eval.reward_cli:run_eval_rm", "score": "rlhfkit.eval.reward_cli:run_score",
-               "eval": "rlhfkit.eval.compare:run_eval_cli"}
+               "eval-dpo": "rlhfkit.eval.dpo_cli:run_eval_dpo", "eval": "rlhfkit.eval.compare:run_eval_cli"}
 # using a trained model: name -> "module:function" taking argv (imported lazily)
 USE_COMMANDS = {"generate": "rlhfkit.use.generate:run_generate", "chat": "rlhfkit.use.chat:run_chat",
                 "webchat": "rlhfkit.use.webchat:run_webchat"}

@@ -471,3 +471,87 @@ def test_padding_free_falls_back_to_padding_for_a_model_that_ignores_packed_posi
     assert resolve_padding_free(run, tiny_model, items, pad) and run.config.padding_free and not printed
     assert not resolve_padding_free(run, _IgnoresPackedPositions(tiny_model), items, pad)
     assert run.config.padding_free is False and "padding instead" in printed[0]
+
+
+# ---- `rlhfkit eval-dpo` ------------------------------------------------------------------------
+
+EVAL_KEYS = ["loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen",
+             "logps/rejected"]
+
+
+@pytest.mark.parametrize("finetuning", ["lora", "full"])
+def test_eval_dpo_reproduces_the_runs_final_evaluation(tiny_model_dir, pref_file, tmp_path, finetuning, capsys):
+    """`rlhfkit eval-dpo RUN [DATA]` gives the run's final `eval/` metrics from what the run saved.
+    LoRA (sigmoid): no DATA, so the val_size split is rebuilt from dataset + seed, and the reference
+    is the unmerged adapter's base with adapters disabled. Full fine-tuning (IPO + RPO term, other
+    batch size): DATA = the run's eval_dataset, the reference the initial model reloaded from
+    model_name_or_path. pairs.jsonl holds one record per pair that adds up to the summary."""
+    from rlhfkit.cli import main
+
+    if finetuning == "lora":
+        extra = dict(finetuning_type="lora", lora_rank=4, learning_rate=1e-2, val_size=12)
+        argv = []
+    else:
+        extra = dict(loss_type="ipo", sft_weight=0.5, eval_dataset=str(pref_file), per_device_eval_batch_size=5)
+        argv = [str(pref_file), "--batch-size", "7"]
+    result = train_dpo(dpo_config(tiny_model_dir, pref_file, tmp_path / "run", max_steps=3, **extra))
+    assert abs(result.summary["eval/rewards/margins"]) > 1e-3  # the policy moved away from its reference
+    out = tmp_path / "ev"
+    assert main(["eval-dpo", str(tmp_path / "run"), *argv, "--output-dir", str(out)]) == 0
+    assert "rewards/accuracies_stderr" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["reference"] == result.summary["reference"] == ("adapters_disabled" if extra.get("lora_rank")
+                                                                   else "model")
+    assert summary["eval/pairs"] == result.summary["eval_examples"] == (12 if finetuning == "lora" else 48)
+    for key in EVAL_KEYS:
+        assert summary[f"eval/{key}"] == pytest.approx(result.summary[f"eval/{key}"], abs=1e-5), key
+    records = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
+    acc = sum(r["correct"] for r in records) / len(records)
+    assert acc == pytest.approx(summary["eval/rewards/accuracies"])
+    assert summary["eval/rewards/accuracies_stderr"] == pytest.approx(math.sqrt(acc * (1 - acc) / len(records)))
+    assert sum(r["margin"] for r in records) / len(records) == pytest.approx(summary["eval/rewards/margins"], abs=1e-6)
+    assert all(r["source"].startswith(str(pref_file)) for r in records)
+    if finetuning == "full":  # rows are numbered in the data's order: DATA is the eval_dataset itself
+        assert [r["row"] for r in records] == list(range(48))
+        assert main(["eval-dpo", str(tmp_path / "run"), *argv, "--output-dir", str(out), "--compare",
+                     str(tmp_path / "run")]) == 0
+        same = json.loads((out / "summary.json").read_text())["compare"]
+        assert same["difference"] == 0 and same["only_this_correct"] == same["only_other_correct"] == 0
+        assert same["margin_corr"] == pytest.approx(1.0) and same["accuracy"] == pytest.approx(acc)
+
+
+def test_paired_comparison_worked_values():
+    """Rows 1-4 are in both (row 0 and row 5 in one run only): correctness (1, 0, 1, 0) against
+    (0, 0, 1, 1), so d = (1, 0, 0, -1), difference 0, paired SE sqrt(0.5 / 4) = 0.35355."""
+    import statistics
+
+    from rlhfkit.eval.dpo_cli import paired_comparison
+
+    def records(rows, margins):
+        return [{"row": r, "margin": m, "correct": m > 0} for r, m in zip(rows, margins)]
+
+    a = records(range(5), [1.0, 2.0, -1.0, 0.5, -0.5])
+    b = records(range(1, 6), [-2.0, -1.0, 0.5, 3.0, 1.0])
+    got = paired_comparison(a, b)
+    assert got["pairs"] == 4 and got["accuracy"] == got["other_accuracy"] == 0.5 and got["difference"] == 0
+    assert got["difference_stderr"] == pytest.approx(math.sqrt(0.5 / 4))
+    assert (got["only_this_correct"], got["only_other_correct"]) == (1, 1)
+    assert got["margin_corr"] == pytest.approx(statistics.correlation([2.0, -1.0, 0.5, -0.5], [-2.0, -1.0, 0.5, 3.0]))
+
+
+def test_eval_dpo_bad_input_fails_before_loading_a_model(tiny_model_dir, pref_file, tmp_path, capsys, monkeypatch):
+    """Data in another format, a run that held nothing out without DATA, a directory that is not a
+    DPO run: a clear error (exit 2), and no model is loaded for any of them."""
+    from rlhfkit.cli import main
+    from rlhfkit.eval import dpo_cli
+
+    monkeypatch.setattr(dpo_cli, "_load_models", lambda *a: pytest.fail("a model was loaded"))
+    run = tmp_path / "run"
+    train_dpo(dpo_config(tiny_model_dir, pref_file, run, max_steps=1))
+    sft = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "a", "completion": "b"}])
+    assert main(["eval-dpo", str(run), str(sft)]) == 2
+    assert "preference" in capsys.readouterr().err
+    assert main(["eval-dpo", str(run)]) == 2
+    assert "held out no pairs" in capsys.readouterr().err
+    assert main(["eval-dpo", str(tiny_model_dir), str(pref_file)]) == 2
+    assert "no config.yaml" in capsys.readouterr().err

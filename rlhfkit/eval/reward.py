@@ -115,7 +115,7 @@ def reliability_plot(table: list[dict], path: str | Path, title: str = "reward m
     return path
 
 
-def _pearson(x: torch.Tensor, y: torch.Tensor) -> float:
+def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
     x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
     denom = math.sqrt(float((x * x).sum()) * float((y * y).sum()))
     return float((x * y).sum()) / denom if denom > 0 else float("nan")
@@ -184,7 +184,7 @@ def evaluate_rewards(score_fn: ScoreFn, groups: list[ResponseGroup], *, pad_id: 
         reliability_plot(table, plot_path)
     # 4. length bias
     lengths = torch.tensor([sum(e.response_mask) for e in flat], dtype=torch.float64)
-    metrics["length_corr"] = _pearson(rewards, lengths)
+    metrics["length_corr"] = pearson(rewards, lengths)
     # 5. sensitivity to a missing EOS
     pairs = [(i, s) for i, e in enumerate(flat) if (s := without_final_eos(e, eos_id)) is not None]
     if pairs:

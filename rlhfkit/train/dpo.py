@@ -17,7 +17,7 @@ import torch
 
 from rlhfkit.config import DPOConfig
 from rlhfkit.data.encode import encode_responses
-from rlhfkit.losses.dpo import PairLogps, combined_loss, needs_reference
+from rlhfkit.losses.dpo import PairLogps, PairLoss, combined_loss, needs_reference
 from rlhfkit.train.common import encode_all, load_split, row_texts, setup_model
 from rlhfkit.train.loop import Result, start_run
 from rlhfkit.train.preference import (
@@ -55,12 +55,17 @@ def pair_logps(model, batch: dict, reference: Reference, padding_free: bool = Fa
     return PairLogps(logps[:b], logps[b:], ref[:b], ref[b:], n_tokens[:b], n_tokens[b:])
 
 
+def dpo_pair_loss(config: DPOConfig, reference: Reference, model, batch: dict) -> tuple[PairLogps, PairLoss]:
+    """The pairs' log-probs and the config's (combined) loss: per-pair losses and implicit rewards."""
+    p = pair_logps(model, batch, reference, config.padding_free)
+    return p, combined_loss(p, config.loss_types, config.loss_weights, sft_weight=config.sft_weight,
+                            beta=config.beta, label_smoothing=config.label_smoothing,
+                            simpo_gamma=config.simpo_gamma, orpo_lambda=config.orpo_lambda)
+
+
 def dpo_loss_fn(config: DPOConfig, reference: Reference, model, batch: dict):
     """(sum of per-pair losses, metric sums) for `fit`, which divides by the global pair count."""
-    p = pair_logps(model, batch, reference, config.padding_free)
-    out = combined_loss(p, config.loss_types, config.loss_weights, sft_weight=config.sft_weight,
-                        beta=config.beta, label_smoothing=config.label_smoothing,
-                        simpo_gamma=config.simpo_gamma, orpo_lambda=config.orpo_lambda)
+    p, out = dpo_pair_loss(config, reference, model, batch)
     return out.losses.sum(), pair_metric_sums(out.chosen_rewards, out.rejected_rewards, p.chosen, p.rejected)
 
 

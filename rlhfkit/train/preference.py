@@ -138,16 +138,8 @@ def prepare_reference(run: Run, policy, tokenizer, *, needed: bool, splits: dict
             ref.requires_grad_(False)
             reference = Reference("model", ref, padding_free=pf)
     else:
-        from rlhfkit.models.load import load_causal_lm
-
-        ref = load_causal_lm(c.ref_model, tokenizer, trust_remote_code=c.trust_remote_code).to(run.device)
-        n_ref, n_policy = ref.get_input_embeddings().num_embeddings, policy.get_input_embeddings().num_embeddings
-        if n_ref != n_policy:
-            raise ConfigError(f"ref_model {c.ref_model} has a vocabulary of {n_ref} tokens and the policy "
-                              f"{n_policy}: they must share a tokenizer")
-        ref.eval()
-        ref.requires_grad_(False)
-        reference = Reference("model", ref, padding_free=pf)
+        reference = load_reference(c.ref_model, tokenizer, policy, device=run.device,
+                                   trust_remote_code=c.trust_remote_code, padding_free=pf)
     if c.precompute_ref_log_probs:
         was_training = policy.training
         policy.eval()
@@ -157,17 +149,38 @@ def prepare_reference(run: Run, policy, tokenizer, *, needed: bool, splits: dict
     return reference
 
 
+def load_reference(name: str, tokenizer, policy, *, device, trust_remote_code: bool = False,
+                   gguf_file: str | None = None, padding_free: bool = False) -> Reference:
+    """A frozen reference model loaded from `name` (path, hub id, .gguf) on `device`; a ConfigError
+    when its vocabulary differs from the policy's (log-ratios need one tokenizer)."""
+    from rlhfkit.models.load import load_causal_lm
+
+    ref = load_causal_lm(name, tokenizer, gguf_file=gguf_file, trust_remote_code=trust_remote_code).to(device)
+    n_ref, n_policy = ref.get_input_embeddings().num_embeddings, policy.get_input_embeddings().num_embeddings
+    if n_ref != n_policy:
+        raise ConfigError(f"ref_model {name} has a vocabulary of {n_ref} tokens and the policy "
+                          f"{n_policy}: they must share a tokenizer")
+    ref.eval()
+    ref.requires_grad_(False)
+    return Reference("model", ref, padding_free=padding_free)
+
+
+def packed_pass_matches(model, items: list[Item], pad_id: int, device, n: int = 4) -> bool:
+    """Whether the packed forward (a row's sequences sharing their prompt) gives the padded one's
+    log-probs on the first `n` items (False for a model whose attention ignores packed position
+    ids or the shared-prompt mask)."""
+    sample = items[:n]
+    batch = to_device(collate_columns(sample, list(range(len(sample[0].sequences))), pad_id), device)
+    return padding_free_matches(model, batch["input_ids"], batch["attention_mask"], batch.get("prefix_groups"))
+
+
 def resolve_padding_free(run: Run, model, items: list[Item], pad_id: int, n: int = 4) -> bool:
     """`padding_free` as asked, unless the packed forward disagrees with the padded one on the first
-    `n` training items (a model whose attention ignores packed position ids or the shared-prompt
-    mask): then a warning, and
-    padding for the whole run (`run.config.padding_free` is set to False)."""
+    `n` training items (`packed_pass_matches`): then a warning, and padding for the whole run
+    (`run.config.padding_free` is set to False)."""
     if not items:
         return False
-    sample = items[:n]
-    batch = to_device(collate_columns(sample, list(range(len(sample[0].sequences))), pad_id), run.device)
-    return keep_padding_free(run, lambda: padding_free_matches(model, batch["input_ids"], batch["attention_mask"],
-                                                               batch.get("prefix_groups")))
+    return keep_padding_free(run, lambda: packed_pass_matches(model, items, pad_id, run.device, n))
 
 
 def _fingerprint(run: Run, splits: dict[str, list[Item]]) -> str:
