@@ -27,6 +27,10 @@ loss, log-probs, token counts), OUTPUT_DIR defaulting to RUN/eval-DATA_NAME (RUN
 without DATA). `--compare RUN2` evaluates a second run on the same pairs with its own settings and
 adds the paired comparison (`paired_comparison`): is one run better than the other on these pairs,
 beyond the noise of which pairs were drawn?
+
+Unlike the rest of eval/, this module imports train/: the implicit reward is the dpo stage's own
+pair scoring and loss (`rlhfkit.train.dpo.encode_pair`, `dpo_pair_loss`), which are used as they are
+rather than written a second time here.
 """
 
 from __future__ import annotations
