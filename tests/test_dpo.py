@@ -482,15 +482,15 @@ EVAL_KEYS = ["loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", 
 @pytest.mark.parametrize("finetuning", ["lora", "full"])
 def test_eval_dpo_reproduces_the_runs_final_evaluation(tiny_model_dir, pref_file, tmp_path, finetuning, capsys):
     """`rlhfkit eval-dpo RUN [DATA]` gives the run's final `eval/` metrics from what the run saved.
-    LoRA (sigmoid): no DATA, so the val_size split is rebuilt from dataset + seed, and the reference
-    is the unmerged adapter's base with adapters disabled. Full fine-tuning (IPO + RPO term, other
+    LoRA (sigmoid, bf16 autocast): no DATA, so the val_size split is rebuilt from dataset + seed, and
+    the reference is the unmerged adapter's base with adapters disabled. Full fine-tuning (IPO + RPO term, other
     batch size): DATA = the run's eval_dataset, the reference the initial model reloaded from
     model_name_or_path. pairs.jsonl holds one record per pair that adds up to the summary."""
     from rlhfkit.cli import main
 
-    if finetuning == "lora":
-        extra = dict(finetuning_type="lora", lora_rank=4, learning_rate=1e-2, val_size=12)
-        argv = []
+    if finetuning == "lora":  # trained and evaluated under bf16 autocast
+        extra = dict(finetuning_type="lora", lora_rank=4, learning_rate=1e-2, val_size=12, bf16=True)
+        argv = ["--bf16", "true"]
     else:
         extra = dict(loss_type="ipo", sft_weight=0.5, eval_dataset=str(pref_file), per_device_eval_batch_size=5)
         argv = [str(pref_file), "--batch-size", "7"]
@@ -511,6 +511,11 @@ def test_eval_dpo_reproduces_the_runs_final_evaluation(tiny_model_dir, pref_file
     assert summary["eval/rewards/accuracies_stderr"] == pytest.approx(math.sqrt(acc * (1 - acc) / len(records)))
     assert sum(r["margin"] for r in records) / len(records) == pytest.approx(summary["eval/rewards/margins"], abs=1e-6)
     assert all(r["source"].startswith(str(pref_file)) for r in records)
+    if finetuning == "lora":  # in float32 the same pairs score measurably differently
+        assert main(["eval-dpo", str(tmp_path / "run"), "--bf16", "false", "--output-dir", str(tmp_path / "fp32")]) == 0
+        fp32 = json.loads((tmp_path / "fp32" / "summary.json").read_text())
+        assert not fp32["bf16"] and summary["bf16"]
+        assert abs(fp32["eval/loss"] - result.summary["eval/loss"]) > 1e-5
     if finetuning == "full":  # rows are numbered in the data's order: DATA is the eval_dataset itself
         assert [r["row"] for r in records] == list(range(48))
         assert main(["eval-dpo", str(tmp_path / "run"), *argv, "--output-dir", str(out), "--compare",

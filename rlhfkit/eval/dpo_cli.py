@@ -19,7 +19,9 @@ reference is the one training used: a LoRA run's base with the adapters disabled
 loaded unmerged), `ref_model`, or for full fine-tuning `model_name_or_path` loaded again;
 `--ref-model` overrides it. Without DATA the run's own held-out pairs are evaluated (the
 `eval_dataset`, or the `val_size` split rebuilt from `dataset` and `seed`), which reproduces the
-run's final `eval/` metrics. Rows whose responses keep no token are skipped and counted.
+run's final `eval/` metrics. Rows whose responses keep no token are skipped and counted. Forward
+passes run under bf16 autocast when the run trained with it and the device computes bf16 natively,
+else in float32 (`--bf16 true/false` decides).
 
 Writes OUTPUT_DIR/summary.json (the metrics with an `eval/` prefix, as in the run's summary) and
 OUTPUT_DIR/pairs.jsonl (one line per pair: its row in the data and source line, both rewards, margin,
@@ -171,11 +173,38 @@ def format_table(metrics: dict, title: str) -> str:
     return "\n".join(lines)
 
 
+def precision_context(bf16: bool, device: str):
+    """bf16 autocast (as a run with `bf16: true` evaluated), or float32."""
+    import contextlib
+
+    import torch
+
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast("cuda" if str(device).startswith("cuda") else "cpu", dtype=torch.bfloat16)
+
+
+def use_bf16(choice: str, run_bf16: bool, run_dir: Path) -> bool:
+    """--bf16 auto: bf16 autocast when the run trained with it and this device computes bf16
+    natively (else float32, said once); true / false as given."""
+    if choice != "auto":
+        return choice == "true"
+    if not run_bf16:
+        return False
+    from rlhfkit.train.loop import bf16_is_native
+
+    if bf16_is_native():
+        return True
+    print(f"{run_dir} trained with bf16 autocast; this device has no native bf16, so the evaluation runs in "
+          "float32 (--bf16 true matches the run's precision exactly, with emulated bf16 matmuls)")
+    return False
+
+
 def evaluate_run(run_dir: Path, config, rows: list[dict], *, device, batch_size: int | None,
-                 source: str | None = None) -> dict:
+                 source: str | None = None, bf16: bool = False) -> dict:
     """One run's implicit reward on preference `rows`: {reference, skipped, padding_free, metrics,
     records}. Rows are encoded as the run's training encoded them; a row whose responses keep no
-    token is skipped and counted."""
+    token is skipped and counted. Forward passes in float32, or under bf16 autocast with `bf16`."""
     from rlhfkit.models.load import load_tokenizer
     from rlhfkit.train.dpo import encode_pair
     from rlhfkit.train.preference import packed_pass_matches
@@ -196,14 +225,16 @@ def evaluate_run(run_dir: Path, config, rows: list[dict], *, device, batch_size:
     # 2. policy and reference; packed passes unless this model cannot take them
     model, reference = _load_models(run_dir, config, tokenizer, device)
     pad = tokenizer.pad_token_id
-    if config.padding_free and not packed_pass_matches(model, items, pad, device):
-        print(f"WARNING: {run_dir}: this model's packed forward pass does not match its padded one: padding instead")
-        config.padding_free = reference.padding_free = False
-    # 3. metrics and per-pair records
-    metrics, records = evaluate_pairs(config, reference, model, items, pad, device=device,
-                                      batch_size=batch_size or config.per_device_eval_batch_size)
+    with precision_context(bf16, device):
+        if config.padding_free and not packed_pass_matches(model, items, pad, device):
+            print(f"WARNING: {run_dir}: this model's packed forward pass does not match its padded one: padding "
+                  "instead")
+            config.padding_free = reference.padding_free = False
+        # 3. metrics and per-pair records
+        metrics, records = evaluate_pairs(config, reference, model, items, pad, device=device,
+                                          batch_size=batch_size or config.per_device_eval_batch_size)
     return {"reference": reference.kind, "skipped": skipped, "padding_free": config.padding_free,
-            "metrics": metrics, "records": records}
+            "bf16": bf16, "metrics": metrics, "records": records}
 
 
 def paired_comparison(records: list[dict], other: list[dict]) -> dict:
@@ -250,6 +281,8 @@ def run_eval_dpo(argv: list[str]) -> int:
     parser.add_argument("--no-padding-free", dest="padding_free", action="store_const", const=False, default=None,
                         help="pad every batch instead of packing it")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--bf16", choices=["auto", "true", "false"], default="auto", help="bf16 autocast; "
+                        "auto (default): when the run trained with it and the device computes bf16 natively")
     parser.add_argument("--output-dir", default=None, help="where summary.json and pairs.jsonl go (default: "
                         f"RUN/eval-DATA_NAME, RUN/eval-{HELD_OUT} without DATA)")
     args = parser.parse_args(argv)
@@ -262,12 +295,13 @@ def run_eval_dpo(argv: list[str]) -> int:
     rows, what = _rows(config, args.data)
     # 2. evaluate (and the other run on the same rows)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    result = evaluate_run(run_dir, config, rows, device=device, batch_size=args.batch_size, source=args.data)
+    result = evaluate_run(run_dir, config, rows, device=device, batch_size=args.batch_size, source=args.data,
+                          bf16=use_bf16(args.bf16, config.bf16, run_dir))
     metrics = result["metrics"]
     compared = None
     if other_config is not None:
         other = evaluate_run(Path(args.compare), other_config, rows, device=device, batch_size=args.batch_size,
-                             source=args.data)
+                             source=args.data, bf16=use_bf16(args.bf16, other_config.bf16, Path(args.compare)))
         compared = {"run": args.compare, "reference": other["reference"], "skipped": other["skipped"],
                     **paired_comparison(result["records"], other["records"])}
     # 3. pairs.jsonl, summary.json, table
@@ -280,7 +314,7 @@ def run_eval_dpo(argv: list[str]) -> int:
     write_summary(out, {"run": str(run_dir), "data": what, "pairs": n, "skipped": result["skipped"],
                         "reference": result["reference"], "loss_type": config.loss_types, "beta": config.beta,
                         "max_length": config.max_length, "max_prompt_length": config.max_prompt_length,
-                        "padding_free": result["padding_free"], **{f"eval/{k}": v for k, v in metrics.items()},
+                        "padding_free": result["padding_free"], "bf16": result["bf16"], **{f"eval/{k}": v for k, v in metrics.items()},
                         **({"compare": compared} if compared else {})})
     print(format_table(metrics, f"{run_dir} on {what} ({n} pairs"
                        + (f", {result['skipped']} skipped" if result["skipped"] else "")
