@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -510,6 +511,11 @@ def test_eval_dpo_reproduces_the_runs_final_evaluation(tiny_model_dir, pref_file
     assert acc == pytest.approx(summary["eval/rewards/accuracies"])
     assert summary["eval/rewards/accuracies_stderr"] == pytest.approx(math.sqrt(acc * (1 - acc) / len(records)))
     assert sum(r["margin"] for r in records) / len(records) == pytest.approx(summary["eval/rewards/margins"], abs=1e-6)
+    assert summary["eval/length_corr"] == pytest.approx(statistics.correlation(
+        [r[k] for r in records for k in ("chosen_reward", "rejected_reward")],
+        [float(r[k]) for r in records for k in ("chosen_tokens", "rejected_tokens")]), abs=1e-9)
+    assert summary["eval/margin_length_corr"] == pytest.approx(statistics.correlation(
+        [r["margin"] for r in records], [float(r["chosen_tokens"] - r["rejected_tokens"]) for r in records]), abs=1e-9)
     assert all(r["source"].startswith(str(pref_file)) for r in records)
     if finetuning == "lora":  # in float32 the same pairs score measurably differently
         assert main(["eval-dpo", str(tmp_path / "run"), "--bf16", "false", "--output-dir", str(tmp_path / "fp32")]) == 0
@@ -528,8 +534,6 @@ def test_eval_dpo_reproduces_the_runs_final_evaluation(tiny_model_dir, pref_file
 def test_paired_comparison_worked_values():
     """Rows 1-4 are in both (row 0 and row 5 in one run only): correctness (1, 0, 1, 0) against
     (0, 0, 1, 1), so d = (1, 0, 0, -1), difference 0, paired SE sqrt(0.5 / 4) = 0.35355."""
-    import statistics
-
     from rlhfkit.eval.dpo_cli import paired_comparison
 
     def records(rows, margins):

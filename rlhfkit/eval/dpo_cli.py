@@ -11,6 +11,8 @@ so it can be re-run later, on other data, and pair by pair:
     logps/chosen, logps/rejected   policy log-probs summed over response tokens
     margin_length_corr         Pearson correlation of the margin and (chosen - rejected) response
                                tokens: how much the implicit reward follows length
+    length_corr                Pearson correlation of reward and response tokens over all responses
+                               (as `eval-rm` reports it for a reward model)
     ties                       pairs with margin exactly 0
 
 Everything the run trained with comes from RUN/config.yaml (which `rlhfkit dpo` writes): loss_type and
@@ -158,6 +160,9 @@ def evaluate_pairs(config, reference, model, items, pad_id: int, *, batch_size: 
     margins = torch.tensor([r["margin"] for r in records], dtype=torch.float64)
     length_gap = torch.tensor([r["chosen_tokens"] - r["rejected_tokens"] for r in records], dtype=torch.float64)
     metrics["margin_length_corr"] = pearson(margins, length_gap)
+    rewards = torch.tensor([r[k] for k in ("chosen_reward", "rejected_reward") for r in records], dtype=torch.float64)
+    lengths = torch.tensor([r[k] for k in ("chosen_tokens", "rejected_tokens") for r in records], dtype=torch.float64)
+    metrics["length_corr"] = pearson(rewards, lengths)
     metrics["ties"] = int((margins == 0).sum())
     metrics["pairs"] = n
     return metrics, records
@@ -165,7 +170,7 @@ def evaluate_pairs(config, reference, model, items, pad_id: int, *, batch_size: 
 
 def format_table(metrics: dict, title: str) -> str:
     order = ["rewards/accuracies", "rewards/accuracies_stderr", "rewards/margins", "loss", "rewards/chosen",
-             "rewards/rejected", "logps/chosen", "logps/rejected", "margin_length_corr", "ties", "pairs"]
+             "rewards/rejected", "logps/chosen", "logps/rejected", "margin_length_corr", "length_corr", "ties", "pairs"]
     lines = [title, "-" * max(len(title), 40)]
     for k in order:
         v = metrics[k]
