@@ -395,6 +395,34 @@ def test_falling_chosen_diagnostic():
     assert "both less likely" in FALLING_CHOSEN_EXPLANATION
 
 
+def _logged(rows: list[tuple[float, float, float]]) -> list[dict]:
+    return [{"logps/chosen": lp, "rewards/chosen": rc, "rewards/margins": m} for lp, rc, m in rows]
+
+
+# Logged records (logps/chosen, rewards/chosen, rewards/margins) of two HH-RLHF LoRA runs, beta 0.1
+# (2026-12-01): the sigmoid run of 1544 pairs at steps 10-50 and 40-80, the run with sft_weight 1 at
+# steps 80-120. The raw chosen log-prob moves by tens of nats with each batch's response lengths.
+PLAIN_TO_50 = _logged([(-106.2, -0.004, 0.002), (-114.6, -0.017, 0.018), (-127.5, 0.006, 0.021),
+                       (-100.6, 0.056, 0.045), (-108.3, 0.015, 0.108)])
+PLAIN_TO_80 = _logged([(-100.6, 0.056, 0.045), (-108.3, 0.015, 0.108), (-118.5, -0.211, 0.082),
+                       (-96.5, -0.182, 0.175), (-91.7, -0.240, 0.276)])
+RPO_TO_120 = _logged([(-83.3, 0.746, -0.025), (-96.6, 0.947, 0.133), (-89.196, 0.716, 0.088),
+                      (-89.2, 0.887, 0.224), (-102.9, 0.824, 0.227)])
+
+
+def test_falling_chosen_measures_the_chosen_log_prob_against_the_reference():
+    """Raw log-probs "fall" at step 50 of the plain run (its chosen log-ratio still +0.15 nats) and at
+    step 120 of the RPO run (log-ratio +8.2 and rising): both fired before. Against the reference
+    neither fires, and the plain run's real fall (log-ratio -2.4 nats by step 80) does; a run without
+    a reference keeps the raw rule."""
+    with_ref = {"beta": 0.1, "reference": "adapters_disabled"}
+    assert falling_chosen(PLAIN_TO_50) and falling_chosen(RPO_TO_120)  # the raw rule
+    assert not falling_chosen(PLAIN_TO_50, context=with_ref)
+    assert not falling_chosen(RPO_TO_120, context=with_ref)
+    assert falling_chosen(PLAIN_TO_80, context=with_ref)
+    assert falling_chosen(RPO_TO_120, context={"beta": 0.1, "reference": "none"})
+
+
 # ---- learning (slow) ---------------------------------------------------------------------------
 
 DPO_LEARNING = dict(per_device_train_batch_size=32, max_steps=40, learning_rate=1e-3, lr_scheduler_type="constant",

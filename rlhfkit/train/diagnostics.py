@@ -84,21 +84,34 @@ def reward_hacking(train, evals, context) -> bool:
 
 
 @register("falling_chosen_logps", "logps/chosen",
-          "the policy's log-prob of the CHOSEN responses has fallen steadily while the reward margin grew: "
+          "the policy's log-prob of the CHOSEN responses (against the reference, where there is one) has fallen "
+          "steadily while the reward margin grew: "
           "DPO only widens the gap between chosen and rejected, and here it does so by making both less "
           "likely (probability mass moves to responses in neither set). Samples may drift or degrade. "
           "Remedies: a larger beta, a lower learning rate or fewer steps, sft_weight > 0 (RPO: NLL on the "
           "chosen response), or IPO.")
 def falling_chosen(train, evals=(), context=None, window: int = 5, min_drop: float = 1.0) -> bool:
-    """Over the last `window` logged records, `logps/chosen` fell at every step but at most one and by
-    at least `min_drop` nats in total, while `rewards/margins` grew."""
-    recs = [r for r in train if "logps/chosen" in r and "rewards/margins" in r][-window:]
+    """Over the last `window` logged records the chosen responses' log-prob fell at every step but at
+    most one and by at least `min_drop` nats in total, while `rewards/margins` grew.
+
+    With a reference (context `beta`, and `reference` other than "none") the log-prob is measured
+    against it on the same pairs, `rewards/chosen / beta`, and must also end below 0 (the chosen
+    responses now less likely than under the reference). The raw `logps/chosen` of successive
+    batches moves by tens of nats with the batches' response lengths, which made this fire on noise
+    (an HH-RLHF run with sft_weight 1: raw log-probs "fell" while the chosen log-ratio rose to +8
+    nats). Runs without a reference (SimPO, ORPO, reference_free) have only the raw log-probs."""
+    context = context or {}
+    beta = context.get("beta")
+    relative = bool(beta) and context.get("reference") not in (None, "none")
+    key = "rewards/chosen" if relative else "logps/chosen"
+    recs = [r for r in train if key in r and "rewards/margins" in r][-window:]
     if len(recs) < window:
         return False
-    chosen = [r["logps/chosen"] for r in recs]
+    chosen = [r[key] / beta if relative else r[key] for r in recs]
     margins = [r["rewards/margins"] for r in recs]
     falls = sum(b < a for a, b in zip(chosen, chosen[1:]))
-    return falls >= window - 2 and chosen[0] - chosen[-1] >= min_drop and margins[-1] > margins[0]
+    return (falls >= window - 2 and chosen[0] - chosen[-1] >= min_drop and margins[-1] > margins[0]
+            and (not relative or chosen[-1] < 0))
 
 
 class Monitor:

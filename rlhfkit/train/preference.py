@@ -284,7 +284,7 @@ def run_preference(run: Run, model, tokenizer, *, train: list[Item], evaluation:
         return {**metrics, **gold_eval(run, m, tokenizer, task)}
 
     # 3. diagnostics of known failure modes (the shared registry), checked at every log
-    monitor = Monitor(run.print, run.stage)
+    monitor = Monitor(run.print, run.stage, beta=c.beta, reference=reference.kind)
 
     def on_log(step: int, record: dict) -> None:
         fired = set(monitor.fired)
