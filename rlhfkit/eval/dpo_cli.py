@@ -168,14 +168,9 @@ def evaluate_pairs(config, reference, model, items, pad_id: int, *, batch_size: 
     return metrics, records
 
 
-def format_table(metrics: dict, title: str) -> str:
-    order = ["rewards/accuracies", "rewards/accuracies_stderr", "rewards/margins", "loss", "rewards/chosen",
-             "rewards/rejected", "logps/chosen", "logps/rejected", "margin_length_corr", "length_corr", "ties", "pairs"]
-    lines = [title, "-" * max(len(title), 40)]
-    for k in order:
-        v = metrics[k]
-        lines.append(f"{k:<26s} {v:>12.4f}" if isinstance(v, float) else f"{k:<26s} {v!s:>12}")
-    return "\n".join(lines)
+DPO_METRIC_ORDER = ["rewards/accuracies", "rewards/accuracies_stderr", "rewards/margins", "loss", "rewards/chosen",
+                    "rewards/rejected", "logps/chosen", "logps/rejected", "margin_length_corr", "length_corr", "ties",
+                    "pairs"]
 
 
 def precision_context(bf16: bool, device: str):
@@ -267,6 +262,7 @@ def paired_comparison(records: list[dict], other: list[dict]) -> dict:
 def run_eval_dpo(argv: list[str]) -> int:
     import torch
 
+    from rlhfkit.eval.reward import format_metrics
     from rlhfkit.train.tracking import write_summary
 
     parser = argparse.ArgumentParser(prog="rlhfkit eval-dpo", description=(
@@ -321,9 +317,9 @@ def run_eval_dpo(argv: list[str]) -> int:
                         "max_length": config.max_length, "max_prompt_length": config.max_prompt_length,
                         "padding_free": result["padding_free"], "bf16": result["bf16"], **{f"eval/{k}": v for k, v in metrics.items()},
                         **({"compare": compared} if compared else {})})
-    print(format_table(metrics, f"{run_dir} on {what} ({n} pairs"
+    print(format_metrics(metrics, f"{run_dir} on {what} ({n} pairs"
                        + (f", {result['skipped']} skipped" if result["skipped"] else "")
-                       + f", reference: {result['reference']})"))
+                       + f", reference: {result['reference']})", order=DPO_METRIC_ORDER))
     if compared:
         print(f"against {args.compare} on the {compared['pairs']} pairs both kept: accuracy {compared['accuracy']:.4f} "
               f"vs {compared['other_accuracy']:.4f}, difference {compared['difference']:+.4f} (paired SE "

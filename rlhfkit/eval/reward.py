@@ -198,15 +198,19 @@ def evaluate_rewards(score_fn: ScoreFn, groups: list[ResponseGroup], *, pad_id: 
     return metrics
 
 
-def format_metrics(metrics: dict, title: str = "reward model evaluation") -> str:
-    """A short two-column table (accuracy next to the Bayes ceiling first)."""
-    order = ["accuracy", "accuracy_stderr", "bayes_accuracy", "gold_accuracy", "margin", "loss", "ece", "length_corr",
-             "eos_sensitivity", "reward_mean", "reward_std", "pairs"]
+RM_METRIC_ORDER = ["accuracy", "accuracy_stderr", "bayes_accuracy", "gold_accuracy", "margin", "loss", "ece",
+                   "length_corr", "eos_sensitivity", "reward_mean", "reward_std", "pairs"]
+
+
+def format_metrics(metrics: dict, title: str = "reward model evaluation", order: list[str] = RM_METRIC_ORDER) -> str:
+    """A short two-column table, the keys of `order` first (for a reward model: accuracy next to the
+    Bayes ceiling), then the rest."""
     keys = [k for k in order if k in metrics] + [k for k in metrics if k not in order]
+    width = max(18, *(len(k) + 1 for k in keys))
     lines = [title, "-" * max(len(title), 34)]
     for k in keys:
         v = metrics[k]
-        lines.append(f"{k:<18s} {v:>14.4f}" if isinstance(v, float) else f"{k:<18s} {v!s:>14}")
+        lines.append(f"{k:<{width}s} {v:>14.4f}" if isinstance(v, float) else f"{k:<{width}s} {v!s:>14}")
     return "\n".join(lines)
 
 
