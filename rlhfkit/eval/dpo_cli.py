@@ -206,19 +206,20 @@ def evaluate_run(run_dir: Path, config, rows: list[dict], *, device, batch_size:
     records}. Rows are encoded as the run's training encoded them; a row whose responses keep no
     token is skipped and counted. Forward passes in float32, or under bf16 autocast with `bf16`."""
     from rlhfkit.models.load import load_tokenizer
+    from rlhfkit.train.common import encode_all
     from rlhfkit.train.dpo import encode_pair
     from rlhfkit.train.preference import packed_pass_matches
 
-    # 1. tokenizer (the run's), pairs encoded as training encoded them
+    # 1. tokenizer (the run's), pairs encoded as training encoded them, each keeping its row's position
     tokenizer = load_tokenizer(str(run_dir), trust_remote_code=config.trust_remote_code)
-    items, skipped = [], 0
-    for i, row in enumerate(rows):
-        item = encode_pair(tokenizer, config.max_length, config.max_prompt_length, row)
-        if item is None:
-            skipped += 1
-        else:
-            item.index = i
-            items.append(item)
+
+    def encode(indexed: tuple[int, dict]):
+        item = encode_pair(tokenizer, config.max_length, config.max_prompt_length, indexed[1])
+        if item is not None:
+            item.index = indexed[0]
+        return item
+
+    items, skipped = encode_all(list(enumerate(rows)), encode, desc="tokenize", quiet=None)
     if not items:
         raise DataError(f"{run_dir}: no pair keeps a response token within max_length={config.max_length}, "
                         f"max_prompt_length={config.max_prompt_length}", source=source)
@@ -315,8 +316,8 @@ def run_eval_dpo(argv: list[str]) -> int:
     write_summary(out, {"run": str(run_dir), "data": what, "pairs": n, "skipped": result["skipped"],
                         "reference": result["reference"], "loss_type": config.loss_types, "beta": config.beta,
                         "max_length": config.max_length, "max_prompt_length": config.max_prompt_length,
-                        "padding_free": result["padding_free"], "bf16": result["bf16"], **{f"eval/{k}": v for k, v in metrics.items()},
-                        **({"compare": compared} if compared else {})})
+                        "padding_free": result["padding_free"], "bf16": result["bf16"],
+                        **{f"eval/{k}": v for k, v in metrics.items()}, **({"compare": compared} if compared else {})})
     print(format_metrics(metrics, f"{run_dir} on {what} ({n} pairs"
                        + (f", {result['skipped']} skipped" if result["skipped"] else "")
                        + f", reference: {result['reference']})", order=DPO_METRIC_ORDER))
