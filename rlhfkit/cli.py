@@ -21,6 +21,7 @@ STAGE_FUNCTIONS = {
     "ppo": "rlhfkit.train.ppo:train_ppo",
     "grpo": "rlhfkit.train.grpo:train_grpo",
     "rloo": "rlhfkit.train.grpo:train_grpo",
+    "online_dpo": "rlhfkit.train.online_dpo:train_online_dpo",
 }
 
 USAGE = """rlhfkit STAGE CONFIG.yaml [key=value ...]   train a stage ({stages})

@@ -382,6 +382,19 @@ class _ReferenceConfig(BaseConfig):
         return self
 
 
+def label_smoothing_problems(e: float, loss_types: list[str]) -> list[str]:
+    """label_smoothing e applies to sigmoid (cDPO, [0, 0.5]) and robust ([0, 0.5)); dpo and online_dpo."""
+    if not e:
+        return []
+    if not set(loss_types) & {"sigmoid", "robust"}:
+        return [f"label_smoothing={e} only applies to sigmoid and robust, not {loss_types}"]
+    if "robust" in loss_types and not 0 <= e < 0.5:
+        return [f"label_smoothing must be in [0, 0.5) for robust, got {e} (the loss divides by 1 - 2 label_smoothing)"]
+    if not 0 <= e <= 0.5:
+        return [f"label_smoothing must be in [0, 0.5], got {e}"]
+    return []
+
+
 class DPOConfig(_ReferenceConfig):
     """`rlhfkit dpo`: direct preference optimisation (DPO and its family) on preference pairs."""
 
@@ -422,15 +435,7 @@ class DPOConfig(_ReferenceConfig):
                                 f"loss types {types}")
             elif any(w < 0 for w in self.loss_weights):
                 problems.append(f"loss_weights must be >= 0, got {self.loss_weights}")
-        if self.label_smoothing:
-            if not set(types) & {"sigmoid", "robust"}:
-                problems.append(f"label_smoothing={self.label_smoothing} only applies to sigmoid and robust, "
-                                f"not {types}")
-            if "robust" in types and not 0 <= self.label_smoothing < 0.5:
-                problems.append(f"label_smoothing must be in [0, 0.5) for robust, got {self.label_smoothing} "
-                                "(the loss divides by 1 - 2 label_smoothing)")
-            elif not 0 <= self.label_smoothing <= 0.5:
-                problems.append(f"label_smoothing must be in [0, 0.5], got {self.label_smoothing}")
+        problems += label_smoothing_problems(self.label_smoothing, types)
         if self.sft_weight < 0:
             problems.append(f"sft_weight must be >= 0, got {self.sft_weight}")
         if self.orpo_lambda < 0:
@@ -537,7 +542,7 @@ class RMConfig(BaseConfig):
 
 
 class OnlineConfig(BaseConfig):
-    """Keys shared by the online stages (ppo, grpo, rloo): prompts, sampling, rewards, the reference
+    """Keys shared by the online stages (ppo, grpo, rloo, online_dpo): prompts, sampling, rewards, the reference
     and the split of each rollout batch into minibatches and micro-batches."""
 
     dataset_format: DatasetFormat | None = "prompt"
@@ -644,6 +649,11 @@ class OnlineConfig(BaseConfig):
         """Responses per prompt in a rollout batch."""
         return 1
 
+    @property
+    def train_group_size(self) -> int:
+        """Responses per prompt that the updates train on (the rollout batch's rows; online_dpo: its pair)."""
+        return self.group_size
+
     @model_validator(mode="after")
     def _check_online(self) -> "OnlineConfig":
         problems = []
@@ -674,7 +684,7 @@ class OnlineConfig(BaseConfig):
             problems.append(f"num_sample_generations must be >= 0, got {self.num_sample_generations}")
         if self.generation_batch_size is not None and self.generation_batch_size < 1:
             problems.append(f"generation_batch_size must be >= 1, got {self.generation_batch_size}")
-        rows = self.rollout_batch_size * self.group_size
+        rows = self.rollout_batch_size * self.train_group_size
         if rows % self.num_mini_batches:
             problems.append(f"the rollout batch ({self._rows_text} = {rows} responses) must be divisible by "
                             f"num_mini_batches={self.num_mini_batches}")
@@ -913,8 +923,68 @@ class RLOOConfig(GRPOConfig):
     _stage: ClassVar[str] = "rloo"
 
 
+OnlineDPOLossType = Literal["sigmoid", "robust", "hinge", "ipo"]
+
+
+class OnlineDPOConfig(OnlineConfig):
+    """`rlhfkit online_dpo`: online DPO (Guo et al. 2024, "Direct Language Model Alignment from Online
+    AI Feedback"; Calandriello et al. 2024). Each step samples `num_generations` responses to each of
+    `rollout_batch_size` prompts from the current policy, scores them with the reward model and/or
+    reward functions, pairs each prompt's best- and worst-scored response (chosen, rejected) and
+    takes DPO steps on those pairs against the reference. Ties (best = worst) give no pair (logged as
+    `pairs/tied`)."""
+
+    supports_4bit: ClassVar[bool] = True  # QLoRA policy; the reference: the base, adapters off
+
+    learning_rate: float = 5e-7
+    """Peak learning rate (AdamW); TRL's online DPO default. LoRA and tiny models take larger steps."""
+    temperature: float = 0.9
+    """Sampling temperature (TRL's online DPO default); the log-probs of the DPO loss, policy and
+    reference, are taken from logits / temperature too (the tempered policy that sampled the pair)."""
+    num_generations: int = 2
+    """Responses sampled per prompt. 2: the pair itself (online DPO); more: the best- and
+    worst-scored of them form the pair (best-vs-worst of n, as in iterative DPO, Xiong et al. 2024,
+    Dong et al. 2024), which makes a tie rarer with a coarse reward."""
+    beta: float = 0.1
+    """Inverse temperature of the implicit reward beta * log(pi / pi_ref)."""
+    loss_type: OnlineDPOLossType = "sigmoid"
+    """`sigmoid` (DPO; cDPO with label_smoothing), `robust`, `hinge` (SLiC), `ipo` (losses/dpo.py)."""
+    label_smoothing: float = 0.0
+    """Assumed share of flipped labels e for `sigmoid` (cDPO, in [0, 0.5]) and `robust` (< 0.5)."""
+
+    _stage: ClassVar[str] = "online_dpo"
+    _rows_text: ClassVar[str] = "rollout_batch_size x 2 (each prompt's pair)"
+
+    @property
+    def group_size(self) -> int:
+        return self.num_generations
+
+    @property
+    def train_group_size(self) -> int:
+        return 2
+
+    @model_validator(mode="after")
+    def _check_online_dpo(self) -> "OnlineDPOConfig":
+        problems = []
+        if self.num_generations < 2:
+            problems.append(f"num_generations must be >= 2 (a pair needs two responses), got {self.num_generations}")
+        if self.beta <= 0:
+            problems.append(f"beta must be > 0, got {self.beta}")
+        problems += label_smoothing_problems(self.label_smoothing, [self.loss_type])
+        if self.per_device_train_batch_size % 2:
+            problems.append(f"per_device_train_batch_size counts responses and must be even (whole pairs), "
+                            f"got {self.per_device_train_batch_size}")
+        if self.sampling_dtype != "float32":
+            problems.append(f"sampling_dtype: {self.sampling_dtype} is offered by grpo and rloo only (their loss "
+                            "has the importance-sampling correction; online_dpo's does not): use float32")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
 STAGES: dict[str, type[BaseConfig]] = {"pt": PTConfig, "sft": SFTConfig, "dpo": DPOConfig, "kto": KTOConfig,
-                                       "rm": RMConfig, "ppo": PPOConfig, "grpo": GRPOConfig, "rloo": RLOOConfig}
+                                       "rm": RMConfig, "ppo": PPOConfig, "grpo": GRPOConfig, "rloo": RLOOConfig,
+                                       "online_dpo": OnlineDPOConfig}
 
 
 def register_stage(name: str, config_cls: type[BaseConfig]) -> None:

@@ -13,8 +13,8 @@ feeding the next, re-runs that redo only what changed, and an HTML report at the
     report: {num_prompts: 128}
 
 Wiring (the user writes no paths between stages): a stage's model is the output of the last earlier
-stage of the kind it builds on (`UPSTREAM_KINDS`: sft on pt; rm, dpo, kto, ppo, grpo, rloo on sft,
-else pt), or of the stage named by `from:`; PPO's `reward_model` is the last earlier rm stage (unless
+stage of the kind it builds on (`UPSTREAM_KINDS`: sft on pt; rm, dpo, kto, ppo, grpo, rloo, online_dpo on
+sft, else pt), or of the stage named by `from:`; ppo's and online_dpo's `reward_model` is the last earlier rm stage (unless
 `reward_model` or `reward_funcs` is given); and any of `MODEL_KEYS` whose value is the name of an
 earlier stage means that stage's output. With `data`, each stage's `dataset` / `eval_dataset` default
 to the task's files for its kind (`TASK_FILES`) and `task` to the task (gold-reward evaluation).
@@ -47,12 +47,12 @@ from rlhfkit.errors import ConfigError
 
 STATE_FILE = "pipeline_state.json"
 
-POLICY_KINDS = ("pt", "sft", "dpo", "kto", "ppo", "grpo", "rloo")
+POLICY_KINDS = ("pt", "sft", "dpo", "kto", "ppo", "grpo", "rloo", "online_dpo")
 """Stage kinds whose output is a causal LM (a model in the report's table and samples)."""
 
 UPSTREAM_KINDS: dict[str, tuple[str, ...]] = {
     "pt": (), "sft": ("pt",), "rm": ("sft", "pt"), "dpo": ("sft", "pt"), "kto": ("sft", "pt"),
-    "ppo": ("sft", "pt"), "grpo": ("sft", "pt"), "rloo": ("sft", "pt"),
+    "ppo": ("sft", "pt"), "grpo": ("sft", "pt"), "rloo": ("sft", "pt"), "online_dpo": ("sft", "pt"),
 }
 """Kind -> the kinds whose output becomes its `model_name_or_path` without `from:`, in order of preference
 (the last earlier stage of the first kind present)."""
@@ -61,9 +61,12 @@ TASK_FILES: dict[str, tuple[str, str | None]] = {
     "pt": ("pt_train", "pt_eval"), "sft": ("sft_train", "sft_eval"),
     "rm": ("preference_train", "preference_eval"), "dpo": ("preference_train", "preference_eval"),
     "kto": ("unpaired_train", "unpaired_eval"), "ppo": ("prompt_train", None),
-    "grpo": ("prompt_train", None), "rloo": ("prompt_train", None),
+    "grpo": ("prompt_train", None), "rloo": ("prompt_train", None), "online_dpo": ("prompt_train", None),
 }
 """Kind -> (dataset, eval_dataset) file stems of a built-in task's data (`rlhfkit data`)."""
+
+REWARD_MODEL_KINDS = ("ppo", "online_dpo")
+"""Kinds whose `reward_model` defaults to the last earlier rm stage (unless reward_model or reward_funcs is given)."""
 
 MODEL_KEYS = ("model_name_or_path", "tokenizer_name_or_path", "ref_model", "reward_model", "judge_reward_model")
 """Keys whose value may name an earlier stage (meaning that stage's output directory)."""
@@ -308,7 +311,7 @@ def resolve_pipeline(values: dict | PipelineConfig, source: str = "pipeline") ->
                 if found:
                     upstream["model_name_or_path"] = found[-1]
                     break
-        if (kind == "ppo" and "reward_model" not in entry and "reward_funcs" not in entry
+        if (kind in REWARD_MODEL_KINDS and "reward_model" not in entry and "reward_funcs" not in entry
                 and "reward_model" not in values and "reward_funcs" not in values):
             rms = [s.name for s in stages if s.kind == "rm"]
             if rms:

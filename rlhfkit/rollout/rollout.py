@@ -1,4 +1,4 @@
-"""The online layer every online stage shares (ppo, grpo, rloo; online preference methods next):
+"""The online layer every online stage shares (ppo, grpo, rloo, online_dpo):
 prompt encoding, sampling `num_generations` responses per prompt into one `Rollout` batch, and
 scoring it with a reward model and/or reward functions (`Scorer`).
 

@@ -13,7 +13,8 @@ Engines (`Engine.name`): `single` (one process), `ddp` (data parallel: one full 
 `zero2` / `zero3` (DeepSpeed ZeRO stage 2: optimizer state and gradients partitioned; stage 3:
 parameters too), `fsdp2` (torch FSDP2 `fully_shard`, applied by rlhfkit: `rlhfkit.train.fsdp`).
 Every stage (pt, sft, rm, dpo, kto and the online stages ppo, grpo, rloo) runs under every engine
-(`SHARDED_STAGES`). The engine-specific backward / step / checkpoint of every stage is `rlhfkit.train.distributed.Optimization`. Placement of the roles under
+(`SHARDED_STAGES`) but online_dpo, which runs single-process or under ddp and is refused under the
+sharded engines until it is tested there. The engine-specific backward / step / checkpoint of every stage is `rlhfkit.train.distributed.Optimization`. Placement of the roles under
 ZeRO-2/3 and FSDP2: the trained models (policy; PPO's critic and value head) in the engine; frozen
 models (the full fine-tuning reference, a separate reward model) whole on every rank outside it;
 under LoRA the reference (and PPO's shared-base reward adapter) is the policy's base, sharded with
@@ -31,7 +32,7 @@ from rlhfkit.errors import ConfigError
 
 ENGINES = ("single", "ddp", "zero2", "zero3", "fsdp2")
 SHARDED_STAGES = ("pt", "sft", "rm", "dpo", "kto", "ppo", "grpo", "rloo")
-"""Stages that run under the sharded engines (every stage today): pt, sft, rm, dpo, kto train in
+"""Stages that run under the sharded engines (every stage but online_dpo): pt, sft, rm, dpo, kto train in
 `rlhfkit.train.loop.fit`, ppo, grpo, rloo in the online loops (`rlhfkit.train.online.run_updates`),
 both through `rlhfkit.train.distributed.Optimization`, where the DeepSpeed and FSDP2 paths live.
 Tested in tests/test_scaleout.py (sft, dpo; pt is sft's code path), tests/test_scaleout_fit.py (rm:

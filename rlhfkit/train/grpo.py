@@ -32,7 +32,6 @@ a separate no-grad pass: the same numbers, one forward pass fewer per step (test
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 
 import torch
 
@@ -46,68 +45,31 @@ from rlhfkit.losses.policy import (
     overlong_penalty,
     truncated_importance_weights,
 )
-from rlhfkit.losses.ppo import eos_trick
-from rlhfkit.models.load import enable_gradient_checkpointing, load_causal_lm
-from rlhfkit.models.logprobs import response_logps
+from rlhfkit.models.load import enable_gradient_checkpointing
 from rlhfkit.rollout.rollout import Rollout, Scorer, concat_rollouts, generate_rollout, select_rows, source_metrics
 from rlhfkit.train.common import build_model, save_final
 from rlhfkit.train.distributed import Optimization, reduce_metrics, reduce_sum_fn
 from rlhfkit.train.loop import Result
 from rlhfkit.train.online import (
     OnlineLog,
-    adapters_disabled,
+    build_reference,
+    build_scorer,
     check_padding_free,
     finish_online,
-    frozen_reward_model,
     minibatch_plan,
+    rollout_logps,
     rollout_seed,
     run_updates,
+    score_rollout,
     start_online,
 )
 from rlhfkit.train.tracking import progress
-
-# ---- roles: policy, reference, reward model ----------------------------------------------------------
-
-
-def build_reference(c: GRPOConfig, tokenizer, policy, device):
-    """A context-manager factory yielding the reference model, or None when beta is 0 (nothing held in
-    memory, no reference pass). Under LoRA: the policy with adapters disabled (under ZeRO-3 / FSDP2
-    sharded together with the policy); with full fine-tuning a frozen copy of the initial model
-    (`ref_model` to override), kept whole on every rank outside the engine under every engine (never
-    trained: ZeRO-2 would save nothing on it, ZeRO-3 would gather it at every pass)."""
-    if c.beta == 0 and c.finetuning_type == "full":
-        return None
-    if c.finetuning_type == "lora" and c.ref_model is None:
-        return lambda: adapters_disabled(policy)
-    ref = load_causal_lm(c.ref_model or c.model_name_or_path, tokenizer, trust_remote_code=c.trust_remote_code,
-                         gguf_file=c.gguf_file if c.ref_model is None else None)
-    # never trained, but with the policy's requires_grad flag: some CPUs (MKL on AVX-512) round a linear
-    # layer differently when its weight requires grad, and the KL must be exactly 0 at the start
-    ref.requires_grad_(c.finetuning_type == "full").eval().to(device)
-
-    @contextmanager
-    def frozen():
-        yield ref
-
-    return frozen
-
-
-def build_scorer(c: GRPOConfig, tokenizer, reward_funcs, device) -> Scorer:
-    """Reward functions and/or a reward model (a separate frozen model, scored with its stored
-    normalisation; texts re-encoded when its tokenizer differs from the policy's)."""
-    reward_model = rm_tokenizer = None
-    if c.reward_model is not None:
-        reward_model, rm_tokenizer = frozen_reward_model(c.reward_model, tokenizer, device, c.padding_free)
-    return Scorer(tokenizer, reward_funcs, c.reward_weights, reward_model=reward_model, rm_tokenizer=rm_tokenizer,
-                  batch_size=c.per_device_eval_batch_size)
-
 
 # ---- 1-2. sample and score a batch -------------------------------------------------------------------
 
 def score_batch(c: GRPOConfig, scorer: Scorer, ro: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Scores with the EOS trick and the overlong penalty applied; the parts as scored."""
-    raw, parts = scorer(ro)
-    scores = eos_trick(raw, ro.ended, penalty=c.missing_eos_penalty, replace=c.missing_eos_score)
+    scores, parts = score_rollout(c, scorer, ro)
     if c.overlong_buffer is not None:
         scores = scores + c.overlong_penalty * overlong_penalty(ro.lengths, c.max_new_tokens, c.overlong_buffer)
     return scores, parts
@@ -155,14 +117,6 @@ def sample_batch(c: GRPOConfig, setup, policy, scorer: Scorer, step: int) -> tup
 
 # ---- 5. the loss of one micro-batch ------------------------------------------------------------------
 
-def policy_logps(policy, ro: Rollout, idx: torch.Tensor, c: GRPOConfig, with_entropy: bool = False):
-    """(B, W) response log-probs (and entropy) of rows `idx`: `response_logps`, packed with each
-    group's prompt shared when `padding_free`."""
-    return response_logps(policy, ro.input_ids[idx], ro.attention_mask[idx], ro.context_length, c.temperature,
-                          padding_free=c.padding_free, groups=ro.group_ids_of(idx), suppress_ids=[ro.pad_id],
-                          with_entropy=with_entropy)
-
-
 def grpo_micro_loss(policy, ro: Rollout, data: dict, idx: torch.Tensor, c: GRPOConfig,
                     n_tokens: float, n_sequences: float,
                     forward: tuple | None = None) -> tuple[torch.Tensor, dict[str, float]]:
@@ -171,7 +125,7 @@ def grpo_micro_loss(policy, ro: Rollout, data: dict, idx: torch.Tensor, c: GRPOC
     micro-batches of a minibatch on every process add up to the minibatch loss. `forward`: the
     micro-batch's (logps, entropy) when the caller already ran the training forward."""
     m = data["loss_mask"][idx]
-    logps, entropy = forward if forward is not None else policy_logps(policy, ro, idx, c, with_entropy=True)
+    logps, entropy = forward if forward is not None else rollout_logps(policy, ro, idx, c, with_entropy=True)
     old = data["old_logps"][idx] if "old_logps" in data else logps.detach()
     pg = clipped_policy_loss(logps, old, data["advantages"][idx], m, epsilon=c.epsilon,
                              epsilon_high=c.epsilon_high, importance_sampling_level=c.importance_sampling_level)
@@ -219,7 +173,7 @@ def old_and_reference_logps(c: GRPOConfig, policy, reference, ro: Rollout, micro
     def logps_of(model) -> torch.Tensor:
         t = torch.zeros(B, W, device=ro.input_ids.device)
         for idx in micro_batches:
-            t[idx] = policy_logps(model, ro, idx, c)[0]
+            t[idx] = rollout_logps(model, ro, idx, c)[0]
         return t.masked_fill(~ro.response_mask, 0.0)
 
     if need_old:
@@ -258,7 +212,7 @@ def single_update_loss(policy, ro: Rollout, data: dict, idx: torch.Tensor, c: GR
                        scores: torch.Tensor, reduce_sum):
     """# 3-5 of a single update (module docstring): the training forward of all of this process's
     rows gives the old log-probs (detached), then the advantages, then the loss of that forward."""
-    logps, entropy = policy_logps(policy, ro, idx, c, with_entropy=True)
+    logps, entropy = rollout_logps(policy, ro, idx, c, with_entropy=True)
     old = torch.zeros_like(ro.response_mask, dtype=logps.dtype)
     old[idx] = logps.detach()
     data["old_logps"] = old.masked_fill(~ro.response_mask, 0.0)
@@ -278,7 +232,7 @@ def train_grpo(config: GRPOConfig) -> Result:
     policy = build_model(run, tokenizer)
     if c.gradient_checkpointing:  # recomputed in the training passes (train mode) only
         enable_gradient_checkpointing(policy)
-    reference = build_reference(c, tokenizer, policy, run.device)
+    reference = build_reference(c, tokenizer, policy, run.device, needed=c.beta > 0)
     scorer = build_scorer(c, tokenizer, setup.reward_funcs, run.device)
     check_padding_free(run, policy, setup.prompt_ids, tokenizer.pad_token_id)
     kl_to_reward = c.beta > 0 and c.kl_goes_to_reward

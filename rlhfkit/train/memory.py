@@ -39,6 +39,7 @@ STAGE_ROLES: dict[str, list[tuple[str, bool]]] = {
     "kto": [("policy", True), ("reference", False)],
     "grpo": [("policy", True), ("reference", False)],
     "rloo": [("policy", True), ("reference", False)],
+    "online_dpo": [("policy", True), ("reference", False)],
     "ppo": [("policy", True), ("reference", False), ("reward", False), ("critic", True)],
 }
 """Stage -> its roles, (name, trained)."""

@@ -1,4 +1,4 @@
-"""The parts every online stage (ppo, grpo, rloo; online preference methods next) shares, called by
+"""The parts every online stage (ppo, grpo, rloo, online_dpo) shares, called by
 the stage loops in their numbered steps:
 
   start_online      validate data and reward functions, start the run, split the rollout batch
@@ -6,6 +6,8 @@ the stage loops in their numbered steps:
   minibatch_plan    shuffled minibatches -> micro-batches of row indices (whole groups shuffled)
   run_updates       the epochs x minibatches x micro-batches driver: global token counts,
                     backward per micro-batch, summed gradients, one optimizer step per minibatch
+  build_reference, build_scorer, score_rollout, rollout_logps   the roles (reference, reward) and
+                    the passes every critic-free loop (grpo, rloo, online_dpo) makes over a rollout
   evaluate_policy   held-out prompts: proxy score, KL to the reference, gold reward / accuracy, judge score
   frozen_reward_model, judge_scorer   a separate frozen reward model; the evaluation's judge
   OnlineLog         per step: diagnostics, the logging window, samples.jsonl, evaluation
@@ -80,10 +82,10 @@ def start_online(c: OnlineConfig, stage: str) -> OnlineSetup:
     reward_funcs = load_reward_funcs(c.reward_funcs, task=task)
     run = start_run(c, stage)
     local_prompts = c.rollout_batch_size // run.world_size
-    rows_local = local_prompts * c.group_size
+    rows_local = local_prompts * c.train_group_size
     if c.rollout_batch_size % run.world_size or rows_local % (c.num_mini_batches * c.per_device_train_batch_size):
         raise ConfigError(f"rollout_batch_size {c.rollout_batch_size} must split into {run.world_size} process(es) "
-                          f"(whole prompts each) with {c.group_size} response(s) per prompt, then into "
+                          f"(whole prompts each) with {c.train_group_size} trained response(s) per prompt, then into "
                           f"num_mini_batches {c.num_mini_batches} x per_device_train_batch_size "
                           f"{c.per_device_train_batch_size}")
     tokenizer = config_tokenizer(c, lambda: row_texts(train_rows))
@@ -200,7 +202,61 @@ def check_padding_free(run: Run, model, prompt_ids: list[list[int]], pad_id: int
     return keep_padding_free(run, matches)
 
 
-# ---- reference ----------------------------------------------------------------------------------
+# ---- roles: reference, reward; the passes over a rollout -------------------------------------------
+
+def build_reference(c: OnlineConfig, tokenizer, policy, device, needed: bool):
+    """A context-manager factory yielding the reference model, or None when not `needed` (grpo/rloo
+    with beta 0: nothing held in memory, no reference pass) under full fine-tuning. Under LoRA: the
+    policy with adapters disabled (under ZeRO-3 / FSDP2 sharded together with the policy); with full
+    fine-tuning a frozen copy of the initial model (`ref_model` to override), kept whole on every rank
+    outside the engine under every engine (never trained: ZeRO-2 would save nothing on it, ZeRO-3
+    would gather it at every pass)."""
+    from rlhfkit.models.load import load_causal_lm
+
+    if not needed and c.finetuning_type == "full":
+        return None
+    if c.finetuning_type == "lora" and c.ref_model is None:
+        return lambda: adapters_disabled(policy)
+    ref = load_causal_lm(c.ref_model or c.model_name_or_path, tokenizer, trust_remote_code=c.trust_remote_code,
+                         gguf_file=c.gguf_file if c.ref_model is None else None)
+    # never trained, but with the policy's requires_grad flag: some CPUs (MKL on AVX-512) round a linear
+    # layer differently when its weight requires grad, and the KL must be exactly 0 at the start
+    ref.requires_grad_(c.finetuning_type == "full").eval().to(device)
+
+    @contextmanager
+    def frozen():
+        yield ref
+
+    return frozen
+
+
+def build_scorer(c: OnlineConfig, tokenizer, reward_funcs, device) -> Scorer:
+    """Reward functions and/or a reward model (a separate frozen model, scored with its stored
+    normalisation; texts re-encoded when its tokenizer differs from the policy's)."""
+    reward_model = rm_tokenizer = None
+    if c.reward_model is not None:
+        reward_model, rm_tokenizer = frozen_reward_model(c.reward_model, tokenizer, device, c.padding_free)
+    return Scorer(tokenizer, reward_funcs, c.reward_weights, reward_model=reward_model, rm_tokenizer=rm_tokenizer,
+                  batch_size=c.per_device_eval_batch_size)
+
+
+def score_rollout(c: OnlineConfig, scorer: Scorer, ro: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(scores with the EOS trick applied (`missing_eos_penalty` / `missing_eos_score`), the parts as scored)."""
+    from rlhfkit.losses.ppo import eos_trick
+
+    raw, parts = scorer(ro)
+    return eos_trick(raw, ro.ended, penalty=c.missing_eos_penalty, replace=c.missing_eos_score), parts
+
+
+def rollout_logps(policy, ro: Rollout, idx: torch.Tensor, c: OnlineConfig, with_entropy: bool = False):
+    """(B, W) response log-probs (and entropy) of rows `idx`: `response_logps` at the sampling
+    temperature, packed with each group's prompt shared when `padding_free`."""
+    from rlhfkit.models.logprobs import response_logps
+
+    return response_logps(policy, ro.input_ids[idx], ro.attention_mask[idx], ro.context_length, c.temperature,
+                          padding_free=c.padding_free, groups=ro.group_ids_of(idx), suppress_ids=[ro.pad_id],
+                          with_entropy=with_entropy)
+
 
 @contextmanager
 def adapters_disabled(model):
@@ -299,10 +355,10 @@ class OnlineLog:
     policy's parameters whole through `whole`, `Optimization.whole`; only the main process writes)."""
 
     def __init__(self, run: Run, setup: OnlineSetup, policy, reference, scorer: Scorer,
-                 latest: tuple[str, ...] = ("lr",), whole=None):
+                 latest: tuple[str, ...] = ("lr",), whole=None, monitor_context: dict | None = None):
         c = run.config
         self.run, self.setup, self.latest = run, setup, latest
-        self.monitor = Monitor(run.print, run.stage, max_new_tokens=c.max_new_tokens)
+        self.monitor = Monitor(run.print, run.stage, max_new_tokens=c.max_new_tokens, **(monitor_context or {}))
         self.samples = SampleLog(run)
         self.do_eval = bool(setup.eval_ids) and samples_on_this_rank(run)
         self.window: list[dict] = []

@@ -1,0 +1,227 @@
+"""`rlhfkit online_dpo`: online DPO (Guo et al. 2024, "Direct Language Model Alignment from Online AI
+Feedback"; Calandriello et al. 2024, "Human Alignment of Large Language Models through Online
+Preference Optimisation"): the DPO loss on pairs the current policy samples and a reward model
+(and/or reward functions) ranks, one explicit loop per step:
+
+  # 1. generate    rollout_batch_size prompts x num_generations responses from the current policy
+                   (a prompt's prefill shared by its group)
+  # 2. score       reward model and/or reward functions; EOS trick (`missing_eos_penalty`)
+  # 3. pair        each prompt's best- and worst-scored response -> (chosen, rejected); a prompt whose
+                   responses all score the same gives no preference: its pair stays in the batch with
+                   weight 0 (every process keeps its micro-batch count) and is counted (`pairs/tied`)
+  # 4. reference   reference log-probs of both responses, in the training micro-batches (no grad):
+                   the base with adapters disabled (LoRA) or a frozen copy of the initial model
+  # 5. update      num_mini_batches DPO steps over the pairs (the loss family of losses/dpo.py), each
+                   the mean over the minibatch's untied pairs on every process
+  # 6. log, evaluate, checkpoint, diagnostics
+
+Both log-probs of a pair are taken at the sampling temperature (`rollout_logps`, the one function of
+every online pass), so the DPO loss is that of the tempered policy that sampled the pair. At step 0
+policy = reference: every implicit reward is exactly 0 and the sigmoid loss is log 2 (tested).
+
+Everything around the loop is the shared online layer (rollout/, train/online.py,
+train/distributed.py), the same grpo, rloo and ppo use.
+
+Metrics: `loss`, the implicit rewards of the untied pairs (`rewards/chosen`, `rewards/rejected`,
+`rewards/margins`, `rewards/accuracies`: beta x log-ratio to the reference, as `dpo` logs them),
+`logps/chosen`, `logps/rejected`, the scores that made the pairs (`scores/mean` over every sampled
+response, `scores/chosen`, `scores/rejected`, `scores/<source>` per reward source), `pairs/tied`,
+`pairs/logratio` (the pairs' mean log-ratio to the reference, summed over tokens: the best and the
+worst of a group are not a sample of the policy, so this is no KL estimate; `eval/kl` is), `gen/*`, and the
+held-out evaluation (`eval/`: training score, KL, gold reward / accuracy, judge) of the online layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+
+from rlhfkit.config import OnlineDPOConfig
+from rlhfkit.losses.dpo import PairLogps, combined_loss
+from rlhfkit.losses.masked import masked_sum
+from rlhfkit.models.load import enable_gradient_checkpointing
+from rlhfkit.rollout.rollout import Rollout, generate_rollout, select_rows, source_metrics
+from rlhfkit.train.common import build_model, save_final
+from rlhfkit.train.distributed import Optimization, reduce_metrics
+from rlhfkit.train.loop import Result
+from rlhfkit.train.online import (
+    OnlineLog,
+    build_reference,
+    build_scorer,
+    check_padding_free,
+    finish_online,
+    minibatch_plan,
+    rollout_logps,
+    rollout_seed,
+    run_updates,
+    score_rollout,
+    start_online,
+)
+from rlhfkit.train.tracking import progress
+
+
+# ---- 3. pairs ---------------------------------------------------------------------------------------
+
+def best_and_worst(scores: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scores (P x G,) of P groups of G consecutive responses -> (P,) rows of each group's best- and
+    worst-scored response (the first of equal ones) and (P,) whether they differ (a preference; all
+    equal: a tie). Worked: scores [1, 3, 2, 2] in groups of 2 -> best [1, 2], worst [0, 3], decisive
+    [True, False]."""
+    s = scores.view(-1, group_size)
+    base = torch.arange(s.shape[0], device=scores.device) * group_size
+    best = s.argmax(dim=1)
+    worst = s.argmin(dim=1)
+    decisive = s.gather(1, best[:, None]).squeeze(1) > s.gather(1, worst[:, None]).squeeze(1)
+    worst = torch.where(decisive, worst, (best + 1) % group_size)  # a tie: still two different rows
+    return base + best, base + worst, decisive
+
+
+def pair_rollout(ro: Rollout, chosen: torch.Tensor, rejected: torch.Tensor) -> Rollout:
+    """The pairs as a rollout of groups of 2: row 2i the chosen, row 2i + 1 the rejected response of
+    pair i (a pair shares its prompt in packed passes)."""
+    return dataclasses.replace(select_rows(ro, torch.stack([chosen, rejected], 1).reshape(-1)), group_size=2)
+
+
+# ---- 4. reference log-probs ------------------------------------------------------------------------
+
+@torch.no_grad()
+def sequence_logps_of(model, pairs: Rollout, micro_batches: list[torch.Tensor], c: OnlineDPOConfig) -> torch.Tensor:
+    """(2P,) log-probs of every response of `pairs` under `model`, summed over its tokens, in the
+    training micro-batches (same packing and kernels as the training forward)."""
+    out = torch.zeros(pairs.input_ids.shape[0], device=pairs.input_ids.device)
+    for idx in micro_batches:
+        out[idx] = masked_sum(rollout_logps(model, pairs, idx, c)[0], pairs.response_mask[idx], dim=1).float()
+    return out
+
+
+# ---- 5. the loss of one micro-batch ----------------------------------------------------------------
+
+def pair_micro_loss(policy, pairs: Rollout, ref_logps: torch.Tensor, decisive: torch.Tensor, idx: torch.Tensor,
+                    c: OnlineDPOConfig, n_pairs: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """The DPO loss of the pairs in micro-batch `idx` (rows of whole pairs: 2i chosen, 2i + 1 rejected),
+    tied pairs weighted 0, divided by the untied pairs of the global minibatch (`n_pairs`), so the
+    micro-batches of a minibatch on every process add up to the minibatch's mean loss."""
+    logps = masked_sum(rollout_logps(policy, pairs, idx, c)[0], pairs.response_mask[idx], dim=1)
+    n_tokens = pairs.response_mask[idx].sum(-1).float()
+    is_chosen = idx % 2 == 0
+    rows_c, rows_r = idx[is_chosen], idx[~is_chosen]
+    if not torch.equal(rows_r, rows_c + 1):
+        raise AssertionError("a micro-batch must hold whole pairs, chosen before rejected")
+    p = PairLogps(logps[is_chosen], logps[~is_chosen], ref_logps[rows_c], ref_logps[rows_r],
+                  n_tokens[is_chosen], n_tokens[~is_chosen])
+    out = combined_loss(p, [c.loss_type], beta=c.beta, label_smoothing=c.label_smoothing)
+    w = decisive[rows_c // 2].to(out.losses.dtype)
+    loss = (out.losses * w).sum() / n_pairs
+
+    def share(x: torch.Tensor) -> float:
+        return ((x.detach().float() * w).sum() / n_pairs).item()
+
+    margins = out.chosen_rewards - out.rejected_rewards
+    stats = {"loss": loss.item(), "rewards/chosen": share(out.chosen_rewards),
+             "rewards/rejected": share(out.rejected_rewards), "rewards/margins": share(margins),
+             "rewards/accuracies": share((margins > 0).float()),
+             "logps/chosen": share(p.chosen), "logps/rejected": share(p.rejected),
+             "pairs/logratio": share((p.chosen_logratios + p.rejected_logratios) / 2)}
+    return loss, stats
+
+
+# ---- the stage ---------------------------------------------------------------------------------------
+
+def train_online_dpo(config: OnlineDPOConfig) -> Result:
+    c = config
+    stage = c._stage
+    G = c.num_generations
+    # 0. data, reward functions, run, prompts (validated before any model loads); policy, reference
+    setup = start_online(c, stage)
+    run, tokenizer = setup.run, setup.tokenizer
+    policy = build_model(run, tokenizer)
+    if c.gradient_checkpointing:  # recomputed in the training passes (train mode) only
+        enable_gradient_checkpointing(policy)
+    reference = build_reference(c, tokenizer, policy, run.device, needed=True)
+    scorer = build_scorer(c, tokenizer, setup.reward_funcs, run.device)
+    check_padding_free(run, policy, setup.prompt_ids, tokenizer.pad_token_id)
+    rows = setup.local_prompts * 2
+    updates = setup.steps * c.num_mini_batches
+    run.print(f"[{stage}] loss {c.loss_type} (beta {c.beta}"
+              + (f", label_smoothing {c.label_smoothing}" if c.label_smoothing else "")
+              + f") | pairs: the best and the worst of {G} responses per prompt, ties weighted 0 | reference: "
+              + ("the base with adapters disabled" if c.finetuning_type == "lora" and c.ref_model is None
+                 else c.ref_model or c.model_name_or_path))
+    run.print(f"[{stage}] each process: {setup.local_prompts} prompts x {G} sampled -> {setup.local_prompts} pairs "
+              f"({rows} responses) per step -> {c.num_mini_batches} minibatch(es) of {rows // c.num_mini_batches} "
+              f"in micro-batches of {c.per_device_train_batch_size} -> {updates} optimizer steps")
+
+    opt = Optimization(run, policy, updates, prepare=False)
+    scheduler = opt.scheduler
+    start_step = opt.start_step
+    if run.resume_from is not None:
+        run.print(f"[{stage}] resumed from {run.resume_from} at step {start_step}")
+    log = OnlineLog(run, setup, policy, reference, scorer, whole=opt.whole,
+                    monitor_context={"beta": c.beta, "reference": "adapters_disabled" if c.finetuning_type == "lora"
+                                     and c.ref_model is None else "model"})
+    log.start(start_step)
+
+    bar = progress(total=setup.steps, initial=start_step, disable=run.quiet, desc=stage)
+    for step in range(start_step, setup.steps):
+        t0 = time.perf_counter()
+        policy.eval()
+        # 1-2. generate and score (ZeRO-3 / FSDP2: with the policy's parameters whole on this rank)
+        idx = setup.stream.indices(step)
+        with opt.whole(policy), run.precision():
+            ro = generate_rollout(policy, tokenizer, setup.generator, [setup.prompt_ids[i] for i in idx],
+                                  [setup.rows[i] for i in idx], setup.params, rollout_seed(c, step, run.rank),
+                                  run.device, num_generations=G)
+            scores, parts = score_rollout(c, scorer, ro)
+        t_gen = time.perf_counter()
+        # 3. pairs: each prompt's best and worst response
+        best, worst, decisive = best_and_worst(scores, G)
+        pairs = pair_rollout(ro, best, worst)
+        # 4. reference log-probs in the micro-batches of the updates
+        plan = minibatch_plan(rows, c, step, 0, group_size=2)
+        with opt.whole(policy), run.precision(), reference() as ref:
+            ref_logps = sequence_logps_of(ref, pairs, [mb for mini in plan for mb in mini], c)
+        t_prep = time.perf_counter()
+        # 5. updates: num_mini_batches DPO steps (micro-batches accumulated)
+        policy.train()
+        means, _ = run_updates(
+            run, opt, [plan],
+            micro_loss=lambda mb, n: pair_micro_loss(opt.wrapped, pairs, ref_logps, decisive, mb, c, n[0]),
+            counts=lambda r: [decisive[r[r % 2 == 0] // 2].sum().item()])
+        policy.eval()
+        t_train = time.perf_counter()
+        # 6. metrics, samples, evaluation, checkpoint
+        kept = decisive.float()
+        n_kept = max(kept.sum().item(), 1.0)
+        m = ro.response_mask
+        metrics = {
+            **means,
+            "scores/mean": scores.mean().item(),
+            "scores/chosen": (scores[best] * kept).sum().item() / n_kept,
+            "scores/rejected": (scores[worst] * kept).sum().item() / n_kept,
+            "pairs/tied": 1.0 - kept.mean().item(),
+            **{k.replace("rewards/", "scores/", 1): v for k, v in source_metrics(parts).items()},
+            "gen/length": m.sum(-1).float().mean().item(), "gen/eos_rate": ro.ended.float().mean().item(),
+            "gen/truncated_rate": ro.truncated.float().mean().item(),
+            "lr": scheduler.get_last_lr()[0], "episodes": (step + 1) * c.rollout_batch_size * G,
+            "time/generation": t_gen - t0, "time/reference": t_prep - t_gen, "time/training": t_train - t_prep,
+        }
+        metrics = reduce_metrics(run, metrics)
+        done = step + 1
+        log.step(done, metrics, ro, scores)
+        bar.update(1)
+        bar.set_postfix(score=f"{metrics['scores/mean']:.3f}", tied=f"{metrics['pairs/tied']:.2f}")
+        if c.save_steps and done % c.save_steps == 0 and done < setup.steps:
+            opt.save_checkpoint(done)
+    bar.close()
+
+    if run.engine is not None:
+        run.engine.local = opt.local_counts()
+    save_final(run, policy, tokenizer)
+    summary = {"stage": stage, "steps": setup.steps, "episodes": setup.steps * c.rollout_batch_size * G,
+               "optimizer_steps": updates, "prompts": len(setup.prompt_ids), "skipped_prompts": setup.skipped,
+               "loss_type": c.loss_type, "beta": c.beta, **log.summary("scores/mean")}
+    finish_online(run, summary, ["scores/mean", "rewards/margins", "rewards/accuracies", "pairs/tied",
+                                 "eval/gold_reward", "eval/accuracy", "gen/length"])
+    return Result(run.output_dir, summary, policy, tokenizer, run.logger.history)

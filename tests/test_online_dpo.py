@@ -1,0 +1,177 @@
+"""online_dpo on tiny untrained models: pairing (best / worst, ties), the first update is at policy =
+reference (every implicit reward exactly 0, sigmoid loss log 2), the loss is the DPO loss of the
+sampled pairs recomputed by hand, micro-batches add up to the minibatch, tied pairs train nothing,
+resume, config errors before loading. The learning test lives in tests/test_grpo_learning.py (the
+arithmetic SFT fixture)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import launched_run, read_metrics, register_launched
+from safetensors.torch import load_file
+from test_grpo import grpo_fixtures, initial_weights
+
+from rlhfkit.config import build_config
+from rlhfkit.errors import ConfigError
+from rlhfkit.train.online_dpo import best_and_worst, train_online_dpo
+
+
+@pytest.fixture(scope="module")
+def fx(tmp_path_factory, tiny_tokenizer):
+    return grpo_fixtures(tmp_path_factory, tiny_tokenizer)
+
+
+def odpo_config(fx, out, **kw):
+    values = dict(model_name_or_path=str(fx / "sft"), dataset=str(fx / "prompts.jsonl"), output_dir=str(out),
+                  reward_funcs=["test_grpo:words_reward"], rollout_batch_size=4, num_generations=2,
+                  per_device_train_batch_size=8, max_steps=1, max_new_tokens=6, report_to=[], disable_tqdm=True,
+                  learning_rate=1e-3, seed=0, temperature=1.0)
+    values.update(kw)
+    return build_config("online_dpo", values)
+
+
+def test_best_and_worst_pairs_each_group():
+    best, worst, decisive = best_and_worst(torch.tensor([1.0, 3.0, 2.0, 2.0]), 2)
+    assert best.tolist() == [1, 2] and worst.tolist() == [0, 3] and decisive.tolist() == [True, False]
+    # groups of 4: the first of equal maxima / minima; a flat group still names two different rows
+    best, worst, decisive = best_and_worst(torch.tensor([0.0, 1.0, 1.0, 0.0, 5.0, 5.0, 5.0, 5.0]), 4)
+    assert best.tolist() == [1, 4] and worst.tolist() == [0, 5] and decisive.tolist() == [True, False]
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(finetuning_type="lora", num_generations=4)], ids=["full", "lora_of_4"])
+def test_first_update_is_at_the_reference_and_every_parameter_trains(fx, tmp_path, kw):
+    """One step, one minibatch: the training forward is the reference's own (every implicit reward 0,
+    the sigmoid loss log 2 on untied pairs), and every trained tensor changed (LoRA: its B matrices)."""
+    c = odpo_config(fx, tmp_path / "run", val_size=2, **kw)
+    initial = initial_weights(c)
+    result = train_online_dpo(c)
+    step1 = next(r for r in result.history if r["step"] == 1)
+    assert step1["pairs/tied"] < 1.0  # some pairs carry a preference
+    assert step1["rewards/chosen"] == 0.0 and step1["rewards/rejected"] == 0.0 and step1["pairs/logratio"] == 0.0
+    assert step1["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert step1["scores/chosen"] > step1["scores/rejected"]
+    name = "adapter_model.safetensors" if c.finetuning_type == "lora" else "model.safetensors"
+    after = load_file(str(tmp_path / "run" / name))
+    trained = {n for n in initial if "lora_A" not in n} if c.finetuning_type == "lora" else set(initial)
+    unchanged = [n for n in trained if torch.equal(initial[n], after[n.replace(".default", "")])]
+    assert not unchanged, unchanged[:5]
+    s = result.summary
+    assert s["stage"] == "online_dpo" and s["loss_type"] == "sigmoid" and "initial_eval/scores" in s
+
+
+def test_loss_is_the_dpo_loss_of_the_sampled_pairs(fx, tmp_path):
+    """After one step, the step-2 loss logged equals -log sigmoid(beta h) recomputed by hand from the
+    policy and reference log-probs of step 2's pairs (padded forward, no packing), tied pairs out."""
+    from rlhfkit.losses.masked import masked_sum
+    from rlhfkit.train import online_dpo
+
+    seen = {}
+    original = online_dpo.pair_micro_loss
+
+    def spy(policy, pairs, ref_logps, decisive, idx, c, n_pairs):
+        loss, stats = original(policy, pairs, ref_logps, decisive, idx, c, n_pairs)
+        if policy.training:
+            with torch.no_grad():
+                lp = online_dpo.rollout_logps(policy, pairs, idx, c.model_copy(update={"padding_free": False}))[0]
+                seq = masked_sum(lp, pairs.response_mask[idx], dim=1)
+            h = (seq[0::2] - ref_logps[idx[0::2]]) - (seq[1::2] - ref_logps[idx[1::2]])
+            w = decisive[idx[0::2] // 2].float()
+            seen.setdefault("by_hand", []).append((-torch.nn.functional.logsigmoid(c.beta * h) * w).sum() / n_pairs)
+            seen.setdefault("logged", []).append(stats["loss"])
+        return loss, stats
+
+    online_dpo.pair_micro_loss = spy
+    try:
+        train_online_dpo(odpo_config(fx, tmp_path / "run", max_steps=2, beta=0.5))
+    finally:
+        online_dpo.pair_micro_loss = original
+    assert len(seen["logged"]) == 2
+    for by_hand, logged in zip(seen["by_hand"], seen["logged"]):
+        assert logged == pytest.approx(by_hand.item(), abs=1e-5)
+    assert seen["logged"][1] != pytest.approx(math.log(2), abs=1e-4)  # step 2 is off the reference
+
+
+def test_micro_batches_add_up_to_the_minibatch(fx, tmp_path):
+    """Pairs in micro-batches of one pair (gradients accumulated) train the same weights as one
+    micro-batch of all four: each micro-batch's loss is divided by the minibatch's untied pairs."""
+    whole = train_online_dpo(odpo_config(fx, tmp_path / "a", max_steps=2, per_device_train_batch_size=8))
+    split = train_online_dpo(odpo_config(fx, tmp_path / "b", max_steps=2, per_device_train_batch_size=2))
+    for a, b in zip(whole.history, split.history):
+        if "loss" in a:
+            assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    a = load_file(str(tmp_path / "a" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "model.safetensors"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=2e-5, rtol=1e-4)
+
+
+def test_tied_pairs_train_nothing(fx, tmp_path):
+    c = odpo_config(fx, tmp_path / "run", reward_funcs=["test_grpo:constant_reward"])
+    initial = initial_weights(c)
+    result = train_online_dpo(c)
+    step1 = next(r for r in result.history if r["step"] == 1)
+    assert step1["pairs/tied"] == 1.0 and step1["loss"] == 0.0 and step1["grad_norm"] == 0.0
+    after = load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert all(torch.equal(initial[n], after[n]) for n in initial)
+
+
+def test_resume_gives_the_same_weights(fx, tmp_path):
+    kw = dict(max_steps=3, finetuning_type="lora", num_generations=4, num_mini_batches=2, per_device_train_batch_size=4)
+    train_online_dpo(odpo_config(fx, tmp_path / "a", save_steps=2, **kw))
+    ckpt = tmp_path / "a" / "checkpoints" / "step-000002"
+    train_online_dpo(odpo_config(fx, tmp_path / "b", resume_from_checkpoint=str(ckpt), **kw))
+    a = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "adapter_model.safetensors"))
+    assert set(a) == set(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_config_errors_before_any_model_loads(fx, tmp_path):
+    cases = [(dict(num_generations=1), "num_generations must be >= 2"),
+             (dict(per_device_train_batch_size=3, rollout_batch_size=3), "must be even"),
+             (dict(rollout_batch_size=3, per_device_train_batch_size=4), "must be divisible by per_device_train"),
+             (dict(loss_type="hinge", label_smoothing=0.1), "only applies to sigmoid and robust"),
+             (dict(loss_type="robust", label_smoothing=0.5), r"\[0, 0.5\) for robust"),
+             (dict(beta=0), "beta must be > 0"),
+             (dict(loss_type="simpo"), "loss_type"),
+             (dict(sampling_dtype="bfloat16"), "offered by grpo and rloo only"),
+             (dict(reward_funcs=[]), "give reward_model")]
+    for kw, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            odpo_config(fx, tmp_path, **kw)
+    assert not (tmp_path / "config.yaml").exists()
+
+
+def ddp_job(tmp_path_factory, model_dir: Path, out: Path):
+    """The DDP run of test_two_processes_share_the_pair_count (in the ddp launch of `launched_run`)."""
+    from transformers import AutoTokenizer
+
+    fx = grpo_fixtures(tmp_path_factory, AutoTokenizer.from_pretrained(model_dir))
+    return "online_dpo", odpo_config(fx, out, max_steps=2, per_device_train_batch_size=2, finetuning_type="lora",
+                                     num_generations=4), None
+
+
+register_launched("ddp", "online_dpo_ddp", ddp_job)
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_pair_count(fx, tmp_path_factory, tiny_model_dir, tmp_path):
+    """DDP on 2 CPU processes (2 prompts each, micro-batches of one pair): each process's
+    loss is divided by the untied pairs of the GLOBAL minibatch, so the logged loss (the processes'
+    shares summed) of the first update, at the reference, is log 2 (divided by the local count it would
+    be up to 2 log 2). The two processes sample different prompts (the pair counts differ), the run
+    ends with the adapter saved and trained. Not compared with one process: a process's samples
+    depend on its rank's seed (and top_k 1 makes a group's responses equal, so every pair a tie)."""
+    run = launched_run(tmp_path_factory, tiny_model_dir, "ddp", "online_dpo_ddp")
+    records = read_metrics(run)
+    assert [r["step"] for r in records] == [1, 2]
+    first = records[0]
+    assert first["pairs/tied"] < 1.0 and first["episodes"] == 16
+    assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert (run / "adapter_model.safetensors").is_file() and (run / "summary.json").is_file()
