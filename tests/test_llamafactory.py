@@ -370,6 +370,7 @@ MODELS = [pytest.param("preset:tiny", id="preset-tiny"),
 
 
 @pytest.mark.slow
+@pytest.mark.plots
 @pytest.mark.parametrize("model", MODELS)
 def test_tutorial_sft_yaml_runs(lf_dirs, capsys, model):
     path = tutorial_config(lf_dirs, SFT_YAML, SFT_MODEL, SFT_OUT, model, "sft")

@@ -116,6 +116,7 @@ def test_finished_run_is_not_overwritten_by_accident(sft_file, tmp_path):
     train_sft(sft_config(sft_file, tmp_path / "o", max_steps=1, overwrite_output_dir=True))
 
 
+@pytest.mark.plots
 def test_run_outputs(sft_file, tmp_path):
     out = tmp_path / "o"
     train_sft(sft_config(sft_file, out, max_steps=2, report_to=["tensorboard"], val_size=8, eval_steps=1))

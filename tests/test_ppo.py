@@ -116,6 +116,7 @@ def test_ratio_is_exactly_one_before_the_first_update(fixtures, tmp_path, tiny_t
     assert torch.equal(data["logps"], data["ref_logps"])
 
 
+@pytest.mark.plots
 def test_train_logs_first_ratio_one_and_metrics(fixtures, tmp_path):
     result = train_ppo(ppo_config(fixtures, tmp_path, task="sentiment", eval_num_prompts=4,
                                   missing_eos_score=-1.0))
