@@ -13,8 +13,8 @@ Engines (`Engine.name`): `single` (one process), `ddp` (data parallel: one full 
 `zero2` / `zero3` (DeepSpeed ZeRO stage 2: optimizer state and gradients partitioned; stage 3:
 parameters too), `fsdp2` (torch FSDP2 `fully_shard`, applied by rlhfkit: `rlhfkit.train.fsdp`).
 Every stage (pt, sft, rm, dpo, kto and the online stages ppo, grpo, rloo) runs under every engine
-(`SHARDED_STAGES`) but online_dpo, which runs single-process or under ddp and is refused under the
-sharded engines until it is tested there. The engine-specific backward / step / checkpoint of every stage is `rlhfkit.train.distributed.Optimization`. Placement of the roles under
+(`SHARDED_STAGES`); online_dpo runs single-process, under ddp and under zero3 (tested against ddp)
+and is refused under zero2 and fsdp2 until it is tested there. The engine-specific backward / step / checkpoint of every stage is `rlhfkit.train.distributed.Optimization`. Placement of the roles under
 ZeRO-2/3 and FSDP2: the trained models (policy; PPO's critic and value head) in the engine; frozen
 models (the full fine-tuning reference, a separate reward model) whole on every rank outside it;
 under LoRA the reference (and PPO's shared-base reward adapter) is the policy's base, sharded with
@@ -44,7 +44,7 @@ SUPPORTED: dict[str, tuple[str, ...] | None] = {
     "single": None,  # None: every stage
     "ddp": None,
     "zero2": SHARDED_STAGES,
-    "zero3": SHARDED_STAGES,
+    "zero3": (*SHARDED_STAGES, "online_dpo"),
     "fsdp2": SHARDED_STAGES,
 }
 """Engine -> the stages that run under it (None: all)."""
