@@ -375,10 +375,10 @@ def test_arithmetic_demo_runs_sft_then_grpo(tmp_path):
 def test_gradient_checkpointing_reaches_the_policy_and_changes_nothing(fx, tmp_path, monkeypatch):
     """`gradient_checkpointing: true`: every training (grad) pass of a decoder layer of the policy runs
     checkpointed (the layer's flag on, in train mode); the metrics are those of the run without."""
-    import rlhfkit.train.grpo as grpo_mod
+    import rlhfkit.train.online as online_mod  # build_roles: the policy of grpo, rloo and online_dpo
 
     seen = set()
-    build = grpo_mod.build_model
+    build = online_mod.build_model
 
     def spy(*args, **kwargs):
         model = build(*args, **kwargs)
@@ -387,7 +387,7 @@ def test_gradient_checkpointing_reaches_the_policy_and_changes_nothing(fx, tmp_p
                                     if torch.is_grad_enabled() else None)
         return model
 
-    monkeypatch.setattr(grpo_mod, "build_model", spy)
+    monkeypatch.setattr(online_mod, "build_model", spy)
     out, flags = {}, {}
     for ckpt in (False, True):
         seen.clear()

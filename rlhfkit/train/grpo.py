@@ -45,16 +45,13 @@ from rlhfkit.losses.policy import (
     overlong_penalty,
     truncated_importance_weights,
 )
-from rlhfkit.models.load import enable_gradient_checkpointing
 from rlhfkit.rollout.rollout import Rollout, Scorer, concat_rollouts, generate_rollout, select_rows, source_metrics
-from rlhfkit.train.common import build_model, save_final
-from rlhfkit.train.distributed import Optimization, reduce_metrics, reduce_sum_fn
+from rlhfkit.train.common import save_final
+from rlhfkit.train.distributed import reduce_metrics, reduce_sum_fn
 from rlhfkit.train.loop import Result
 from rlhfkit.train.online import (
     OnlineLog,
-    build_reference,
-    build_scorer,
-    check_padding_free,
+    build_roles,
     finish_online,
     minibatch_plan,
     rollout_logps,
@@ -62,6 +59,7 @@ from rlhfkit.train.online import (
     run_updates,
     score_rollout,
     start_online,
+    start_updates,
 )
 from rlhfkit.train.tracking import progress
 
@@ -229,12 +227,7 @@ def train_grpo(config: GRPOConfig) -> Result:
     # 0. data, reward functions, run, prompts (validated before any model loads); policy, reference
     setup = start_online(c, stage)
     run, tokenizer = setup.run, setup.tokenizer
-    policy = build_model(run, tokenizer)
-    if c.gradient_checkpointing:  # recomputed in the training passes (train mode) only
-        enable_gradient_checkpointing(policy)
-    reference = build_reference(c, tokenizer, policy, run.device, needed=c.beta > 0)
-    scorer = build_scorer(c, tokenizer, setup.reward_funcs, run.device)
-    check_padding_free(run, policy, setup.prompt_ids, tokenizer.pad_token_id)
+    policy, reference, scorer = build_roles(setup, reference_needed=c.beta > 0)
     kl_to_reward = c.beta > 0 and c.kl_goes_to_reward
     need_old = c.num_iterations > 1 or kl_to_reward
     rows = setup.local_prompts * G
@@ -251,13 +244,10 @@ def train_grpo(config: GRPOConfig) -> Result:
     run.print(f"[{stage}] note: a loss near 0 is expected here (group-centred advantages, ratio 1); the "
               "gradient is not 0. Watch rewards/mean, eval/ and rewards/flat_groups instead.")
 
-    # the policy under the run's engine (FSDP2 shards it, DeepSpeed wraps it; the reference and reward
-    # model stay whole on every rank outside it), its optimizer, schedule and resumed state
-    opt = Optimization(run, policy, updates, prepare=False)
+    # the policy under the run's engine, its optimizer, schedule and resumed state
+    opt = start_updates(run, policy, updates)
     scheduler = opt.scheduler
     start_step = opt.start_step
-    if run.resume_from is not None:
-        run.print(f"[{stage}] resumed from {run.resume_from} at step {start_step}")
     reduce_sum = reduce_sum_fn(run)
     log = OnlineLog(run, setup, policy, reference, scorer, whole=opt.whole)
     log.start(start_step)

@@ -6,8 +6,9 @@ the stage loops in their numbered steps:
   minibatch_plan    shuffled minibatches -> micro-batches of row indices (whole groups shuffled)
   run_updates       the epochs x minibatches x micro-batches driver: global token counts,
                     backward per micro-batch, summed gradients, one optimizer step per minibatch
-  build_reference, build_scorer, score_rollout, rollout_logps   the roles (reference, reward) and
-                    the passes every critic-free loop (grpo, rloo, online_dpo) makes over a rollout
+  build_roles, start_updates, build_reference, build_scorer, score_rollout, rollout_logps
+                    the roles (policy, reference, reward), the optimizer, and the passes every
+                    critic-free loop (grpo, rloo, online_dpo) makes over a rollout
   evaluate_policy   held-out prompts: proxy score, KL to the reference, gold reward / accuracy, judge score
   frozen_reward_model, judge_scorer   a separate frozen reward model; the evaluation's judge
   OnlineLog         per step: diagnostics, the logging window, samples.jsonl, evaluation
@@ -30,7 +31,7 @@ from rlhfkit.eval.generation import rollout_kl
 from rlhfkit.rollout.generate import HFGenerator, SamplingParams
 from rlhfkit.rollout.rewards import load_reward_funcs
 from rlhfkit.rollout.rollout import Rollout, Scorer, encode_prompts, generate_rollout, source_metrics
-from rlhfkit.train.common import config_task, config_tokenizer, keep_padding_free, load_split, row_texts
+from rlhfkit.train.common import build_model, config_task, config_tokenizer, keep_padding_free, load_split, row_texts
 from rlhfkit.train.diagnostics import Monitor
 from rlhfkit.train.distributed import Optimization, reduce_metrics
 from rlhfkit.train.deepspeed import samples_on_this_rank
@@ -228,6 +229,33 @@ def build_reference(c: OnlineConfig, tokenizer, policy, device, needed: bool):
         yield ref
 
     return frozen
+
+
+def build_roles(setup: OnlineSetup, *, reference_needed: bool) -> tuple[torch.nn.Module, Callable | None, Scorer]:
+    """# 0. of the critic-free loops (grpo, rloo, online_dpo): the policy (LoRA / QLoRA applied,
+    gradient checkpointing when asked: recomputed in the training passes only), the reference
+    (`build_reference`), the scorer (`build_scorer`), and the check that the policy takes packed
+    passes (`check_padding_free`)."""
+    from rlhfkit.models.load import enable_gradient_checkpointing
+
+    run, tokenizer, c = setup.run, setup.tokenizer, setup.run.config
+    policy = build_model(run, tokenizer)
+    if c.gradient_checkpointing:
+        enable_gradient_checkpointing(policy)
+    reference = build_reference(c, tokenizer, policy, run.device, needed=reference_needed)
+    scorer = build_scorer(c, tokenizer, setup.reward_funcs, run.device)
+    check_padding_free(run, policy, setup.prompt_ids, tokenizer.pad_token_id)
+    return policy, reference, scorer
+
+
+def start_updates(run: Run, policy, updates: int) -> Optimization:
+    """The policy under the run's engine (FSDP2 shards it, DeepSpeed wraps it; the reference and a
+    reward model stay whole on every rank outside it), its optimizer and schedule for `updates`
+    optimizer steps, and the state of the checkpoint it resumes from (said once)."""
+    opt = Optimization(run, policy, updates, prepare=False)
+    if run.resume_from is not None:
+        run.print(f"[{run.stage}] resumed from {run.resume_from} at step {opt.start_step}")
+    return opt
 
 
 def build_scorer(c: OnlineConfig, tokenizer, reward_funcs, device) -> Scorer:

@@ -41,16 +41,13 @@ import torch
 from rlhfkit.config import OnlineDPOConfig
 from rlhfkit.losses.dpo import PairLogps, combined_loss
 from rlhfkit.losses.masked import masked_sum
-from rlhfkit.models.load import enable_gradient_checkpointing
 from rlhfkit.rollout.rollout import Rollout, generate_rollout, select_rows, source_metrics
-from rlhfkit.train.common import build_model, save_final
-from rlhfkit.train.distributed import Optimization, reduce_metrics
+from rlhfkit.train.common import save_final
+from rlhfkit.train.distributed import reduce_metrics
 from rlhfkit.train.loop import Result
 from rlhfkit.train.online import (
     OnlineLog,
-    build_reference,
-    build_scorer,
-    check_padding_free,
+    build_roles,
     finish_online,
     minibatch_plan,
     rollout_logps,
@@ -58,6 +55,7 @@ from rlhfkit.train.online import (
     run_updates,
     score_rollout,
     start_online,
+    start_updates,
 )
 from rlhfkit.train.tracking import progress
 
@@ -136,12 +134,7 @@ def train_online_dpo(config: OnlineDPOConfig) -> Result:
     # 0. data, reward functions, run, prompts (validated before any model loads); policy, reference
     setup = start_online(c, stage)
     run, tokenizer = setup.run, setup.tokenizer
-    policy = build_model(run, tokenizer)
-    if c.gradient_checkpointing:  # recomputed in the training passes (train mode) only
-        enable_gradient_checkpointing(policy)
-    reference = build_reference(c, tokenizer, policy, run.device, needed=True)
-    scorer = build_scorer(c, tokenizer, setup.reward_funcs, run.device)
-    check_padding_free(run, policy, setup.prompt_ids, tokenizer.pad_token_id)
+    policy, reference, scorer = build_roles(setup, reference_needed=True)
     rows = setup.local_prompts * 2
     updates = setup.steps * c.num_mini_batches
     run.print(f"[{stage}] loss {c.loss_type} (beta {c.beta}"
@@ -153,11 +146,9 @@ def train_online_dpo(config: OnlineDPOConfig) -> Result:
               f"({rows} responses) per step -> {c.num_mini_batches} minibatch(es) of {rows // c.num_mini_batches} "
               f"in micro-batches of {c.per_device_train_batch_size} -> {updates} optimizer steps")
 
-    opt = Optimization(run, policy, updates, prepare=False)
+    opt = start_updates(run, policy, updates)
     scheduler = opt.scheduler
     start_step = opt.start_step
-    if run.resume_from is not None:
-        run.print(f"[{stage}] resumed from {run.resume_from} at step {start_step}")
     log = OnlineLog(run, setup, policy, reference, scorer, whole=opt.whole,
                     monitor_context={"beta": c.beta, "reference": "adapters_disabled" if c.finetuning_type == "lora"
                                      and c.ref_model is None else "model"})
