@@ -46,13 +46,14 @@ from rlhfkit.losses.policy import (
     truncated_importance_weights,
 )
 from rlhfkit.rollout.rollout import Rollout, Scorer, concat_rollouts, generate_rollout, select_rows, source_metrics
-from rlhfkit.train.common import save_final
-from rlhfkit.train.distributed import reduce_metrics, reduce_sum_fn
+from rlhfkit.train.distributed import reduce_sum_fn
 from rlhfkit.train.loop import Result
 from rlhfkit.train.online import (
     OnlineLog,
     build_roles,
-    finish_online,
+    close_step,
+    finish_policy,
+    generation_metrics,
     minibatch_plan,
     rollout_logps,
     rollout_seed,
@@ -226,7 +227,7 @@ def train_grpo(config: GRPOConfig) -> Result:
     G = c.num_generations
     # 0. data, reward functions, run, prompts (validated before any model loads); policy, reference
     setup = start_online(c, stage)
-    run, tokenizer = setup.run, setup.tokenizer
+    run = setup.run
     policy, reference, scorer = build_roles(setup, reference_needed=c.beta > 0)
     kl_to_reward = c.beta > 0 and c.kl_goes_to_reward
     need_old = c.num_iterations > 1 or kl_to_reward
@@ -302,9 +303,7 @@ def train_grpo(config: GRPOConfig) -> Result:
             "rewards/flat_groups": flat.mean().item(),
             **source_metrics(parts),
             "advantages/abs_mean": masked_sum(adv.abs(), m).item() / max(m.sum().item(), 1),
-            "gen/length": m.sum(-1).float().mean().item(), "gen/eos_rate": ro.ended.float().mean().item(),
-            "gen/truncated_rate": ro.truncated.float().mean().item(),
-            **sampling_stats, **means,
+            **generation_metrics(ro), **sampling_stats, **means,
             # the sampling policy's KL to the reference; without an old pass, the trained policy's
             **({"objective/kl": seq_kl.mean().item()} if seq_kl is not None
                else {"objective/kl": means["policy/kl"]} if "policy/kl" in means else {}),
@@ -312,21 +311,10 @@ def train_grpo(config: GRPOConfig) -> Result:
             "lr": scheduler.get_last_lr()[0], "episodes": (step + 1) * c.rollout_batch_size * G,
             "time/generation": t_gen - t0, "time/scoring": t_prep - t_gen, "time/training": t_train - t_prep,
         }
-        metrics = reduce_metrics(run, metrics)
-        done = step + 1
-        log.step(done, metrics, ro, scores)
+        metrics = close_step(run, setup, log, opt, step, metrics, ro, scores)
         bar.update(1)
         bar.set_postfix(reward=f"{metrics['rewards/mean']:.3f}", flat=f"{metrics['rewards/flat_groups']:.2f}")
-        if c.save_steps and done % c.save_steps == 0 and done < setup.steps:
-            opt.save_checkpoint(done)
     bar.close()
-
-    if run.engine is not None:  # what each rank held (summary.json)
-        run.engine.local = opt.local_counts()
-    save_final(run, policy, tokenizer)
-    summary = {"stage": stage, "steps": setup.steps, "episodes": setup.steps * c.rollout_batch_size * G,
-               "optimizer_steps": updates, "prompts": len(setup.prompt_ids), "skipped_prompts": setup.skipped,
-               **log.summary("rewards/mean")}
-    finish_online(run, summary, ["rewards/mean", "rewards/flat_groups", "eval/gold_reward", "eval/accuracy",
-                                 "gen/length"])
-    return Result(run.output_dir, summary, policy, tokenizer, run.logger.history)
+    return finish_policy(run, setup, log, opt, policy, updates=updates, train_key="rewards/mean",
+                         plot_keys=["rewards/mean", "rewards/flat_groups", "eval/gold_reward", "eval/accuracy",
+                                    "gen/length"])

@@ -31,11 +31,19 @@ from rlhfkit.eval.generation import rollout_kl
 from rlhfkit.rollout.generate import HFGenerator, SamplingParams
 from rlhfkit.rollout.rewards import load_reward_funcs
 from rlhfkit.rollout.rollout import Rollout, Scorer, encode_prompts, generate_rollout, source_metrics
-from rlhfkit.train.common import build_model, config_task, config_tokenizer, keep_padding_free, load_split, row_texts
+from rlhfkit.train.common import (
+    build_model,
+    config_task,
+    config_tokenizer,
+    keep_padding_free,
+    load_split,
+    row_texts,
+    save_final,
+)
 from rlhfkit.train.diagnostics import Monitor
 from rlhfkit.train.distributed import Optimization, reduce_metrics
 from rlhfkit.train.deepspeed import samples_on_this_rank
-from rlhfkit.train.loop import BatchStream, Run, start_run
+from rlhfkit.train.loop import BatchStream, Result, Run, start_run
 from rlhfkit.train.tracking import write_summary
 
 ONLINE_FORMATS = ("prompt", "prompt_completion", "messages", "preference")
@@ -479,6 +487,42 @@ class SampleLog:
 def rollout_samples(ro: Rollout, scores: torch.Tensor, n: int) -> list[dict]:
     return [{"prompt": ro.rows[i]["prompt"], "response": ro.texts[i], "score": scores[i].item(),
              "ended": bool(ro.ended[i])} for i in range(min(n, len(ro.texts)))]
+
+
+def generation_metrics(ro: Rollout) -> dict[str, float]:
+    """`gen/length` (mean response tokens), `gen/eos_rate` (finished), `gen/truncated_rate` (cut by
+    max_new_tokens) of a rollout batch."""
+    return {"gen/length": ro.response_mask.sum(-1).float().mean().item(),
+            "gen/eos_rate": ro.ended.float().mean().item(), "gen/truncated_rate": ro.truncated.float().mean().item()}
+
+
+def close_step(run: Run, setup: OnlineSetup, log: OnlineLog, opt: Optimization, step: int, metrics: dict,
+               ro: Rollout, scores: torch.Tensor) -> dict:
+    """# 6. of the critic-free loops, after step `step` (0-based): the metrics reduced over processes,
+    logged (`OnlineLog.step`: diagnostics, the logging window, samples, evaluation), a checkpoint every
+    `save_steps` (not at the last step: the final save follows). Returns the reduced metrics."""
+    c = run.config
+    metrics = reduce_metrics(run, metrics)
+    done = step + 1
+    log.step(done, metrics, ro, scores)
+    if c.save_steps and done % c.save_steps == 0 and done < setup.steps:
+        opt.save_checkpoint(done)
+    return metrics
+
+
+def finish_policy(run: Run, setup: OnlineSetup, log: OnlineLog, opt: Optimization, policy, *, updates: int,
+                  train_key: str, plot_keys: list[str], extra: dict | None = None) -> Result:
+    """The end of the critic-free loops: what each rank held (summary.json), the final policy saved,
+    summary.json (steps, episodes, optimizer steps, prompts, `extra`, `OnlineLog.summary`) and plots."""
+    c = run.config
+    if run.engine is not None:
+        run.engine.local = opt.local_counts()
+    save_final(run, policy, setup.tokenizer)
+    summary = {"stage": run.stage, "steps": setup.steps, "episodes": setup.steps * c.rollout_batch_size * c.group_size,
+               "optimizer_steps": updates, "prompts": len(setup.prompt_ids), "skipped_prompts": setup.skipped,
+               **(extra or {}), **log.summary(train_key)}
+    finish_online(run, summary, plot_keys)
+    return Result(run.output_dir, summary, policy, setup.tokenizer, run.logger.history)
 
 
 # ---- the end -------------------------------------------------------------------------------------

@@ -42,13 +42,13 @@ from rlhfkit.config import OnlineDPOConfig
 from rlhfkit.losses.dpo import PairLogps, combined_loss
 from rlhfkit.losses.masked import masked_sum
 from rlhfkit.rollout.rollout import Rollout, generate_rollout, select_rows, source_metrics
-from rlhfkit.train.common import save_final
-from rlhfkit.train.distributed import reduce_metrics
 from rlhfkit.train.loop import Result
 from rlhfkit.train.online import (
     OnlineLog,
     build_roles,
-    finish_online,
+    close_step,
+    finish_policy,
+    generation_metrics,
     minibatch_plan,
     rollout_logps,
     rollout_seed,
@@ -185,7 +185,6 @@ def train_online_dpo(config: OnlineDPOConfig) -> Result:
         # 6. metrics, samples, evaluation, checkpoint
         kept = decisive.float()
         n_kept = max(kept.sum().item(), 1.0)
-        m = ro.response_mask
         metrics = {
             **means,
             "scores/mean": scores.mean().item(),
@@ -193,26 +192,15 @@ def train_online_dpo(config: OnlineDPOConfig) -> Result:
             "scores/rejected": (scores[worst] * kept).sum().item() / n_kept,
             "pairs/tied": 1.0 - kept.mean().item(),
             **{k.replace("rewards/", "scores/", 1): v for k, v in source_metrics(parts).items()},
-            "gen/length": m.sum(-1).float().mean().item(), "gen/eos_rate": ro.ended.float().mean().item(),
-            "gen/truncated_rate": ro.truncated.float().mean().item(),
+            **generation_metrics(ro),
             "lr": scheduler.get_last_lr()[0], "episodes": (step + 1) * c.rollout_batch_size * G,
             "time/generation": t_gen - t0, "time/reference": t_prep - t_gen, "time/training": t_train - t_prep,
         }
-        metrics = reduce_metrics(run, metrics)
-        done = step + 1
-        log.step(done, metrics, ro, scores)
+        metrics = close_step(run, setup, log, opt, step, metrics, ro, scores)
         bar.update(1)
         bar.set_postfix(score=f"{metrics['scores/mean']:.3f}", tied=f"{metrics['pairs/tied']:.2f}")
-        if c.save_steps and done % c.save_steps == 0 and done < setup.steps:
-            opt.save_checkpoint(done)
     bar.close()
-
-    if run.engine is not None:
-        run.engine.local = opt.local_counts()
-    save_final(run, policy, tokenizer)
-    summary = {"stage": stage, "steps": setup.steps, "episodes": setup.steps * c.rollout_batch_size * G,
-               "optimizer_steps": updates, "prompts": len(setup.prompt_ids), "skipped_prompts": setup.skipped,
-               "loss_type": c.loss_type, "beta": c.beta, **log.summary("scores/mean")}
-    finish_online(run, summary, ["scores/mean", "rewards/margins", "rewards/accuracies", "pairs/tied",
-                                 "eval/gold_reward", "eval/accuracy", "gen/length"])
-    return Result(run.output_dir, summary, policy, tokenizer, run.logger.history)
+    return finish_policy(run, setup, log, opt, policy, updates=updates, train_key="scores/mean",
+                         plot_keys=["scores/mean", "rewards/margins", "rewards/accuracies", "pairs/tied",
+                                    "eval/gold_reward", "eval/accuracy", "gen/length"],
+                         extra={"loss_type": c.loss_type, "beta": c.beta})
