@@ -134,6 +134,14 @@ def load_weights(out: Path, name: str = "model.safetensors") -> dict[str, torch.
     return load_file(str(out / name))
 
 
+def assert_same_weights(a: Path, b: Path, name: str = "model.safetensors") -> None:
+    """The weights file `name` of run directories `a` and `b`: the same tensors, bit for bit (resume tests)."""
+    wa, wb = load_weights(a, name), load_weights(b, name)
+    assert set(wa) == set(wb) and wa
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -14,7 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import build_once, launched_run, load_weights, read_metrics, register_launched, write_tiny_policy
+from helpers import (
+    assert_same_weights,
+    build_once,
+    launched_run,
+    load_weights,
+    read_metrics,
+    register_launched,
+    write_tiny_policy,
+)
 from safetensors.torch import load_file
 
 from rlhfkit.config import build_config, dump_config
@@ -163,11 +171,7 @@ def test_resume_gives_the_same_weights(fx, tmp_path):
     train_grpo(grpo_config(fx, tmp_path / "a", save_steps=2, **kw))
     ckpt = tmp_path / "a" / "checkpoints" / "step-000002"
     train_grpo(grpo_config(fx, tmp_path / "b", resume_from_checkpoint=str(ckpt), **kw))
-    a = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "b" / "adapter_model.safetensors"))
-    assert set(a) == set(b)
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+    assert_same_weights(tmp_path / "a", tmp_path / "b", "adapter_model.safetensors")
 
 
 @pytest.mark.slow
@@ -191,10 +195,7 @@ def test_resume_after_sigkill(fx, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
     straight = train_grpo(grpo_config(fx, tmp_path / "straight", **kw))
-    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
-    b = load_file(str(tmp_path / "killed" / "model.safetensors"))
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+    assert_same_weights(tmp_path / "straight", tmp_path / "killed")
     killed = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in killed] == [1, 2, 3, 4]
     for a_rec, b_rec in zip(straight.history, killed):

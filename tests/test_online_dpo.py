@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import launched_run, read_metrics, read_summary, register_launched
+from helpers import assert_same_weights, launched_run, read_metrics, read_summary, register_launched
 from safetensors.torch import load_file
 from test_grpo import grpo_fixtures, initial_weights
 from test_scaleout import assert_halved, needs_deepspeed
@@ -125,11 +125,7 @@ def test_resume_gives_the_same_weights(fx, tmp_path):
     train_online_dpo(odpo_config(fx, tmp_path / "a", save_steps=2, **kw))
     ckpt = tmp_path / "a" / "checkpoints" / "step-000002"
     train_online_dpo(odpo_config(fx, tmp_path / "b", resume_from_checkpoint=str(ckpt), **kw))
-    a = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "b" / "adapter_model.safetensors"))
-    assert set(a) == set(b)
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+    assert_same_weights(tmp_path / "a", tmp_path / "b", "adapter_model.safetensors")
 
 
 def test_config_errors_before_any_model_loads(fx, tmp_path):

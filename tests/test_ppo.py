@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import build_once, launched_run, read_metrics, register_launched, write_tiny_policy
+from helpers import assert_same_weights, build_once, launched_run, read_metrics, register_launched, write_tiny_policy
 from safetensors.torch import load_file
 
 from rlhfkit.config import build_config
@@ -246,11 +246,7 @@ def test_resume_gives_the_same_weights(fixtures, tmp_path):
     ckpt = tmp_path / "a" / "checkpoints" / "step-000002"
     assert json.loads((ckpt / "trainer_state.json").read_text())["kl_coef"] != 0.05
     resumed = train_ppo(ppo_config(fixtures, tmp_path / "b", resume_from_checkpoint=str(ckpt), **kw))
-    a = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "b" / "adapter_model.safetensors"))
-    assert set(a) == set(b)
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+    assert_same_weights(tmp_path / "a", tmp_path / "b", "adapter_model.safetensors")
     assert straight.summary["objective/kl_coef"] == resumed.summary["objective/kl_coef"]
 
 
