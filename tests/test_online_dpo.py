@@ -157,8 +157,10 @@ def launched_job(tmp_path_factory, model_dir: Path, out: Path):
     return "online_dpo", odpo_config(fx, out, **LAUNCHED), None
 
 
+ENGINES = ("zero2", "zero3", "fsdp2")
 register_launched("ddp", "online_dpo_ddp", launched_job)
-register_launched("zero3", "online_dpo_zero3", launched_job)
+for _engine in ENGINES:
+    register_launched(_engine, f"online_dpo_{_engine}", launched_job)
 
 
 @pytest.mark.slow
@@ -180,28 +182,33 @@ def test_two_processes_share_the_pair_count(fx, tmp_path_factory, tiny_model_dir
 
 
 @pytest.mark.slow
-@needs_deepspeed
-def test_zero3_follows_ddp(fx, tmp_path_factory, tiny_model_dir):
-    """The same 2-process run under DeepSpeed ZeRO-3 (the LoRA policy's parameters sharded; its base with
-    adapters disabled, the reference, sharded with it; sampling and the held-out evaluation on every
-    rank with the parameters gathered) and under DDP: each rank samples with its own seed in both, so
-    the rollouts, pairs, metric curves and trained adapter are the same (ZeRO reduces and clips in
-    another order: equal within 1e-4)."""
+@pytest.mark.parametrize("engine", [pytest.param(e, marks=needs_deepspeed if e.startswith("zero") else ())
+                                    for e in ENGINES])
+def test_sharded_engines_follow_ddp(fx, tmp_path_factory, tiny_model_dir, engine):
+    """The same 2-process run under DeepSpeed ZeRO-2 / ZeRO-3 / FSDP2 and under DDP (ZeRO-3 and FSDP2:
+    the LoRA policy's parameters sharded, its base with adapters disabled, the reference, sharded
+    with it; sampling and the held-out evaluation with the parameters gathered): each rank samples
+    with its own seed in both, so the rollouts, pairs, metric curves and trained adapter are the same
+    (the engines reduce and clip in another order: equal within 1e-4)."""
     ddp = launched_run(tmp_path_factory, tiny_model_dir, "ddp", "online_dpo_ddp")
-    zero3 = launched_run(tmp_path_factory, tiny_model_dir, "zero3", "online_dpo_zero3")
-    s, ref = read_summary(zero3), read_summary(ddp)
-    assert (s["engine"], s["world_size"]) == ("zero3", 2) and ref["engine"] == "ddp"
-    total = ref["local_parameters"][0]
+    sharded = launched_run(tmp_path_factory, tiny_model_dir, engine, f"online_dpo_{engine}")
+    s, ref = read_summary(sharded), read_summary(ddp)
+    assert (s["engine"], s["world_size"]) == (engine, 2) and ref["engine"] == "ddp"
+    total, state = ref["local_parameters"][0], ref["local_optimizer_state"][0]
     assert ref["local_parameters"] == [total, total]
-    assert_halved(s["local_parameters"], total, spread=0.1)  # each rank held about half of the trained LoRA
-    ma, mb = read_metrics(zero3), read_metrics(ddp)
+    if engine == "zero2":  # parameters whole on each rank, the optimizer state halved
+        assert s["local_parameters"] == [total, total]
+    else:  # each rank held about half of the trained LoRA
+        assert_halved(s["local_parameters"], total, spread=0.1)
+    assert_halved(s["local_optimizer_state"], state, spread=0.1)
+    ma, mb = read_metrics(sharded), read_metrics(ddp)
     assert [r["step"] for r in ma] == [r["step"] for r in mb] == [0, 1, 2]
     for ra, rb in zip(ma, mb):
         for k in ("loss", "grad_norm", "rewards/margins", "rewards/chosen", "logps/chosen", "scores/mean",
                   "pairs/tied", "gen/length", "eval/scores", "eval/kl"):
             if k in rb:
                 assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-5), (ra["step"], k, ra[k], rb[k])
-    a = load_file(str(zero3 / "adapter_model.safetensors"))
+    a = load_file(str(sharded / "adapter_model.safetensors"))
     b = load_file(str(ddp / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and b
     for k in b:
