@@ -1,8 +1,9 @@
 """online_dpo on tiny untrained models: pairing (best / worst, ties), the first update is at policy =
 reference (every implicit reward exactly 0, sigmoid loss log 2), the loss is the DPO loss of the
 sampled pairs recomputed by hand, micro-batches add up to the minibatch, tied pairs train nothing,
-resume, config errors before loading. The learning test lives in tests/test_grpo_learning.py (the
-arithmetic SFT fixture)."""
+resume, config errors before loading; on 2 processes, the global pair count under DDP and each sharded
+engine (ZeRO-2, ZeRO-3, FSDP2) against DDP. The learning test lives in tests/test_grpo_learning.py
+(the arithmetic SFT fixture)."""
 
 from __future__ import annotations
 
@@ -149,8 +150,8 @@ LAUNCHED = dict(max_steps=2, per_device_train_batch_size=2, finetuning_type="lor
 
 
 def launched_job(tmp_path_factory, model_dir: Path, out: Path):
-    """The 2-process runs of the tests below, the same under ddp and zero3 (one job in each engine's
-    launch of `launched_run`): LoRA, 2 prompts per process, micro-batches of one pair."""
+    """The 2-process runs of the tests below, the same under ddp, zero2, zero3 and fsdp2 (one job in
+    each engine's launch of `launched_run`): LoRA, 2 prompts per process, micro-batches of one pair."""
     from transformers import AutoTokenizer
 
     fx = grpo_fixtures(tmp_path_factory, AutoTokenizer.from_pretrained(model_dir))
@@ -168,8 +169,8 @@ def test_two_processes_share_the_pair_count(fx, tmp_path_factory, tiny_model_dir
     """DDP on 2 CPU processes (2 prompts each, micro-batches of one pair): each process's
     loss is divided by the untied pairs of the GLOBAL minibatch, so the logged loss (the processes'
     shares summed) of the first update, at the reference, is log 2 (divided by the local count it would
-    be up to 2 log 2). The two processes sample different prompts (the pair counts differ), the run
-    ends with the adapter saved and trained. Not compared with one process: a process's samples
+    be up to 2 log 2). The two processes sample different prompts, and the run ends with the adapter
+    saved. Not compared with one process: a process's samples
     depend on its rank's seed (and top_k 1 makes a group's responses equal, so every pair a tie)."""
     run = launched_run(tmp_path_factory, tiny_model_dir, "ddp", "online_dpo_ddp")
     records = [r for r in read_metrics(run) if "loss" in r]
