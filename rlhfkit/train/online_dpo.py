@@ -69,9 +69,9 @@ def best_and_worst(scores: torch.Tensor, group_size: int) -> tuple[torch.Tensor,
     [True, False]."""
     s = scores.view(-1, group_size)
     base = torch.arange(s.shape[0], device=scores.device) * group_size
-    best = s.argmax(dim=1)
-    worst = s.argmin(dim=1)
-    decisive = s.gather(1, best[:, None]).squeeze(1) > s.gather(1, worst[:, None]).squeeze(1)
+    top, best = s.max(dim=1)
+    low, worst = s.min(dim=1)
+    decisive = top > low
     worst = torch.where(decisive, worst, (best + 1) % group_size)  # a tie: still two different rows
     return base + best, base + worst, decisive
 
@@ -84,13 +84,19 @@ def pair_rollout(ro: Rollout, chosen: torch.Tensor, rejected: torch.Tensor) -> R
 
 # ---- 4. reference log-probs ------------------------------------------------------------------------
 
+def response_sums(model, pairs: Rollout, idx: torch.Tensor, c: OnlineDPOConfig) -> torch.Tensor:
+    """(len(idx),) log-probs of the responses of rows `idx` under `model`, summed over their tokens:
+    the sequence log-probs of the DPO loss (reference pass and training forward alike)."""
+    return masked_sum(rollout_logps(model, pairs, idx, c)[0], pairs.response_mask[idx], dim=1)
+
+
 @torch.no_grad()
 def sequence_logps_of(model, pairs: Rollout, micro_batches: list[torch.Tensor], c: OnlineDPOConfig) -> torch.Tensor:
-    """(2P,) log-probs of every response of `pairs` under `model`, summed over its tokens, in the
-    training micro-batches (same packing and kernels as the training forward)."""
+    """(2P,) `response_sums` of every response of `pairs` under `model`, in the training micro-batches
+    (same packing and kernels as the training forward)."""
     out = torch.zeros(pairs.input_ids.shape[0], device=pairs.input_ids.device)
     for idx in micro_batches:
-        out[idx] = masked_sum(rollout_logps(model, pairs, idx, c)[0], pairs.response_mask[idx], dim=1).float()
+        out[idx] = response_sums(model, pairs, idx, c).float()
     return out
 
 
@@ -101,7 +107,7 @@ def pair_micro_loss(policy, pairs: Rollout, ref_logps: torch.Tensor, decisive: t
     """The DPO loss of the pairs in micro-batch `idx` (rows of whole pairs: 2i chosen, 2i + 1 rejected),
     tied pairs weighted 0, divided by the untied pairs of the global minibatch (`n_pairs`), so the
     micro-batches of a minibatch on every process add up to the minibatch's mean loss."""
-    logps = masked_sum(rollout_logps(policy, pairs, idx, c)[0], pairs.response_mask[idx], dim=1)
+    logps = response_sums(policy, pairs, idx, c)
     n_tokens = pairs.response_mask[idx].sum(-1).float()
     is_chosen = idx % 2 == 0
     rows_c, rows_r = idx[is_chosen], idx[~is_chosen]
@@ -137,11 +143,11 @@ def train_online_dpo(config: OnlineDPOConfig) -> Result:
     policy, reference, scorer = build_roles(setup, reference_needed=True)
     rows = setup.local_prompts * 2
     updates = setup.steps * c.num_mini_batches
+    adapters_off = c.finetuning_type == "lora" and c.ref_model is None  # build_reference's choice
     run.print(f"[{stage}] loss {c.loss_type} (beta {c.beta}"
               + (f", label_smoothing {c.label_smoothing}" if c.label_smoothing else "")
               + f") | pairs: the best and the worst of {G} responses per prompt, ties weighted 0 | reference: "
-              + ("the base with adapters disabled" if c.finetuning_type == "lora" and c.ref_model is None
-                 else c.ref_model or c.model_name_or_path))
+              + ("the base with adapters disabled" if adapters_off else c.ref_model or c.model_name_or_path))
     run.print(f"[{stage}] each process: {setup.local_prompts} prompts x {G} sampled -> {setup.local_prompts} pairs "
               f"({rows} responses) per step -> {c.num_mini_batches} minibatch(es) of {rows // c.num_mini_batches} "
               f"in micro-batches of {c.per_device_train_batch_size} -> {updates} optimizer steps")
@@ -150,8 +156,7 @@ def train_online_dpo(config: OnlineDPOConfig) -> Result:
     scheduler = opt.scheduler
     start_step = opt.start_step
     log = OnlineLog(run, setup, policy, reference, scorer, whole=opt.whole,
-                    monitor_context={"beta": c.beta, "reference": "adapters_disabled" if c.finetuning_type == "lora"
-                                     and c.ref_model is None else "model"})
+                    monitor_context={"beta": c.beta, "reference": "adapters_disabled" if adapters_off else "model"})
     log.start(start_step)
 
     bar = progress(total=setup.steps, initial=start_step, disable=run.quiet, desc=stage)
