@@ -463,3 +463,24 @@ def test_missing_rejected_in_a_real_file_names_file_and_line(tmp_path):
     with pytest.raises(DataError, match=rf"^{path}:line 1: field 'rejected': missing field \(the row has: "
                                         r"chosen, prompt\)"):
         to_canonical(load_rows(str(path)))
+
+
+def test_a_conversation_as_a_prompt():
+    """`conversation_prompt`: ending with an assistant reply right after a user turn -> (the turns before
+    it, [the reply]); ending with a user turn -> (all of it, []); anything else is an error naming the
+    roles. `as_prompt_row` (the online stages): the reply becomes `completion`, other columns stay."""
+    from rlhfkit.data.formats import as_prompt_row, conversation_prompt
+
+    u1, a1 = {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}
+    u2, a2 = {"role": "user", "content": "and?"}, {"role": "assistant", "content": "bye"}
+    assert conversation_prompt([u1, a1, u2, a2]) == ([u1, a1, u2], [a2])
+    assert conversation_prompt([u1, a1, u2]) == ([u1, a1, u2], [])
+    with pytest.raises(DataError, match=r"row 3: field 'messages'.*got roles assistant"):
+        conversation_prompt([a1], "row 3")
+    with pytest.raises(DataError, match="system -> assistant"):
+        conversation_prompt([{"role": "system", "content": "s"}, a1])
+    row = {"messages": [u1, a1], "topic": "greeting", "_source": "row 1"}
+    assert as_prompt_row(row) == {"prompt": [u1], "completion": [a1], "topic": "greeting", "_source": "row 1"}
+    assert as_prompt_row({"messages": [u1, a1, u2]})["prompt"] == [u1, a1, u2]
+    assert "completion" not in as_prompt_row({"messages": [u1, a1, u2]})
+    assert as_prompt_row({"prompt": "p"}) == {"prompt": "p"}

@@ -411,6 +411,31 @@ def hh_reward(prompts, completions, chosen, rejected, **kwargs):
     return [len(c[0]["content"].split()) / 10 for c in completions]  # conversational: TRL's message lists
 
 
+def test_conversations_give_the_turns_before_their_last_reply_as_the_prompt(fx, tmp_path):
+    """`messages` rows as online prompts (they used to fail with KeyError 'prompt'): the conversation
+    before its last assistant reply is the prompt; that reply reaches reward functions as `completion`."""
+    seen = []
+
+    def reward(prompts, completions, completion, **kwargs):
+        seen.append((prompts, completion))
+        return [0.0] * len(completions)
+
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
+                                                     {"role": "assistant", "content": a}]}) + "\n"
+                            for q, a in [("hi", "yo"), ("one", "two"), ("up", "down"), ("in", "out")]))
+    import test_grpo
+
+    test_grpo.chat_reward = reward
+    train_grpo(grpo_config(fx, tmp_path / "run", dataset=str(path), dataset_format=None,
+                           reward_funcs=["test_grpo:chat_reward"]))
+    prompts, replies = seen[0]
+    assert sorted(p[0]["content"] for p in prompts[::4]) == ["hi", "in", "one", "up"]
+    assert all(len(p) == 1 and p[0]["role"] == "user" for p in prompts)
+    answer = {"hi": "yo", "one": "two", "up": "down", "in": "out"}
+    assert all(r == [{"role": "assistant", "content": answer[p[0]["content"]]}] for p, r in zip(prompts, replies))
+
+
 def test_preference_rows_give_their_conversation_as_the_prompt(fx, tmp_path):
     """HH-RLHF transcripts (no `prompt` column) as online prompts: the shared conversation is the prompt
     (a message list, through the chat template) and the two replies reach reward functions as columns."""

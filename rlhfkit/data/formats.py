@@ -316,6 +316,34 @@ def _response(value, field: str, prompt: str | list[dict]) -> str | list[dict]:
     return messages
 
 
+def conversation_prompt(messages: list[dict], source: str | None = None) -> tuple[list[dict], list[dict]]:
+    """A conversation used as a prompt (online stages, `generate`, `eval`): (its prompt, [its reply]).
+    Ending with a user turn: the whole conversation is the prompt, with no reply. Ending with an
+    assistant turn: the prompt is everything before it, the reply that turn. DataError when no user
+    turn comes right before the prompt's end (nothing is dropped or guessed)."""
+    if messages[-1]["role"] == "user":
+        return list(messages), []
+    last = len(messages) - 1
+    if messages[last]["role"] != "assistant" or last == 0 or messages[last - 1]["role"] != "user":
+        raise DataError("a conversation used as a prompt must end with a user turn, or with an assistant reply "
+                        "right after a user turn, got roles " + " -> ".join(m["role"] for m in messages),
+                        source=source, field="messages")
+    return messages[:last], messages[last:]
+
+
+def as_prompt_row(row: dict) -> dict:
+    """A canonical row as the online stages take it: a `messages` row becomes a prompt row
+    (`conversation_prompt`), its last reply, if any, the `completion`; other rows unchanged."""
+    if "messages" not in row:
+        return row
+    prompt, reply = conversation_prompt(row["messages"], row.get("_source"))
+    out = {k: v for k, v in row.items() if k != "messages"}
+    out["prompt"] = prompt
+    if reply:
+        out["completion"] = reply
+    return out
+
+
 def _implicit_prompt(chosen, rejected) -> tuple[list[dict], list[dict], list[dict]]:
     """Prompt for a preference row with no `prompt` column: HH transcripts or a shared message prefix."""
     if isinstance(chosen, str) and isinstance(rejected, str):

@@ -261,15 +261,13 @@ def _content(response) -> str:
 def eval_row(row: dict, reference_column: str | None) -> dict:
     """A canonical row -> {prompt, [reference], other columns}: the prompt the models answer and, for
     ROUGE, its reference response (see `EvalConfig.reference_column`)."""
+    from rlhfkit.data.formats import conversation_prompt
+
     skip = {"chosen", "rejected", "responses", "completion", "messages", "label", "margin"}
     if "messages" in row:  # a conversation: the prompt is everything before the last assistant reply
-        messages = row["messages"]
-        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        if last == 0 or messages[last - 1]["role"] != "user":
-            raise ConfigError(f"{row.get('_source')}: a conversation used as a prompt needs a user turn right "
-                              "before its last assistant reply")
-        out = {"prompt": messages[:last], **{k: v for k, v in row.items() if k not in skip}}
-        implicit = _content(messages[last]["content"])
+        prompt, reply = conversation_prompt(row["messages"], row.get("_source"))
+        out = {"prompt": prompt, **{k: v for k, v in row.items() if k not in skip}}
+        implicit = _content(reply[0]["content"]) if reply else None
     elif "prompt" in row:
         out = {k: v for k, v in row.items() if k not in skip}
         implicit = _content(row["completion"]) if "completion" in row and "label" not in row else None

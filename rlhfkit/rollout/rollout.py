@@ -21,6 +21,7 @@ import torch
 
 from rlhfkit.data.collate import pad_batch
 from rlhfkit.data.encode import encode_prompt, encode_prompt_completion
+from rlhfkit.errors import DataError
 from rlhfkit.rollout.generate import HFGenerator, SamplingParams
 
 
@@ -76,23 +77,69 @@ def generate_rollout(model, tokenizer, generator: HFGenerator, prompt_ids: list[
     with its own `dtype` also records each token's sampling log-prob (`Rollout.sampling_logps`)."""
     gen = generator.generate(model, prompt_ids, params, generator_seed=seed, num_generations=num_generations,
                              record_logps=generator.dtype is not None)
-    pad = tokenizer.pad_token_id
-    queries = pad_batch(gen.prompt_ids, pad, side="left")
+    truncated = ~gen.ended & (gen.response_mask.sum(-1) >= params.max_new_tokens)
+    return lay_out(gen.prompt_ids, gen.response_ids, gen.response_mask, gen.ended, truncated, gen.texts,
+                   [r for r in rows for _ in range(num_generations)], tokenizer.pad_token_id, device,
+                   group_size=num_generations, score_slot=score_slot, sampling_logps=gen.sampling_logps)
+
+
+def lay_out(prompt_ids: list[list[int]], responses: torch.Tensor, response_mask: torch.Tensor, ended: torch.Tensor,
+            truncated: torch.Tensor, texts: list[str], rows: list[dict], pad: int, device, group_size: int = 1,
+            score_slot: bool = False, sampling_logps: torch.Tensor | None = None) -> Rollout:
+    """B prompts' ids and (B, W) right-padded responses -> a `Rollout` (the module docstring's layout)."""
+    queries = pad_batch(prompt_ids, pad, side="left")
     extra = 1 if score_slot else 0
-    responses = torch.nn.functional.pad(gen.response_ids, (0, extra), value=pad)
-    rmask = torch.nn.functional.pad(gen.response_mask, (0, extra), value=False)
-    ended = gen.ended  # EOS or a stop string
-    truncated = ~ended & (gen.response_mask.sum(-1) >= params.max_new_tokens)
-    sampling_logps = None
-    if gen.sampling_logps is not None:
-        sampling_logps = torch.nn.functional.pad(gen.sampling_logps, (0, extra)).to(device)
+    responses = torch.nn.functional.pad(responses, (0, extra), value=pad)
+    rmask = torch.nn.functional.pad(response_mask, (0, extra), value=False)
+    if sampling_logps is not None:
+        sampling_logps = torch.nn.functional.pad(sampling_logps, (0, extra)).to(device)
     return Rollout(
         input_ids=torch.cat([queries["input_ids"], responses], 1).to(device),
         attention_mask=torch.cat([queries["attention_mask"], rmask], 1).to(device),
         responses=responses.to(device), response_mask=rmask.to(device),
-        context_length=queries["input_ids"].shape[1], ended=ended.to(device), texts=gen.texts,
-        rows=[r for r in rows for _ in range(num_generations)], group_size=num_generations,
-        truncated=truncated.to(device), pad_id=pad, sampling_logps=sampling_logps)
+        context_length=queries["input_ids"].shape[1], ended=ended.to(device), texts=texts,
+        rows=rows, group_size=group_size, truncated=truncated.to(device), pad_id=pad, sampling_logps=sampling_logps)
+
+
+def data_reply(row: dict):
+    """The response a row gives to imitate: `completion` (prompt_completion; a conversation's last reply)
+    or `chosen` (preference); None for prompt-only rows."""
+    return row.get("completion", row.get("chosen"))
+
+
+def reply_ids(tokenizer, prompt, reply, source: str | None = None) -> list[int]:
+    """The token ids of a data `reply` as the policy would sample them after `encode_prompt(prompt)`:
+    the tokens that follow the prompt's ids in the encoded prompt + reply, through the first EOS (a
+    chat template's end of turn; generation stops there too). The prompt's ids must be a prefix of the
+    encoded pair (the tokens do not merge across the boundary): DataError naming the row if not. One
+    assistant turn only."""
+    if isinstance(reply, list) and len(reply) != 1:
+        raise DataError(f"the response to imitate must be one assistant turn, got {len(reply)} messages",
+                        source=source)
+    p = encode_prompt(tokenizer, prompt)
+    full = encode_prompt_completion(tokenizer, prompt, reply).input_ids
+    if full[:len(p)] != p:
+        raise DataError("the prompt's tokens change when its response follows (the chat template's generation "
+                        "prompt is not a prefix of the rendered reply, or tokens merge across the boundary)",
+                        source=source)
+    ids = full[len(p):]
+    eos = tokenizer.eos_token_id
+    return ids[:ids.index(eos) + 1] if eos in ids else ids
+
+
+def data_rollout(tokenizer, prompt_ids: list[list[int]], rows: list[dict], max_new_tokens: int, device) -> Rollout:
+    """The rows' own responses (`data_reply`, encoded by `reply_ids`, cut to `max_new_tokens` as a sample
+    would be) laid out like sampled ones: ended when the response ends with EOS within the budget,
+    truncated when cut."""
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    full = [reply_ids(tokenizer, r["prompt"], data_reply(r), r.get("_source")) for r in rows]
+    cut = [ids[:max_new_tokens] for ids in full]
+    batch = pad_batch(cut, pad, side="right")
+    ended = torch.tensor([bool(ids) and ids[-1] == eos for ids in cut])
+    truncated = torch.tensor([len(ids) > max_new_tokens for ids in full])
+    texts = [tokenizer.decode(ids[:-1] if e else ids, skip_special_tokens=True) for ids, e in zip(cut, ended.tolist())]
+    return lay_out(prompt_ids, batch["input_ids"], batch["attention_mask"].bool(), ended, truncated, texts, rows, pad,
+                   device)
 
 
 def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
@@ -147,6 +194,10 @@ class Scorer:
         self.batch_size = batch_size
         n_sources = len(self.funcs) + (reward_model is not None)
         self.weights = list(weights) if weights else [1.0] * n_sources
+
+    @property
+    def has_sources(self) -> bool:
+        return bool(self.funcs) or self.reward_model is not None
 
     @torch.no_grad()
     def __call__(self, ro: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

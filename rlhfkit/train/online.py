@@ -83,10 +83,16 @@ def online_steps(c: OnlineConfig, n_prompts: int) -> int:
     return max(1, math.ceil(episodes / c.rollout_batch_size))
 
 
-def start_online(c: OnlineConfig, stage: str) -> OnlineSetup:
+def start_online(c: OnlineConfig, stage: str, formats: tuple[str, ...] = ONLINE_FORMATS,
+                 iterations: int = 1) -> OnlineSetup:
     """# 0. validate data and reward functions before anything heavy loads, start the run, split the
-    rollout batch over processes, encode the prompts."""
-    train_rows, eval_rows = load_split(c, ONLINE_FORMATS)
+    rollout batch over processes, encode the prompts (a conversation's prompt: everything before its
+    last reply, `as_prompt_row`). `iterations` (spin): the steps derived from the data are those of
+    one iteration, run this many times."""
+    from rlhfkit.data.formats import as_prompt_row
+
+    train_rows, eval_rows = load_split(c, formats)
+    train_rows, eval_rows = [as_prompt_row(r) for r in train_rows], [as_prompt_row(r) for r in eval_rows]
     task = config_task(c.task)
     reward_funcs = load_reward_funcs(c.reward_funcs, task=task)
     run = start_run(c, stage)
@@ -106,9 +112,10 @@ def start_online(c: OnlineConfig, stage: str) -> OnlineSetup:
     else:
         ev_rows = eval_rows[:c.eval_num_prompts]
     eval_ids, ev_rows, _ = encode_prompts(tokenizer, ev_rows, c.max_prompt_length)
-    steps = online_steps(c, len(prompt_ids))
+    steps = online_steps(c, len(prompt_ids)) * iterations
     run.print(f"[{stage}] {len(prompt_ids)} prompts ({skipped} empty skipped), {len(eval_ids)} held-out prompts | "
-              f"{steps} steps x {c.rollout_batch_size} prompts x {c.group_size} response(s) "
+              f"{steps} steps" + (f" ({iterations} iterations of {steps // iterations})" if iterations > 1 else "")
+              + f" x {c.rollout_batch_size} prompts x {c.group_size} response(s) "
               f"= {c.rollout_batch_size * c.group_size} per step over {run.world_size} process(es)")
     params = SamplingParams(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_k=c.top_k,
                             top_p=c.top_p, stop=tuple(c.stop))
@@ -360,9 +367,11 @@ def evaluate_policy(run: Run, setup: OnlineSetup, policy, reference, scorer: Sco
     with (whole(policy) if whole is not None else nullcontext()), run.precision():
         ro = generate_rollout(policy, tok, setup.generator, setup.eval_ids, setup.eval_rows, setup.params, seed,
                               run.device)
-        scores, parts = scorer(ro)
-        metrics = {"scores": scores.mean().item(), "length": ro.lengths.float().mean().item(),
-                   "eos_rate": ro.ended.float().mean().item(), **(source_metrics(parts) if len(parts) > 1 else {})}
+        metrics = {"length": ro.lengths.float().mean().item(), "eos_rate": ro.ended.float().mean().item()}
+        scores = None
+        if scorer.has_sources:  # spin trains on no reward: without one, nothing to score
+            scores, parts = scorer(ro)
+            metrics.update(scores=scores.mean().item(), **(source_metrics(parts) if len(parts) > 1 else {}))
         if reference is not None:
             metrics["kl"] = rollout_kl(policy, reference, ro, c.temperature, batch_size).mean().item()
         judged = judge(ro)[0] if judge is not None else None
@@ -377,9 +386,9 @@ def evaluate_policy(run: Run, setup: OnlineSetup, policy, reference, scorer: Sco
         correct = [setup.task.correct(p, t, e) for p, t, e in zip(prompts, ro.texts, ro.ended.tolist())]
         if all(x is not None for x in correct):
             metrics["accuracy"] = sum(correct) / len(correct)
-    samples = [{"prompt": p, "response": t, "score": s, "ended": e, **({"gold": gold[i]} if gold else {}),
-                **({"judge": judged[i].item()} if judged is not None else {})}
-               for i, (p, t, s, e) in enumerate(zip(prompts, ro.texts, scores.tolist(), ro.ended.tolist()))]
+    samples = [{"prompt": p, "response": t, **({"score": scores[i].item()} if scores is not None else {}), "ended": e,
+                **({"gold": gold[i]} if gold else {}), **({"judge": judged[i].item()} if judged is not None else {})}
+               for i, (p, t, e) in enumerate(zip(prompts, ro.texts, ro.ended.tolist()))]
     return metrics, samples
 
 
@@ -417,7 +426,9 @@ class OnlineLog:
     def win_rates(self, step: int, samples: list[dict]) -> dict:
         """Against the step-0 policy's responses to the same held-out prompts: `win_rate` by the
         training reward and, with a judge, `judge_win_rate`, each with `_se`."""
-        current = {"score": [s["score"] for s in samples]}
+        current = {}
+        if "score" in samples[0]:
+            current["score"] = [s["score"] for s in samples]
         if "judge" in samples[0]:
             current["judge"] = [s["judge"] for s in samples]
         if step == 0:
@@ -484,9 +495,10 @@ class SampleLog:
                 f.write(json.dumps({"step": step, "split": split, **s}) + "\n")
 
 
-def rollout_samples(ro: Rollout, scores: torch.Tensor, n: int) -> list[dict]:
-    return [{"prompt": ro.rows[i]["prompt"], "response": ro.texts[i], "score": scores[i].item(),
-             "ended": bool(ro.ended[i])} for i in range(min(n, len(ro.texts)))]
+def rollout_samples(ro: Rollout, scores: torch.Tensor | None, n: int) -> list[dict]:
+    return [{"prompt": ro.rows[i]["prompt"], "response": ro.texts[i],
+             **({"score": scores[i].item()} if scores is not None else {}), "ended": bool(ro.ended[i])}
+            for i in range(min(n, len(ro.texts)))]
 
 
 def generation_metrics(ro: Rollout) -> dict[str, float]:

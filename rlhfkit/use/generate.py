@@ -66,7 +66,7 @@ def sample_seed(seed: int, row: int, sample: int) -> int:
 def read_prompts(spec: str) -> list[tuple[str | list[dict], dict, str]]:
     """(prompt, extra columns, source) per row of a prompt file. Bad rows -> DataError naming
     file and line (from `load_rows` / `to_canonical`)."""
-    from rlhfkit.data.formats import to_canonical
+    from rlhfkit.data.formats import conversation_prompt, to_canonical
     from rlhfkit.data.sources import load_rows
 
     rows = to_canonical(load_rows(spec))
@@ -78,12 +78,7 @@ def read_prompts(spec: str) -> list[tuple[str | list[dict], dict, str]]:
         if "prompt" in row:
             prompt = row["prompt"]
         elif "messages" in row:  # a whole conversation: its prompt is everything before the last reply
-            messages = row["messages"]
-            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-            prompt = messages[:last]
-            if not prompt:
-                raise DataError("the conversation starts with its only assistant turn: no prompt",
-                                source=source)
+            prompt, _ = conversation_prompt(row["messages"], source)
         else:
             raise DataError("rows in 'text' format have no prompt; give prompt rows (a `prompt` column) "
                             "or conversations", source=source)
