@@ -657,7 +657,7 @@ class OnlineConfig(BaseConfig):
     @model_validator(mode="after")
     def _check_online(self) -> "OnlineConfig":
         problems = []
-        if self.reward_model is None and not self.reward_funcs:
+        if self.needs_reward and self.reward_model is None and not self.reward_funcs:
             problems.append("give reward_model (a directory from `rlhfkit rm`) and/or reward_funcs")
         from rlhfkit.rollout.rewards import check_reward_spec
 
@@ -709,6 +709,8 @@ class OnlineConfig(BaseConfig):
 
     _stage: ClassVar[str] = "online stages"
     _rows_text: ClassVar[str] = "rollout_batch_size"
+    needs_reward: ClassVar[bool] = True
+    """Whether the stage trains on a reward (reward_model and/or reward_funcs required); spin does not."""
 
 
 class PPOConfig(OnlineConfig):
@@ -926,7 +928,41 @@ class RLOOConfig(GRPOConfig):
 OnlineDPOLossType = Literal["sigmoid", "robust", "hinge", "ipo"]
 
 
-class OnlineDPOConfig(OnlineConfig):
+class PairedOnlineConfig(OnlineConfig):
+    """Keys of the online stages that take DPO steps on pairs of responses to one prompt (online_dpo,
+    spin; `train/pairs.py`): the loss, its beta, and whole pairs per micro-batch."""
+
+    beta: float = 0.1
+    """Inverse temperature of the implicit reward beta * log(pi / pi_ref)."""
+    loss_type: OnlineDPOLossType = "sigmoid"
+    """`sigmoid` (DPO; cDPO with label_smoothing), `robust`, `hinge` (SLiC), `ipo` (losses/dpo.py)."""
+    label_smoothing: float = 0.0
+    """Assumed share of flipped labels e for `sigmoid` (cDPO, in [0, 0.5]) and `robust` (< 0.5)."""
+
+    _rows_text: ClassVar[str] = "rollout_batch_size x 2 (each prompt's pair)"
+
+    @property
+    def train_group_size(self) -> int:
+        return 2
+
+    @model_validator(mode="after")
+    def _check_pairs(self) -> "PairedOnlineConfig":
+        problems = []
+        if self.beta <= 0:
+            problems.append(f"beta must be > 0, got {self.beta}")
+        problems += label_smoothing_problems(self.label_smoothing, [self.loss_type])
+        if self.per_device_train_batch_size % 2:
+            problems.append(f"per_device_train_batch_size counts responses and must be even (whole pairs), "
+                            f"got {self.per_device_train_batch_size}")
+        if self.sampling_dtype != "float32":
+            problems.append(f"sampling_dtype: {self.sampling_dtype} is offered by grpo and rloo only (their loss "
+                            f"has the importance-sampling correction; {self._stage}'s does not): use float32")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class OnlineDPOConfig(PairedOnlineConfig):
     """`rlhfkit online_dpo`: online DPO (Guo et al. 2024, "Direct Language Model Alignment from Online
     AI Feedback"; Calandriello et al. 2024). Each step samples `num_generations` responses to each of
     `rollout_batch_size` prompts from the current policy, scores them with the reward model and/or
@@ -945,38 +981,60 @@ class OnlineDPOConfig(OnlineConfig):
     """Responses sampled per prompt. 2: the pair itself (online DPO); more: the best- and
     worst-scored of them form the pair (best-vs-worst of n, as in iterative DPO, Xiong et al. 2024,
     Dong et al. 2024), which makes a tie rarer with a coarse reward."""
-    beta: float = 0.1
-    """Inverse temperature of the implicit reward beta * log(pi / pi_ref)."""
-    loss_type: OnlineDPOLossType = "sigmoid"
-    """`sigmoid` (DPO; cDPO with label_smoothing), `robust`, `hinge` (SLiC), `ipo` (losses/dpo.py)."""
-    label_smoothing: float = 0.0
-    """Assumed share of flipped labels e for `sigmoid` (cDPO, in [0, 0.5]) and `robust` (< 0.5)."""
 
     _stage: ClassVar[str] = "online_dpo"
-    _rows_text: ClassVar[str] = "rollout_batch_size x 2 (each prompt's pair)"
 
     @property
     def group_size(self) -> int:
         return self.num_generations
 
-    @property
-    def train_group_size(self) -> int:
-        return 2
-
     @model_validator(mode="after")
     def _check_online_dpo(self) -> "OnlineDPOConfig":
-        problems = []
         if self.num_generations < 2:
-            problems.append(f"num_generations must be >= 2 (a pair needs two responses), got {self.num_generations}")
-        if self.beta <= 0:
-            problems.append(f"beta must be > 0, got {self.beta}")
-        problems += label_smoothing_problems(self.label_smoothing, [self.loss_type])
-        if self.per_device_train_batch_size % 2:
-            problems.append(f"per_device_train_batch_size counts responses and must be even (whole pairs), "
-                            f"got {self.per_device_train_batch_size}")
-        if self.sampling_dtype != "float32":
-            problems.append(f"sampling_dtype: {self.sampling_dtype} is offered by grpo and rloo only (their loss "
-                            "has the importance-sampling correction; online_dpo's does not): use float32")
+            raise ValueError(f"num_generations must be >= 2 (a pair needs two responses), got {self.num_generations}")
+        return self
+
+
+SPIN_FORMATS = ("prompt_completion", "messages", "alpaca", "preference")
+
+
+class SPINConfig(PairedOnlineConfig):
+    """`rlhfkit spin`: self-play fine-tuning (Chen et al. 2024, "Self-Play Fine-Tuning Converts Weak
+    Language Models to Strong Language Models"). Needs no reward and no preference: SFT data only. Each
+    of `num_iterations` iterations, the policy at its start (the opponent, p_theta_t) samples one response
+    to every training prompt; then DPO steps push the data's response (chosen) up and that sample
+    (rejected) down, against p_theta_t as the reference (eq. 4.7, logistic loss = DPO's sigmoid). The next
+    iteration's opponent is the policy it ends with."""
+
+    supports_4bit: ClassVar[bool] = True
+
+    dataset_format: DatasetFormat | None = None
+    """Rows with a response to imitate: `prompt_completion` (the completion), `messages` / `alpaca`
+    (the last assistant reply; the conversation before it is the prompt), `preference` (the chosen
+    response). Null: detected."""
+    learning_rate: float = 5e-7
+    """Peak learning rate; the paper's (zephyr-7b, RMSprop). LoRA and tiny models take larger steps."""
+    temperature: float = 1.0
+    """Sampling temperature of the opponent's responses (the paper's 1.0); the log-probs of the loss are
+    taken from logits / temperature too, as in every online pass."""
+    num_iterations: int = 2
+    """Self-play iterations; each regenerates the rejected responses with, and takes as its reference,
+    the policy at its start."""
+    num_train_epochs: float = 2.0
+    """Passes over an iteration's pairs (the paper: 2-3). `max_steps` > 0 instead fixes the steps of
+    each iteration; `total_episodes` the prompts each iteration trains on."""
+
+    _stage: ClassVar[str] = "spin"
+    needs_reward: ClassVar[bool] = False
+
+    @model_validator(mode="after")
+    def _check_spin(self) -> "SPINConfig":
+        problems = []
+        if self.num_iterations < 1:
+            problems.append(f"num_iterations must be >= 1, got {self.num_iterations}")
+        if self.dataset_format is not None and self.dataset_format not in SPIN_FORMATS:
+            problems.append(f"dataset_format: {self.dataset_format} has no response to imitate; spin takes "
+                            + ", ".join(SPIN_FORMATS))
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -984,7 +1042,7 @@ class OnlineDPOConfig(OnlineConfig):
 
 STAGES: dict[str, type[BaseConfig]] = {"pt": PTConfig, "sft": SFTConfig, "dpo": DPOConfig, "kto": KTOConfig,
                                        "rm": RMConfig, "ppo": PPOConfig, "grpo": GRPOConfig, "rloo": RLOOConfig,
-                                       "online_dpo": OnlineDPOConfig}
+                                       "online_dpo": OnlineDPOConfig, "spin": SPINConfig}
 
 
 def register_stage(name: str, config_cls: type[BaseConfig]) -> None:

@@ -70,6 +70,7 @@ def test_loss_is_the_dpo_loss_of_the_sampled_pairs(fx, tmp_path):
     policy and reference log-probs of step 2's pairs (padded forward, no packing), tied pairs out."""
     from rlhfkit.losses.masked import masked_sum
     from rlhfkit.train import online_dpo
+    from rlhfkit.train.online import rollout_logps
 
     seen = {}
     original = online_dpo.pair_micro_loss
@@ -78,7 +79,7 @@ def test_loss_is_the_dpo_loss_of_the_sampled_pairs(fx, tmp_path):
         loss, stats = original(policy, pairs, ref_logps, decisive, idx, c, n_pairs)
         if policy.training:
             with torch.no_grad():
-                lp = online_dpo.rollout_logps(policy, pairs, idx, c.model_copy(update={"padding_free": False}))[0]
+                lp = rollout_logps(policy, pairs, idx, c.model_copy(update={"padding_free": False}))[0]
                 seq = masked_sum(lp, pairs.response_mask[idx], dim=1)
             h = (seq[0::2] - ref_logps[idx[0::2]]) - (seq[1::2] - ref_logps[idx[1::2]])
             w = decisive[idx[0::2] // 2].float()

@@ -33,15 +33,12 @@ held-out evaluation (`eval/`: training score, KL, gold reward / accuracy, judge)
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import torch
 
 from rlhfkit.config import OnlineDPOConfig
-from rlhfkit.losses.dpo import PairLogps, combined_loss
-from rlhfkit.losses.masked import masked_sum
-from rlhfkit.rollout.rollout import Rollout, generate_rollout, select_rows, source_metrics
+from rlhfkit.rollout.rollout import generate_rollout, source_metrics
 from rlhfkit.train.loop import Result
 from rlhfkit.train.online import (
     OnlineLog,
@@ -50,13 +47,13 @@ from rlhfkit.train.online import (
     finish_policy,
     generation_metrics,
     minibatch_plan,
-    rollout_logps,
     rollout_seed,
     run_updates,
     score_rollout,
     start_online,
     start_updates,
 )
+from rlhfkit.train.pairs import pair_micro_loss, pair_rollout, sequence_logps_of
 from rlhfkit.train.tracking import progress
 
 
@@ -74,61 +71,6 @@ def best_and_worst(scores: torch.Tensor, group_size: int) -> tuple[torch.Tensor,
     decisive = top > low
     worst = torch.where(decisive, worst, (best + 1) % group_size)  # a tie: still two different rows
     return base + best, base + worst, decisive
-
-
-def pair_rollout(ro: Rollout, chosen: torch.Tensor, rejected: torch.Tensor) -> Rollout:
-    """The pairs as a rollout of groups of 2: row 2i the chosen, row 2i + 1 the rejected response of
-    pair i (a pair shares its prompt in packed passes)."""
-    return dataclasses.replace(select_rows(ro, torch.stack([chosen, rejected], 1).reshape(-1)), group_size=2)
-
-
-# ---- 4. reference log-probs ------------------------------------------------------------------------
-
-def response_sums(model, pairs: Rollout, idx: torch.Tensor, c: OnlineDPOConfig) -> torch.Tensor:
-    """(len(idx),) log-probs of the responses of rows `idx` under `model`, summed over their tokens:
-    the sequence log-probs of the DPO loss (reference pass and training forward alike)."""
-    return masked_sum(rollout_logps(model, pairs, idx, c)[0], pairs.response_mask[idx], dim=1)
-
-
-@torch.no_grad()
-def sequence_logps_of(model, pairs: Rollout, micro_batches: list[torch.Tensor], c: OnlineDPOConfig) -> torch.Tensor:
-    """(2P,) `response_sums` of every response of `pairs` under `model`, in the training micro-batches
-    (same packing and kernels as the training forward)."""
-    out = torch.zeros(pairs.input_ids.shape[0], device=pairs.input_ids.device)
-    for idx in micro_batches:
-        out[idx] = response_sums(model, pairs, idx, c).float()
-    return out
-
-
-# ---- 5. the loss of one micro-batch ----------------------------------------------------------------
-
-def pair_micro_loss(policy, pairs: Rollout, ref_logps: torch.Tensor, decisive: torch.Tensor, idx: torch.Tensor,
-                    c: OnlineDPOConfig, n_pairs: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """The DPO loss of the pairs in micro-batch `idx` (rows of whole pairs: 2i chosen, 2i + 1 rejected),
-    tied pairs weighted 0, divided by the untied pairs of the global minibatch (`n_pairs`), so the
-    micro-batches of a minibatch on every process add up to the minibatch's mean loss."""
-    logps = response_sums(policy, pairs, idx, c)
-    n_tokens = pairs.response_mask[idx].sum(-1).float()
-    is_chosen = idx % 2 == 0
-    rows_c, rows_r = idx[is_chosen], idx[~is_chosen]
-    if not torch.equal(rows_r, rows_c + 1):
-        raise AssertionError("a micro-batch must hold whole pairs, chosen before rejected")
-    p = PairLogps(logps[is_chosen], logps[~is_chosen], ref_logps[rows_c], ref_logps[rows_r],
-                  n_tokens[is_chosen], n_tokens[~is_chosen])
-    out = combined_loss(p, [c.loss_type], beta=c.beta, label_smoothing=c.label_smoothing)
-    w = decisive[rows_c // 2].to(out.losses.dtype)
-    loss = (out.losses * w).sum() / n_pairs
-
-    def share(x: torch.Tensor) -> float:
-        return ((x.detach().float() * w).sum() / n_pairs).item()
-
-    margins = out.chosen_rewards - out.rejected_rewards
-    stats = {"loss": loss.item(), "rewards/chosen": share(out.chosen_rewards),
-             "rewards/rejected": share(out.rejected_rewards), "rewards/margins": share(margins),
-             "rewards/accuracies": share((margins > 0).float()),
-             "logps/chosen": share(p.chosen), "logps/rejected": share(p.rejected),
-             "pairs/logratio": share((p.chosen_logratios + p.rejected_logratios) / 2)}
-    return loss, stats
 
 
 # ---- the stage ---------------------------------------------------------------------------------------
