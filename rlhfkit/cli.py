@@ -22,6 +22,7 @@ STAGE_FUNCTIONS = {
     "grpo": "rlhfkit.train.grpo:train_grpo",
     "rloo": "rlhfkit.train.grpo:train_grpo",
     "online_dpo": "rlhfkit.train.online_dpo:train_online_dpo",
+    "spin": "rlhfkit.train.spin:train_spin",
 }
 
 USAGE = """rlhfkit STAGE CONFIG.yaml [key=value ...]   train a stage ({stages})

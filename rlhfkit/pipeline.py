@@ -13,7 +13,7 @@ feeding the next, re-runs that redo only what changed, and an HTML report at the
     report: {num_prompts: 128}
 
 Wiring (the user writes no paths between stages): a stage's model is the output of the last earlier
-stage of the kind it builds on (`UPSTREAM_KINDS`: sft on pt; rm, dpo, kto, ppo, grpo, rloo, online_dpo on
+stage of the kind it builds on (`UPSTREAM_KINDS`: sft on pt; rm, dpo, kto, ppo, grpo, rloo, online_dpo, spin on
 sft, else pt), or of the stage named by `from:`; ppo's and online_dpo's `reward_model` is the last earlier rm stage (unless
 `reward_model` or `reward_funcs` is given); and any of `MODEL_KEYS` whose value is the name of an
 earlier stage means that stage's output. With `data`, each stage's `dataset` / `eval_dataset` default
@@ -47,12 +47,13 @@ from rlhfkit.errors import ConfigError
 
 STATE_FILE = "pipeline_state.json"
 
-POLICY_KINDS = ("pt", "sft", "dpo", "kto", "ppo", "grpo", "rloo", "online_dpo")
+POLICY_KINDS = ("pt", "sft", "dpo", "kto", "ppo", "grpo", "rloo", "online_dpo", "spin")
 """Stage kinds whose output is a causal LM (a model in the report's table and samples)."""
 
 UPSTREAM_KINDS: dict[str, tuple[str, ...]] = {
     "pt": (), "sft": ("pt",), "rm": ("sft", "pt"), "dpo": ("sft", "pt"), "kto": ("sft", "pt"),
     "ppo": ("sft", "pt"), "grpo": ("sft", "pt"), "rloo": ("sft", "pt"), "online_dpo": ("sft", "pt"),
+    "spin": ("sft", "pt"),
 }
 """Kind -> the kinds whose output becomes its `model_name_or_path` without `from:`, in order of preference
 (the last earlier stage of the first kind present)."""
@@ -62,6 +63,7 @@ TASK_FILES: dict[str, tuple[str, str | None]] = {
     "rm": ("preference_train", "preference_eval"), "dpo": ("preference_train", "preference_eval"),
     "kto": ("unpaired_train", "unpaired_eval"), "ppo": ("prompt_train", None),
     "grpo": ("prompt_train", None), "rloo": ("prompt_train", None), "online_dpo": ("prompt_train", None),
+    "spin": ("sft_train", None),
 }
 """Kind -> (dataset, eval_dataset) file stems of a built-in task's data (`rlhfkit data`)."""
 

@@ -40,6 +40,7 @@ STAGE_ROLES: dict[str, list[tuple[str, bool]]] = {
     "grpo": [("policy", True), ("reference", False)],
     "rloo": [("policy", True), ("reference", False)],
     "online_dpo": [("policy", True), ("reference", False)],
+    "spin": [("policy", True)],  # the reference log-probs are the policy's own, taken once per iteration
     "ppo": [("policy", True), ("reference", False), ("reward", False), ("critic", True)],
 }
 """Stage -> its roles, (name, trained)."""
