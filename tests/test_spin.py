@@ -160,6 +160,8 @@ def test_resume_inside_an_iteration_is_exact(fx, tmp_path):
         ckpt = tmp_path / "a" / "checkpoints" / f"step-{step:06d}"
         train_spin(spin_config(fx, tmp_path / f"b{step}", resume_from_checkpoint=str(ckpt), **kw))
         assert_same_weights(tmp_path / "a", tmp_path / f"b{step}", "adapter_model.safetensors")
+        # the iteration resumed into is kept in the new directory too (a later resume reads it there)
+        assert (tmp_path / f"b{step}" / "spin" / "iteration-0-rank-0.safetensors").is_file() == (step == 1)
 
 
 def test_conversations_and_preference_pairs(fx, tmp_path):

@@ -15,6 +15,7 @@ response g to prompt p, so a group is G consecutive rows):
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -63,6 +64,11 @@ class Rollout:
     def lengths(self) -> torch.Tensor:
         """(B,) response tokens (EOS included)."""
         return self.response_mask.sum(-1)
+
+    def to(self, device) -> "Rollout":
+        """The same rollout with its tensors on `device`."""
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+                                            if isinstance(getattr(self, f.name), torch.Tensor)})
 
     def group_ids_of(self, idx: torch.Tensor) -> list[int]:
         """Group (prompt) id of rows `idx`: rows of one prompt share it in packed passes."""

@@ -141,7 +141,8 @@ def pool_path(run: Run, iteration: int, written_by_checkpoint_run: bool = False)
 @torch.no_grad()
 def build_pool(run: Run, setup: OnlineSetup, opt, policy, real: Rollout, prompts: list[int], seed: int) -> Pool:
     """# 1-3. at an iteration's start: the opponent's (the current policy's) response to each prompt,
-    paired with the data's, and both responses' log-probs under it (the reference of the iteration)."""
+    paired with the data's (`real`: every row's, on the CPU), and both responses' log-probs under it
+    (the reference of the iteration)."""
     c, tok = run.config, setup.tokenizer
     policy.eval()
     with opt.whole(policy), run.precision():
@@ -150,8 +151,7 @@ def build_pool(run: Run, setup: OnlineSetup, opt, policy, real: Rollout, prompts
                                [setup.rows[p] for p in prompts], setup.params, seed, run.device)
         # 2. pairs: rows 2j the data's response, 2j + 1 the sample
         n = len(prompts)
-        both = concat_rollouts([select_rows(real, torch.tensor(prompts, device=real.input_ids.device)), gen],
-                               tok.pad_token_id)
+        both = concat_rollouts([select_rows(real, torch.tensor(prompts)).to(run.device), gen], tok.pad_token_id)
         pairs = pair_rollout(both, torch.arange(n), torch.arange(n) + n)
         # 3. reference log-probs under p_theta_t, in micro-batches of whole pairs
         mb = c.per_device_train_batch_size
@@ -178,7 +178,7 @@ def train_spin(config: SPINConfig) -> Result:
     setup = start_online(c, stage, formats=SPIN_FORMATS, iterations=c.num_iterations)
     run, tokenizer = setup.run, setup.tokenizer
     check_replies(setup.rows)
-    real = data_rollout(tokenizer, setup.prompt_ids, setup.rows, c.max_new_tokens, run.device)
+    real = data_rollout(tokenizer, setup.prompt_ids, setup.rows, c.max_new_tokens, "cpu")  # each pool's to the device
     per_iteration = online_steps(c, len(setup.prompt_ids))
     if setup.steps != per_iteration * c.num_iterations:
         raise AssertionError("spin: steps are whole iterations")
@@ -218,6 +218,8 @@ def train_spin(config: SPINConfig) -> Result:
                     raise ConfigError(f"resuming spin at step {step} (inside iteration {iteration + 1}) needs that "
                                       f"iteration's pairs, {path}.safetensors, which is missing")
                 pool = Pool.load(path, setup.rows, tokenizer.pad_token_id, run.device)
+                if pool_path(run, iteration) != path:  # resumed into another directory: a later resume reads it here
+                    pool.save(pool_path(run, iteration), iteration)
             pool_iteration = iteration
         t_gen = time.perf_counter()
         pairs, ref_logps, decisive = pool.step(setup.stream.indices(step))
