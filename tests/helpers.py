@@ -204,3 +204,33 @@ def assert_same_run(a: Path, b: Path, weights: str = "model.safetensors", *, wei
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=weights_atol, rtol=1e-4, msg=k)
+
+
+def assert_sharded_follows_ddp(sharded: Path, ddp: Path, engine: str, keys: tuple[str, ...]) -> None:
+    """A 2-process LoRA run under a sharded engine against the same run under DDP: the engines named
+    in their summaries; what each rank held (ZeRO-2: every parameter and half the optimizer state;
+    ZeRO-3 / FSDP2: about half of both); the same logged steps, the metrics `keys` and the trained
+    adapter within 1e-4 (the engines reduce and clip in another order)."""
+    from safetensors.torch import load_file
+    from test_scaleout import assert_halved
+
+    s, ref = read_summary(sharded), read_summary(ddp)
+    assert (s["engine"], s["world_size"]) == (engine, 2) and ref["engine"] == "ddp"
+    total, state = ref["local_parameters"][0], ref["local_optimizer_state"][0]
+    assert ref["local_parameters"] == [total, total]
+    if engine == "zero2":  # parameters whole on each rank, the optimizer state halved
+        assert s["local_parameters"] == [total, total]
+    else:  # each rank held about half of the trained LoRA
+        assert_halved(s["local_parameters"], total, spread=0.1)
+    assert_halved(s["local_optimizer_state"], state, spread=0.1)
+    ma, mb = read_metrics(sharded), read_metrics(ddp)
+    assert [r["step"] for r in ma] == [r["step"] for r in mb]
+    for ra, rb in zip(ma, mb):
+        for k in keys:
+            if k in rb:
+                assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-5), (ra["step"], k, ra[k], rb[k])
+    a = load_file(str(sharded / "adapter_model.safetensors"))
+    b = load_file(str(ddp / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and b
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-4, msg=k)

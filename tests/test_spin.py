@@ -13,9 +13,17 @@ import math
 
 import pytest
 import torch
-from helpers import assert_same_weights, launched_run, read_metrics, register_launched, write_jsonl
+from helpers import (
+    assert_same_weights,
+    assert_sharded_follows_ddp,
+    launched_run,
+    read_metrics,
+    register_launched,
+    write_jsonl,
+)
 from safetensors.torch import load_file
 from test_grpo import grpo_fixtures, initial_weights
+from test_scaleout import needs_deepspeed
 
 from rlhfkit.config import build_config
 from rlhfkit.errors import ConfigError, DataError
@@ -211,7 +219,10 @@ def launched_job(tmp_path_factory, model_dir, out):
                                val_size=2), None
 
 
+ENGINES = ("zero2", "zero3", "fsdp2")
 register_launched("ddp", "spin_ddp", launched_job)
+for _engine in ENGINES:
+    register_launched(_engine, f"spin_{_engine}", launched_job)
 
 
 @pytest.mark.slow
@@ -226,3 +237,24 @@ def test_two_processes_each_play_their_share(fx, tmp_path_factory, tiny_model_di
         a, b = pool_lines(run, iteration, 0), pool_lines(run, iteration, 1)
         assert len(a) == len(b) == 2
     assert (run / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", [pytest.param(e, marks=needs_deepspeed if e.startswith("zero") else ())
+                                    for e in ENGINES])
+def test_sharded_engines_follow_ddp(fx, tmp_path_factory, tiny_model_dir, engine):
+    """The same 2-process run under DeepSpeed ZeRO-2 / ZeRO-3 / FSDP2 and under DDP (ZeRO-3 and FSDP2:
+    the LoRA policy sharded, its parameters gathered to sample the opponent and to take the pool's
+    reference log-probs): the same pools (each rank its own prompts and seed), curves and adapter (the
+    engines reduce and clip in another order: within 1e-4)."""
+    ddp = launched_run(tmp_path_factory, tiny_model_dir, "ddp", "spin_ddp")
+    sharded = launched_run(tmp_path_factory, tiny_model_dir, engine, f"spin_{engine}")
+    for iteration in (0, 1):
+        for rank in (0, 1):
+            a, b = pool_lines(sharded, iteration, rank), pool_lines(ddp, iteration, rank)
+            assert [x["generated"] for x in a] == [x["generated"] for x in b]
+            for x, y in zip(a, b):
+                assert x["ref_logps"] == pytest.approx(y["ref_logps"], rel=1e-4, abs=1e-5)
+    assert [r["step"] for r in read_metrics(ddp)] == [0, 1, 2]
+    assert_sharded_follows_ddp(sharded, ddp, engine, ("loss", "grad_norm", "rewards/margins", "logps/chosen",
+                                                      "pairs/identical", "eval/kl", "eval/length"))

@@ -48,12 +48,11 @@ from rlhfkit.train.online import (
     generation_metrics,
     minibatch_plan,
     rollout_seed,
-    run_updates,
     score_rollout,
     start_online,
     start_updates,
 )
-from rlhfkit.train.pairs import pair_micro_loss, pair_rollout, sequence_logps_of
+from rlhfkit.train.pairs import pair_rollout, pair_updates, sequence_logps_of
 from rlhfkit.train.tracking import progress
 
 
@@ -122,12 +121,7 @@ def train_online_dpo(config: OnlineDPOConfig) -> Result:
             ref_logps = sequence_logps_of(ref, pairs, [mb for mini in plan for mb in mini], c)
         t_prep = time.perf_counter()
         # 5. updates: num_mini_batches DPO steps (micro-batches accumulated)
-        policy.train()
-        means, _ = run_updates(
-            run, opt, [plan],
-            micro_loss=lambda mb, n: pair_micro_loss(opt.wrapped, pairs, ref_logps, decisive, mb, c, n[0]),
-            counts=lambda r: [decisive[r[r % 2 == 0] // 2].sum().item()])
-        policy.eval()
+        means = pair_updates(run, opt, policy, pairs, ref_logps, decisive, plan, c)
         t_train = time.perf_counter()
         # 6. metrics, samples, evaluation, checkpoint
         kept = decisive.float()

@@ -17,7 +17,7 @@ from rlhfkit.config import OnlineConfig
 from rlhfkit.losses.dpo import PairLogps, combined_loss
 from rlhfkit.losses.masked import masked_sum
 from rlhfkit.rollout.rollout import Rollout, select_rows
-from rlhfkit.train.online import rollout_logps
+from rlhfkit.train.online import rollout_logps, run_updates
 
 
 def pair_rollout(ro: Rollout, chosen: torch.Tensor, rejected: torch.Tensor) -> Rollout:
@@ -73,3 +73,17 @@ def pair_micro_loss(policy, pairs: Rollout, ref_logps: torch.Tensor, decisive: t
              "logps/chosen": share(p.chosen), "logps/rejected": share(p.rejected),
              "pairs/logratio": share((p.chosen_logratios + p.rejected_logratios) / 2)}
     return loss, stats
+
+
+def pair_updates(run, opt, policy, pairs: Rollout, ref_logps: torch.Tensor, decisive: torch.Tensor,
+                 plan: list[list[torch.Tensor]], c: OnlineConfig) -> dict[str, float]:
+    """The DPO steps on one step's pairs: one optimizer step per minibatch of `plan` (micro-batches of
+    whole pairs accumulated; `run_updates`), each micro-batch's loss its share of the mean over the
+    minibatch's weighted pairs on every process. Returns the metric means over the updates."""
+    policy.train()
+    means, _ = run_updates(
+        run, opt, [plan],
+        micro_loss=lambda mb, n: pair_micro_loss(opt.wrapped, pairs, ref_logps, decisive, mb, c, n[0]),
+        counts=lambda r: [decisive[r[r % 2 == 0] // 2].sum().item()])
+    policy.eval()
+    return means

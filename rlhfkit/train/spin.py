@@ -59,11 +59,10 @@ from rlhfkit.train.online import (
     minibatch_plan,
     online_steps,
     rollout_seed,
-    run_updates,
     start_online,
     start_updates,
 )
-from rlhfkit.train.pairs import pair_micro_loss, pair_rollout, sequence_logps_of
+from rlhfkit.train.pairs import pair_rollout, pair_updates, sequence_logps_of
 from rlhfkit.train.tracking import progress
 
 
@@ -225,12 +224,7 @@ def train_spin(config: SPINConfig) -> Result:
         pairs, ref_logps, decisive = pool.step(setup.stream.indices(step))
         # 4. updates: num_mini_batches DPO steps (micro-batches accumulated)
         plan = minibatch_plan(rows, c, step, 0, group_size=2)
-        policy.train()
-        means, _ = run_updates(
-            run, opt, [plan],
-            micro_loss=lambda mb, n: pair_micro_loss(opt.wrapped, pairs, ref_logps, decisive, mb, c, n[0]),
-            counts=lambda r: [decisive[r[r % 2 == 0] // 2].sum().item()])
-        policy.eval()
+        means = pair_updates(run, opt, policy, pairs, ref_logps, decisive, plan, c)
         t_train = time.perf_counter()
         # 5. metrics, samples (the opponent's), evaluation, checkpoint
         samples = select_rows(pairs, torch.arange(1, rows, 2, device=pairs.input_ids.device))
