@@ -72,6 +72,17 @@ def test_online_dpo_is_wired_like_ppo(tmp_path):
     assert c.dataset == str(out / "data" / "prompt_train.jsonl") and c.reward_model == str(out / "rm")
 
 
+def test_spin_builds_on_sft_with_its_demonstrations_and_no_reward(tmp_path):
+    """spin builds on sft and imitates the task's SFT file; no reward model is wired in (it needs none)."""
+    spec = tiny_pipeline(tmp_path / "p")
+    spec["stages"]["spin"] = {"max_steps": 1, "rollout_batch_size": 8, "per_device_train_batch_size": 8}
+    p = resolve_pipeline(spec)
+    out = tmp_path / "p"
+    assert p.stage("spin").upstream == {"model_name_or_path": "sft"}
+    c = p.stage("spin").config
+    assert c.dataset == str(out / "data" / "sft_train.jsonl") and c.reward_model is None and c.task == "sentiment"
+
+
 def test_named_stages_from_and_stage_references(tmp_path):
     spec = tiny_pipeline(tmp_path / "p")
     spec["stages"]["dpo_ipo"] = {"stage": "dpo", "from": "sft", "loss_type": "ipo"}
