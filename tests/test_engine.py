@@ -51,13 +51,12 @@ def test_shipped_deepspeed_configs_name_their_stage():
 
 
 def test_unsupported_engine_or_stage_is_an_error():
-    for stage in ("pt", "sft", "rm", "dpo", "kto", "ppo", "grpo", "rloo"):
+    for stage in ("pt", "sft", "rm", "dpo", "kto", "ppo", "grpo", "rloo", "online_dpo", "spin"):
         check_supported("single", stage)
         check_supported("ddp", stage)
-    for stage in ("pt", "sft", "rm", "dpo", "kto", "ppo", "grpo", "rloo"):
         for engine in ("zero2", "zero3", "fsdp2"):
             check_supported(engine, stage)
-    for stage in ("spin",):  # a stage not (yet) tested under the sharded engines is refused
+    for stage in ("a_new_stage",):  # a stage not (yet) tested under the sharded engines is refused
         with pytest.raises(ConfigError, match=f"stage '{stage}' cannot run under engine 'zero3'"):
             check_supported("zero3", stage)
         with pytest.raises(ConfigError, match=f"stage '{stage}' cannot run under engine 'fsdp2'"):
