@@ -234,3 +234,14 @@ def assert_sharded_follows_ddp(sharded: Path, ddp: Path, engine: str, keys: tupl
     assert a.keys() == b.keys() and b
     for k in b:
         torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-4, msg=k)
+
+
+def assert_every_trained_tensor_changed(initial: dict[str, torch.Tensor], run: Path, finetuning_type: str) -> None:
+    """A run's saved weights against `initial` (`test_grpo.initial_weights`): every trained tensor moved
+    (LoRA: its B matrices; the A matrices start random and may not need to)."""
+    from safetensors.torch import load_file
+
+    after = load_file(str(run / ("adapter_model.safetensors" if finetuning_type == "lora" else "model.safetensors")))
+    trained = {n for n in initial if "lora_A" not in n} if finetuning_type == "lora" else set(initial)
+    unchanged = [n for n in trained if torch.equal(initial[n], after[n.replace(".default", "")])]
+    assert not unchanged, unchanged[:5]

@@ -12,7 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_same_weights, assert_sharded_follows_ddp, launched_run, read_metrics, register_launched
+from helpers import (
+    assert_every_trained_tensor_changed,
+    assert_same_weights,
+    assert_sharded_follows_ddp,
+    launched_run,
+    read_metrics,
+    register_launched,
+)
 from safetensors.torch import load_file
 from test_grpo import grpo_fixtures, initial_weights
 from test_scaleout import needs_deepspeed
@@ -56,11 +63,7 @@ def test_first_update_is_at_the_reference_and_every_parameter_trains(fx, tmp_pat
     assert step1["rewards/chosen"] == 0.0 and step1["rewards/rejected"] == 0.0 and step1["pairs/logratio"] == 0.0
     assert step1["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert step1["scores/chosen"] > step1["scores/rejected"]
-    name = "adapter_model.safetensors" if c.finetuning_type == "lora" else "model.safetensors"
-    after = load_file(str(tmp_path / "run" / name))
-    trained = {n for n in initial if "lora_A" not in n} if c.finetuning_type == "lora" else set(initial)
-    unchanged = [n for n in trained if torch.equal(initial[n], after[n.replace(".default", "")])]
-    assert not unchanged, unchanged[:5]
+    assert_every_trained_tensor_changed(initial, tmp_path / "run", c.finetuning_type)
     s = result.summary
     assert s["stage"] == "online_dpo" and s["loss_type"] == "sigmoid" and "initial_eval/scores" in s
 

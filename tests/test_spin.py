@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 from helpers import (
+    assert_every_trained_tensor_changed,
     assert_same_weights,
     assert_sharded_follows_ddp,
     launched_run,
@@ -118,11 +119,7 @@ def test_first_update_is_at_the_reference_and_pairs_are_data_vs_sample(fx, tmp_p
     samples = [json.loads(x) for x in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     train = [s for s in samples if s["split"] == "train"]
     assert {s["response"] for s in train} <= {line["generated"] for line in lines}  # samples are the opponent's
-    name = "adapter_model.safetensors" if c.finetuning_type == "lora" else "model.safetensors"
-    after = load_file(str(tmp_path / "run" / name))
-    trained = {n for n in initial if "lora_A" not in n} if c.finetuning_type == "lora" else set(initial)
-    unchanged = [n for n in trained if torch.equal(initial[n], after[n.replace(".default", "")])]
-    assert not unchanged, unchanged[:5]
+    assert_every_trained_tensor_changed(initial, tmp_path / "run", c.finetuning_type)
     s = result.summary
     assert s["stage"] == "spin" and s["iterations"] == 1 and "initial_eval/length" in s
     assert "initial_eval/scores" not in s  # no reward: nothing scored
