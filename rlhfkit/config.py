@@ -1003,8 +1003,8 @@ class SPINConfig(PairedOnlineConfig):
     Language Models to Strong Language Models"). Needs no reward and no preference: SFT data only. Each
     of `num_iterations` iterations, the policy at its start (the opponent, p_theta_t) samples one response
     to every training prompt; then DPO steps push the data's response (chosen) up and that sample
-    (rejected) down, against p_theta_t as the reference (eq. 4.7, logistic loss = DPO's sigmoid). The next
-    iteration's opponent is the policy it ends with."""
+    (rejected) down, against p_theta_t as the reference (the paper's objective with the logistic loss:
+    DPO's sigmoid loss). The next iteration's opponent is the policy it ends with."""
 
     supports_4bit: ClassVar[bool] = True
 

@@ -2,14 +2,14 @@
 Models to Strong Language Models"), from SFT data alone: no reward model, no preference labels.
 
 At iteration t the policy at the iteration's start, p_theta_t, is the opponent: it answers every prompt
-of the iteration, and the policy learns to tell the data's response y from the opponent's y' (eq. 4.7
-with the logistic loss):
+of the iteration, and the policy learns to tell the data's response y from the opponent's y' (the paper's
+objective with the logistic loss):
 
     L(theta) = -log sigmoid( beta log p_theta(y|x) / p_theta_t(y|x) - beta log p_theta(y'|x) / p_theta_t(y'|x) )
 
 which is the DPO loss with chosen = y, rejected = y' and the reference p_theta_t. The paper generates
 the opponent's responses for the whole dataset and trains 2-3 epochs on them; the next iteration's
-opponent and reference is the policy that comes out. Global optimum: p_theta = p_data (Theorem 5.4),
+opponent and reference is the policy that comes out. Global optimum: p_theta = p_data (the paper's Section 5),
 where the data's and the opponent's responses can no longer be told apart.
 
 One explicit loop; an iteration is `steps_per_iteration` online steps (`num_train_epochs` passes of
