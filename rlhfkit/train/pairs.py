@@ -26,7 +26,7 @@ def pair_rollout(ro: Rollout, chosen: torch.Tensor, rejected: torch.Tensor) -> R
     return dataclasses.replace(select_rows(ro, torch.stack([chosen, rejected], 1).reshape(-1)), group_size=2)
 
 
-# ---- 4. reference log-probs ------------------------------------------------------------------------
+# ---- sequence log-probs (reference pass and training forward) ---------------------------------------
 
 def response_sums(model, pairs: Rollout, idx: torch.Tensor, c: OnlineConfig) -> torch.Tensor:
     """(len(idx),) log-probs of the responses of rows `idx` under `model`, summed over their tokens:
@@ -44,7 +44,7 @@ def sequence_logps_of(model, pairs: Rollout, micro_batches: list[torch.Tensor], 
     return out
 
 
-# ---- 5. the loss of one micro-batch ----------------------------------------------------------------
+# ---- the loss of one micro-batch, the updates of one step --------------------------------------------
 
 def pair_micro_loss(policy, pairs: Rollout, ref_logps: torch.Tensor, decisive: torch.Tensor, idx: torch.Tensor,
                     c: OnlineConfig, n_pairs: float) -> tuple[torch.Tensor, dict[str, float]]:

@@ -57,7 +57,6 @@ from rlhfkit.train.online import (
     finish_policy,
     generation_metrics,
     minibatch_plan,
-    online_steps,
     rollout_seed,
     start_online,
     start_updates,
@@ -178,9 +177,7 @@ def train_spin(config: SPINConfig) -> Result:
     run, tokenizer = setup.run, setup.tokenizer
     check_replies(setup.rows)
     real = data_rollout(tokenizer, setup.prompt_ids, setup.rows, c.max_new_tokens, "cpu")  # each pool's to the device
-    per_iteration = online_steps(c, len(setup.prompt_ids))
-    if setup.steps != per_iteration * c.num_iterations:
-        raise AssertionError("spin: steps are whole iterations")
+    per_iteration = setup.steps // c.num_iterations  # start_online: num_iterations x the steps the data gives
     policy, reference, scorer = build_roles(setup, reference_needed=c.ref_model is not None)
     rows = setup.local_prompts * 2
     updates = setup.steps * c.num_mini_batches
@@ -217,8 +214,9 @@ def train_spin(config: SPINConfig) -> Result:
                     raise ConfigError(f"resuming spin at step {step} (inside iteration {iteration + 1}) needs that "
                                       f"iteration's pairs, {path}.safetensors, which is missing")
                 pool = Pool.load(path, setup.rows, tokenizer.pad_token_id, run.device)
-                if pool_path(run, iteration) != path:  # resumed into another directory: a later resume reads it here
-                    pool.save(pool_path(run, iteration), iteration)
+                own = pool_path(run, iteration)
+                if own != path:  # resumed into another directory: a later resume reads it here
+                    pool.save(own, iteration)
             pool_iteration = iteration
         t_gen = time.perf_counter()
         pairs, ref_logps, decisive = pool.step(setup.stream.indices(step))
