@@ -26,7 +26,8 @@ from test_scaleout import needs_deepspeed
 
 from rlhfkit.config import build_config
 from rlhfkit.errors import ConfigError
-from rlhfkit.train.online_dpo import best_and_worst, train_online_dpo
+from rlhfkit.train.online_dpo import train_online_dpo
+from rlhfkit.train.pairs import best_and_worst
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +50,13 @@ def test_best_and_worst_pairs_each_group():
     # groups of 4: the first of equal maxima / minima; a flat group still names two different rows
     best, worst, decisive = best_and_worst(torch.tensor([0.0, 1.0, 1.0, 0.0, 5.0, 5.0, 5.0, 5.0]), 4)
     assert best.tolist() == [1, 4] and worst.tolist() == [0, 5] and decisive.tolist() == [True, False]
+    # NaN (a response self_reward's judge could not score) is never picked while another is scored;
+    # one scored response, or none, is no preference
+    nan = float("nan")
+    best, worst, decisive = best_and_worst(torch.tensor([nan, 1.0, 3.0, nan, nan, 2.0, nan, nan, nan, nan]), 5)
+    assert best.tolist() == [2, 5] and worst.tolist() == [1, 6] and decisive.tolist() == [True, False]
+    best, worst, decisive = best_and_worst(torch.tensor([nan, nan]), 2)
+    assert best.tolist() == [0] and worst.tolist() == [1] and decisive.tolist() == [False]
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(finetuning_type="lora", num_generations=4)], ids=["full", "lora_of_4"])
@@ -111,8 +119,10 @@ def test_micro_batches_add_up_to_the_minibatch(fx, tmp_path):
             assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
     a = load_file(str(tmp_path / "a" / "model.safetensors"))
     b = load_file(str(tmp_path / "b" / "model.safetensors"))
+    # within a tenth of one Adam step (lr 1e-3): an element whose gradient is near 0 turns float
+    # rounding of the summation order into up to ~2.3e-5 of movement (measured, one element of 65536)
     for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(a[name], b[name], atol=1e-4, rtol=1e-4)
 
 
 def test_tied_pairs_train_nothing(fx, tmp_path):

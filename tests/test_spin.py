@@ -114,11 +114,11 @@ def test_first_update_is_at_the_reference_and_pairs_are_data_vs_sample(fx, tmp_p
     lines = pool_lines(tmp_path / "run", 0)
     assert len(lines) == 4  # the step's 4 prompts (val_size 2 held out)
     for line in lines:
-        assert line["real"] == completions[line["prompt"]]
-        assert line["generated"] != line["real"]
+        assert line["chosen"] == completions[line["prompt"]]  # the data's
+        assert line["rejected"] != line["chosen"] and line["trains"] and not line["identical"]
     samples = [json.loads(x) for x in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     train = [s for s in samples if s["split"] == "train"]
-    assert {s["response"] for s in train} <= {line["generated"] for line in lines}  # samples are the opponent's
+    assert {s["response"] for s in train} <= {line["rejected"] for line in lines}  # samples are the opponent's
     assert_every_trained_tensor_changed(initial, tmp_path / "run", c.finetuning_type)
     s = result.summary
     assert s["stage"] == "spin" and s["iterations"] == 1 and "initial_eval/length" in s
@@ -131,7 +131,7 @@ def test_each_iteration_plays_against_the_policy_at_its_start(fx, tmp_path):
     drawn anew."""
     from rlhfkit.models.load import load_causal_lm, load_tokenizer
     from rlhfkit.train.online import rollout_logps
-    from rlhfkit.train.spin import Pool
+    from rlhfkit.train.iterative import Pool
 
     out = tmp_path / "run"
     c = spin_config(fx, out, num_iterations=2, max_steps=2, save_steps=2)
@@ -175,10 +175,10 @@ def test_conversations_and_preference_pairs(fx, tmp_path):
     train_spin(spin_config(fx, tmp_path / "chat", dataset=str(fx["data"] / "chat.jsonl")))
     for line in pool_lines(tmp_path / "chat", 0):
         assert line["prompt"][0]["role"] == "user" and len(line["prompt"]) == 1
-        assert line["real"] == dict((p.strip(), c.strip()) for p, c in PAIRS)[line["prompt"][0]["content"]]
+        assert line["chosen"] == dict((p.strip(), c.strip()) for p, c in PAIRS)[line["prompt"][0]["content"]]
     prefs = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": p, "chosen": c, "rejected": " no"} for p, c in PAIRS])
     train_spin(spin_config(fx, tmp_path / "prefs", dataset=str(prefs)))
-    assert {line["real"] for line in pool_lines(tmp_path / "prefs", 0)} <= {c for _, c in PAIRS}
+    assert {line["chosen"] for line in pool_lines(tmp_path / "prefs", 0)} <= {c for _, c in PAIRS}
 
 
 def test_config_and_data_errors_before_any_model_loads(fx, tmp_path):
@@ -249,7 +249,7 @@ def test_sharded_engines_follow_ddp(fx, tmp_path_factory, tiny_model_dir, engine
     for iteration in (0, 1):
         for rank in (0, 1):
             a, b = pool_lines(sharded, iteration, rank), pool_lines(ddp, iteration, rank)
-            assert [x["generated"] for x in a] == [x["generated"] for x in b]
+            assert [x["rejected"] for x in a] == [x["rejected"] for x in b]
             for x, y in zip(a, b):
                 assert x["ref_logps"] == pytest.approx(y["ref_logps"], rel=1e-4, abs=1e-5)
     assert [r["step"] for r in read_metrics(ddp)] == [0, 1, 2]

@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import time
 
-import torch
-
 from rlhfkit.config import OnlineDPOConfig
 from rlhfkit.rollout.rollout import generate_rollout, source_metrics
 from rlhfkit.train.loop import Result
@@ -52,24 +50,8 @@ from rlhfkit.train.online import (
     start_online,
     start_updates,
 )
-from rlhfkit.train.pairs import pair_rollout, pair_updates, sequence_logps_of
+from rlhfkit.train.pairs import best_and_worst, pair_rollout, pair_updates, sequence_logps_of
 from rlhfkit.train.tracking import progress
-
-
-# ---- 3. pairs ---------------------------------------------------------------------------------------
-
-def best_and_worst(scores: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Scores (P x G,) of P groups of G consecutive responses -> (P,) rows of each group's best- and
-    worst-scored response (the first of equal ones) and (P,) whether they differ (a preference; all
-    equal: a tie). Worked: scores [1, 3, 2, 2] in groups of 2 -> best [1, 2], worst [0, 3], decisive
-    [True, False]."""
-    s = scores.view(-1, group_size)
-    base = torch.arange(s.shape[0], device=scores.device) * group_size
-    top, best = s.max(dim=1)
-    low, worst = s.min(dim=1)
-    decisive = top > low
-    worst = torch.where(decisive, worst, (best + 1) % group_size)  # a tie: still two different rows
-    return base + best, base + worst, decisive
 
 
 # ---- the stage ---------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """DPO on (chosen, rejected) pairs laid out as a `Rollout` of groups of 2 (row 2i the chosen, row 2i + 1
 the rejected response of pair i; a pair shares its prompt in packed passes): the pair layout, the
-sequence log-probs and the loss of one micro-batch that online_dpo (pairs the reward ranks) and spin
-(the data's response against the policy's own) share.
+sequence log-probs, the loss of one micro-batch and the choice of a group's best and worst response that
+online_dpo (pairs the reward ranks), spin (the data's response against the policy's own) and self_reward
+(pairs the policy judges itself) share.
 
 A pair with weight 0 (a tie, or two identical responses) stays in the batch, so every process keeps its
 micro-batch count, and trains nothing; each micro-batch's loss is its share of the mean over the
@@ -10,6 +11,7 @@ weighted pairs of the global minibatch (`n_pairs`)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -24,6 +26,23 @@ def pair_rollout(ro: Rollout, chosen: torch.Tensor, rejected: torch.Tensor) -> R
     """The pairs as a rollout of groups of 2: row 2i the chosen, row 2i + 1 the rejected response of
     pair i (a pair shares its prompt in packed passes)."""
     return dataclasses.replace(select_rows(ro, torch.stack([chosen, rejected], 1).reshape(-1)), group_size=2)
+
+
+def best_and_worst(scores: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scores (P x G,) of P groups of G consecutive responses -> (P,) rows of each group's best- and
+    worst-scored response (the first of equal ones) and (P,) whether they differ (a preference; all
+    equal: a tie). A NaN score (a response self_reward's judge could not score) is never picked while
+    another is scored; fewer than two scored responses is a tie. Worked: scores [1, 3, 2, 2] in groups
+    of 2 -> best [1, 2], worst [0, 3], decisive [True, False]; [nan, 1, 3, nan] in one group -> best 2,
+    worst 1, decisive True."""
+    s = scores.view(-1, group_size)
+    unscored = torch.isnan(s)
+    base = torch.arange(s.shape[0], device=scores.device) * group_size
+    top, best = s.masked_fill(unscored, -math.inf).max(dim=1)
+    low, worst = s.masked_fill(unscored, math.inf).min(dim=1)
+    decisive = top > low
+    worst = torch.where(decisive, worst, (best + 1) % group_size)  # a tie: still two different rows
+    return base + best, base + worst, decisive
 
 
 # ---- sequence log-probs (reference pass and training forward) ---------------------------------------
