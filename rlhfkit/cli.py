@@ -23,6 +23,7 @@ STAGE_FUNCTIONS = {
     "rloo": "rlhfkit.train.grpo:train_grpo",
     "online_dpo": "rlhfkit.train.online_dpo:train_online_dpo",
     "spin": "rlhfkit.train.spin:train_spin",
+    "self_reward": "rlhfkit.train.self_reward:train_self_reward",
 }
 
 USAGE = """rlhfkit STAGE CONFIG.yaml [key=value ...]   train a stage ({stages})

@@ -9,6 +9,7 @@ LLaMA-Factory so that users' habits carry over.
 from __future__ import annotations
 
 import difflib
+import re
 import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -998,7 +999,25 @@ class OnlineDPOConfig(PairedOnlineConfig):
 SPIN_FORMATS = ("prompt_completion", "messages", "alpaca", "preference")
 
 
-class SPINConfig(PairedOnlineConfig):
+class IterativeConfig(PairedOnlineConfig):
+    """Keys of the iterative stages (spin, self_reward; `train/iterative.py`): `num_iterations`
+    iterations, each training on pairs the policy makes at its start, against that policy as the
+    reference."""
+
+    num_iterations: int = 2
+    """Iterations; each makes its pairs with, and takes as its reference, the policy at its start."""
+    num_train_epochs: float = 2.0
+    """Passes over an iteration's pairs. `max_steps` > 0 instead fixes the steps of each iteration;
+    `total_episodes` the prompts each iteration trains on."""
+
+    @model_validator(mode="after")
+    def _check_iterations(self) -> "IterativeConfig":
+        if self.num_iterations < 1:
+            raise ValueError(f"num_iterations must be >= 1, got {self.num_iterations}")
+        return self
+
+
+class SPINConfig(IterativeConfig):
     """`rlhfkit spin`: self-play fine-tuning (Chen et al. 2024, "Self-Play Fine-Tuning Converts Weak
     Language Models to Strong Language Models"). Needs no reward and no preference: SFT data only. Each
     of `num_iterations` iterations, the policy at its start (the opponent, p_theta_t) samples one response
@@ -1017,9 +1036,6 @@ class SPINConfig(PairedOnlineConfig):
     temperature: float = 1.0
     """Sampling temperature of the opponent's responses (the paper's 1.0); the log-probs of the loss are
     taken from logits / temperature too, as in every online pass."""
-    num_iterations: int = 2
-    """Self-play iterations; each regenerates the rejected responses with, and takes as its reference,
-    the policy at its start."""
     num_train_epochs: float = 2.0
     """Passes over an iteration's pairs (the paper: 2-3). `max_steps` > 0 instead fixes the steps of
     each iteration; `total_episodes` the prompts each iteration trains on."""
@@ -1029,12 +1045,105 @@ class SPINConfig(PairedOnlineConfig):
 
     @model_validator(mode="after")
     def _check_spin(self) -> "SPINConfig":
-        problems = []
-        if self.num_iterations < 1:
-            problems.append(f"num_iterations must be >= 1, got {self.num_iterations}")
         if self.dataset_format is not None and self.dataset_format not in SPIN_FORMATS:
-            problems.append(f"dataset_format: {self.dataset_format} has no response to imitate; spin takes "
-                            + ", ".join(SPIN_FORMATS))
+            raise ValueError(f"dataset_format: {self.dataset_format} has no response to imitate; spin takes "
+                             + ", ".join(SPIN_FORMATS))
+        return self
+
+
+DEFAULT_JUDGE_TEMPLATE = """Review the user's request and the response below, and score the response with the additive \
+5-point scale that follows: start at 0 and add each point whose condition holds.
+- 1 point: the response is relevant to the request and gives some information about it, even if \
+incomplete or partly off topic.
+- 1 point: it addresses a substantial part of the request, without resolving it fully.
+- 1 point: it answers the basic question usefully, whatever its flaws of form or completeness.
+- 1 point: it addresses the request directly and completely, clearly and well organised.
+- 1 point: it is an expert answer tailored to the request: accurate, focused, without extraneous content.
+
+Request:
+{prompt}
+
+Response:
+{response}
+
+Explain your judgement in at most 100 words, then end with the line "Score: <points>"."""
+"""The LLM-as-a-judge prompt of `self_reward` (after Yuan et al. 2024's additive 5-point prompt, in
+rlhfkit's own words): `{prompt}` becomes the request (a conversation: its turns, one per line, with
+their roles), `{response}` the response judged."""
+
+
+class SelfRewardConfig(IterativeConfig):
+    """`rlhfkit self_reward`: self-rewarding language models (Yuan et al. 2024): iterative DPO on pairs
+    the policy samples and judges itself. Each of `num_iterations` iterations, the policy at its start
+    samples `num_generations` responses to every training prompt, scores each one as an LLM judge
+    (`judge_template`, `judge_samples` judgements averaged, the score read with `judge_score_pattern`),
+    and pairs each prompt's highest- and lowest-scored response (equal scores: no pair); then DPO steps
+    on those pairs against the policy at the iteration's start. No reward model: the judging skill comes
+    from the model itself (the paper SFTs it on judgement examples first, `rlhfkit sft`)."""
+
+    supports_4bit: ClassVar[bool] = True
+
+    learning_rate: float = 1e-6
+    """Peak learning rate; the paper's (Llama 2 70B, decaying to 1e-7). LoRA and tiny models take larger
+    steps."""
+    temperature: float = 0.7
+    """Sampling temperature of the candidate responses (the paper's 0.7); the log-probs of the loss
+    are taken from logits / temperature too, as in every online pass."""
+    top_p: float = 0.9
+    """Nucleus sampling of the candidates (the paper's 0.9)."""
+    num_generations: int = 4
+    """Candidate responses per prompt (the paper's 4); the highest- and lowest-judged form the pair."""
+    num_train_epochs: float = 1.0
+    """Passes over an iteration's pairs. `max_steps` > 0 instead fixes the steps of each iteration."""
+    judge_template: str = DEFAULT_JUDGE_TEMPLATE
+    """The judge's prompt, with `{prompt}` and `{response}` (each exactly once). It takes the form of
+    the training prompts: through the chat template (one user turn) when they are conversations,
+    as plain text when they are strings."""
+    judge_samples: int = 3
+    """Judgements sampled per response; its score is the mean of those whose score could be read (the
+    paper: 3). A response with none is never picked for a pair."""
+    judge_temperature: float = 0.7
+    """Sampling temperature of the judgements."""
+    judge_top_p: float = 0.9
+    """Nucleus sampling of the judgements."""
+    judge_max_new_tokens: int = 256
+    """Tokens a judgement may take (the reasoning and the score line)."""
+    judge_score_pattern: str = r"Score:\s*([0-9]+(?:\.[0-9]+)?)"
+    """A regular expression with one group: the score is that group of its last match in the judgement."""
+    judge_max_score: float = 5.0
+    """Scores are read in [0, judge_max_score]; a number outside is unread (`judge/unread`)."""
+
+    _stage: ClassVar[str] = "self_reward"
+    needs_reward: ClassVar[bool] = False
+
+    @property
+    def group_size(self) -> int:
+        return self.num_generations
+
+    @model_validator(mode="after")
+    def _check_self_reward(self) -> "SelfRewardConfig":
+        problems = []
+        if self.num_generations < 2:
+            problems.append(f"num_generations must be >= 2 (a pair needs two responses), got {self.num_generations}")
+        for key in ("{prompt}", "{response}"):
+            if self.judge_template.count(key) != 1:
+                problems.append(f"judge_template must hold {key} exactly once, found it "
+                                f"{self.judge_template.count(key)} times")
+        if self.judge_samples < 1 or self.judge_max_new_tokens < 1:
+            problems.append(f"judge_samples and judge_max_new_tokens must be >= 1, got {self.judge_samples}, "
+                            f"{self.judge_max_new_tokens}")
+        if self.judge_temperature <= 0 or not 0 < self.judge_top_p <= 1:
+            problems.append(f"judge_temperature must be > 0 and judge_top_p in (0, 1], got "
+                            f"{self.judge_temperature}, {self.judge_top_p}")
+        if self.judge_max_score <= 0:
+            problems.append(f"judge_max_score must be > 0, got {self.judge_max_score}")
+        try:
+            groups = re.compile(self.judge_score_pattern).groups
+        except re.error as e:
+            problems.append(f"judge_score_pattern {self.judge_score_pattern!r} is not a regular expression: {e}")
+        else:
+            if groups != 1:
+                problems.append(f"judge_score_pattern must have exactly one group (the score), has {groups}")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -1042,7 +1151,8 @@ class SPINConfig(PairedOnlineConfig):
 
 STAGES: dict[str, type[BaseConfig]] = {"pt": PTConfig, "sft": SFTConfig, "dpo": DPOConfig, "kto": KTOConfig,
                                        "rm": RMConfig, "ppo": PPOConfig, "grpo": GRPOConfig, "rloo": RLOOConfig,
-                                       "online_dpo": OnlineDPOConfig, "spin": SPINConfig}
+                                       "online_dpo": OnlineDPOConfig, "spin": SPINConfig,
+                                       "self_reward": SelfRewardConfig}
 
 
 def register_stage(name: str, config_cls: type[BaseConfig]) -> None:

@@ -83,6 +83,23 @@ def test_spin_builds_on_sft_with_its_demonstrations_and_no_reward(tmp_path):
     assert c.dataset == str(out / "data" / "sft_train.jsonl") and c.reward_model is None and c.task == "sentiment"
 
 
+def test_self_reward_builds_on_sft_and_judges_with_the_tasks_template(tmp_path):
+    """self_reward builds on sft, samples for the task's prompts, judges with the task's judge template
+    (that of its `judge` rows, which the pipeline's data writes) and needs no reward model."""
+    from rlhfkit.tasks import get_task
+
+    spec = tiny_pipeline(tmp_path / "p")
+    spec["stages"]["self_reward"] = {"max_steps": 1, "rollout_batch_size": 8, "per_device_train_batch_size": 8}
+    p = resolve_pipeline(spec)
+    out = tmp_path / "p"
+    assert p.stage("self_reward").upstream == {"model_name_or_path": "sft"}
+    c = p.stage("self_reward").config
+    assert c.dataset == str(out / "data" / "prompt_train.jsonl") and c.reward_model is None
+    assert c.judge_template == get_task("sentiment").judge_template != type(c).model_fields["judge_template"].default
+    spec["stages"]["self_reward"]["judge_template"] = "Rate {prompt} {response}"  # the user's wins
+    assert resolve_pipeline(spec).stage("self_reward").config.judge_template == "Rate {prompt} {response}"
+
+
 def test_named_stages_from_and_stage_references(tmp_path):
     spec = tiny_pipeline(tmp_path / "p")
     spec["stages"]["dpo_ipo"] = {"stage": "dpo", "from": "sft", "loss_type": "ipo"}

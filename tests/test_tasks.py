@@ -17,7 +17,8 @@ NON_PT_KINDS = [k for k in KINDS if k != "pt"]
 
 
 def _prompts_of(rows: list[dict]) -> set[str]:
-    return {r["prompt"] for r in rows}
+    """The task prompts of rows (a judge row's is its `request`)."""
+    return {r.get("request", r["prompt"]) for r in rows}
 
 
 # ---- registry ----------------------------------------------------------------------------------
@@ -66,6 +67,7 @@ EXPECTED_COLUMNS = {
     "preference": {"prompt", "chosen", "rejected", "gold_chosen", "gold_rejected"},
     "ranking": {"prompt", "responses", "gold_scores"},
     "unpaired": {"prompt", "completion", "label", "gold"},
+    "judge": {"prompt", "completion", "request", "response", "gold"},
 }
 
 
@@ -93,8 +95,21 @@ def test_row_schema(name, kind):
         elif kind == "unpaired":
             assert isinstance(row["label"], bool)
             assert row["gold"] == task.score(row["prompt"], row["completion"])
+        elif kind == "judge":
+            assert row["prompt"] == task.judge_template.replace("{prompt}", row["request"]).replace(
+                "{response}", row["response"])
+            assert row["gold"] == task.score(row["request"], row["response"])
+            assert row["completion"] == f" Score: {task.judge_score(row['gold'])}"
         elif kind == "prompt" and name == "arithmetic":
             assert task.score(row["prompt"], " " + row["answer"]) == 1.0
+
+
+def test_judge_scores_map_the_gold_range_onto_0_to_5():
+    sentiment, arithmetic = get_task("sentiment"), get_task("arithmetic")
+    assert [sentiment.judge_score(g) for g in (-2.5, -1.0, -0.46, 0.0, 0.46, 0.76, 0.91, 1.0)] == [0, 0, 1, 3, 4, 4, 5, 5]
+    assert [arithmetic.judge_score(g) for g in (0.0, 0.1, 1.0)] == [0, 1, 5]  # malformed, wrong, right
+    scores = {row["completion"] for row in sentiment.make("judge", 300, seed=0)}
+    assert len(scores) >= 5  # the candidates (demos and rough ones) cover the scale
 
 
 def test_prompt_kind_covers_each_prompt_before_repeating():

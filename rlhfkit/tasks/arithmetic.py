@@ -68,6 +68,7 @@ class ArithmeticTask(Task):
     )
     label_temperature = 0.25
     unpaired_baseline = 0.5
+    judge_gold_range = (0.0, 1.0)  # judge rows: right 5, a wrong integer 1, malformed 0
 
     def all_prompts(self) -> list[str]:
         return PROMPTS

@@ -32,7 +32,7 @@ import random
 import zlib
 from pathlib import Path
 
-KINDS = ("pt", "sft", "preference", "ranking", "unpaired", "prompt")
+KINDS = ("pt", "sft", "preference", "ranking", "unpaired", "prompt", "judge")
 SPLITS = ("train", "eval")
 
 # Rows per kind for `write()`; override with sizes={"sft": 500, "sft_eval": 64, ...}.
@@ -43,12 +43,14 @@ DEFAULT_SIZES = {
     "ranking": 500,
     "unpaired": 2000,
     "prompt": 512,
+    "judge": 2000,
     "pt_eval": 256,
     "sft_eval": 256,
     "preference_eval": 256,
     "ranking_eval": 128,
     "unpaired_eval": 256,
     "prompt_eval": 256,
+    "judge_eval": 256,
 }
 
 # Seed offset for the eval split in `write()`, on top of the split name in the rng key.
@@ -79,6 +81,11 @@ class Task:
     candidates, so a reward model also learns the gold penalties (repetition, bad format)."""
     ranking_k: int = 4
     """Responses per ranking row."""
+    judge_template: str = "Judge: {prompt}{response}"
+    """The LLM-as-a-judge prompt of `judge` rows: short, for the tiny models of the built-in tasks.
+    `self_reward` judges with it when it runs in a pipeline on the task (its `judge_template`)."""
+    judge_gold_range: tuple[float, float] = (-1.0, 1.0)
+    """Gold rewards from this range map linearly onto a `judge` row's score, 0-5 (clamped)."""
 
     # ---- to implement -------------------------------------------------------------------
     def all_prompts(self) -> list[str]:
@@ -132,6 +139,12 @@ class Task:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         return [p for p in self.all_prompts() if self.split_of(p) == split]
 
+    def judge_score(self, gold: float) -> int:
+        """The 0-5 score a `judge` row teaches for a response of gold reward `gold`: linear over
+        `judge_gold_range`, rounded half up, clamped."""
+        lo, hi = self.judge_gold_range
+        return min(5, max(0, math.floor(5 * (gold - lo) / (hi - lo) + 0.5)))
+
     def preference_prob(self, gold_a: float, gold_b: float) -> float:
         """P(a preferred over b) = sigmoid((gold_a - gold_b) / T)."""
         return sigmoid((gold_a - gold_b) / self.label_temperature)
@@ -175,6 +188,10 @@ class Task:
                       P = sigmoid((g - unpaired_baseline) / T).
           prompt      {"prompt", ...task columns}: each prompt of the split once (shuffled),
                       then again in a new order, until `n` rows.
+          judge       {"prompt", "completion", "request", "response", "gold"}: a judgement to
+                      learn (LLM-as-a-judge; the evaluation fine-tuning data of self-rewarding
+                      models): `prompt` is `judge_template` around the task prompt (`request`) and
+                      a candidate (`response`), `completion` " Score: <judge_score(gold)>".
         All sampling uses one `random.Random` keyed by (task, kind, split, seed).
         """
         if kind not in KINDS:
@@ -233,6 +250,12 @@ class Task:
                 g = self.score(prompt, c)
                 label = rng.random() < sigmoid((g - self.unpaired_baseline) / T)
                 rows.append({"prompt": prompt, "completion": c, "label": label, "gold": g})
+            elif kind == "judge":
+                c = self.candidate(rng, prompt)
+                g = self.score(prompt, c)
+                rows.append({"prompt": self.judge_template.replace("{prompt}", prompt).replace("{response}", c),
+                             "completion": f" Score: {self.judge_score(g)}", "request": prompt, "response": c,
+                             "gold": g})
         return rows
 
     def bayes_accuracy(self, rows: list[dict]) -> float:
