@@ -532,8 +532,12 @@ def test_eval_dpo_reproduces_the_runs_final_evaluation(tiny_model_dir, pref_file
     assert summary["reference"] == result.summary["reference"] == ("adapters_disabled" if extra.get("lora_rank")
                                                                    else "model")
     assert summary["eval/pairs"] == result.summary["eval_examples"] == (12 if finetuning == "lora" else 48)
+    # float32: within 1e-5. bf16 autocast where the CPU has native bf16 kernels (AVX512-BF16): the
+    # reference pass laid out in other batches moved the rejected log-ratio by 3e-4 nats (of ~130-nat
+    # sums) and the loss by 1.9e-5 (measured 2026-12-02); on CPUs that emulate bf16 they agreed to 1e-5
+    tol = 1e-4 if finetuning == "lora" else 1e-5
     for key in EVAL_KEYS:
-        assert summary[f"eval/{key}"] == pytest.approx(result.summary[f"eval/{key}"], abs=1e-5), key
+        assert summary[f"eval/{key}"] == pytest.approx(result.summary[f"eval/{key}"], abs=tol), key
     records = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
     acc = sum(r["correct"] for r in records) / len(records)
     assert acc == pytest.approx(summary["eval/rewards/accuracies"])

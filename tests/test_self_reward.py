@@ -93,6 +93,8 @@ def test_judge_prompts_take_the_form_of_the_request():
     assert judge_prompt(template, [{"role": "user", "content": "Hi"}], "Hello") == [
         {"role": "user", "content": "Rate Hi -> Hello. Braces {kept}."}]
     assert DEFAULT_JUDGE_TEMPLATE.count("{prompt}") == DEFAULT_JUDGE_TEMPLATE.count("{response}") == 1
+    # one pass: a request that itself holds "{response}" keeps it (the response goes into the slot only)
+    assert judge_prompt("Q: {prompt} A: {response}", "fill {response} in", "x") == "Q: fill {response} in A: x"
 
 
 def test_a_responses_score_is_the_mean_of_its_read_judgements(tiny_tokenizer):

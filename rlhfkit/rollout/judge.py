@@ -18,10 +18,20 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: tasks (pure Python) fill templates with this module
+    import torch
 
-from rlhfkit.rollout.generate import HFGenerator, SamplingParams
+    from rlhfkit.rollout.generate import HFGenerator, SamplingParams
+
+SLOTS = re.compile(r"\{prompt\}|\{response\}")
+
+
+def fill_template(template: str, request: str, response: str) -> str:
+    """`template` with `{prompt}` -> `request` and `{response}` -> `response`, in one pass: what is
+    inserted for one slot is never read as the other (a request may itself contain "{response}")."""
+    return SLOTS.sub(lambda m: request if m.group() == "{prompt}" else response, template)
 
 
 def request_text(prompt) -> str:
@@ -37,7 +47,7 @@ def request_text(prompt) -> str:
 
 def judge_prompt(template: str, prompt, response: str):
     """The judge's prompt for one response, in the form of the request (see the module docstring)."""
-    text = template.replace("{prompt}", request_text(prompt)).replace("{response}", response)
+    text = fill_template(template, request_text(prompt), response)
     return text if isinstance(prompt, str) else [{"role": "user", "content": text}]
 
 
@@ -68,15 +78,18 @@ class Judged:
     @property
     def unread(self) -> torch.Tensor:
         """(N,) the share of each response's judgements whose score could not be read."""
+        import torch
+
         return torch.tensor([sum(s is None for s in ss) / len(ss) for ss in self.judgement_scores])
 
 
-@torch.no_grad()
 def judge_responses(model, tokenizer, generator: HFGenerator, prompts: list, responses: list[str], *,
                     template: str, samples: int, params: SamplingParams, pattern: str, max_score: float,
                     seed: int) -> Judged:
     """`model` judges each (prompt, response) `samples` times (the caller sets the model's mode and
-    precision); see the module docstring."""
+    precision; the sampler takes no gradients); see the module docstring."""
+    import torch
+
     from rlhfkit.data.encode import encode_prompt
 
     ids = [encode_prompt(tokenizer, judge_prompt(template, p, r)) for p, r in zip(prompts, responses)]

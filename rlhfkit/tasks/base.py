@@ -32,6 +32,8 @@ import random
 import zlib
 from pathlib import Path
 
+from rlhfkit.rollout.judge import fill_template
+
 KINDS = ("pt", "sft", "preference", "ranking", "unpaired", "prompt", "judge")
 SPLITS = ("train", "eval")
 
@@ -253,7 +255,7 @@ class Task:
             elif kind == "judge":
                 c = self.candidate(rng, prompt)
                 g = self.score(prompt, c)
-                rows.append({"prompt": self.judge_template.replace("{prompt}", prompt).replace("{response}", c),
+                rows.append({"prompt": fill_template(self.judge_template, prompt, c),
                              "completion": f" Score: {self.judge_score(g)}", "request": prompt, "response": c,
                              "gold": g})
         return rows

@@ -496,8 +496,15 @@ class SampleLog:
 
 
 def rollout_samples(ro: Rollout, scores: torch.Tensor | None, n: int) -> list[dict]:
-    return [{"prompt": ro.rows[i]["prompt"], "response": ro.texts[i],
-             **({"score": scores[i].item()} if scores is not None else {}), "ended": bool(ro.ended[i])}
+    """samples.jsonl rows of a rollout's first `n` responses (a NaN score, e.g. a response self_reward's
+    judge could not score, is written as null: JSON has no NaN)."""
+    def score(i: int) -> dict:
+        if scores is None:
+            return {}
+        v = scores[i].item()
+        return {"score": None if math.isnan(v) else v}
+
+    return [{"prompt": ro.rows[i]["prompt"], "response": ro.texts[i], **score(i), "ended": bool(ro.ended[i])}
             for i in range(min(n, len(ro.texts)))]
 
 
