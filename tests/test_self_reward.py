@@ -28,7 +28,8 @@ from test_scaleout import needs_deepspeed
 
 from rlhfkit.config import DEFAULT_JUDGE_TEMPLATE, build_config
 from rlhfkit.errors import ConfigError
-from rlhfkit.rollout.judge import Judged, judge_prompt, judge_responses, read_score, request_text
+from rlhfkit.data.formats import request_text
+from rlhfkit.rollout.judge import Judged, judge_prompt, judge_responses, read_score
 from rlhfkit.train import self_reward as self_reward_module
 from rlhfkit.train.self_reward import train_self_reward
 

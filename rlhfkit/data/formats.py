@@ -316,6 +316,27 @@ def _response(value, field: str, prompt: str | list[dict]) -> str | list[dict]:
     return messages
 
 
+JUDGE_SLOTS = re.compile(r"\{prompt\}|\{response\}")
+
+
+def fill_judge_template(template: str, request: str, response: str) -> str:
+    """An LLM judge's prompt: `template` with `{prompt}` -> `request` and `{response}` -> `response`, in
+    one pass, so that what is inserted for one slot is never read as the other (a request may itself
+    contain "{response}"). Used by rollout/judge.py and by the tasks' `judge` rows."""
+    return JUDGE_SLOTS.sub(lambda m: request if m.group() == "{prompt}" else response, template)
+
+
+def request_text(prompt) -> str:
+    """The request an LLM judge sees: a string as-is; a conversation of one user turn its content; a
+    longer one its turns, one per line, "<role>: <content>"."""
+    if isinstance(prompt, str):
+        return prompt
+    turns = list(prompt)
+    if len(turns) == 1 and turns[0]["role"] == "user":
+        return turns[0]["content"]
+    return "\n".join(f"{t['role']}: {t['content']}" for t in turns)
+
+
 def conversation_prompt(messages: list[dict], source: str | None = None) -> tuple[list[dict], list[dict]]:
     """A conversation used as a prompt (online stages, `generate`, `eval`): (its prompt, [its reply]).
     Ending with a user turn: the whole conversation is the prompt, with no reply. Ending with an

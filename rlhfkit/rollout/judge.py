@@ -18,36 +18,16 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # torch is imported where it is used: tasks (pure Python) fill templates with this module
-    import torch
+import torch
 
-    from rlhfkit.rollout.generate import HFGenerator, SamplingParams
-
-SLOTS = re.compile(r"\{prompt\}|\{response\}")
-
-
-def fill_template(template: str, request: str, response: str) -> str:
-    """`template` with `{prompt}` -> `request` and `{response}` -> `response`, in one pass: what is
-    inserted for one slot is never read as the other (a request may itself contain "{response}")."""
-    return SLOTS.sub(lambda m: request if m.group() == "{prompt}" else response, template)
-
-
-def request_text(prompt) -> str:
-    """The request a judge sees: a string as-is; a conversation of one user turn its content; a longer
-    one its turns, one per line, "<role>: <content>"."""
-    if isinstance(prompt, str):
-        return prompt
-    turns = list(prompt)
-    if len(turns) == 1 and turns[0]["role"] == "user":
-        return turns[0]["content"]
-    return "\n".join(f"{t['role']}: {t['content']}" for t in turns)
+from rlhfkit.data.formats import fill_judge_template, request_text
+from rlhfkit.rollout.generate import HFGenerator, SamplingParams
 
 
 def judge_prompt(template: str, prompt, response: str):
     """The judge's prompt for one response, in the form of the request (see the module docstring)."""
-    text = fill_template(template, request_text(prompt), response)
+    text = fill_judge_template(template, request_text(prompt), response)
     return text if isinstance(prompt, str) else [{"role": "user", "content": text}]
 
 
@@ -78,8 +58,6 @@ class Judged:
     @property
     def unread(self) -> torch.Tensor:
         """(N,) the share of each response's judgements whose score could not be read."""
-        import torch
-
         return torch.tensor([sum(s is None for s in ss) / len(ss) for ss in self.judgement_scores])
 
 
@@ -88,8 +66,6 @@ def judge_responses(model, tokenizer, generator: HFGenerator, prompts: list, res
                     seed: int) -> Judged:
     """`model` judges each (prompt, response) `samples` times (the caller sets the model's mode and
     precision; the sampler takes no gradients); see the module docstring."""
-    import torch
-
     from rlhfkit.data.encode import encode_prompt
 
     ids = [encode_prompt(tokenizer, judge_prompt(template, p, r)) for p, r in zip(prompts, responses)]

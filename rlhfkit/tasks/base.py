@@ -32,7 +32,7 @@ import random
 import zlib
 from pathlib import Path
 
-from rlhfkit.rollout.judge import fill_template
+from rlhfkit.data.formats import fill_judge_template
 
 KINDS = ("pt", "sft", "preference", "ranking", "unpaired", "prompt", "judge")
 SPLITS = ("train", "eval")
@@ -255,7 +255,7 @@ class Task:
             elif kind == "judge":
                 c = self.candidate(rng, prompt)
                 g = self.score(prompt, c)
-                rows.append({"prompt": fill_template(self.judge_template, prompt, c),
+                rows.append({"prompt": fill_judge_template(self.judge_template, prompt, c),
                              "completion": f" Score: {self.judge_score(g)}", "request": prompt, "response": c,
                              "gold": g})
         return rows
