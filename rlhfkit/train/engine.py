@@ -37,7 +37,8 @@ both through `rlhfkit.train.distributed.Optimization`, where the DeepSpeed and F
 Tested in tests/test_scaleout.py (sft, dpo; pt is sft's code path), tests/test_scaleout_fit.py (rm:
 its evaluation and normalisation passes run on every rank under ZeRO-3/FSDP2; kto: its z0 pre-pass
 is fit's `prepare_step`), tests/test_scaleout_online.py (ppo, grpo, rloo) and tests/test_online_dpo.py
-(online_dpo, each engine against ddp), tests/test_spin.py (spin, likewise), tests/test_self_reward.py (self_reward, likewise). A stage added later
+(online_dpo, each engine against ddp), tests/test_spin.py (spin, likewise), tests/test_self_reward.py (self_reward under ZeRO-3 and FSDP2 against ddp; under ZeRO-2 its parameters
+stay whole and its loop is spin's, tested there). A stage added later
 is refused under them until it is tested there."""
 
 SUPPORTED: dict[str, tuple[str, ...] | None] = {
