@@ -1007,8 +1007,8 @@ class IterativeConfig(PairedOnlineConfig):
     num_iterations: int = 2
     """Iterations; each makes its pairs with, and takes as its reference, the policy at its start."""
     num_train_epochs: float = 2.0
-    """Passes over an iteration's pairs. `max_steps` > 0 instead fixes the steps of each iteration;
-    `total_episodes` the prompts each iteration trains on."""
+    """Passes over an iteration's pairs (spin's paper: 2-3). `max_steps` > 0 instead fixes the steps of
+    each iteration; `total_episodes` the prompts each iteration trains on."""
 
     @model_validator(mode="after")
     def _check_iterations(self) -> "IterativeConfig":
@@ -1036,10 +1036,6 @@ class SPINConfig(IterativeConfig):
     temperature: float = 1.0
     """Sampling temperature of the opponent's responses (the paper's 1.0); the log-probs of the loss are
     taken from logits / temperature too, as in every online pass."""
-    num_train_epochs: float = 2.0
-    """Passes over an iteration's pairs (the paper: 2-3). `max_steps` > 0 instead fixes the steps of
-    each iteration; `total_episodes` the prompts each iteration trains on."""
-
     _stage: ClassVar[str] = "spin"
     needs_reward: ClassVar[bool] = False
 

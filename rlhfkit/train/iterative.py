@@ -128,13 +128,8 @@ def pool_path(run: Run, iteration: int, written_by_checkpoint_run: bool = False)
 def step_means(stats: dict[str, torch.Tensor]) -> dict[str, float]:
     """Each statistic's mean over a step's pairs, NaN entries (undefined for that pair) left out; a
     statistic undefined for all of them is not logged."""
-    out = {}
-    for k, v in stats.items():
-        v = v.float()
-        kept = v[~torch.isnan(v)]
-        if kept.numel():
-            out[k] = kept.mean().item()
-    return out
+    means = {k: nan_mean(v.float(), dim=0).item() for k, v in stats.items()}
+    return {k: v for k, v in means.items() if not math.isnan(v)}
 
 
 Build = Callable[[list[int], int], PoolPairs]

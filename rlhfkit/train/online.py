@@ -515,6 +515,16 @@ def generation_metrics(ro: Rollout) -> dict[str, float]:
             "gen/eos_rate": ro.ended.float().mean().item(), "gen/truncated_rate": ro.truncated.float().mean().item()}
 
 
+def prompt_generation_stats(ro: Rollout) -> dict[str, torch.Tensor]:
+    """`generation_metrics`' three rates per prompt (the mean over each group of `ro.group_size`
+    responses), (P,) each on the CPU: the per-pair statistics of the iterative stages' pools."""
+    def per_prompt(x: torch.Tensor) -> torch.Tensor:
+        return x.float().view(-1, ro.group_size).mean(1).cpu()
+
+    return {"gen/length": per_prompt(ro.response_mask.sum(-1)), "gen/eos_rate": per_prompt(ro.ended),
+            "gen/truncated_rate": per_prompt(ro.truncated)}
+
+
 def close_step(run: Run, setup: OnlineSetup, log: OnlineLog, opt: Optimization, step: int, metrics: dict,
                ro: Rollout, scores: torch.Tensor) -> dict:
     """# 6. of the critic-free loops, after step `step` (0-based): the metrics reduced over processes,

@@ -41,7 +41,7 @@ from rlhfkit.rollout.judge import judge_responses
 from rlhfkit.rollout.rollout import Rollout, generate_rollout
 from rlhfkit.train.iterative import PoolPairs, nan_mean, train_iterations
 from rlhfkit.train.loop import Result
-from rlhfkit.train.online import build_roles, start_online
+from rlhfkit.train.online import build_roles, prompt_generation_stats, start_online
 from rlhfkit.train.pairs import best_and_worst, pair_rollout
 
 
@@ -52,16 +52,9 @@ JUDGE_SEED_OFFSET = 15_485_863
 def gold_agreement(task, ro: Rollout, best: torch.Tensor, worst: torch.Tensor, decisive: torch.Tensor) -> torch.Tensor:
     """(P,) per pair: 1 when the chosen response's gold reward is higher than the rejected's, 0 when
     lower, NaN when they are equal or the pair does not train."""
-    out = torch.full((len(best),), math.nan)
-    for j, (b, w) in enumerate(zip(best.tolist(), worst.tolist())):
-        if not decisive[j]:
-            continue
-        prompt = ro.rows[b]["prompt"]
-        gb, gw = task.gold_reward([prompt, prompt], [ro.texts[b], ro.texts[w]],
-                                  [bool(ro.ended[b]), bool(ro.ended[w])])
-        if gb != gw:
-            out[j] = float(gb > gw)
-    return out
+    gold = torch.tensor(task.gold_reward([r["prompt"] for r in ro.rows], ro.texts, ro.ended.tolist()))
+    gb, gw = gold[best], gold[worst]
+    return torch.where(decisive & (gb != gw), (gb > gw).float(), torch.full_like(gb, math.nan))
 
 
 def self_judged_pairs(setup, policy, prompts: list[int], seed: int) -> PoolPairs:
@@ -82,13 +75,14 @@ def self_judged_pairs(setup, policy, prompts: list[int], seed: int) -> PoolPairs
     # 3. pairs: each prompt's highest- and lowest-scored candidate
     best, worst, decisive = best_and_worst(scores, G)
     pairs = pair_rollout(cands, best, worst)
-    groups = lambda x: x.float().view(-1, G).cpu()  # noqa: E731  (P, G) per prompt
+    def groups(x: torch.Tensor) -> torch.Tensor:  # (P, G): each prompt's candidates
+        return x.float().view(-1, G).cpu()
+
     stats = {"scores/chosen": scores[best].cpu(), "scores/rejected": scores[worst].cpu(),
              "scores/mean": nan_mean(groups(scores)), "pairs/tied": (~decisive).float().cpu(),
              "judge/unread": groups(judged.unread).mean(1),
              "judge/prompt_length": groups(torch.tensor(judged.prompt_lengths)).mean(1),
-             "gen/length": groups(cands.lengths).mean(1), "gen/eos_rate": groups(cands.ended).mean(1),
-             "gen/truncated_rate": groups(cands.truncated).mean(1)}
+             **prompt_generation_stats(cands)}
     if setup.task is not None:
         stats["judge/gold_accuracy"] = gold_agreement(setup.task, cands, best.cpu(), worst.cpu(), decisive.cpu())
     records = [{"scores": [None if math.isnan(s) else s for s in judged.scores[j * G:(j + 1) * G].tolist()],

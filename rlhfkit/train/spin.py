@@ -42,7 +42,7 @@ from rlhfkit.errors import DataError
 from rlhfkit.rollout.rollout import Rollout, concat_rollouts, data_reply, data_rollout, generate_rollout, select_rows
 from rlhfkit.train.iterative import PoolPairs, train_iterations
 from rlhfkit.train.loop import Result
-from rlhfkit.train.online import build_roles, start_online
+from rlhfkit.train.online import build_roles, prompt_generation_stats, start_online
 from rlhfkit.train.pairs import pair_rollout
 
 
@@ -68,8 +68,7 @@ def spin_pairs(setup, policy, real: Rollout, prompts: list[int], seed: int) -> P
     pairs = pair_rollout(both, torch.arange(n), torch.arange(n) + n)
     identical = identical_pairs(pairs)
     stats = {"pairs/identical": identical.float(), "real/length": pairs.response_mask[0::2].sum(-1).float(),
-             "gen/length": gen.lengths.float(), "gen/eos_rate": gen.ended.float(),
-             "gen/truncated_rate": gen.truncated.float()}
+             **prompt_generation_stats(gen)}
     records = [{"generated_ended": bool(e), "identical": bool(i)} for e, i in zip(gen.ended.tolist(), identical.tolist())]
     return PoolPairs(pairs, ~identical, stats, records)
 
