@@ -22,6 +22,8 @@ STAGE_FUNCTIONS = {
     "grpo": "rlhfkit.train.grpo:train_grpo",
     "rloo": "rlhfkit.train.grpo:train_grpo",
     "online_dpo": "rlhfkit.train.online_dpo:train_online_dpo",
+    "xpo": "rlhfkit.train.xpo:train_xpo",
+    "nash_md": "rlhfkit.train.nash_md:train_nash_md",
     "spin": "rlhfkit.train.spin:train_spin",
     "self_reward": "rlhfkit.train.self_reward:train_self_reward",
 }

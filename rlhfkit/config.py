@@ -996,6 +996,94 @@ class OnlineDPOConfig(PairedOnlineConfig):
         return self
 
 
+class XPOConfig(PairedOnlineConfig):
+    """`rlhfkit xpo`: exploratory preference optimisation (Xie et al. 2024, "Exploratory Preference
+    Optimization: Harnessing Implicit Q*-Approximation for Sample-Efficient RLHF"). Each step, every one
+    of `rollout_batch_size` prompts gets one response from the current policy and one from the reference
+    (the paper's sampling policy pi~ taken as pi_ref); the reward model and/or reward functions rank the
+    two into (chosen, rejected), and the loss is online DPO's on those pairs plus the exploration term
+    alpha x log pi(y~) of the reference's responses y~ (minimised: the policy is pushed off what the
+    reference already says, towards responses it would not sample). Equal scores: no pair (the DPO term
+    weighs the pair 0; the exploration term still applies)."""
+
+    supports_4bit: ClassVar[bool] = True  # QLoRA policy; the reference: the base, adapters off
+
+    learning_rate: float = 5e-7
+    """Peak learning rate (AdamW), as online_dpo's. LoRA and tiny models take larger steps."""
+    temperature: float = 0.9
+    """Sampling temperature of both responses, policy's and reference's; the log-probs of the loss are
+    taken from logits / temperature too."""
+    alpha: float = 1e-5
+    """Weight of the exploration term alpha x log pi(y~) (summed over y~'s tokens, the mean over the
+    prompts); 0: online DPO on (policy, reference) pairs."""
+
+    _stage: ClassVar[str] = "xpo"
+
+    @property
+    def group_size(self) -> int:
+        return 2  # the policy's response and the reference's
+
+    @model_validator(mode="after")
+    def _check_xpo(self) -> "XPOConfig":
+        if not self.alpha >= 0:
+            raise ValueError(f"alpha must be >= 0, got {self.alpha}")
+        return self
+
+
+class NashMDConfig(OnlineConfig):
+    """`rlhfkit nash_md`: Nash mirror descent, the policy-gradient form (Nash-MD-PG; Munos et al. 2023,
+    "Nash Learning from Human Feedback"). Each step, every one of `rollout_batch_size` prompts gets one
+    response y from the current policy and one y' from its geometric mixture with the reference
+    (pi^(1 - mixture_coef) x ref^mixture_coef, token by token: the regularised opponent); the reward model
+    and/or reward functions give the preference P(y > y') = sigmoid(score(y) - score(y')) (Bradley-Terry),
+    and the policy takes policy-gradient steps on y with the reward P(y > y') - 1/2 minus beta x its KL to
+    the reference (per token, reward-to-go): ascending the preference against the mixture while staying
+    near the reference."""
+
+    supports_4bit: ClassVar[bool] = True  # QLoRA policy; the reference: the base, adapters off
+
+    learning_rate: float = 5e-7
+    """Peak learning rate (AdamW), as online_dpo's. LoRA and tiny models take larger steps."""
+    temperature: float = 0.9
+    """Sampling temperature of both responses (the mixture: of the two tempered models); the log-probs of
+    the loss and the KL are taken from logits / temperature too."""
+    beta: float = 0.1
+    """Weight of the KL to the reference in the reward (the paper's tau): each token's reward is -beta x
+    its KL estimate (`kl_estimator`, k1 by default), the preference reward comes at the last token."""
+    mixture_coef: float = 0.5
+    """The reference's weight in the opponent's geometric mixture (the paper's beta): 0 is self-play
+    against the current policy, 1 plays against the reference."""
+    epsilon: float = 0.2
+    """Clip range of the ratio to the policy that sampled (matters only from a step's second minibatch on:
+    the first is on-policy, ratio 1)."""
+
+    _stage: ClassVar[str] = "nash_md"
+
+    @property
+    def group_size(self) -> int:
+        return 2  # the policy's response and the mixture's
+
+    @property
+    def train_group_size(self) -> int:
+        return 1  # the updates train on the policy's response only
+
+    @model_validator(mode="after")
+    def _check_nash_md(self) -> "NashMDConfig":
+        problems = []
+        if self.beta < 0:
+            problems.append(f"beta must be >= 0, got {self.beta}")
+        if not 0.0 <= self.mixture_coef <= 1.0:
+            problems.append(f"mixture_coef must be in [0, 1], got {self.mixture_coef}")
+        if self.epsilon <= 0:
+            problems.append(f"epsilon must be > 0, got {self.epsilon}")
+        if self.sampling_dtype != "float32":
+            problems.append(f"sampling_dtype: {self.sampling_dtype} is offered by grpo and rloo only (their loss has "
+                            "the importance-sampling correction; nash_md's does not): use float32")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
 SPIN_FORMATS = ("prompt_completion", "messages", "alpaca", "preference")
 
 
@@ -1148,7 +1236,8 @@ class SelfRewardConfig(IterativeConfig):
 STAGES: dict[str, type[BaseConfig]] = {"pt": PTConfig, "sft": SFTConfig, "dpo": DPOConfig, "kto": KTOConfig,
                                        "rm": RMConfig, "ppo": PPOConfig, "grpo": GRPOConfig, "rloo": RLOOConfig,
                                        "online_dpo": OnlineDPOConfig, "spin": SPINConfig,
-                                       "self_reward": SelfRewardConfig}
+                                       "self_reward": SelfRewardConfig, "xpo": XPOConfig,
+                                       "nash_md": NashMDConfig}
 
 
 def register_stage(name: str, config_cls: type[BaseConfig]) -> None:

@@ -13,9 +13,9 @@ feeding the next, re-runs that redo only what changed, and an HTML report at the
     report: {num_prompts: 128}
 
 Wiring (the user writes no paths between stages): a stage's model is the output of the last earlier
-stage of the kind it builds on (`UPSTREAM_KINDS`: sft on pt; rm, dpo, kto, ppo, grpo, rloo, online_dpo, spin,
-self_reward on sft, else pt), or of the stage named by `from:`; ppo's and online_dpo's `reward_model` is the last earlier rm stage (unless
-`reward_model` or `reward_funcs` is given); and any of `MODEL_KEYS` whose value is the name of an
+stage of the kind it builds on (`UPSTREAM_KINDS`: sft on pt; rm, dpo, kto, ppo, grpo, rloo, online_dpo, xpo,
+nash_md, spin, self_reward on sft, else pt), or of the stage named by `from:`; ppo's, online_dpo's, xpo's and
+nash_md's `reward_model` is the last earlier rm stage (unless `reward_model` or `reward_funcs` is given); and any of `MODEL_KEYS` whose value is the name of an
 earlier stage means that stage's output. With `data`, each stage's `dataset` / `eval_dataset` default
 to the task's files for its kind (`TASK_FILES`) and `task` to the task (gold-reward evaluation);
 self_reward's `judge_template` to the task's (the template of its `judge` rows).
@@ -48,13 +48,13 @@ from rlhfkit.errors import ConfigError
 
 STATE_FILE = "pipeline_state.json"
 
-POLICY_KINDS = ("pt", "sft", "dpo", "kto", "ppo", "grpo", "rloo", "online_dpo", "spin", "self_reward")
+POLICY_KINDS = ("pt", "sft", "dpo", "kto", "ppo", "grpo", "rloo", "online_dpo", "xpo", "nash_md", "spin", "self_reward")
 """Stage kinds whose output is a causal LM (a model in the report's table and samples)."""
 
 UPSTREAM_KINDS: dict[str, tuple[str, ...]] = {
     "pt": (), "sft": ("pt",), "rm": ("sft", "pt"), "dpo": ("sft", "pt"), "kto": ("sft", "pt"),
     "ppo": ("sft", "pt"), "grpo": ("sft", "pt"), "rloo": ("sft", "pt"), "online_dpo": ("sft", "pt"),
-    "spin": ("sft", "pt"), "self_reward": ("sft", "pt"),
+    "xpo": ("sft", "pt"), "nash_md": ("sft", "pt"), "spin": ("sft", "pt"), "self_reward": ("sft", "pt"),
 }
 """Kind -> the kinds whose output becomes its `model_name_or_path` without `from:`, in order of preference
 (the last earlier stage of the first kind present)."""
@@ -64,11 +64,11 @@ TASK_FILES: dict[str, tuple[str, str | None]] = {
     "rm": ("preference_train", "preference_eval"), "dpo": ("preference_train", "preference_eval"),
     "kto": ("unpaired_train", "unpaired_eval"), "ppo": ("prompt_train", None),
     "grpo": ("prompt_train", None), "rloo": ("prompt_train", None), "online_dpo": ("prompt_train", None),
-    "spin": ("sft_train", None), "self_reward": ("prompt_train", None),
+    "xpo": ("prompt_train", None), "nash_md": ("prompt_train", None), "spin": ("sft_train", None), "self_reward": ("prompt_train", None),
 }
 """Kind -> (dataset, eval_dataset) file stems of a built-in task's data (`rlhfkit data`)."""
 
-REWARD_MODEL_KINDS = ("ppo", "online_dpo")
+REWARD_MODEL_KINDS = ("ppo", "online_dpo", "xpo", "nash_md")
 """Kinds whose `reward_model` defaults to the last earlier rm stage (unless reward_model or reward_funcs is given)."""
 
 MODEL_KEYS = ("model_name_or_path", "tokenizer_name_or_path", "ref_model", "reward_model", "judge_reward_model")

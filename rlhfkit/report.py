@@ -39,7 +39,7 @@ METRIC_COLUMNS = {
     "length": "length (tokens)", "eos_rate": "EOS rate", "distinct_1": "distinct-1", "distinct_2": "distinct-2",
 }
 
-RL_KINDS = ("ppo", "grpo", "rloo", "online_dpo", "spin", "self_reward")
+RL_KINDS = ("ppo", "grpo", "rloo", "online_dpo", "xpo", "nash_md", "spin", "self_reward")
 REWARD_KEYS = ("objective/scores", "rewards/mean", "scores/mean")
 """Training-reward metric of the online stages (PPO's reward-model score, GRPO/RLOO's combined reward,
 online DPO's mean score of the sampled responses)."""
@@ -309,7 +309,7 @@ def _training(pipeline) -> str:
 def _rl(pipeline, evals: dict) -> str:
     stages = [s for s in pipeline.stages if s.kind in RL_KINDS]
     if not stages:
-        return "<p class=note>No online stage (ppo, grpo, rloo, online_dpo, spin, self_reward) in this pipeline.</p>"
+        return "<p class=note>No online stage (ppo, grpo, rloo, online_dpo, xpo, nash_md, spin, self_reward) in this pipeline.</p>"
     plt = _plt()
     parts = []
     frontier = []

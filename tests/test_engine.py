@@ -51,7 +51,7 @@ def test_shipped_deepspeed_configs_name_their_stage():
 
 
 def test_unsupported_engine_or_stage_is_an_error():
-    for stage in ("pt", "sft", "rm", "dpo", "kto", "ppo", "grpo", "rloo", "online_dpo", "spin"):
+    for stage in ("pt", "sft", "rm", "dpo", "kto", "ppo", "grpo", "rloo", "online_dpo", "xpo", "nash_md", "spin", "self_reward"):
         check_supported("single", stage)
         check_supported("ddp", stage)
         for engine in ("zero2", "zero3", "fsdp2"):

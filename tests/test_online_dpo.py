@@ -86,8 +86,8 @@ def test_loss_is_the_dpo_loss_of_the_sampled_pairs(fx, tmp_path):
     seen = {}
     original = pair_module.pair_micro_loss
 
-    def spy(policy, pairs, ref_logps, decisive, idx, c, n_pairs):
-        loss, stats = original(policy, pairs, ref_logps, decisive, idx, c, n_pairs)
+    def spy(policy, pairs, ref_logps, decisive, idx, c, n_pairs, **kw):
+        loss, stats = original(policy, pairs, ref_logps, decisive, idx, c, n_pairs, **kw)
         if policy.training:
             with torch.no_grad():
                 lp = rollout_logps(policy, pairs, idx, c.model_copy(update={"padding_free": False}))[0]

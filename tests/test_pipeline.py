@@ -61,14 +61,16 @@ def test_wiring_feeds_each_stage_the_previous_output(tmp_path):
     assert p.stage("ppo").upstream == {"model_name_or_path": "sft", "reward_model": "rm"}
 
 
-def test_online_dpo_is_wired_like_ppo(tmp_path):
-    """online_dpo builds on sft, takes the task's prompt file and, without reward_funcs, the last rm."""
+@pytest.mark.parametrize("kind", ["online_dpo", "xpo", "nash_md"])
+def test_online_preference_stages_are_wired_like_ppo(tmp_path, kind):
+    """online_dpo, xpo and nash_md build on sft, take the task's prompt file and, without reward_funcs, the
+    last rm."""
     spec = tiny_pipeline(tmp_path / "p")
-    spec["stages"]["online_dpo"] = {"max_steps": 1, "rollout_batch_size": 8, "per_device_train_batch_size": 8}
+    spec["stages"][kind] = {"max_steps": 1, "rollout_batch_size": 8, "per_device_train_batch_size": 8}
     p = resolve_pipeline(spec)
     out = tmp_path / "p"
-    assert p.stage("online_dpo").upstream == {"model_name_or_path": "sft", "reward_model": "rm"}
-    c = p.stage("online_dpo").config
+    assert p.stage(kind).upstream == {"model_name_or_path": "sft", "reward_model": "rm"}
+    c = p.stage(kind).config
     assert c.dataset == str(out / "data" / "prompt_train.jsonl") and c.reward_model == str(out / "rm")
 
 

@@ -1,5 +1,5 @@
 """Advantage estimators: GAE (PPO, with a critic) and the critic-free ones (GRPO, Dr. GRPO, RLOO,
-REINFORCE++), RLHF_NOTES "Critic-free online RL" and "More of the family".
+REINFORCE++; nash_md's KL-shaped returns), RLHF_NOTES "Critic-free online RL" and "More of the family".
 
 Critic-free layout: N = num_prompts x G rows grouped contiguously, rows p*G .. p*G+G-1 are the G
 samples of prompt p; `scores` is (N,) (one reward per sample), `response_mask` (N, T) is True on
@@ -160,22 +160,35 @@ def reinforce_pp_advantages(scores: torch.Tensor, response_mask: torch.Tensor, g
     `baseline=True` (REINFORCE++-baseline) first replaces each score by score - mean(group).
     token_kl (N, T): per-token KL (e.g. k1 of losses/kl.py), ignored on pads. 0 outside the mask."""
     mask = _check_mask(scores, response_mask)
+    if baseline:
+        scores = _centred(scores, group_size)
+    returns = kl_shaped_returns(scores, mask, token_kl, kl_coef)
+    count, total = _global_sum([mask.sum(), masked_sum(returns, mask)], reduce_sum)
+    mean = total / count
+    (squares,) = _global_sum([masked_sum((returns.to(torch.float64) - mean).pow(2), mask)], reduce_sum)
+    return whiten(returns, mask, eps=eps, stats=(mean, squares / count))
+
+
+def kl_shaped_returns(scores: torch.Tensor, response_mask: torch.Tensor, token_kl: torch.Tensor | None = None,
+                      kl_coef: float = 0.0) -> torch.Tensor:
+    """(N, T) reward-to-go, gamma = 1, of the per-token rewards
+
+        r_t = -kl_coef * kl_t on real tokens, + score at the last real token
+        A_t = sum_{s >= t} r_s = score - kl_coef * sum_{s >= t} kl_s
+
+    0 outside the mask: REINFORCE++'s returns before whitening, and nash_md's advantages (the score its
+    preference reward). Worked: score 1, kl [0.5, 0.25, 0 (pad)], kl_coef 0.1 -> [0.925, 0.975, 0]."""
+    mask = _check_mask(scores, response_mask)
     if token_kl is not None and token_kl.shape != mask.shape:
         raise ValueError(f"token_kl shape {tuple(token_kl.shape)} differs from response_mask "
                          f"{tuple(mask.shape)}")
     if token_kl is None and kl_coef != 0:
         raise ValueError(f"kl_coef={kl_coef} needs token_kl")
-    if baseline:
-        scores = _centred(scores, group_size)
     rewards = torch.zeros(mask.shape, dtype=scores.dtype, device=scores.device)
     if token_kl is not None:
         rewards = (-kl_coef * token_kl).to(scores.dtype).masked_fill(~mask, 0.0)
     rewards = rewards.scatter_add(1, last_index(mask)[:, None], scores[:, None])
-    returns = rewards.flip(1).cumsum(1).flip(1)  # (N, T) reward-to-go
-    count, total = _global_sum([mask.sum(), masked_sum(returns, mask)], reduce_sum)
-    mean = total / count
-    (squares,) = _global_sum([masked_sum((returns.to(torch.float64) - mean).pow(2), mask)], reduce_sum)
-    return whiten(returns, mask, eps=eps, stats=(mean, squares / count))
+    return rewards.flip(1).cumsum(1).flip(1)
 
 
 def _check_mask(scores: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:

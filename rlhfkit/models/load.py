@@ -364,13 +364,16 @@ def merged_lora(model) -> Iterator[torch.nn.Module]:
     at merge time (sparse) and written back after subtracting D, recomputed the same way. A model
     that is not a peft model, whose adapters use DoRA, whose active adapter trains whole modules
     (`modules_to_save`, which disabling the adapters would switch off), adapts an lm_head tied to
-    the input embedding, whose weights are sharded (ZeRO-3, FSDP2) or quantized (a QLoRA 4-bit base) is
-    yielded unchanged."""
+    the input embedding, whose weights are sharded (ZeRO-3, FSDP2) or quantized (a QLoRA 4-bit base), or
+    whose adapters are disabled (`disable_adapter()`: the model is its base) is yielded unchanged."""
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
     from peft.utils import ModulesToSaveWrapper
 
-    layers = [m for m in model.modules() if isinstance(m, LoraLayer)] if isinstance(model, PeftModel) else []
+    if not isinstance(model, PeftModel):
+        yield model
+        return
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
     active = [(m, [a for a in m.active_adapters if a in m.lora_A]) for m in layers]
     active = [(m, names) for m, names in active if names]
     trains_modules = any(isinstance(m, ModulesToSaveWrapper) and any(a in m.modules_to_save for a in m.active_adapters)
@@ -382,7 +385,9 @@ def merged_lora(model) -> Iterator[torch.nn.Module]:
     sharded = any(hasattr(m.get_base_layer().weight, attr) for m, _ in active for attr in ("ds_id", "to_local"))
     # a 4-bit base (QLoRA) stores packed NF4 codes: adding a float delta to them is meaningless
     quantized = any(hasattr(m.get_base_layer().weight, "quant_state") for m, _ in active)
-    if (not active or trains_modules or tied or sharded or quantized
+    # inside `disable_adapter()` (the reference under LoRA, which xpo samples from): the base is the model
+    disabled = any(m.disable_adapters for m, _ in active)
+    if (not active or trains_modules or tied or sharded or quantized or disabled
             or any(m.use_dora.get(a, False) for m, names in active for a in names)):
         yield model
         return

@@ -155,6 +155,15 @@ def token_chooser(params: SamplingParams, pad_id: int, device, generator: torch.
     return choose
 
 
+def new_cache(model):
+    """An empty KV cache for `model`: its own `new_cache()` when it has one (`rollout.mixture.GeometricMixture`:
+    the layers of both of its models in one cache), else transformers' `DynamicCache` for its config."""
+    from transformers import DynamicCache
+
+    make = getattr(model, "new_cache", None)
+    return make() if make is not None else DynamicCache(config=model.config)
+
+
 def _is_plain(cache) -> bool:
     """Every layer a full-attention `DynamicLayer` (keys/values (rows, heads, T, head_dim) and
     nothing else, e.g. no sliding window): then its tensors can be moved into `SlabLayer`s."""
@@ -354,11 +363,9 @@ class HFGenerator:
     def _forward_prompts(self, model, prompts: list[list[int]], device):
         """One forward pass over left-padded `prompts`: (DynamicCache, logits (P, V) at each
         prompt's last token)."""
-        from transformers import DynamicCache
-
         batch = pad_batch(prompts, self.tokenizer.pad_token_id, side="left")
         ids, attention = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        cache = DynamicCache(config=model.config)
+        cache = new_cache(model)
         out = model(input_ids=ids, attention_mask=attention.long(), position_ids=position_ids_from_mask(attention),
                     past_key_values=cache, use_cache=True, logits_to_keep=1)
         return cache, out.logits[:, -1]
@@ -372,7 +379,7 @@ class HFGenerator:
         columns can be cut."""
         from transformers import DynamicCache
 
-        if not _is_plain(DynamicCache(config=model.config)):
+        if not _is_plain(new_cache(model)):
             cache, logits = self._forward_prompts(model, prompts, device)
             cache.batch_repeat_interleave(G)
             return cache, logits, False

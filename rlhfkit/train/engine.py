@@ -12,7 +12,7 @@ on a CPU machine used to train plain DDP).
 Engines (`Engine.name`): `single` (one process), `ddp` (data parallel: one full copy per process),
 `zero2` / `zero3` (DeepSpeed ZeRO stage 2: optimizer state and gradients partitioned; stage 3:
 parameters too), `fsdp2` (torch FSDP2 `fully_shard`, applied by rlhfkit: `rlhfkit.train.fsdp`).
-Every stage (pt, sft, rm, dpo, kto and the online stages ppo, grpo, rloo, online_dpo, spin, self_reward) runs under
+Every stage (pt, sft, rm, dpo, kto and the online stages ppo, grpo, rloo, online_dpo, xpo, nash_md, spin, self_reward) runs under
 every engine (`SHARDED_STAGES`). The engine-specific backward / step / checkpoint of every stage is `rlhfkit.train.distributed.Optimization`. Placement of the roles under
 ZeRO-2/3 and FSDP2: the trained models (policy; PPO's critic and value head) in the engine; frozen
 models (the full fine-tuning reference, a separate reward model) whole on every rank outside it;
@@ -30,14 +30,15 @@ from pathlib import Path
 from rlhfkit.errors import ConfigError
 
 ENGINES = ("single", "ddp", "zero2", "zero3", "fsdp2")
-SHARDED_STAGES = ("pt", "sft", "rm", "dpo", "kto", "ppo", "grpo", "rloo", "online_dpo", "spin", "self_reward")
+SHARDED_STAGES = ("pt", "sft", "rm", "dpo", "kto", "ppo", "grpo", "rloo", "online_dpo", "xpo", "nash_md", "spin", "self_reward")
 """Stages that run under the sharded engines (every stage today): pt, sft, rm, dpo, kto train in
-`rlhfkit.train.loop.fit`, ppo, grpo, rloo, online_dpo, spin, self_reward in the online loops (`rlhfkit.train.online.run_updates`),
+`rlhfkit.train.loop.fit`, ppo, grpo, rloo, online_dpo, xpo, nash_md, spin, self_reward in the online loops (`rlhfkit.train.online.run_updates`),
 both through `rlhfkit.train.distributed.Optimization`, where the DeepSpeed and FSDP2 paths live.
 Tested in tests/test_scaleout.py (sft, dpo; pt is sft's code path), tests/test_scaleout_fit.py (rm:
 its evaluation and normalisation passes run on every rank under ZeRO-3/FSDP2; kto: its z0 pre-pass
 is fit's `prepare_step`), tests/test_scaleout_online.py (ppo, grpo, rloo) and tests/test_online_dpo.py
-(online_dpo, each engine against ddp), tests/test_spin.py (spin, likewise), tests/test_self_reward.py (self_reward under ZeRO-3 and FSDP2 against ddp; under ZeRO-2 its parameters
+(online_dpo, each engine against ddp), tests/test_xpo.py, tests/test_nash_md.py and tests/test_spin.py (xpo, nash_md,
+spin, likewise), tests/test_self_reward.py (self_reward under ZeRO-3 and FSDP2 against ddp; under ZeRO-2 its parameters
 stay whole and its loop is spin's, tested there). A stage added later
 is refused under them until it is tested there."""
 

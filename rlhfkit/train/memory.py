@@ -40,6 +40,8 @@ STAGE_ROLES: dict[str, list[tuple[str, bool]]] = {
     "grpo": [("policy", True), ("reference", False)],
     "rloo": [("policy", True), ("reference", False)],
     "online_dpo": [("policy", True), ("reference", False)],
+    "xpo": [("policy", True), ("reference", False)],
+    "nash_md": [("policy", True), ("reference", False)],
     "spin": [("policy", True)],  # the reference log-probs are the policy's own, taken once per iteration
     "self_reward": [("policy", True)],  # judge and reference: the policy itself
     "ppo": [("policy", True), ("reference", False), ("reward", False), ("critic", True)],
