@@ -19,6 +19,7 @@ from rlhfkit.losses.advantages import (
     flat_groups,
     group_mean_std,
     grpo_advantages,
+    kl_shaped_returns,
     reinforce_pp_advantages,
     rloo_advantages,
 )
@@ -121,6 +122,20 @@ def test_sequence_advantages_on_the_ragged_batch():
     torch.testing.assert_close(grpo_advantages(SCORES, G, "batch"), centred / (BATCH_STD + 1e-4))
     torch.testing.assert_close(grpo_advantages(SCORES, G, "batch", eps=0.0), centred / BATCH_STD)
     torch.testing.assert_close(rloo_advantages(SCORES, G), torch.tensor([1.0, -1.0, 2.0, -2.0]))
+
+
+def test_kl_shaped_returns_are_the_reward_to_go():
+    """nash_md's advantages (REINFORCE++'s returns before whitening): -kl_coef x KL per token, the score at
+    the last real token, summed from each token to the end; 0 on pads. Worked: score 1, KL [.5, .25, pad],
+    coef .1 -> [1 - .075, 1 - .025, 0]; score -2, KL [.4, pad, pad] -> [-2.04, 0, 0]."""
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    kl = torch.tensor([[0.5, 0.25, 9.0], [0.4, 9.0, 9.0]])  # pads hold garbage: ignored
+    out = kl_shaped_returns(torch.tensor([1.0, -2.0]), mask, kl, 0.1)
+    torch.testing.assert_close(out, torch.tensor([[0.925, 0.975, 0.0], [-2.04, 0.0, 0.0]]))
+    torch.testing.assert_close(kl_shaped_returns(torch.tensor([1.0, -2.0]), mask),
+                               torch.tensor([[1.0, 1.0, 0.0], [-2.0, 0.0, 0.0]]))
+    with pytest.raises(ValueError, match="needs token_kl"):
+        kl_shaped_returns(torch.tensor([1.0, -2.0]), mask, None, 0.1)
 
 
 # Per-row (real tokens) advantages of every estimator on the ragged batch (module docstring and here).

@@ -126,9 +126,9 @@ def test_the_exploration_term_alone_lowers_the_reference_responses_likelihood(fx
     seen = {}
     original = xpo_module.pair_updates
 
-    def spy(run, opt, policy, pairs, ref_logps, decisive, plan, c, explore=None):
+    def spy(run, opt, policy, pairs, ref_logps, decisive, plan, c, explore=None, alpha=0.0):
         seen.update(pairs=pairs, explore=explore, ref_logps=ref_logps)
-        return original(run, opt, policy, pairs, ref_logps, decisive, plan, c, explore=explore)
+        return original(run, opt, policy, pairs, ref_logps, decisive, plan, c, explore=explore, alpha=alpha)
 
     def sampled(*args, **kw):
         ro = generate_rollout(*args, **kw)
@@ -160,7 +160,8 @@ def test_the_exploration_term_alone_lowers_the_reference_responses_likelihood(fx
 
     c0 = xpo_config(fx, tmp_path / "zero", reward_funcs=["test_grpo:constant_reward"], alpha=0.0)
     initial = initial_weights(c0)
-    train_xpo(c0)
+    step1 = next(r for r in train_xpo(c0).history if r["step"] == 1)
+    assert step1["loss/exploration"] == 0.0 and step1["logps/reference_response"] < -1.0 and step1["grad_norm"] == 0.0
     trained = load_file(str(tmp_path / "zero" / "model.safetensors"))
     assert all(torch.equal(initial[n], trained[n]) for n in initial)
 

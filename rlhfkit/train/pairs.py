@@ -67,16 +67,16 @@ def sequence_logps_of(model, pairs: Rollout, micro_batches: list[torch.Tensor], 
 # ---- the loss of one micro-batch, the updates of one step --------------------------------------------
 
 def pair_micro_loss(policy, pairs: Rollout, ref_logps: torch.Tensor, decisive: torch.Tensor, idx: torch.Tensor,
-                    c: OnlineConfig, n_pairs: float, explore: torch.Tensor | None = None,
+                    c: OnlineConfig, n_pairs: float, explore: torch.Tensor | None = None, alpha: float = 0.0,
                     n_prompts: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
     """The DPO loss of the pairs in micro-batch `idx` (rows of whole pairs: 2i chosen, 2i + 1 rejected),
     tied pairs weighted 0, divided by the untied pairs of the global minibatch (`n_pairs`), so the
     micro-batches of a minibatch on every process add up to the minibatch's mean loss.
 
-    `explore` (xpo): (2P,) each row's weight in XPO's exploration term, alpha on the row that holds the
-    reference's response and 0 on the other; the term sum(explore x log pi(response)) / `n_prompts` (the
-    pairs of the global minibatch, tied ones too) is added to the loss: alpha x the minibatch's mean
-    log pi of the reference's responses."""
+    `explore` (xpo): (2P,) True on the row of each pair that holds the reference's response; XPO's
+    exploration term alpha x sum(log pi(those responses)) / `n_prompts` (the pairs of the global
+    minibatch, tied ones too) is added to the loss: alpha x the minibatch's mean log pi of the
+    reference's responses."""
     logps = response_sums(policy, pairs, idx, c)
     n_tokens = pairs.response_mask[idx].sum(-1).float()
     is_chosen = idx % 2 == 0
@@ -99,17 +99,18 @@ def pair_micro_loss(policy, pairs: Rollout, ref_logps: torch.Tensor, decisive: t
              "logps/chosen": share(p.chosen), "logps/rejected": share(p.rejected),
              "pairs/logratio": share((p.chosen_logratios + p.rejected_logratios) / 2)}
     if explore is not None:
-        weights = explore[idx].to(logps.dtype)
-        exploration = (weights * logps).sum() / n_prompts
+        reference_logps = (explore[idx].to(logps.dtype) * logps).sum() / n_prompts
+        exploration = alpha * reference_logps
         stats.update({"loss/dpo": stats["loss"], "loss/exploration": exploration.item(),
-                      "logps/reference_response": ((weights > 0) * logps.detach().float()).sum().item() / n_prompts})
+                      "logps/reference_response": reference_logps.item()})
         loss = loss + exploration
         stats["loss"] = loss.item()
     return loss, stats
 
 
 def pair_updates(run, opt, policy, pairs: Rollout, ref_logps: torch.Tensor, decisive: torch.Tensor,
-                 plan: list[list[torch.Tensor]], c: OnlineConfig, explore: torch.Tensor | None = None) -> dict[str, float]:
+                 plan: list[list[torch.Tensor]], c: OnlineConfig, explore: torch.Tensor | None = None,
+                 alpha: float = 0.0) -> dict[str, float]:
     """The DPO steps on one step's pairs: one optimizer step per minibatch of `plan` (micro-batches of
     whole pairs accumulated; `run_updates`), each micro-batch's loss its share of the mean over the
     minibatch's weighted pairs on every process (with `explore`, xpo's exploration term, its share of the
@@ -118,7 +119,7 @@ def pair_updates(run, opt, policy, pairs: Rollout, ref_logps: torch.Tensor, deci
     means, _ = run_updates(
         run, opt, [plan],
         micro_loss=lambda mb, n: pair_micro_loss(opt.wrapped, pairs, ref_logps, decisive, mb, c, n[0],
-                                                 explore=explore, n_prompts=n[1]),
+                                                 explore=explore, alpha=alpha, n_prompts=n[1]),
         counts=lambda r: [decisive[r[r % 2 == 0] // 2].sum().item(), (r % 2 == 0).sum().item()])
     policy.eval()
     return means

@@ -115,19 +115,19 @@ def train_xpo(config: XPOConfig) -> Result:
             scores, parts = score_rollout(c, scorer, both)
         t_gen = time.perf_counter()
         # 3. pairs: the higher-scored of the two is chosen; the reference's response is row 2i (chosen)
-        #    or 2i + 1 (rejected: it lost, or tied) of pair i, where the exploration term weighs it alpha
+        #    or 2i + 1 (rejected: it lost, or tied) of pair i: the row of the exploration term
         chosen, rejected, decisive, won = policy_against_reference(scores)
         pairs = pair_rollout(both, chosen, rejected)
-        explore = torch.zeros(rows, device=run.device)
+        explore = torch.zeros(rows, dtype=torch.bool, device=run.device)
         reference_rejected = (chosen < setup.local_prompts).long()  # the chosen row is the policy's
-        explore[2 * torch.arange(setup.local_prompts, device=run.device) + reference_rejected] = c.alpha
+        explore[2 * torch.arange(setup.local_prompts, device=run.device) + reference_rejected] = True
         # 4. reference log-probs in the micro-batches of the updates
         plan = minibatch_plan(rows, c, step, 0, group_size=2)
         with opt.whole(policy), run.precision(), reference() as ref:
             ref_logps = sequence_logps_of(ref, pairs, [mb for mini in plan for mb in mini], c)
         t_prep = time.perf_counter()
         # 5. updates: num_mini_batches steps on DPO + exploration (micro-batches accumulated)
-        means = pair_updates(run, opt, policy, pairs, ref_logps, decisive, plan, c, explore=explore)
+        means = pair_updates(run, opt, policy, pairs, ref_logps, decisive, plan, c, explore=explore, alpha=c.alpha)
         t_train = time.perf_counter()
         # 6. metrics, samples, evaluation, checkpoint
         kept = decisive.float()
