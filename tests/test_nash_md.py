@@ -28,7 +28,7 @@ from rlhfkit.config import build_config
 from rlhfkit.errors import ConfigError
 from rlhfkit.rollout.generate import HFGenerator, SamplingParams
 from rlhfkit.rollout.mixture import GeometricMixture
-from rlhfkit.train import nash_md as nash_md_module
+from rlhfkit.train import online as online_module
 from rlhfkit.train.nash_md import preference_against, train_nash_md
 
 
@@ -157,14 +157,14 @@ def test_first_update_is_the_preference_gradient(fx, tmp_path, monkeypatch, kw):
     -mean over responses of (P(y > y') - 1/2) x |y|, with P = sigmoid(score(y) - score(y')) from the
     scores of the step; every trained tensor changed."""
     seen = []
-    original = nash_md_module.score_rollout
+    original = online_module.score_rollout
 
     def spy(c, scorer, ro):
         scores, parts = original(c, scorer, ro)
         seen.append((scores.clone(), ro.response_mask.sum(-1)))
         return scores, parts
 
-    monkeypatch.setattr(nash_md_module, "score_rollout", spy)
+    monkeypatch.setattr(online_module, "score_rollout", spy)  # rollouts_against's scorer
     c = nash_config(fx, tmp_path / "run", val_size=2, beta=0.1, **kw)
     initial = initial_weights(c)
     result = train_nash_md(c)

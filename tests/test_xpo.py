@@ -27,6 +27,7 @@ from test_scaleout import needs_deepspeed
 
 from rlhfkit.config import build_config
 from rlhfkit.errors import ConfigError
+from rlhfkit.train import online as online_module
 from rlhfkit.train import xpo as xpo_module
 from rlhfkit.train.xpo import policy_against_reference, train_xpo
 
@@ -96,7 +97,7 @@ def test_the_reference_responses_are_the_initial_models(fx, tmp_path, monkeypatc
         calls.append((args[4], ro.texts))  # (prompt rows, texts)
         return ro
 
-    monkeypatch.setattr(xpo_module, "generate_rollout", spy)
+    monkeypatch.setattr(online_module, "generate_rollout", spy)  # rollouts_against's sampler
     c = xpo_config(fx, tmp_path / "run", max_steps=3, learning_rate=3e-2, finetuning_type=tuning)
     train_xpo(c)
     assert len(calls) == 6  # policy, reference per step
@@ -136,7 +137,7 @@ def test_the_exploration_term_alone_lowers_the_reference_responses_likelihood(fx
         return ro
 
     monkeypatch.setattr(xpo_module, "pair_updates", spy)
-    monkeypatch.setattr(xpo_module, "generate_rollout", sampled)
+    monkeypatch.setattr(online_module, "generate_rollout", sampled)
     c = xpo_config(fx, tmp_path / "run", reward_funcs=["test_grpo:constant_reward"], alpha=1.0)
     result = train_xpo(c)
     step1 = next(r for r in result.history if r["step"] == 1)

@@ -34,6 +34,7 @@ held-out `eval/`.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 
 import torch
 
@@ -43,7 +44,7 @@ from rlhfkit.losses.kl import KL_ESTIMATORS
 from rlhfkit.losses.masked import masked_mean, masked_sum
 from rlhfkit.losses.policy import clipped_policy_loss
 from rlhfkit.rollout.mixture import GeometricMixture
-from rlhfkit.rollout.rollout import Rollout, concat_rollouts, generate_rollout, source_metrics
+from rlhfkit.rollout.rollout import Rollout, source_metrics
 from rlhfkit.train.grpo import old_and_reference_logps
 from rlhfkit.train.loop import Result
 from rlhfkit.train.online import (
@@ -54,9 +55,8 @@ from rlhfkit.train.online import (
     generation_metrics,
     minibatch_plan,
     rollout_logps,
-    rollout_seed,
+    rollouts_against,
     run_updates,
-    score_rollout,
     start_online,
     start_updates,
 )
@@ -95,7 +95,7 @@ def train_nash_md(config: NashMDConfig) -> Result:
     # 0. data, reward functions, run, prompts (validated before any model loads); policy, reference, and
     #    the opponent: their geometric mixture
     setup = start_online(c, stage)
-    run, tokenizer = setup.run, setup.tokenizer
+    run = setup.run
     policy, reference, scorer = build_roles(setup, reference_needed=True)
     mixture = GeometricMixture(policy, reference, c.mixture_coef)
     rows = setup.local_prompts
@@ -121,14 +121,9 @@ def train_nash_md(config: NashMDConfig) -> Result:
         policy.eval()
         # 1-2. the policy's responses and the mixture's, scored (ZeRO-3 / FSDP2: the policy's
         #      parameters whole on this rank)
-        idx = setup.stream.indices(step)
-        prompt_ids, prompt_rows = [setup.prompt_ids[i] for i in idx], [setup.rows[i] for i in idx]
         with opt.whole(policy), run.precision():
-            ro = generate_rollout(policy, tokenizer, setup.generator, prompt_ids, prompt_rows, setup.params,
-                                  rollout_seed(c, step, run.rank), run.device)
-            opponent = generate_rollout(mixture, tokenizer, setup.generator, prompt_ids, prompt_rows, setup.params,
-                                        rollout_seed(c, step, run.rank, round_=1), run.device)
-            scores, parts = score_rollout(c, scorer, concat_rollouts([ro, opponent], tokenizer.pad_token_id))
+            ro, opponent, _, scores, parts = rollouts_against(c, setup, scorer, policy, lambda: nullcontext(mixture),
+                                                              step)
         preference = preference_against(scores)
         t_gen = time.perf_counter()
         # 3. old and reference log-probs of the policy's responses, in the micro-batches of the update

@@ -9,6 +9,7 @@ the stage loops in their numbered steps:
   build_roles, start_updates, build_reference, build_scorer, score_rollout, rollout_logps
                     the roles (policy, reference, reward), the optimizer, and the passes every
                     critic-free loop (grpo, rloo, online_dpo) makes over a rollout
+  rollouts_against  the policy's responses and an opponent's to the same prompts (xpo, nash_md)
   evaluate_policy   held-out prompts: proxy score, KL to the reference, gold reward / accuracy, judge score
   frozen_reward_model, judge_scorer   a separate frozen reward model; the evaluation's judge
   OnlineLog         per step: diagnostics, the logging window, samples.jsonl, evaluation
@@ -30,7 +31,7 @@ from rlhfkit.errors import ConfigError
 from rlhfkit.eval.generation import rollout_kl
 from rlhfkit.rollout.generate import HFGenerator, SamplingParams
 from rlhfkit.rollout.rewards import load_reward_funcs
-from rlhfkit.rollout.rollout import Rollout, Scorer, encode_prompts, generate_rollout, source_metrics
+from rlhfkit.rollout.rollout import Rollout, Scorer, concat_rollouts, encode_prompts, generate_rollout, source_metrics
 from rlhfkit.train.common import (
     build_model,
     config_task,
@@ -289,6 +290,26 @@ def score_rollout(c: OnlineConfig, scorer: Scorer, ro: Rollout) -> tuple[torch.T
 
     raw, parts = scorer(ro)
     return eos_trick(raw, ro.ended, penalty=c.missing_eos_penalty, replace=c.missing_eos_score), parts
+
+
+def rollouts_against(c: OnlineConfig, setup: OnlineSetup, scorer: Scorer, policy, opponent: Callable,
+                     step: int) -> tuple[Rollout, Rollout, Rollout, torch.Tensor, dict[str, torch.Tensor]]:
+    """# 1-2. of xpo and nash_md: one response to each of this process's prompts of step `step` from the
+    policy (sampling round 0) and one from the opponent (`opponent()`: a context manager yielding the
+    model: the reference, or the policy's mixture with it; round 1), scored together (`score_rollout`).
+    Returns (the policy's rollout, the opponent's, both laid out together with the policy's rows first,
+    scores (2P,), parts). Called with the policy whole on this rank and in the run's precision."""
+    run, tok = setup.run, setup.tokenizer
+    idx = setup.stream.indices(step)
+    prompt_ids, rows = [setup.prompt_ids[i] for i in idx], [setup.rows[i] for i in idx]
+    mine = generate_rollout(policy, tok, setup.generator, prompt_ids, rows, setup.params,
+                            rollout_seed(c, step, run.rank), run.device)
+    with opponent() as model:
+        theirs = generate_rollout(model, tok, setup.generator, prompt_ids, rows, setup.params,
+                                  rollout_seed(c, step, run.rank, round_=1), run.device)
+    both = concat_rollouts([mine, theirs], tok.pad_token_id)
+    scores, parts = score_rollout(c, scorer, both)
+    return mine, theirs, both, scores, parts
 
 
 def rollout_logps(policy, ro: Rollout, idx: torch.Tensor, c: OnlineConfig, with_entropy: bool = False):

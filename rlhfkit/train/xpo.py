@@ -37,7 +37,7 @@ import time
 import torch
 
 from rlhfkit.config import XPOConfig
-from rlhfkit.rollout.rollout import concat_rollouts, generate_rollout, source_metrics
+from rlhfkit.rollout.rollout import source_metrics
 from rlhfkit.train.loop import Result
 from rlhfkit.train.online import (
     OnlineLog,
@@ -46,8 +46,7 @@ from rlhfkit.train.online import (
     finish_policy,
     generation_metrics,
     minibatch_plan,
-    rollout_seed,
-    score_rollout,
+    rollouts_against,
     start_online,
     start_updates,
 )
@@ -75,7 +74,7 @@ def train_xpo(config: XPOConfig) -> Result:
     stage = c._stage
     # 0. data, reward functions, run, prompts (validated before any model loads); policy, reference
     setup = start_online(c, stage)
-    run, tokenizer = setup.run, setup.tokenizer
+    run = setup.run
     policy, reference, scorer = build_roles(setup, reference_needed=True)
     rows = setup.local_prompts * 2
     updates = setup.steps * c.num_mini_batches
@@ -103,16 +102,8 @@ def train_xpo(config: XPOConfig) -> Result:
         policy.eval()
         # 1-2. generate from the policy and from the reference, score both (ZeRO-3 / FSDP2: with the
         #      policy's parameters whole on this rank)
-        idx = setup.stream.indices(step)
-        prompt_ids, prompt_rows = [setup.prompt_ids[i] for i in idx], [setup.rows[i] for i in idx]
         with opt.whole(policy), run.precision():
-            mine = generate_rollout(policy, tokenizer, setup.generator, prompt_ids, prompt_rows, setup.params,
-                                    rollout_seed(c, step, run.rank), run.device)
-            with reference() as ref:
-                theirs = generate_rollout(ref, tokenizer, setup.generator, prompt_ids, prompt_rows, setup.params,
-                                          rollout_seed(c, step, run.rank, round_=1), run.device)
-            both = concat_rollouts([mine, theirs], tokenizer.pad_token_id)
-            scores, parts = score_rollout(c, scorer, both)
+            mine, _, both, scores, parts = rollouts_against(c, setup, scorer, policy, reference, step)
         t_gen = time.perf_counter()
         # 3. pairs: the higher-scored of the two is chosen; the reference's response is row 2i (chosen)
         #    or 2i + 1 (rejected: it lost, or tied) of pair i: the row of the exploration term
