@@ -40,9 +40,9 @@ METRIC_COLUMNS = {
 }
 
 RL_KINDS = ("ppo", "grpo", "rloo", "online_dpo", "xpo", "nash_md", "spin", "self_reward")
-REWARD_KEYS = ("objective/scores", "rewards/mean", "scores/mean")
+REWARD_KEYS = ("objective/scores", "rewards/mean", "scores/mean", "scores/policy")
 """Training-reward metric of the online stages (PPO's reward-model score, GRPO/RLOO's combined reward,
-online DPO's mean score of the sampled responses)."""
+online DPO's mean score of the sampled responses, xpo's and nash_md's of the policy's responses)."""
 
 STYLE = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 24px auto; max-width: 1200px;
