@@ -202,6 +202,39 @@ def test_qlora_grpo_trains_and_saves_an_adapter(stage, tiny_model_dir, tmp_path)
     load_for_use(str(out))
 
 
+@pytest.mark.parametrize("stage", ["xpo", "nash_md"])
+def test_qlora_xpo_and_nash_md_sample_the_reference_from_the_4bit_base(stage, tiny_model_dir, tmp_path):
+    """xpo and nash_md on a 4-bit base, whose reference is the base with the adapters off: xpo samples
+    from it (the sampler does not merge into 4-bit weights), nash_md mixes it token by token with the
+    policy. At step 1 policy = reference: xpo's implicit rewards are 0, nash_md's KL is 0 and its first
+    ratio 1; the adapters train and the saved adapter reloads over the full-precision base."""
+    from safetensors.torch import load_file
+
+    from rlhfkit.models.load import load_for_use
+    from rlhfkit.train.nash_md import train_nash_md
+    from rlhfkit.train.xpo import train_xpo
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("The movie was", "This film is",
+                                                                          "My friend said", "The cat")))
+    out = tmp_path / "out"
+    config = build_config(stage, dict(
+        model_name_or_path=str(tiny_model_dir), dataset=str(prompts), output_dir=str(out), finetuning_type="lora",
+        load_in_4bit=True, reward_funcs=["test_grpo:words_reward"], rollout_batch_size=4,
+        per_device_train_batch_size=4, max_steps=2, max_new_tokens=6, beta=0.1, learning_rate=2e-3,
+        temperature=1.0, report_to=[], disable_tqdm=True, seed=0))
+    result = {"xpo": train_xpo, "nash_md": train_nash_md}[stage](config)
+    step1 = next(r for r in result.history if r["step"] == 1)
+    if stage == "xpo":
+        assert step1["rewards/chosen"] == 0.0 and step1["rewards/rejected"] == 0.0
+    else:
+        assert step1["objective/kl"] == 0.0 and step1["policy/first_ratio"] == 1.0
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in result.model.modules())
+    adapter = load_file(str(out / "adapter_model.safetensors"))
+    assert all(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
+    load_for_use(str(out))
+
+
 def test_qlora_ppo_shares_one_4bit_base(tiny_model_dir, preference_data, tmp_path):
     """ppo on a 4-bit base with a LoRA reward model over the same (full-precision) base: policy,
     reference (adapters off), critic and reward adapters on ONE 4-bit base; the KL is exactly 0 at
