@@ -1049,7 +1049,8 @@ class NashMDConfig(OnlineConfig):
     the loss and the KL are taken from logits / temperature too."""
     beta: float = 0.1
     """Weight of the KL to the reference in the reward (the paper's tau): each token's reward is -beta x
-    its KL estimate (`kl_estimator`, k1 by default), the preference reward comes at the last token."""
+    its k1 log-ratio log pi - log ref (whose sum is the response's KL; `kl_estimator` must stay k1), the
+    preference reward comes at the last token."""
     mixture_coef: float = 0.5
     """The reference's weight in the opponent's geometric mixture (the paper's beta): 0 is self-play
     against the current policy, 1 plays against the reference."""
@@ -1070,12 +1071,15 @@ class NashMDConfig(OnlineConfig):
     @model_validator(mode="after")
     def _check_nash_md(self) -> "NashMDConfig":
         problems = []
-        if self.beta < 0:
+        if not self.beta >= 0:
             problems.append(f"beta must be >= 0, got {self.beta}")
         if not 0.0 <= self.mixture_coef <= 1.0:
             problems.append(f"mixture_coef must be in [0, 1], got {self.mixture_coef}")
-        if self.epsilon <= 0:
+        if not self.epsilon > 0:
             problems.append(f"epsilon must be > 0, got {self.epsilon}")
+        if self.kl_estimator != "k1":
+            problems.append(f"kl_estimator {self.kl_estimator} is not offered by nash_md: its reward takes the k1 "
+                            "log-ratio per token, whose reward-to-go gives the policy gradient of KL(pi || ref); use k1")
         if self.sampling_dtype != "float32":
             problems.append(f"sampling_dtype: {self.sampling_dtype} is offered by grpo and rloo only (their loss has "
                             "the importance-sampling correction; nash_md's does not): use float32")

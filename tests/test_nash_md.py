@@ -78,8 +78,10 @@ def test_mixture_at_its_ends_is_either_model(tiny_tokenizer):
     own = gen.generate(policy, ids, greedy, num_generations=2).response_ids
     other = gen.generate(reference, ids, greedy, num_generations=2).response_ids
     assert not torch.equal(own, other)
+    policy.train()  # a new mixture is in training mode too: sampling through it leaves the policy in eval
     assert torch.equal(gen.generate(GeometricMixture(policy, frozen(reference), 0.0), ids, greedy,
                                     num_generations=2).response_ids, own)
+    assert not policy.training
     assert torch.equal(gen.generate(GeometricMixture(policy, frozen(reference), 1.0), ids, greedy,
                                     num_generations=2).response_ids, other)
 
@@ -206,6 +208,8 @@ def test_config_errors_before_any_model_loads(fx, tmp_path):
     cases = [(dict(mixture_coef=1.5), r"mixture_coef must be in \[0, 1\]"),
              (dict(beta=-0.1), "beta must be >= 0"),
              (dict(epsilon=0), "epsilon must be > 0"),
+             (dict(beta=float("nan")), "beta must be >= 0"),
+             (dict(kl_estimator="k3"), "kl_estimator k3 is not offered by nash_md"),
              (dict(num_generations=4), "num_generations"),
              (dict(rollout_batch_size=3, per_device_train_batch_size=2), "must be divisible by per_device_train"),
              (dict(sampling_dtype="bfloat16"), "offered by grpo and rloo only"),

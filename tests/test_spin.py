@@ -29,7 +29,8 @@ from test_scaleout import needs_deepspeed
 from rlhfkit.config import build_config
 from rlhfkit.errors import ConfigError, DataError
 from rlhfkit.rollout.rollout import data_rollout, reply_ids
-from rlhfkit.train.spin import identical_pairs, train_spin
+from rlhfkit.train.pairs import identical_pairs
+from rlhfkit.train.spin import train_spin
 
 PAIRS = [("The movie was", " great fun"), ("This film is", " a bore"), ("My friend said", " hello"),
          ("The plot", " is thin"), ("What is 2 + 3?", " 5"), ("The cat", " sat down")]

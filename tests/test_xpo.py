@@ -167,6 +167,26 @@ def test_the_exploration_term_alone_lowers_the_reference_responses_likelihood(fx
     assert all(torch.equal(initial[n], trained[n]) for n in initial)
 
 
+def row_index_reward(prompts, completions, **kwargs):
+    """Each response scores its row's index: two copies of one response never score the same."""
+    return [float(i) for i in range(len(completions))]
+
+
+@pytest.mark.parametrize("stage", ["xpo", "online_dpo"])
+def test_the_same_response_twice_is_no_preference(fx, tmp_path, stage):
+    """top_k 1 at step 1 (policy = reference): both responses of every pair are the same token sequence;
+    a reward that scores copies apart must not make them a preference (no DPO term: loss/dpo 0)."""
+    kw = dict(reward_funcs=["test_xpo:row_index_reward"], top_k=1)
+    c = (xpo_config(fx, tmp_path / "run", alpha=0.0, **kw) if stage == "xpo" else
+         build_config("online_dpo", dict(xpo_config(fx, tmp_path / "run", **kw).model_dump(exclude={"alpha"}),
+                                         num_generations=2)))
+    from rlhfkit.train.online_dpo import train_online_dpo
+
+    result = (train_xpo if stage == "xpo" else train_online_dpo)(c)
+    step1 = next(r for r in result.history if r["step"] == 1)
+    assert step1["pairs/tied"] == 1.0 and step1["loss"] == 0.0 and step1["grad_norm"] == 0.0
+
+
 def test_resume_gives_the_same_weights(fx, tmp_path):
     kw = dict(max_steps=3, finetuning_type="lora", num_mini_batches=2, per_device_train_batch_size=2)
     train_xpo(xpo_config(fx, tmp_path / "a", save_steps=2, **kw))

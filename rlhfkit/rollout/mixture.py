@@ -45,6 +45,14 @@ class GeometricMixture(torch.nn.Module):
     def config(self):
         return self.policy.config
 
+    def train(self, mode: bool = True) -> "GeometricMixture":
+        """The mixture only samples: `eval()` puts the policy into eval mode, `train()` never puts it into
+        training mode (the generator restores the mode it found, which for a new module is training)."""
+        self.training = mode
+        if not mode:
+            self.policy.eval()
+        return self
+
     def new_cache(self):
         """One cache: the policy's layers, then the reference's."""
         cache = new_cache(self.policy)
@@ -58,8 +66,9 @@ class GeometricMixture(torch.nn.Module):
         own.layers, theirs.layers = past_key_values.layers[:self.split], past_key_values.layers[self.split:]
         kw = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache,
                   logits_to_keep=logits_to_keep)
-        mine = self.policy(past_key_values=own, **kw).logits.float()
-        with self.reference() as ref:
-            other = ref(past_key_values=theirs, **kw).logits.float()
-        mixed = (1.0 - self.coef) * torch.log_softmax(mine, -1) + self.coef * torch.log_softmax(other, -1)
-        return SimpleNamespace(logits=mixed)
+        mine = torch.log_softmax(self.policy(past_key_values=own, **kw).logits.float(), -1)
+        with self.reference() as ref:  # run at every weight: both halves of the cache must be filled
+            other = torch.log_softmax(ref(past_key_values=theirs, **kw).logits.float(), -1)
+        if self.coef == 0 or self.coef == 1:  # one model alone (0 x a -inf log-prob of the other would be NaN)
+            return SimpleNamespace(logits=other if self.coef == 1 else mine)
+        return SimpleNamespace(logits=(1.0 - self.coef) * mine + self.coef * other)

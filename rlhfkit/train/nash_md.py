@@ -9,7 +9,7 @@ model, one explicit loop per step:
                    P(y > y') = sigmoid(score(y) - score(y')) (Bradley-Terry; an unscored pair: 1/2)
   # 3. logps       the sampling policy's (old) and the reference's log-probs of y, in the training
                    micro-batches (no grad; grpo's pass)
-  # 4. advantages  per-token rewards -beta x KL_t (`kl_estimator` of old vs reference), plus P - 1/2 at
+  # 4. advantages  per-token rewards -beta x KL_t (k1 of old vs reference), plus P - 1/2 at
                    the last token; A_t = the reward-to-go (losses/advantages.py `kl_shaped_returns`):
                    A_t = (P(y > y') - 1/2) - beta x sum_{s >= t} KL_s
   # 5. update      num_mini_batches policy-gradient steps on y: the clipped surrogate (losses/policy.py,
@@ -25,7 +25,7 @@ preference is a coin toss on average (`preference/mean` ~ 1/2) and rises as the 
 regularised copy.
 
 Metrics: `loss`, `preference/mean` (mean P(y > y')), `preference/won` (the share of prompts where y scored
-higher than y'), `scores/policy`, `scores/mixture`, `scores/<source>`, `objective/kl` (the sampling
+higher than y'), `scores/policy`, `scores/mixture`, `scores/<source>` (over both), `objective/kl` (the sampling
 policy's summed KL to the reference, `kl_estimator`), `advantages/abs_mean`, `policy/*` (ratio, clip
 fractions, entropy), `gen/*` (the policy's responses), `gen/mixture_length`, and the online layer's
 held-out `eval/`.
@@ -97,7 +97,7 @@ def train_nash_md(config: NashMDConfig) -> Result:
     setup = start_online(c, stage)
     run = setup.run
     policy, reference, scorer = build_roles(setup, reference_needed=True)
-    mixture = GeometricMixture(policy, reference, c.mixture_coef)
+    mixture = GeometricMixture(policy, reference, c.mixture_coef).eval()
     rows = setup.local_prompts
     updates = setup.steps * c.num_mini_batches
     adapters_off = c.finetuning_type == "lora" and c.ref_model is None  # build_reference's choice

@@ -7,8 +7,9 @@ Preference Optimisation"): the DPO loss on pairs the current policy samples and 
                    (a prompt's prefill shared by its group)
   # 2. score       reward model and/or reward functions; EOS trick (`missing_eos_penalty`)
   # 3. pair        each prompt's best- and worst-scored response -> (chosen, rejected); a prompt whose
-                   responses all score the same gives no preference: its pair stays in the batch with
-                   weight 0 (every process keeps its micro-batch count) and is counted (`pairs/tied`)
+                   responses all score the same, or whose two are the same token sequence, gives no
+                   preference: its pair stays in the batch with weight 0 (every process keeps its
+                   micro-batch count) and is counted (`pairs/tied`)
   # 4. reference   reference log-probs of both responses, in the training micro-batches (no grad):
                    the base with adapters disabled (LoRA) or a frozen copy of the initial model
   # 5. update      num_mini_batches DPO steps over the pairs (the loss family of losses/dpo.py), each
@@ -50,7 +51,7 @@ from rlhfkit.train.online import (
     start_online,
     start_updates,
 )
-from rlhfkit.train.pairs import best_and_worst, pair_rollout, pair_updates, sequence_logps_of
+from rlhfkit.train.pairs import best_and_worst, identical_pairs, pair_rollout, pair_updates, sequence_logps_of
 from rlhfkit.train.tracking import progress
 
 
@@ -97,6 +98,7 @@ def train_online_dpo(config: OnlineDPOConfig) -> Result:
         # 3. pairs: each prompt's best and worst response
         best, worst, decisive = best_and_worst(scores, G)
         pairs = pair_rollout(ro, best, worst)
+        decisive = decisive & ~identical_pairs(pairs)  # the same response twice: no preference, whatever the scores
         # 4. reference log-probs in the micro-batches of the updates
         plan = minibatch_plan(rows, c, step, 0, group_size=2)
         with opt.whole(policy), run.precision(), reference() as ref:

@@ -29,6 +29,14 @@ def pair_rollout(ro: Rollout, chosen: torch.Tensor, rejected: torch.Tensor) -> R
     return dataclasses.replace(select_rows(ro, torch.stack([chosen, rejected], 1).reshape(-1)), group_size=2)
 
 
+def identical_pairs(pairs: Rollout) -> torch.Tensor:
+    """(P,) whether pair i's two responses (rows 2i, 2i + 1) are the same token sequence: such a pair
+    trains nothing (its DPO gradient is 0), even when a reward model scored its two copies a hair apart."""
+    same_mask = (pairs.response_mask[0::2] == pairs.response_mask[1::2]).all(-1)
+    same_ids = ((pairs.responses[0::2] == pairs.responses[1::2]) | ~pairs.response_mask[0::2]).all(-1)
+    return same_mask & same_ids
+
+
 def best_and_worst(scores: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scores (P x G,) of P groups of G consecutive responses -> (P,) rows of each group's best- and
     worst-scored response (the first of equal ones) and (P,) whether they differ (a preference; all

@@ -43,17 +43,10 @@ from rlhfkit.rollout.rollout import Rollout, concat_rollouts, data_reply, data_r
 from rlhfkit.train.iterative import PoolPairs, train_iterations
 from rlhfkit.train.loop import Result
 from rlhfkit.train.online import build_roles, prompt_generation_stats, start_online
-from rlhfkit.train.pairs import pair_rollout
+from rlhfkit.train.pairs import identical_pairs, pair_rollout
 
 
 # ---- 2. pairs ---------------------------------------------------------------------------------------
-
-def identical_pairs(pairs: Rollout) -> torch.Tensor:
-    """(P,) whether pair i's two responses (rows 2i, 2i + 1) are the same token sequence."""
-    same_mask = (pairs.response_mask[0::2] == pairs.response_mask[1::2]).all(-1)
-    same_ids = ((pairs.responses[0::2] == pairs.responses[1::2]) | ~pairs.response_mask[0::2]).all(-1)
-    return same_mask & same_ids
-
 
 def spin_pairs(setup, policy, real: Rollout, prompts: list[int], seed: int) -> PoolPairs:
     """# 1-2. the opponent's (the current policy's) response to each prompt, paired with the data's

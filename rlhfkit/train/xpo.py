@@ -6,8 +6,9 @@ loop per step:
   # 1. generate    one response per prompt from the current policy (y) and one from the reference (y~:
                    the paper's sampling policy pi~ taken as pi_ref; under LoRA the base with adapters off)
   # 2. score       reward model and/or reward functions; EOS trick (`missing_eos_penalty`)
-  # 3. pair        the higher-scored of (y, y~) is chosen, the other rejected; equal scores give no
-                   preference: the pair stays in the batch with DPO weight 0 (`pairs/tied`)
+  # 3. pair        the higher-scored of (y, y~) is chosen, the other rejected; equal scores (or the same
+                   token sequence twice) give no preference: the pair stays in the batch with DPO weight 0
+                   (`pairs/tied`)
   # 4. reference   reference log-probs of both responses, in the training micro-batches (no grad)
   # 5. update      num_mini_batches steps on the loss
 
@@ -23,11 +24,12 @@ Log-probs, policy and reference, are taken at the sampling temperature, as in ev
 step 0 policy = reference: every implicit reward is 0, the DPO term log 2 (tested).
 
 Metrics: online_dpo's (`loss`, `rewards/*`, `logps/chosen|rejected`, `pairs/tied`, `pairs/logratio`,
-`scores/chosen|rejected`, `gen/*` of the policy's responses, `eval/*`), and `loss/dpo`,
-`loss/exploration` (alpha x mean log pi(y~)), `logps/reference_response` (mean log pi(y~)),
-`scores/policy`, `scores/reference` (the two responses' mean scores) and `pairs/policy_won` (the share
-of prompts where the policy's response scored higher than the reference's: above one half once the
-policy beats its start).
+`scores/chosen|rejected`, `scores/<source>` over both responses, `gen/*` of the policy's responses,
+`eval/*`), and `loss/dpo`, `loss/exploration` (alpha x mean log pi(y~)), `logps/reference_response`
+(mean log pi(y~)), `scores/policy`, `scores/reference` (the two responses' mean scores) and
+`pairs/policy_won` (the share of prompts where the policy's response scored higher than the
+reference's; with ties, e.g. both answers right, it stays below one half even for a policy that
+never loses: compare it with `1 - pairs/tied - pairs/policy_won`, the reference's wins).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from rlhfkit.train.online import (
     start_online,
     start_updates,
 )
-from rlhfkit.train.pairs import pair_rollout, pair_updates, sequence_logps_of
+from rlhfkit.train.pairs import identical_pairs, pair_rollout, pair_updates, sequence_logps_of
 from rlhfkit.train.tracking import progress
 
 
@@ -109,6 +111,7 @@ def train_xpo(config: XPOConfig) -> Result:
         #    or 2i + 1 (rejected: it lost, or tied) of pair i: the row of the exploration term
         chosen, rejected, decisive, won = policy_against_reference(scores)
         pairs = pair_rollout(both, chosen, rejected)
+        decisive = decisive & ~identical_pairs(pairs)  # the same answer twice: no preference, whatever the scores
         explore = torch.zeros(rows, dtype=torch.bool, device=run.device)
         reference_rejected = (chosen < setup.local_prompts).long()  # the chosen row is the policy's
         explore[2 * torch.arange(setup.local_prompts, device=run.device) + reference_rejected] = True
