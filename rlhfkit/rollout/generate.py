@@ -1,4 +1,4 @@
-"""Sampling behind a small interface, so a faster engine (e.g. vLLM) can plug in later.
+"""Sampling behind a small interface that a faster engine plugs into (`rollout/vllm_engine.py`: vLLM).
 
 `HFGenerator.generate(model, prompt_ids, params, generator_seed, num_generations=G)` samples G
 responses per prompt, rows prompt-major (row p*G + g is sample g of prompt p), with its own
@@ -301,6 +301,11 @@ class HFGenerator:
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.dtype = dtype
+
+    @property
+    def matches_trainer(self) -> bool:
+        """Samples from the model's own weights and dtype: the trainer's distribution, token for token."""
+        return self.dtype is None
 
     @torch.no_grad()
     def generate(self, model, prompt_ids: list[list[int]], params: SamplingParams,

@@ -138,6 +138,9 @@ def check_config(engine: str, config) -> None:
     if engine in ("zero3", "fsdp2") and getattr(config, "sampling_dtype", "float32") != "float32":
         raise ConfigError(f"sampling_dtype: {config.sampling_dtype} under engine '{engine}' is not supported yet "
                           "(not tested on gathered weights): use sampling_dtype: float32, or zero2 / ddp")
+    if engine not in ("single", "ddp") and getattr(config, "use_vllm", False):
+        raise ConfigError(f"use_vllm under engine '{engine}' is not supported yet (one vLLM engine for one "
+                          "process): use one process, or use_vllm: false")
     if engine not in ("zero3", "fsdp2") or getattr(config, "finetuning_type", "full") != "lora":
         return
     from rlhfkit.models.presets import preset_name

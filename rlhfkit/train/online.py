@@ -70,7 +70,7 @@ class OnlineSetup:
     steps: int
     local_prompts: int
     stream: BatchStream
-    generator: HFGenerator
+    generator: HFGenerator  # or rollout.vllm_engine.VLLMGenerator (`use_vllm`)
     params: SamplingParams
 
 
@@ -124,9 +124,27 @@ def start_online(c: OnlineConfig, stage: str, formats: tuple[str, ...] = ONLINE_
                        prompt_ids=prompt_ids, skipped=skipped, eval_ids=eval_ids, eval_rows=ev_rows, steps=steps,
                        local_prompts=local_prompts,
                        stream=BatchStream(len(prompt_ids), local_prompts, run.world_size, run.rank, seed=c.seed),
-                       generator=HFGenerator(tokenizer, batch_size=c.generation_batch_size or local_prompts,
-                                             dtype=SAMPLING_DTYPES[c.sampling_dtype]),
-                       params=params)
+                       generator=build_generator(c, run, tokenizer, local_prompts), params=params)
+
+
+def build_generator(c: OnlineConfig, run: Run, tokenizer, local_prompts: int):
+    """The rollout sampler: rlhfkit's `HFGenerator`, or with `use_vllm` a `VLLMGenerator` (one process
+    only; its interpreter checked here, before any model loads; the engine starts at the first rollout,
+    its output in vllm.log)."""
+    if not c.use_vllm:
+        return HFGenerator(tokenizer, batch_size=c.generation_batch_size or local_prompts,
+                           dtype=SAMPLING_DTYPES[c.sampling_dtype])
+    from rlhfkit.rollout.vllm_engine import VLLMGenerator, check_vllm_python
+
+    if run.world_size > 1:
+        raise ConfigError(f"use_vllm runs one engine for one process; under {run.world_size} processes it is not "
+                          "supported yet: launch one process, or use_vllm: false")
+    python = check_vllm_python(c.vllm_python)
+    run.print(f"[{run.stage}] rollouts by vLLM ({python}, {c.sampling_dtype}); its log: {run.output_dir / 'vllm.log'}")
+    return VLLMGenerator(tokenizer, python=python, dtype=c.sampling_dtype,
+                         max_model_len=c.max_prompt_length + c.max_new_tokens,
+                         gpu_memory_utilization=c.vllm_gpu_memory_utilization,
+                         log_path=str(run.output_dir / "vllm.log"), seed=c.seed)
 
 
 def rollout_seed(c: OnlineConfig, step: int, rank: int, round_: int = 0) -> int:
@@ -570,12 +588,21 @@ def finish_policy(run: Run, setup: OnlineSetup, log: OnlineLog, opt: Optimizatio
     save_final(run, policy, setup.tokenizer)
     summary = {"stage": run.stage, "steps": setup.steps, "episodes": setup.steps * c.rollout_batch_size * c.group_size,
                "optimizer_steps": updates, "prompts": len(setup.prompt_ids), "skipped_prompts": setup.skipped,
-               **(extra or {}), **log.summary(train_key)}
+               **(extra or {}), **log.summary(train_key), **close_generator(setup.generator)}
     finish_online(run, summary, plot_keys)
     return Result(run.output_dir, summary, policy, setup.tokenizer, run.logger.history)
 
 
 # ---- the end -------------------------------------------------------------------------------------
+
+def close_generator(generator) -> dict:
+    """Stop a sampler that runs an engine (vLLM); its timings for summary.json (`rollout_engine/*`)."""
+    if not hasattr(generator, "close"):
+        return {}
+    generator.close()
+    return {"rollout_engine": f"vllm {generator.vllm_version}" if generator.vllm_version else "vllm",
+            **{f"rollout_engine/{k}": round(v, 3) for k, v in generator.timings.items()}}
+
 
 def finish_online(run: Run, summary: dict, plot_keys: list[str]) -> dict:
     """Write summary.json (with the run's engine) and plots (main process), close the logger, wait

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -48,6 +49,8 @@ class GenerateOptions:
     batch_size: int = 16
     stop: tuple[str, ...] = ()
     max_prompt_length: int | None = None
+    vllm_python: str | None = None
+    """Sample with vLLM, run by this interpreter (`rollout.vllm_engine.VLLMGenerator`); None: rlhfkit's sampler."""
 
     def sampling_params(self):
         from rlhfkit.rollout.generate import SamplingParams
@@ -181,18 +184,26 @@ def generate_file(model, tokenizer, prompts_spec: str, out_path, options: Genera
                             "(pass --max-prompt-length to keep the prompt's end, or fewer --max-new-tokens)",
                             source=source)
 
-    sampler = HFGenerator(tokenizer, batch_size=options.batch_size)
+    if options.vllm_python:
+        from rlhfkit.rollout.vllm_engine import VLLMGenerator, check_vllm_python
+
+        sampler = VLLMGenerator(tokenizer, python=check_vllm_python(options.vllm_python),
+                                dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+                                max_model_len=max(len(x) for x in encoded) + options.max_new_tokens,
+                                log_path=str(out_path) + ".vllm.log")
+    else:
+        sampler = HFGenerator(tokenizer, batch_size=options.batch_size)
     G = options.num_return_sequences
     counts = {"stop": 0, "length": 0}
     bar = progress(total=len(prompts), initial=len(done), disable=quiet, desc="generate", unit="prompt")
-    with out_path.open("a", encoding="utf-8") as f:
+    with out_path.open("a", encoding="utf-8") as f, _closing(sampler):
         for start in range(0, len(prompts), options.batch_size):
             todo = [i for i in range(start, min(start + options.batch_size, len(prompts))) if i not in done]
             if not todo:
                 continue
             gen = sampler.generate(model, [encoded[i] for i in todo], params, num_generations=G,
                                    sample_seeds=[sample_seed(options.seed, i, g)
-                                                 for i in todo for g in range(G)])
+                                                 for i in todo for g in range(G)], record_logps=False)
             lengths = gen.response_mask.sum(-1).tolist()
             for k, i in enumerate(todo):
                 prompt, extras, source = prompts[i]
@@ -232,6 +243,16 @@ def load_model_from_args(reference: str, args):
                         dtype=getattr(torch, args.dtype), chat_template=args.chat_template)
 
 
+@contextmanager
+def _closing(sampler):
+    """Stop a sampler that runs an engine process (vLLM) when generation ends, however it ends."""
+    try:
+        yield sampler
+    finally:
+        if hasattr(sampler, "close"):
+            sampler.close()
+
+
 def run_generate(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="rlhfkit generate", description=(
         "sample responses to every prompt of PROMPTS with MODEL; one JSON line per prompt in OUT "
@@ -255,13 +276,20 @@ def run_generate(argv: list[str]) -> int:
                         help="keep only the last N prompt tokens (default: a prompt that does not fit is "
                         "an error)")
     parser.add_argument("--overwrite", action="store_true", help="start over instead of resuming OUT")
+    parser.add_argument("--vllm-python", default=None, metavar="PYTHON",
+                        help="sample with vLLM, run by this interpreter (`make vllm`: .venv-vllm/bin/python); "
+                        "default: rlhfkit's own sampler")
     add_model_args(parser)
     args = parser.parse_args(argv)
+    if args.vllm_python:  # before the model loads
+        from rlhfkit.rollout.vllm_engine import check_vllm_python
+
+        check_vllm_python(args.vllm_python)
     options = GenerateOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_p=args.top_p, top_k=args.top_k,
                               num_return_sequences=args.num_return_sequences,
                               seed=args.seed, batch_size=args.batch_size, stop=tuple(args.stop),
-                              max_prompt_length=args.max_prompt_length)
+                              max_prompt_length=args.max_prompt_length, vllm_python=args.vllm_python)
     read_prompts(args.prompts)  # a bad prompt file fails before the model loads
     model, tokenizer = load_model_from_args(args.model, args)
     result = generate_file(model, tokenizer, args.prompts, args.out, options, reference=args.model,
