@@ -119,6 +119,17 @@ def check_sampling_params(params: SamplingParams, num_generations: int) -> None:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {params.top_p}")
 
 
+def check_generate_args(who: str, prompt_ids: list[list[int]], params: SamplingParams, num_generations: int,
+                        sample_seeds: list[int] | None) -> None:
+    """The checks every sampler's `generate` makes on its arguments (`who` names it in the ValueError):
+    the sampling settings, non-empty prompts, one seed per output row."""
+    check_sampling_params(params, num_generations)
+    if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
+        raise ValueError(f"{who}: prompt_ids must be a non-empty list of non-empty prompts")
+    if sample_seeds is not None and len(sample_seeds) != len(prompt_ids) * num_generations:
+        raise ValueError(f"{who}: {len(sample_seeds)} sample_seeds for {len(prompt_ids) * num_generations} rows")
+
+
 def token_chooser(params: SamplingParams, pad_id: int, device, generator: torch.Generator | None,
                   row_generators: list[torch.Generator] | None = None):
     """(n, V) logits -> (n,) next tokens, as HF `generate` picks them: float32 logits, pad
@@ -311,12 +322,7 @@ class HFGenerator:
     def generate(self, model, prompt_ids: list[list[int]], params: SamplingParams,
                  generator_seed: int | None = None, num_generations: int = 1,
                  sample_seeds: list[int] | None = None, record_logps: bool = False) -> Generation:
-        check_sampling_params(params, num_generations)
-        if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
-            raise ValueError("HFGenerator.generate: prompt_ids must be a non-empty list of non-empty prompts")
-        if sample_seeds is not None and len(sample_seeds) != len(prompt_ids) * num_generations:
-            raise ValueError(f"HFGenerator.generate: {len(sample_seeds)} sample_seeds for "
-                             f"{len(prompt_ids) * num_generations} rows")
+        check_generate_args("HFGenerator.generate", prompt_ids, params, num_generations, sample_seeds)
         tok = self.tokenizer
         device = next(model.parameters()).device
         generator = None

@@ -32,7 +32,6 @@ a response one token earlier than rlhfkit's sampler would.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
@@ -48,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from rlhfkit.rollout.generate import Generation, SamplingParams, check_sampling_params, truncate_after_eos
+from rlhfkit.rollout.generate import Generation, SamplingParams, check_generate_args, truncate_after_eos
 
 SERVER_FILE = Path(__file__).with_name("vllm_server.py")
 SERVER_MODULE = "rlhfkit_vllm_server"
@@ -333,13 +332,11 @@ class VLLMGenerator:
         file, with no new file and no whole-model copy alive at once, then ask the engine to load it."""
         started = time.perf_counter()
         dtype = getattr(torch, self.engine_dtype)  # what the engine holds: no need to send more bytes
-        weights = engine_weights(model)
-        if self._weights is None or not self._weights.fill(weights):
-            path = os.path.join(self._scratch, "weights.safetensors")
-            self._weights = None  # unmapped before the file is replaced by a new one
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
-            self._weights = WeightFile(path, engine_weights(model), dtype)
+        if self._weights is not None and not self._weights.fill(engine_weights(model)):
+            self._weights = None  # other tensors: unmapped, then the file is replaced by a new one
+            os.remove(os.path.join(self._scratch, "weights.safetensors"))
+        if self._weights is None:
+            self._weights = WeightFile(os.path.join(self._scratch, "weights.safetensors"), engine_weights(model), dtype)
         written = time.perf_counter()
         self._request("load", self._weights.path)
         self.timings["sync_write_s"] += written - started
@@ -364,12 +361,8 @@ class VLLMGenerator:
     def generate(self, model, prompt_ids: list[list[int]], params: SamplingParams,
                  generator_seed: int | None = None, num_generations: int = 1,
                  sample_seeds: list[int] | None = None, record_logps: bool = True) -> Generation:
-        check_sampling_params(params, num_generations)
-        if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
-            raise ValueError("VLLMGenerator.generate: prompt_ids must be a non-empty list of non-empty prompts")
+        check_generate_args("VLLMGenerator.generate", prompt_ids, params, num_generations, sample_seeds)
         n = len(prompt_ids) * num_generations
-        if sample_seeds is not None and len(sample_seeds) != n:
-            raise ValueError(f"VLLMGenerator.generate: {len(sample_seeds)} sample_seeds for {n} rows")
         longest = max(len(p) for p in prompt_ids) + params.max_new_tokens
         if longest > self.max_model_len:
             raise ValueError(f"VLLMGenerator.generate: a prompt of {longest - params.max_new_tokens} tokens + "
