@@ -189,6 +189,17 @@ def test_generate_cli_missing_model(tmp_path, capsys):
     assert f"{tmp_path / 'no_model'} does not exist" in capsys.readouterr().err
 
 
+def test_generate_cli_bad_vllm_python_named_before_the_model_loads(tmp_path, capsys):
+    import sys
+
+    prompts = _write_prompts(tmp_path / "prompts.jsonl")
+    args = ["generate", str(tmp_path / "no_model"), str(prompts), str(tmp_path / "out.jsonl"), "--vllm-python"]
+    assert main([*args, str(tmp_path / "no-python")]) == 2
+    assert "is not an executable" in capsys.readouterr().err
+    assert main([*args, sys.executable]) == 2  # rlhfkit's own venv has no vLLM
+    assert "vLLM is not installed" in capsys.readouterr().err
+
+
 def test_generate_message_prompts_need_a_chat_template(tiny_model_dir, tmp_path, capsys):
     model_dir = tmp_path / "base"
     shutil.copytree(tiny_model_dir, model_dir)

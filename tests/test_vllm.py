@@ -169,16 +169,36 @@ def test_refused_inputs(arith, engine, tmp_path):
         check_vllm_python(None)  # this interpreter (rlhfkit's venv) has no vllm
 
 
-def test_a_dead_engine_is_a_clear_error(arith, tmp_path):
-    from rlhfkit.rollout.vllm_engine import VLLMError, VLLMGenerator
+def test_generate_file_runs_its_own_engine_and_a_dead_engine_is_a_clear_error(arith, tmp_path, monkeypatch):
+    """`generate_file` with `vllm_python` (the CLI's path) starts its own engine (the model's dtype, its
+    log next to OUT); the engine killed before the second batch: a VLLMError, the engine closed and
+    cleaned up, and the first batch kept in OUT for a resume."""
+    from helpers import write_jsonl
 
-    model, tok, prompts = arith
-    gen = VLLMGenerator(tok, python=VLLM_PYTHON, max_model_len=64, log_path=str(tmp_path / "vllm.log"))
-    gen.generate(model, prompts[:2], GREEDY)
-    os.kill(gen._proc.pid, signal.SIGKILL)
-    with pytest.raises(VLLMError, match="exited with code"):
-        gen.generate(model, prompts[:2], GREEDY)
+    from rlhfkit.rollout import vllm_engine
+    from rlhfkit.tasks import get_task
+    from rlhfkit.use.generate import GenerateOptions, generate_file
+
+    model, tok, _ = arith
+    started, real = [], vllm_engine.VLLMGenerator.generate
+
+    def generate(self, *args, **kwargs):
+        started.append(self)
+        if len(started) == 2:
+            os.kill(self._proc.pid, signal.SIGKILL)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(vllm_engine.VLLMGenerator, "generate", generate)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", get_task("arithmetic").make("prompt", 8, seed=1, split="eval"))
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(vllm_engine.VLLMError, match="exited with code"):
+        generate_file(model, tok, str(prompts), out, GenerateOptions(max_new_tokens=8, temperature=0, batch_size=5,
+                                                                     vllm_python=VLLM_PYTHON), quiet=True)
+    gen = started[0]
+    assert gen is started[1] and gen.engine_dtype == "float32" and gen.vllm_version
     assert gen._proc is None and gen._scratch is None  # closed and cleaned up: a next call starts a new engine
+    assert [json.loads(line)["row"] for line in open(out)] == [0, 1, 2, 3, 4]
+    assert "vllm" in (tmp_path / "out.jsonl.vllm.log").read_text().lower()
 
 
 def test_an_engine_that_cannot_start_is_a_clear_error(arith, tmp_path):
@@ -207,13 +227,17 @@ def test_generate_command_through_vllm(arith, engine, tmp_path):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", get_task("arithmetic").make("prompt", 12, seed=1, split="eval"))
     greedy = GenerateOptions(max_new_tokens=8, temperature=0, batch_size=5)
     generate_file(model, tok, str(prompts), tmp_path / "hf.jsonl", greedy, quiet=True)
-    generate_file(model, tok, str(prompts), tmp_path / "vllm.jsonl",
-                  GenerateOptions(**{**greedy.__dict__, "vllm_python": VLLM_PYTHON}), quiet=True)
+    through_vllm = GenerateOptions(**{**greedy.__dict__, "vllm_python": VLLM_PYTHON})
+    generate_file(model, tok, str(prompts), tmp_path / "vllm.jsonl", through_vllm, quiet=True,
+                  sampler=engine)  # the module's engine (the CLI's own is started by test_cli_generate_...)
+    assert engine._proc is not None  # a sampler given is left running
     rows = [[json.loads(line) for line in open(tmp_path / f"{side}.jsonl")] for side in ("hf", "vllm")]
     assert [r["responses"] for r in rows[0]] == [r["responses"] for r in rows[1]]
     assert [r["finish_reasons"] for r in rows[1]] == [["stop"]] * 12
     with pytest.raises(ConfigError, match="other settings"):
         generate_file(model, tok, str(prompts), tmp_path / "vllm.jsonl", greedy, quiet=True)
+    with pytest.raises(ConfigError, match="name different engines"):
+        generate_file(model, tok, str(prompts), tmp_path / "other.jsonl", greedy, quiet=True, sampler=engine)
     gen = engine.generate(model, ids[:4], SamplingParams(max_new_tokens=8, temperature=1.0, top_k=1), generator_seed=0,
                           record_logps=False)
     _same(gen, engine.generate(model, ids[:4], GREEDY))  # top_k 1 is greedy: the setting reaches the engine

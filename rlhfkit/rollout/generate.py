@@ -318,6 +318,13 @@ class HFGenerator:
         """Samples from the model's own weights and dtype: the trainer's distribution, token for token."""
         return self.dtype is None
 
+    def close(self) -> None:
+        """Nothing to stop (the sampler interface: `VLLMGenerator.close` stops its engine)."""
+
+    def summary(self) -> dict:
+        """Nothing for summary.json: the trainer's own sampler (`VLLMGenerator.summary`: the engine's timings)."""
+        return {}
+
     @torch.no_grad()
     def generate(self, model, prompt_ids: list[list[int]], params: SamplingParams,
                  generator_seed: int | None = None, num_generations: int = 1,

@@ -10,7 +10,8 @@ dtype into a safetensors file mapped in memory (`WeightFile`, under /dev/shm whe
 loaded by vLLM's in-place reload, after which its prefix cache is reset; so vLLM always samples from
 the model the trainer holds, the reference included (xpo samples from it). On a CPU the engine gets
 every core while it samples (`VLLM_CPU_NUM_OF_RESERVED_CPU=0`; the trainer waits meanwhile) and a
-1 GiB KV cache (`cpu_kv_cache_gib`), unless the environment sets them.
+1 GiB KV cache (`cpu_kv_cache_gib`); the engine core runs inside the server process
+(`VLLM_ENABLE_V1_MULTIPROCESSING=0`); each unless the environment sets it.
 
 What is the same as `HFGenerator`: rows prompt-major (row p*G + g is sample g of prompt p), a
 response ends at its first EOS (kept) or at the token completing a stop string (kept), the rest is
@@ -236,6 +237,10 @@ class VLLMGenerator:
                       seed=self.seed, max_model_len=self.max_model_len, enforce_eager=True,
                       generation_config="vllm", logprobs_mode="processed_logprobs", enable_prefix_caching=True)
         env = dict(os.environ, PYTHONPATH=self._scratch, RLHFKIT_VLLM_AUTHKEY=(key := secrets.token_bytes(32)).hex())
+        # the engine core in the server process, not a third one: the server is already apart from the
+        # trainer and serves one caller at a time (measured on CPU: start-up 11 s against 30 s, close 3 s
+        # against 8 s, a small call 0.07 s against 0.23 s)
+        env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if device.type == "cuda":
             engine["gpu_memory_utilization"] = self.gpu_memory_utilization
         else:
@@ -322,6 +327,11 @@ class VLLMGenerator:
         if self._log is not None:
             self._log.close()
         self._proc = self._conn = self._scratch = self._log = self._weights = None
+
+    def summary(self) -> dict:
+        """The engine and its timings so far, for summary.json (`rollout_engine/*`)."""
+        return {"rollout_engine": f"vllm {self.vllm_version}" if self.vllm_version else "vllm",
+                **{f"rollout_engine/{k}": round(v, 3) for k, v in self.timings.items()}}
 
     # ---- weights and sampling ------------------------------------------------------------------
 

@@ -596,12 +596,9 @@ def finish_policy(run: Run, setup: OnlineSetup, log: OnlineLog, opt: Optimizatio
 # ---- the end -------------------------------------------------------------------------------------
 
 def close_generator(generator) -> dict:
-    """Stop a sampler that runs an engine (vLLM); its timings for summary.json (`rollout_engine/*`)."""
-    if not hasattr(generator, "close"):
-        return {}
+    """Stop the sampler (a vLLM engine; nothing for rlhfkit's); what it reports for summary.json."""
     generator.close()
-    return {"rollout_engine": f"vllm {generator.vllm_version}" if generator.vllm_version else "vllm",
-            **{f"rollout_engine/{k}": round(v, 3) for k, v in generator.timings.items()}}
+    return generator.summary()
 
 
 def finish_online(run: Run, summary: dict, plot_keys: list[str]) -> dict:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -137,8 +136,12 @@ def _check_settings(out_path: Path, settings: dict, overwrite: bool) -> None:
 
 
 def generate_file(model, tokenizer, prompts_spec: str, out_path, options: GenerateOptions, *,
-                  reference: str = "", overwrite: bool = False, quiet: bool | None = None) -> dict:
-    """Write OUT (see the module docstring); returns {"rows", "generated", "resumed", "stop", "length"}."""
+                  reference: str = "", overwrite: bool = False, quiet: bool | None = None, sampler=None) -> dict:
+    """Write OUT (see the module docstring); returns {"rows", "generated", "resumed", "stop", "length"}.
+    `sampler`: a running sampler to use and leave open (an `HFGenerator`, or a `VLLMGenerator` when
+    `options.vllm_python` is set); default: one built from `options`, closed at the end."""
+    from contextlib import closing, nullcontext
+
     from rlhfkit.models.load import require_chat_template
     from rlhfkit.rollout.generate import HFGenerator, check_sampling_params
     from rlhfkit.rollout.rollout import encode_prompts
@@ -184,19 +187,23 @@ def generate_file(model, tokenizer, prompts_spec: str, out_path, options: Genera
                             "(pass --max-prompt-length to keep the prompt's end, or fewer --max-new-tokens)",
                             source=source)
 
-    if options.vllm_python:
+    own = sampler is None
+    if own and options.vllm_python:
         from rlhfkit.rollout.vllm_engine import VLLMGenerator, check_vllm_python
 
         sampler = VLLMGenerator(tokenizer, python=check_vllm_python(options.vllm_python),
                                 dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
                                 max_model_len=max(len(x) for x in encoded) + options.max_new_tokens,
                                 log_path=str(out_path) + ".vllm.log")
-    else:
+    elif own:
         sampler = HFGenerator(tokenizer, batch_size=options.batch_size)
+    elif isinstance(sampler, HFGenerator) == bool(options.vllm_python):
+        raise ConfigError(f"generate_file: the sampler given is a {type(sampler).__name__}, but options.vllm_python "
+                          f"is {options.vllm_python!r}: they name different engines")
     G = options.num_return_sequences
     counts = {"stop": 0, "length": 0}
     bar = progress(total=len(prompts), initial=len(done), disable=quiet, desc="generate", unit="prompt")
-    with out_path.open("a", encoding="utf-8") as f, _closing(sampler):
+    with out_path.open("a", encoding="utf-8") as f, closing(sampler) if own else nullcontext():
         for start in range(0, len(prompts), options.batch_size):
             todo = [i for i in range(start, min(start + options.batch_size, len(prompts))) if i not in done]
             if not todo:
@@ -241,16 +248,6 @@ def load_model_from_args(reference: str, args):
 
     return load_for_use(reference, device=args.device, trust_remote_code=args.trust_remote_code,
                         dtype=getattr(torch, args.dtype), chat_template=args.chat_template)
-
-
-@contextmanager
-def _closing(sampler):
-    """Stop a sampler that runs an engine process (vLLM) when generation ends, however it ends."""
-    try:
-        yield sampler
-    finally:
-        if hasattr(sampler, "close"):
-            sampler.close()
 
 
 def run_generate(argv: list[str]) -> int:
