@@ -97,7 +97,9 @@ def main() -> None:
             for side in order:
                 before = dict(vl.timings)
                 t = time.perf_counter()
-                gen = (hf if side == "hf" else vl).generate(model, ids, params, generator_seed=r, num_generations=G)
+                # as a grpo/ppo rollout samples: the engine records each token's log-prob
+                gen = (hf if side == "hf" else vl).generate(model, ids, params, generator_seed=r, num_generations=G,
+                                                            record_logps=side == "vllm")
                 wall = time.perf_counter() - t
                 tokens = int(gen.response_mask.sum())
                 row[side] = {"wall_s": round(wall, 3), "tokens": tokens, "tokens_per_s": round(tokens / wall, 1),

@@ -614,13 +614,13 @@ class OnlineConfig(BaseConfig):
     and the KV cache stay float32), while training, old/reference log-probs and the optimizer stay
     as they are: decoding a few rows on a CPU is bound by weight bytes (see
     benchmarks/README.md). The samples then come from a slightly different policy than the one
-    trained; grpo/rloo correct each token's loss by truncated importance sampling
-    (`sampling_is_cap`). Not for ppo yet, nor with load_in_4bit or under zero3/fsdp2."""
+    trained; grpo/rloo/ppo correct each token's policy loss by truncated importance sampling
+    (`sampling_is_cap`). Not with load_in_4bit, nor under zero3/fsdp2."""
     use_vllm: bool = False
     """Sample rollouts and evaluation responses with vLLM (TRL's name) instead of rlhfkit's own sampler:
     one engine in a process of its own (`rollout/vllm_engine.py`), given the policy's weights (LoRA
     merged) before every generation. vLLM's kernels are not the trainer's, so the samples come from a
-    slightly different distribution: grpo/rloo correct it per token (`sampling_is_cap`), and
+    slightly different distribution: grpo/rloo/ppo correct it per token (`sampling_is_cap`), and
     online_dpo/xpo's pair losses do not use the sampler's probabilities. `sampling_dtype` sets the
     engine's dtype. One process only; no top_k/top_p; not with load_in_4bit."""
     vllm_python: str | None = None
@@ -629,7 +629,7 @@ class OnlineConfig(BaseConfig):
     vllm_gpu_memory_utilization: float = 0.3
     """On a GPU: the share of its memory the engine takes (weights + KV cache), next to the trainer."""
     sampling_is_cap: float = 2.0
-    """With `sampling_dtype` other than float32: the cap C of the per-token importance weight
+    """With `sampling_dtype` other than float32 or `use_vllm`: the cap C of the per-token importance weight
     min(pi_old / pi_sampler, C) (truncated importance sampling, Yao et al. 2025; TRL's
     `vllm_importance_sampling_cap`)."""
     missing_eos_penalty: float | None = None
@@ -718,9 +718,11 @@ class OnlineConfig(BaseConfig):
                             "use sampling_dtype: float32")
         if self.use_vllm:
             if not self._vllm:
-                problems.append(f"use_vllm is offered by grpo, rloo, online_dpo and xpo (their losses correct for, or do "
-                                f"not use, the sampler's own probabilities); not by {self._stage}: use_vllm: false")
-            if self.top_k or self.top_p < 1:
+                problems.append(f"use_vllm is offered by grpo, rloo, ppo, online_dpo, xpo, spin and self_reward (their "
+                                f"losses correct for, or do not use, the sampler's own probabilities); not by "
+                                f"{self._stage}, whose per-token mixture of two models is not a model vLLM can run: "
+                                "use_vllm: false")
+            if self._sampler_correction and (self.top_k or self.top_p < 1):
                 problems.append("top_k / top_p with use_vllm: vLLM's recorded log-probs would include the truncation, "
                                 "the trainer's do not; leave them off")
             if self.load_in_4bit:
@@ -736,6 +738,15 @@ class OnlineConfig(BaseConfig):
     _rows_text: ClassVar[str] = "rollout_batch_size"
     _vllm: ClassVar[bool] = False
     """Whether the stage may sample with vLLM (`use_vllm`)."""
+    _sampler_correction: ClassVar[bool] = False
+    """Whether the stage's loss weights each token by pi_old / pi_sampler (`sampling_is_cap`): with vLLM
+    its rollouts record the sampler's log-probs."""
+
+    @property
+    def sampled_context(self) -> int | None:
+        """Prompt + response tokens a sampled sequence may take (the vLLM engine's max_model_len; None: the
+        model's whole context)."""
+        return self.max_prompt_length + self.max_new_tokens
     needs_reward: ClassVar[bool] = True
     """Whether the stage trains on a reward (reward_model and/or reward_funcs required); spin does not."""
 
@@ -794,6 +805,8 @@ class PPOConfig(OnlineConfig):
     """Weight of the entropy bonus (0: off; the entropy is still logged, outside the graph)."""
 
     _stage: ClassVar[str] = "ppo"
+    _vllm: ClassVar[bool] = True
+    _sampler_correction: ClassVar[bool] = True
 
     @model_validator(mode="after")
     def _check_ppo(self) -> "PPOConfig":
@@ -806,9 +819,6 @@ class PPOConfig(OnlineConfig):
             problems.append("kl_estimator k2 is not offered for ppo's reward shaping; use k1 or k3")
         if self.kl_coef < 0:
             problems.append(f"kl_coef must be >= 0, got {self.kl_coef}")
-        if self.sampling_dtype != "float32":
-            problems.append(f"sampling_dtype: {self.sampling_dtype} is offered by grpo and rloo only (their loss "
-                            "has the importance-sampling correction; ppo's does not yet): use float32")
         if self.target_kl is not None and self.target_kl <= 0:
             problems.append(f"target_kl must be > 0 (or null), got {self.target_kl}")
         if self.kl_horizon <= 0:
@@ -897,6 +907,7 @@ class GRPOConfig(OnlineConfig):
 
     _stage: ClassVar[str] = "grpo"
     _vllm: ClassVar[bool] = True
+    _sampler_correction: ClassVar[bool] = True
     _rows_text: ClassVar[str] = "rollout_batch_size x num_generations"
 
     @property
@@ -983,8 +994,8 @@ class PairedOnlineConfig(OnlineConfig):
             problems.append(f"per_device_train_batch_size counts responses and must be even (whole pairs), "
                             f"got {self.per_device_train_batch_size}")
         if self.sampling_dtype != "float32":
-            problems.append(f"sampling_dtype: {self.sampling_dtype} is offered by grpo and rloo only (their loss "
-                            f"has the importance-sampling correction; {self._stage}'s does not): use float32")
+            problems.append(f"sampling_dtype: {self.sampling_dtype} is offered by grpo, rloo and ppo only (their "
+                            f"loss has the importance-sampling correction; {self._stage}'s does not): use float32")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -1110,8 +1121,8 @@ class NashMDConfig(OnlineConfig):
             problems.append(f"kl_estimator {self.kl_estimator} is not offered by nash_md: its reward takes the k1 "
                             "log-ratio per token, whose reward-to-go gives the policy gradient of KL(pi || ref); use k1")
         if self.sampling_dtype != "float32":
-            problems.append(f"sampling_dtype: {self.sampling_dtype} is offered by grpo and rloo only (their loss has "
-                            "the importance-sampling correction; nash_md's does not): use float32")
+            problems.append(f"sampling_dtype: {self.sampling_dtype} is offered by grpo, rloo and ppo only (their loss "
+                            "has the importance-sampling correction; nash_md's does not): use float32")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -1158,6 +1169,7 @@ class SPINConfig(IterativeConfig):
     """Sampling temperature of the opponent's responses (the paper's 1.0); the log-probs of the loss are
     taken from logits / temperature too, as in every online pass."""
     _stage: ClassVar[str] = "spin"
+    _vllm: ClassVar[bool] = True
     needs_reward: ClassVar[bool] = False
 
     @model_validator(mode="after")
@@ -1231,11 +1243,18 @@ class SelfRewardConfig(IterativeConfig):
     """Scores are read in [0, judge_max_score]; a number outside is unread (`judge/unread`)."""
 
     _stage: ClassVar[str] = "self_reward"
+    _vllm: ClassVar[bool] = True
     needs_reward: ClassVar[bool] = False
 
     @property
     def group_size(self) -> int:
         return self.num_generations
+
+    @property
+    def sampled_context(self) -> None:
+        """The model's whole context: a judge prompt holds a training prompt and a response inside
+        `judge_template`, and its judgement follows."""
+        return None
 
     @model_validator(mode="after")
     def _check_self_reward(self) -> "SelfRewardConfig":

@@ -301,6 +301,8 @@ def test_errors_before_loading(tmp_path, two_models, capsys, no_loading):
     assert "unknown key 'num_prompt'" in err and "did you mean 'num_prompts'" in err
     err = _fail(["--model", a], capsys)
     assert "give prompts" in err
+    err = _fail(["--model", a, "--task", "sentiment", "--vllm-python", str(tmp_path / "no-python")], capsys)
+    assert "vllm_python" in err and "is not an executable" in err
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "the movie was"}) + "\n" + json.dumps({"prompt": 3}) + "\n")
     err = _fail(["--model", a, "--prompts", str(bad)], capsys)

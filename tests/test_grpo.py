@@ -312,10 +312,10 @@ def test_importance_weights_multiply_each_tokens_policy_gradient(fx, tmp_path):
 def test_bf16_sampling_config_errors(fx, tmp_path):
     with pytest.raises(ConfigError, match="sampling_is_cap must be >= 1"):
         grpo_config(fx, tmp_path, sampling_dtype="bfloat16", sampling_is_cap=0.5)
-    with pytest.raises(ConfigError, match="sampling_dtype: bfloat16 is offered by grpo and rloo only"):
-        build_config("ppo", dict(model_name_or_path=str(fx / "sft"), dataset=str(fx / "prompts.jsonl"),
-                                 output_dir=str(tmp_path), reward_funcs=["test_grpo:words_reward"],
-                                 sampling_dtype="bfloat16"))
+    with pytest.raises(ConfigError, match="sampling_dtype: bfloat16 is offered by grpo, rloo and ppo only"):
+        build_config("online_dpo", dict(model_name_or_path=str(fx / "sft"), dataset=str(fx / "prompts.jsonl"),
+                                        output_dir=str(tmp_path), reward_funcs=["test_grpo:words_reward"],
+                                        sampling_dtype="bfloat16"))
     with pytest.raises(ConfigError, match="sampling_dtype"):
         grpo_config(fx, tmp_path, sampling_dtype="float16")
 

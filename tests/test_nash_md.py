@@ -212,7 +212,7 @@ def test_config_errors_before_any_model_loads(fx, tmp_path):
              (dict(kl_estimator="k3"), "kl_estimator k3 is not offered by nash_md"),
              (dict(num_generations=4), "num_generations"),
              (dict(rollout_batch_size=3, per_device_train_batch_size=2), "must be divisible by per_device_train"),
-             (dict(sampling_dtype="bfloat16"), "offered by grpo and rloo only"),
+             (dict(sampling_dtype="bfloat16"), "offered by grpo, rloo and ppo only"),
              (dict(reward_funcs=[]), "give reward_model")]
     for kw, message in cases:
         with pytest.raises(ConfigError, match=message):

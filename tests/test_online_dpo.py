@@ -151,7 +151,7 @@ def test_config_errors_before_any_model_loads(fx, tmp_path):
              (dict(loss_type="robust", label_smoothing=0.5), r"\[0, 0.5\) for robust"),
              (dict(beta=0), "beta must be > 0"),
              (dict(loss_type="simpo"), "loss_type"),
-             (dict(sampling_dtype="bfloat16"), "offered by grpo and rloo only"),
+             (dict(sampling_dtype="bfloat16"), "offered by grpo, rloo and ppo only"),
              (dict(reward_funcs=[]), "give reward_model")]
     for kw, message in cases:
         with pytest.raises(ConfigError, match=message):

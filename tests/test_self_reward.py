@@ -38,6 +38,11 @@ PROMPTS = ["The movie was", "This film is", "My friend said", "The plot", "What 
 
 @pytest.fixture(scope="module")
 def fx(tmp_path_factory, tiny_tokenizer):
+    return self_reward_fixtures(tmp_path_factory, tiny_tokenizer)
+
+
+def self_reward_fixtures(tmp_path_factory, tiny_tokenizer):
+    """{"sft": the tiny SFT model, "data": prompts.jsonl (strings) and chat.jsonl (conversations)}."""
     out = grpo_fixtures(tmp_path_factory, tiny_tokenizer)
     data = tmp_path_factory.mktemp("self_reward_data")
     write_jsonl(data / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])

@@ -38,6 +38,11 @@ PAIRS = [("The movie was", " great fun"), ("This film is", " a bore"), ("My frie
 
 @pytest.fixture(scope="module")
 def fx(tmp_path_factory, tiny_tokenizer):
+    return spin_fixtures(tmp_path_factory, tiny_tokenizer)
+
+
+def spin_fixtures(tmp_path_factory, tiny_tokenizer):
+    """{"sft": the tiny SFT model, "data": sft.jsonl (prompt_completion) and chat.jsonl (conversations)}."""
     out = grpo_fixtures(tmp_path_factory, tiny_tokenizer)
     data = tmp_path_factory.mktemp("spin_data")
     write_jsonl(data / "sft.jsonl", [{"prompt": p, "completion": c} for p, c in PAIRS])
@@ -187,7 +192,7 @@ def test_config_and_data_errors_before_any_model_loads(fx, tmp_path):
              (dict(dataset_format="prompt"), "has no response to imitate"),
              (dict(per_device_train_batch_size=3, rollout_batch_size=3), "must be even"),
              (dict(beta=0), "beta must be > 0"),
-             (dict(sampling_dtype="bfloat16"), "offered by grpo and rloo only")]
+             (dict(sampling_dtype="bfloat16"), "offered by grpo, rloo and ppo only")]
     for kw, message in cases:
         with pytest.raises(ConfigError, match=message):
             spin_config(fx, tmp_path, **kw)

@@ -85,7 +85,7 @@ def test_sampled_logps_are_the_trainers_and_seeds_fix_samples(arith, engine):
 
     model, tok, prompts = arith
     params = SamplingParams(max_new_tokens=8, temperature=1.5)
-    gen = engine.generate(model, prompts, params, generator_seed=3, num_generations=4)
+    gen = engine.generate(model, prompts, params, generator_seed=3, num_generations=4, record_logps=True)
     assert gen.sampling_logps is not None and len(set(gen.texts)) > len(prompts)  # samples, not copies
     assert not (gen.response_ids[gen.response_mask] == tok.pad_token_id).any()
     ro = lay_out(gen.prompt_ids, gen.response_ids, gen.response_mask, gen.ended, ~gen.ended, gen.texts,
@@ -160,7 +160,7 @@ def test_refused_inputs(arith, engine, tmp_path):
 
     model, tok, prompts = arith
     with pytest.raises(ValueError, match="top_k / top_p"):
-        engine.generate(model, prompts, SamplingParams(max_new_tokens=4, top_k=5))
+        engine.generate(model, prompts, SamplingParams(max_new_tokens=4, top_k=5), record_logps=True)
     with pytest.raises(ValueError, match="max_model_len"):
         engine.generate(model, [prompts[0] * 40], GREEDY)
     with pytest.raises(ConfigError, match="vllm_python: .* is not an executable"):
@@ -238,14 +238,14 @@ def test_generate_command_through_vllm(arith, engine, tmp_path):
         generate_file(model, tok, str(prompts), tmp_path / "vllm.jsonl", greedy, quiet=True)
     with pytest.raises(ConfigError, match="name different engines"):
         generate_file(model, tok, str(prompts), tmp_path / "other.jsonl", greedy, quiet=True, sampler=engine)
-    gen = engine.generate(model, ids[:4], SamplingParams(max_new_tokens=8, temperature=1.0, top_k=1), generator_seed=0,
-                          record_logps=False)
+    gen = engine.generate(model, ids[:4], SamplingParams(max_new_tokens=8, temperature=1.0, top_k=1), generator_seed=0)
+    assert gen.sampling_logps is None  # none recorded unless asked (generate's case, a stage without correction)
     _same(gen, engine.generate(model, ids[:4], GREEDY))  # top_k 1 is greedy: the setting reaches the engine
 
 
 @pytest.mark.parametrize("stage,extra,match", [
-    ("ppo", {"reward_funcs": ["gold"], "task": "arithmetic"}, "use_vllm is offered by grpo"),
-    ("nash_md", {"reward_funcs": ["gold"], "task": "arithmetic"}, "use_vllm is offered by grpo"),
+    ("nash_md", {"reward_funcs": ["gold"], "task": "arithmetic"}, "use_vllm is offered by grpo, rloo, ppo"),
+    ("rloo", {"reward_funcs": ["gold"], "task": "arithmetic", "top_k": 5}, "top_k / top_p with use_vllm"),
     ("grpo", {"reward_funcs": ["gold"], "task": "arithmetic", "top_p": 0.9}, "top_k / top_p with use_vllm"),
     ("grpo", {"reward_funcs": ["gold"], "task": "arithmetic", "vllm_gpu_memory_utilization": 0},
      "vllm_gpu_memory_utilization"),
@@ -289,6 +289,79 @@ def test_xpo_lora_through_vllm_samples_policy_and_reference(arithmetic_sft, tmp_
     assert s["rollout_engine"].startswith("vllm ") and s["steps"] == 3
     assert 0 < s["initial_eval/accuracy"] and "eval/accuracy" in s
     assert result.history[-1]["scores/reference"] is not None
+
+
+def test_ppo_lora_through_vllm_with_four_roles_on_one_base(tmp_path_factory, tiny_tokenizer, tmp_path):
+    """PPO under LoRA with the reward model an adapter on the same base (the usual pipeline: the base
+    also holds adapters `critic` and `reward`): the engine samples the policy adapter alone; each token's
+    policy loss is weighted by the truncated importance weight against vLLM's log-probs (near 1 in
+    float32); the first ratio is still exactly 1."""
+    from test_ppo import ppo_config, ppo_fixtures
+
+    from rlhfkit.train.ppo import train_ppo
+
+    fx = ppo_fixtures(tmp_path_factory, tiny_tokenizer)
+    result = train_ppo(ppo_config(fx, tmp_path, finetuning_type="lora", reward_model=str(fx / "rm_lora"),
+                                  max_steps=2, use_vllm=True, vllm_python=VLLM_PYTHON))
+    assert result.summary["rollout_engine"].startswith("vllm ") and result.summary["steps"] == 2
+    records = [r for r in result.history if "loss" in r]
+    assert [r["step"] for r in records] == [1, 2] and records[0]["policy/first_ratio"] == 1.0
+    for r in records:
+        assert 0 <= r["sampling/logp_gap"] < 1e-3 and r["sampling/is_weight"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_spin_through_vllm_plays_the_same_greedy_opponent(tmp_path_factory, tiny_tokenizer, tmp_path):
+    """spin with top_k 1 (taken: spin's loss does not use the sampler's probabilities): the opponent's
+    responses through vLLM are rlhfkit's sampler's, so the pool and the step's loss are the same."""
+    from test_spin import pool_lines, spin_config, spin_fixtures
+
+    from rlhfkit.train.spin import train_spin
+
+    fx = spin_fixtures(tmp_path_factory, tiny_tokenizer)
+    runs = {}
+    for side, extra in (("hf", {}), ("vllm", dict(use_vllm=True, vllm_python=VLLM_PYTHON))):
+        runs[side] = train_spin(spin_config(fx, tmp_path / side, top_k=1, **extra))
+        assert runs[side].history
+    assert pool_lines(tmp_path / "vllm", 0) == pool_lines(tmp_path / "hf", 0)
+    assert runs["vllm"].summary["rollout_engine"].startswith("vllm ")
+    assert runs["vllm"].summary["loss"] == pytest.approx(runs["hf"].summary["loss"], abs=1e-6)
+
+
+def test_self_reward_judges_through_vllm_beyond_the_rollout_context(tmp_path_factory, tiny_tokenizer, tmp_path):
+    """self_reward samples its candidates and their judgements (judge_top_p taken) through one engine;
+    the judge prompts (template + prompt + response) are longer than max_prompt_length +
+    max_new_tokens, so the engine holds the model's whole context."""
+    from test_self_reward import pool_lines, self_reward_fixtures, sr_config
+
+    from rlhfkit.train.self_reward import train_self_reward
+
+    fx = self_reward_fixtures(tmp_path_factory, tiny_tokenizer)
+    template = "Rate the reply below from 0 to 5 points.\nRequest: {prompt}\nReply: {response}\nEnd with Score: <points>"
+    c = sr_config(fx, tmp_path, judge_samples=2, max_prompt_length=16, judge_template=template, use_vllm=True,
+                  vllm_python=VLLM_PYTHON)
+    result = train_self_reward(c)
+    step1 = next(r for r in result.history if r["step"] == 1)
+    assert step1["judge/prompt_length"] > c.max_prompt_length + c.max_new_tokens
+    for line in pool_lines(tmp_path, 0):
+        assert len(line["candidates"]) == 3 and all(len(x["judgements"]) == 2 for x in line["candidates"])
+    assert result.summary["rollout_engine"].startswith("vllm ")
+
+
+def test_eval_through_vllm_equals_rlhfkit_sampler_at_top_k_1(arithmetic_sft, tmp_path):
+    """`rlhfkit eval` with vllm_python: the model's engine started and stopped in turn (its log next to
+    the output); at top_k 1 (greedy) the responses and metrics are rlhfkit's sampler's."""
+    from rlhfkit.eval.compare import build_eval_config, run_eval
+
+    def evaluate(out: str, **extra):
+        return run_eval(build_eval_config(dict(models={"sft": str(arithmetic_sft["sft"])}, task="arithmetic",
+                                               num_prompts=16, max_new_tokens=8, top_k=1, num_samples=16,
+                                               output=str(tmp_path / out), disable_tqdm=True, **extra)),
+                        printer=lambda *a: None)
+
+    hf, vllm = evaluate("hf.json"), evaluate("vllm.json", vllm_python=VLLM_PYTHON)
+    assert [x["responses"] for x in vllm["samples"]] == [x["responses"] for x in hf["samples"]]
+    assert vllm["models"]["sft"]["metrics"] == hf["models"]["sft"]["metrics"]
+    assert (tmp_path / "vllm.json.sft.vllm.log").stat().st_size > 0
 
 
 def test_weight_file_is_rewritten_in_place(tmp_path):

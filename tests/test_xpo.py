@@ -200,7 +200,7 @@ def test_config_errors_before_any_model_loads(fx, tmp_path):
              (dict(num_generations=4), "num_generations"),
              (dict(per_device_train_batch_size=3, rollout_batch_size=3), "must be even"),
              (dict(beta=0), "beta must be > 0"),
-             (dict(sampling_dtype="bfloat16"), "offered by grpo and rloo only"),
+             (dict(sampling_dtype="bfloat16"), "offered by grpo, rloo and ppo only"),
              (dict(reward_funcs=[]), "give reward_model")]
     for kw, message in cases:
         with pytest.raises(ConfigError, match=message):

@@ -116,6 +116,10 @@ class EvalConfig(BaseModel):
     """Where the JSON results go."""
     device: str | None = None
     """`cpu`, `cuda`, ...; default cuda when available."""
+    vllm_python: str | None = None
+    """Sample with vLLM, run by this interpreter (`make vllm`: `.venv-vllm/bin/python`), one engine per
+    model in turn (its log next to `output`); default rlhfkit's own sampler. vLLM's samples are not
+    rlhfkit's sampler's for the same seed: compare models sampled by the same engine."""
     trust_remote_code: bool = False
     """Allow model code from the hub to run."""
     disable_tqdm: bool | None = None
@@ -371,8 +375,11 @@ def _loader() -> Callable:
 
 # ---- evaluation ---------------------------------------------------------------------------------
 
-def _responses(c: EvalConfig, model, tokenizer, rows: list[dict], device):
-    """Sample one response per row (the seed and chunking of `sample_and_score`), as a Rollout."""
+def _responses(c: EvalConfig, name: str, model, tokenizer, rows: list[dict], device):
+    """Sample one response per row (the seed and chunking of `sample_and_score`; with `vllm_python`
+    through a vLLM engine started for this model and stopped after), as a Rollout."""
+    from contextlib import closing
+
     from rlhfkit.rollout.generate import HFGenerator, SamplingParams
     from rlhfkit.rollout.rollout import encode_prompts, generate_rollout
 
@@ -381,8 +388,18 @@ def _responses(c: EvalConfig, model, tokenizer, rows: list[dict], device):
         raise ConfigError(f"{skipped} prompt(s) encode to no tokens")
     params = SamplingParams(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_k=c.top_k,
                             top_p=c.top_p)
-    ro = generate_rollout(model, tokenizer, HFGenerator(tokenizer, batch_size=c.batch_size), ids, kept, params,
-                          c.seed, device)
+    if c.vllm_python:
+        from rlhfkit.rollout.vllm_engine import VLLMGenerator
+
+        Path(c.output).parent.mkdir(parents=True, exist_ok=True)
+        sampler = VLLMGenerator(tokenizer, python=c.vllm_python, record_logps=False,
+                                dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+                                max_model_len=max(len(x) for x in ids) + c.max_new_tokens,
+                                log_path=f"{c.output}.{name}.vllm.log", seed=c.seed)
+    else:
+        sampler = HFGenerator(tokenizer, batch_size=c.batch_size)
+    with closing(sampler):
+        ro = generate_rollout(model, tokenizer, sampler, ids, kept, params, c.seed, device)
     return ids, ro
 
 
@@ -467,6 +484,10 @@ def run_eval(c: EvalConfig, printer=print) -> dict:
         first = next(r for r in rows if not isinstance(r["prompt"], str))
         raise ConfigError(f"{first.get('_source')}: task {c.task}'s gold reward scores text prompts, and this "
                           "prompt is a message list; drop `task` or use the task's own prompt files")
+    if c.vllm_python:
+        from rlhfkit.rollout.vllm_engine import check_vllm_python
+
+        check_vllm_python(c.vllm_python)
     references = [r["reference"] for r in rows] if rows and "reference" in rows[0] else None
     if references is not None:
         _rouge_scorer()  # the package is there (else the install command), before any model loads
@@ -508,7 +529,7 @@ def run_eval(c: EvalConfig, printer=print) -> dict:
         bar.set_postfix_str(f"{name}: sampling")
         model, tokenizer = load(c.models[name], device=device, trust_remote_code=c.trust_remote_code)
         with torch.no_grad():
-            ids, ro = _responses(c, model, tokenizer, sampled, device)
+            ids, ro = _responses(c, name, model, tokenizer, sampled, device)
         bar.update(1)
         bar.set_postfix_str(f"{name}: scoring")
         scores[name] = _score(c, ro, tokenizer, task, funcs, rm)

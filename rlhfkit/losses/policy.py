@@ -86,6 +86,16 @@ def truncated_importance_weights(old_logps: torch.Tensor, sampling_logps: torch.
     return torch.exp(log_w).clamp(max=cap)
 
 
+def sampler_correction(old_logps: torch.Tensor, sampling_logps: torch.Tensor, response_mask: torch.Tensor,
+                       cap: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The per-token weights of `truncated_importance_weights` and what they say about the sampler,
+    per token (for the stages to average over their tokens): `sampling/is_weight`, the share of
+    capped weights `sampling/is_capped`, and `sampling/logp_gap` = |old_logp - sampling_logp|."""
+    weights = truncated_importance_weights(old_logps, sampling_logps, response_mask, cap)
+    return weights, {"sampling/is_weight": weights, "sampling/is_capped": (weights >= cap).float(),
+                     "sampling/logp_gap": (old_logps.detach() - sampling_logps).abs()}
+
+
 # ---- aggregation ----------------------------------------------------------------------------------------
 
 

@@ -314,9 +314,10 @@ class HFGenerator:
         self.dtype = dtype
 
     @property
-    def matches_trainer(self) -> bool:
-        """Samples from the model's own weights and dtype: the trainer's distribution, token for token."""
-        return self.dtype is None
+    def records_logps(self) -> bool:
+        """Whether `generate_rollout` records each sampled token's log-prob: when the linear layers
+        sample in their own dtype, the samples come from another distribution than the trainer's."""
+        return self.dtype is not None
 
     def close(self) -> None:
         """Nothing to stop (the sampler interface: `VLLMGenerator.close` stops its engine)."""

@@ -80,9 +80,10 @@ def generate_rollout(model, tokenizer, generator: HFGenerator, prompt_ids: list[
                      score_slot: bool = False) -> Rollout:
     """Sample `num_generations` responses per prompt and lay them out as a `Rollout`; with
     `score_slot` one pad column is appended to the responses (PPO puts the score there). A generator
-    with its own `dtype` also records each token's sampling log-prob (`Rollout.sampling_logps`)."""
+    that `records_logps` (its own dtype, vLLM for a stage that corrects for it) also records each
+    token's sampling log-prob (`Rollout.sampling_logps`)."""
     gen = generator.generate(model, prompt_ids, params, generator_seed=seed, num_generations=num_generations,
-                             record_logps=not generator.matches_trainer)
+                             record_logps=generator.records_logps)
     truncated = ~gen.ended & (gen.response_mask.sum(-1) >= params.max_new_tokens)
     return lay_out(gen.prompt_ids, gen.response_ids, gen.response_mask, gen.ended, truncated, gen.texts,
                    [r for r in rows for _ in range(num_generations)], tokenizer.pad_token_id, device,

@@ -194,17 +194,18 @@ class WeightFile:
 
 class VLLMGenerator:
     """`generate(model, prompt_ids, params, generator_seed=None, num_generations=1, sample_seeds=None,
-    record_logps=True)` through a vLLM engine (module docstring). `python`: the interpreter with vLLM;
+    record_logps=False)` through a vLLM engine (module docstring). `python`: the interpreter with vLLM;
     `dtype`: the engine's (float32 / bfloat16); `max_model_len`: prompt + response tokens the
-    engine must hold; `log_path`: where the engine's output goes (default: this process's stderr).
-    `close()` (or garbage collection, or exit) stops the engine."""
+    engine must hold (None: the model's context); `log_path`: where the engine's output goes (default:
+    this process's stderr); `record_logps`: whether `generate_rollout` records log-probs (the stages
+    whose loss corrects for the sampler). `close()` (or garbage collection, or exit) stops the engine."""
 
-    matches_trainer = False
-    """Samples come from other kernels than the trainer's: `generate_rollout` records their log-probs."""
-
-    def __init__(self, tokenizer, *, python: str | None = None, dtype: str = "float32", max_model_len: int = 2048,
-                 gpu_memory_utilization: float = 0.3, cpu_kv_cache_gib: float = 1.0, log_path: str | None = None,
-                 start_timeout: float = 900.0, seed: int = 0):
+    def __init__(self, tokenizer, *, python: str | None = None, dtype: str = "float32",
+                 max_model_len: int | None = 2048, gpu_memory_utilization: float = 0.3, cpu_kv_cache_gib: float = 1.0,
+                 log_path: str | None = None, start_timeout: float = 900.0, seed: int = 0, record_logps: bool = True):
+        self.records_logps = record_logps
+        """Whether `generate_rollout` records each sampled token's log-prob (the samples come from other
+        kernels than the trainer's; a stage whose loss corrects for that needs them)."""
         self.tokenizer = tokenizer
         self.python = python or sys.executable
         self.engine_dtype = dtype
@@ -234,8 +235,10 @@ class VLLMGenerator:
         self.tokenizer.save_pretrained(model_dir)
         device = next(model.parameters()).device
         engine = dict(model=model_dir, tokenizer=model_dir, load_format="dummy", dtype=self.engine_dtype,
-                      seed=self.seed, max_model_len=self.max_model_len, enforce_eager=True,
+                      seed=self.seed, enforce_eager=True,
                       generation_config="vllm", logprobs_mode="processed_logprobs", enable_prefix_caching=True)
+        if self.max_model_len is not None:  # None: the model's context (its max_position_embeddings)
+            engine["max_model_len"] = self.max_model_len
         env = dict(os.environ, PYTHONPATH=self._scratch, RLHFKIT_VLLM_AUTHKEY=(key := secrets.token_bytes(32)).hex())
         # the engine core in the server process, not a third one: the server is already apart from the
         # trainer and serves one caller at a time (measured on CPU: start-up 11 s against 30 s, close 3 s
@@ -370,11 +373,11 @@ class VLLMGenerator:
     @torch.no_grad()
     def generate(self, model, prompt_ids: list[list[int]], params: SamplingParams,
                  generator_seed: int | None = None, num_generations: int = 1,
-                 sample_seeds: list[int] | None = None, record_logps: bool = True) -> Generation:
+                 sample_seeds: list[int] | None = None, record_logps: bool = False) -> Generation:
         check_generate_args("VLLMGenerator.generate", prompt_ids, params, num_generations, sample_seeds)
         n = len(prompt_ids) * num_generations
         longest = max(len(p) for p in prompt_ids) + params.max_new_tokens
-        if longest > self.max_model_len:
+        if self.max_model_len is not None and longest > self.max_model_len:
             raise ValueError(f"VLLMGenerator.generate: a prompt of {longest - params.max_new_tokens} tokens + "
                              f"{params.max_new_tokens} new ones exceeds the engine's max_model_len {self.max_model_len}")
         if sample_seeds is None:

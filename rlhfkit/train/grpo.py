@@ -17,8 +17,9 @@ Everything around the loop is the shared online layer (rollout/, train/online.py
 train/distributed.py), the same PPO uses. A loss near 0 at the start is expected: advantages are
 centred within each group and the ratio is 1, so the loss value is ~0 while its gradient is not.
 
-Sampling in bfloat16 (`sampling_dtype`): the sampler reads a bf16 copy of the policy, so each
-token's policy-gradient loss is weighted by min(pi_old / pi_sampler, sampling_is_cap) (truncated
+Sampling in bfloat16 (`sampling_dtype`) or by vLLM (`use_vllm`): the samples come from other kernels
+than the trainer's (a bf16 copy of the policy, vLLM's), so each token's policy-gradient loss is
+weighted by min(pi_old / pi_sampler, sampling_is_cap) (truncated
 importance sampling), pi_old being the trained policy at sampling time (its old log-probs, or the
 training forward's own, detached, when there is no old pass).
 
@@ -43,7 +44,7 @@ from rlhfkit.losses.policy import (
     aggregate_loss,
     clipped_policy_loss,
     overlong_penalty,
-    truncated_importance_weights,
+    sampler_correction,
 )
 from rlhfkit.rollout.rollout import Rollout, Scorer, concat_rollouts, generate_rollout, select_rows, source_metrics
 from rlhfkit.train.distributed import reduce_sum_fn
@@ -129,9 +130,9 @@ def grpo_micro_loss(policy, ro: Rollout, data: dict, idx: torch.Tensor, c: GRPOC
     pg = clipped_policy_loss(logps, old, data["advantages"][idx], m, epsilon=c.epsilon,
                              epsilon_high=c.epsilon_high, importance_sampling_level=c.importance_sampling_level)
     per_token = pg["loss"]
-    weights = None
-    if ro.sampling_logps is not None:  # sampled from other weights (`sampling_dtype`): truncated IS per token
-        weights = truncated_importance_weights(old, ro.sampling_logps[idx], ro.response_mask[idx], c.sampling_is_cap)
+    sampler = {}
+    if ro.sampling_logps is not None:  # sampled by other kernels (`sampling_dtype`, vLLM): truncated IS per token
+        weights, sampler = sampler_correction(old, ro.sampling_logps[idx], ro.response_mask[idx], c.sampling_is_cap)
         per_token = per_token * weights
     seq_kl = None
     if "ref_logps" in data and not c.kl_goes_to_reward:
@@ -151,10 +152,7 @@ def grpo_micro_loss(policy, ro: Rollout, data: dict, idx: torch.Tensor, c: GRPOC
              "policy/approxkl": share(pg["approxkl"]), "policy/ratio": share(pg["ratio"]),
              "policy/ratio_dev": share((pg["ratio"] - 1).abs()),
              "policy/entropy": share(entropy)}
-    if weights is not None:  # how far the sampler's distribution is from the trained policy's
-        stats["sampling/is_weight"] = share(weights)
-        stats["sampling/is_capped"] = share((weights >= c.sampling_is_cap).float())
-        stats["sampling/logp_gap"] = share((old - ro.sampling_logps[idx]).abs())
+    stats.update({k: share(v) for k, v in sampler.items()})  # how far the sampler is from the trained policy
     if seq_kl is not None:  # k1 summed per response: the mean KL to the reference, over this pass
         stats["policy/kl_loss"] = kl_share
         stats["policy/kl"] = seq_kl

@@ -13,7 +13,7 @@ the stage loops in their numbered steps:
   evaluate_policy   held-out prompts: proxy score, KL to the reference, gold reward / accuracy, judge score
   frozen_reward_model, judge_scorer   a separate frozen reward model; the evaluation's judge
   OnlineLog         per step: diagnostics, the logging window, samples.jsonl, evaluation
-  save_policy, finish_online   final weights, summary, plots
+  save_policy, finish_online   final weights, the sampler stopped, summary, plots
 """
 
 from __future__ import annotations
@@ -141,8 +141,8 @@ def build_generator(c: OnlineConfig, run: Run, tokenizer, local_prompts: int):
                           "supported yet: launch one process, or use_vllm: false")
     python = check_vllm_python(c.vllm_python)
     run.print(f"[{run.stage}] rollouts by vLLM ({python}, {c.sampling_dtype}); its log: {run.output_dir / 'vllm.log'}")
-    return VLLMGenerator(tokenizer, python=python, dtype=c.sampling_dtype,
-                         max_model_len=c.max_prompt_length + c.max_new_tokens,
+    return VLLMGenerator(tokenizer, python=python, dtype=c.sampling_dtype, max_model_len=c.sampled_context,
+                         record_logps=c._sampler_correction,
                          gpu_memory_utilization=c.vllm_gpu_memory_utilization,
                          log_path=str(run.output_dir / "vllm.log"), seed=c.seed)
 
@@ -588,24 +588,21 @@ def finish_policy(run: Run, setup: OnlineSetup, log: OnlineLog, opt: Optimizatio
     save_final(run, policy, setup.tokenizer)
     summary = {"stage": run.stage, "steps": setup.steps, "episodes": setup.steps * c.rollout_batch_size * c.group_size,
                "optimizer_steps": updates, "prompts": len(setup.prompt_ids), "skipped_prompts": setup.skipped,
-               **(extra or {}), **log.summary(train_key), **close_generator(setup.generator)}
-    finish_online(run, summary, plot_keys)
+               **(extra or {}), **log.summary(train_key)}
+    finish_online(run, setup, summary, plot_keys)
     return Result(run.output_dir, summary, policy, setup.tokenizer, run.logger.history)
 
 
 # ---- the end -------------------------------------------------------------------------------------
 
-def close_generator(generator) -> dict:
-    """Stop the sampler (a vLLM engine; nothing for rlhfkit's); what it reports for summary.json."""
-    generator.close()
-    return generator.summary()
-
-
-def finish_online(run: Run, summary: dict, plot_keys: list[str]) -> dict:
-    """Write summary.json (with the run's engine) and plots (main process), close the logger, wait
-    for every process. With a judge, its held-out score and win rate are plotted next to the
-    training reward's (`eval/scores`): the proxy-vs-judge curves of over-optimisation."""
+def finish_online(run: Run, setup: OnlineSetup, summary: dict, plot_keys: list[str]) -> dict:
+    """Stop the sampler (a vLLM engine; nothing for rlhfkit's), write summary.json (with the run's
+    engine and the sampler's report) and plots (main process), close the logger, wait for every
+    process. With a judge, its held-out score and win rate are plotted next to the training reward's
+    (`eval/scores`): the proxy-vs-judge curves of over-optimisation."""
+    setup.generator.close()
     summary.update(run.engine.summary())
+    summary.update(setup.generator.summary())
     if run.is_main:
         write_summary(run.output_dir, summary)
         history = run.logger.history

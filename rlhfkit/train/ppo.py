@@ -21,6 +21,10 @@ packing, same temperature scaling, same precision context, same code path) that 
 minibatch of the first epoch trains on, so the first ratio is exactly 1 and the first clip
 fraction 0 (tested).
 
+Sampling by other kernels than the trainer's (`sampling_dtype: bfloat16`, `use_vllm`): each token's
+policy-gradient loss is weighted by min(pi_old / pi_sampler, sampling_is_cap) (truncated importance
+sampling, as in grpo); the value loss is not (the critic fits the returns of the states sampled).
+
 Single update: when a step makes exactly one optimizer step over one micro-batch per process
 (`num_ppo_epochs` 1, `num_mini_batches` 1, `per_device_train_batch_size` = the process's rollout
 rows), the old log-probs and values ARE the training forward's (nothing has moved yet), so steps
@@ -40,7 +44,7 @@ from rlhfkit.errors import ConfigError
 from rlhfkit.losses.advantages import gae
 from rlhfkit.losses.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController
 from rlhfkit.losses.masked import masked_mean, masked_sum
-from rlhfkit.losses.policy import clipped_policy_loss
+from rlhfkit.losses.policy import clipped_policy_loss, sampler_correction
 from rlhfkit.losses.ppo import clip_scores, eos_trick, kl_shaped_rewards, value_loss, value_mask
 from rlhfkit.models.logprobs import response_logps
 from rlhfkit.rollout.rollout import Rollout, Scorer, generate_rollout
@@ -152,8 +156,12 @@ def ppo_micro_loss(roles: Roles, ro: Rollout, data: dict, idx: torch.Tensor, c: 
         forward = (*policy_logps(roles.policy, ro, idx, c, with_entropy=True), critic_values(roles, ro, idx, c))
     logps, entropy, values = forward
     pg = clipped_policy_loss(logps, data["logps"][idx], data["advantages"][idx], m, epsilon=c.cliprange)
+    per_token, sampler = pg["loss"], {}
+    if ro.sampling_logps is not None:  # sampled by other kernels (`sampling_dtype`, vLLM): truncated IS per token
+        weights, sampler = sampler_correction(data["logps"][idx], ro.sampling_logps[idx], m, c.sampling_is_cap)
+        per_token = per_token * weights
     vf = value_loss(values, data["values"][idx], data["returns"][idx], c.cliprange_value)
-    pg_loss = masked_sum(pg["loss"], m) / n_tokens
+    pg_loss = masked_sum(per_token, m) / n_tokens
     vf_loss = masked_sum(vf["loss"], vm) / n_values
     ent = masked_sum(entropy, m) / n_tokens
     loss = pg_loss + c.vf_coef * vf_loss - c.entropy_coef * ent
@@ -165,6 +173,7 @@ def ppo_micro_loss(roles: Roles, ro: Rollout, data: dict, idx: torch.Tensor, c: 
         "val/clipfrac": (masked_sum(vf["clipped"], vm) / n_values).item(),
         "val/error": (masked_sum(vf["error"], vm) / n_values).item(),
         "loss": loss.item(),
+        **{k: (masked_sum(v.detach().float(), m) / n_tokens).item() for k, v in sampler.items()},
     }
     return loss, stats
 
@@ -340,5 +349,5 @@ def train_ppo(config: PPOConfig) -> Result:
                "optimizer_steps": updates, "prompts": len(setup.prompt_ids), "skipped_prompts": setup.skipped,
                "parameters_in_memory": mem_total, "trainable_parameters": trainable,
                **log.summary("objective/kl")}
-    finish_online(run, summary, ["objective/scores", "objective/kl", "eval/gold_reward", "gen/length"])
+    finish_online(run, setup, summary, ["objective/scores", "objective/kl", "eval/gold_reward", "gen/length"])
     return Result(run.output_dir, summary, roles.policy, tokenizer, run.logger.history)
