@@ -245,3 +245,21 @@ def assert_every_trained_tensor_changed(initial: dict[str, torch.Tensor], run: P
     trained = {n for n in initial if "lora_A" not in n} if finetuning_type == "lora" else set(initial)
     unchanged = [n for n in trained if torch.equal(initial[n], after[n.replace(".default", "")])]
     assert not unchanged, unchanged[:5]
+
+
+def importance_sampling_case(group_size: int):
+    """Two responses (3 and 2 tokens) whose sampler log-probs are shifted from the trainer's so that the
+    truncated importance weights at cap 2 are [0.5, 1, 2 (3 capped)] and [1.5, 1 | pad]: (logps with
+    gradients, response mask, a Rollout carrying the sampler's log-probs, the expected weights)."""
+    import math
+
+    from rlhfkit.rollout.rollout import Rollout
+
+    logps = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -1.0, 0.0]], requires_grad=True)
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    shift = torch.tensor([[math.log(0.5), 0.0, math.log(3.0)], [math.log(1.5), 0.0, 0.0]])
+    ro = Rollout(input_ids=torch.zeros(2, 4, dtype=torch.long), attention_mask=torch.ones(2, 4, dtype=torch.bool),
+                 responses=torch.zeros(2, 3, dtype=torch.long), response_mask=mask, context_length=1,
+                 ended=torch.ones(2, dtype=torch.bool), texts=["", ""], rows=[{}, {}], group_size=group_size,
+                 truncated=torch.zeros(2, dtype=torch.bool), sampling_logps=(logps.detach() - shift))
+    return logps, mask, ro, torch.tensor([[0.5, 1.0, 2.0], [1.5, 1.0, 0.0]])

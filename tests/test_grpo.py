@@ -285,25 +285,17 @@ def test_importance_weights_multiply_each_tokens_policy_gradient(fx, tmp_path):
     """grpo_micro_loss with recorded sampling log-probs: at ratio 1 the token-aggregated loss's
     gradient in each token's log-prob is -A w / n_tokens with w = min(pi_old / pi_sampler, cap);
     here w = [0.5, 1, 2 (3 capped)] and [1.5, 1 | pad]."""
-    import math
+    from helpers import importance_sampling_case
 
-    from rlhfkit.rollout.rollout import Rollout
     from rlhfkit.train.grpo import grpo_micro_loss
 
     c = grpo_config(fx, tmp_path, sampling_is_cap=2.0, loss_aggregation="token")
-    logps = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -1.0, 0.0]], requires_grad=True)
-    mask = torch.tensor([[True, True, True], [True, True, False]])
-    shift = torch.tensor([[math.log(0.5), 0.0, math.log(3.0)], [math.log(1.5), 0.0, 0.0]])
-    ro = Rollout(input_ids=torch.zeros(2, 4, dtype=torch.long), attention_mask=torch.ones(2, 4, dtype=torch.bool),
-                 responses=torch.zeros(2, 3, dtype=torch.long), response_mask=mask, context_length=1,
-                 ended=torch.ones(2, dtype=torch.bool), texts=["", ""], rows=[{}, {}], group_size=2,
-                 truncated=torch.zeros(2, dtype=torch.bool), sampling_logps=(logps.detach() - shift))
+    logps, mask, ro, w = importance_sampling_case(group_size=2)
     advantages = torch.tensor([1.0, -2.0])
     data = {"advantages": advantages, "loss_mask": mask}
     loss, stats = grpo_micro_loss(None, ro, data, torch.arange(2), c, n_tokens=5.0, n_sequences=2.0,
                                   forward=(logps, torch.zeros(2, 3)))
     loss.backward()
-    w = torch.tensor([[0.5, 1.0, 2.0], [1.5, 1.0, 0.0]])
     torch.testing.assert_close(logps.grad, -advantages[:, None] * w / 5.0)
     assert stats["sampling/is_capped"] == pytest.approx(1 / 5)
     assert stats["sampling/is_weight"] == pytest.approx((0.5 + 1 + 2 + 1.5 + 1) / 5)

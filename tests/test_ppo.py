@@ -630,26 +630,20 @@ def test_importance_weights_multiply_the_policy_loss_not_the_value_loss(fixtures
     """ppo_micro_loss on a rollout sampled by other kernels (recorded sampling log-probs): at ratio 1
     each token's policy-gradient in its log-prob is -A w / n_tokens with w = min(pi_old / pi_sampler,
     cap) (here [0.5, 1, 2 (3 capped)] and [1.5, 1 | pad]); the value loss's gradient is the plain one."""
+    from helpers import importance_sampling_case
+
     from rlhfkit.losses.ppo import value_loss
-    from rlhfkit.rollout.rollout import Rollout
     from rlhfkit.train.ppo import ppo_micro_loss
 
     c = ppo_config(fixtures, tmp_path, sampling_is_cap=2.0, entropy_coef=0.0)
-    logps = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -1.0, 0.0]], requires_grad=True)
+    logps, mask, ro, w = importance_sampling_case(group_size=1)
     values = torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 0.0]], requires_grad=True)
-    mask = torch.tensor([[True, True, True], [True, True, False]])
-    shift = torch.tensor([[math.log(0.5), 0.0, math.log(3.0)], [math.log(1.5), 0.0, 0.0]])
-    ro = Rollout(input_ids=torch.zeros(2, 4, dtype=torch.long), attention_mask=torch.ones(2, 4, dtype=torch.bool),
-                 responses=torch.zeros(2, 3, dtype=torch.long), response_mask=mask, context_length=1,
-                 ended=torch.ones(2, dtype=torch.bool), texts=["", ""], rows=[{}, {}], group_size=1,
-                 truncated=torch.zeros(2, dtype=torch.bool), sampling_logps=(logps.detach() - shift))
     advantages = torch.tensor([[1.0, 1.0, 1.0], [-2.0, -2.0, 0.0]])
     data = {"logps": logps.detach(), "advantages": advantages, "values": values.detach() + 0.05,
             "returns": torch.ones(2, 3), "value_mask": mask}
     loss, stats = ppo_micro_loss(None, ro, data, torch.arange(2), c, n_tokens=5.0, n_values=5.0,
                                  forward=(logps, torch.zeros(2, 3), values))
     loss.backward()
-    w = torch.tensor([[0.5, 1.0, 2.0], [1.5, 1.0, 0.0]])
     torch.testing.assert_close(logps.grad, -advantages * w / 5.0)
     plain = values.detach().requires_grad_()
     (c.vf_coef * masked_sum(value_loss(plain, data["values"], data["returns"], c.cliprange_value)["loss"], mask)
