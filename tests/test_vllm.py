@@ -143,6 +143,20 @@ def test_lora_is_merged_and_the_reference_is_the_base(arith, engine):
     assert all(torch.equal(before[k], v) for k, v in policy.state_dict().items())
 
 
+def test_a_batch_longer_than_a_scheduling_step_keeps_per_row_seeds(arith, engine):
+    """64 prompts of 120 tokens (more prompt tokens than vLLM's 4096 per scheduling step): sampled with
+    per-row seeds without error (chunked prefill rewinds a seeded generator, which vLLM's CPU build
+    cannot: without rlhfkit turning chunking off on a CPU, "CPU Generator does not use offset"), each
+    row as it is when sampled in a smaller batch."""
+    model, tok, prompts = arith
+    long = [(prompts[i % len(prompts)] * 40)[:120] for i in range(64)]
+    params = SamplingParams(max_new_tokens=4, temperature=1.5)
+    seeds = list(range(500, 500 + len(long)))
+    whole = engine.generate(model, long, params, sample_seeds=seeds)
+    part = engine.generate(model, long[56:], params, sample_seeds=seeds[56:])
+    assert part.texts == whole.texts[56:]
+
+
 def test_stop_strings_end_responses(arith, engine):
     """A response ends at the token that completes a stop string (kept), counted as ended."""
     model, tok, prompts = arith

@@ -392,10 +392,8 @@ def _responses(c: EvalConfig, name: str, model, tokenizer, rows: list[dict], dev
         from rlhfkit.rollout.vllm_engine import VLLMGenerator
 
         Path(c.output).parent.mkdir(parents=True, exist_ok=True)
-        sampler = VLLMGenerator(tokenizer, python=c.vllm_python, record_logps=False,
-                                dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
-                                max_model_len=max(len(x) for x in ids) + c.max_new_tokens,
-                                log_path=f"{c.output}.{name}.vllm.log", seed=c.seed)
+        sampler = VLLMGenerator.for_model(model, tokenizer, c.vllm_python, ids, c.max_new_tokens,
+                                          log_path=f"{c.output}.{name}.vllm.log", seed=c.seed)
     else:
         sampler = HFGenerator(tokenizer, batch_size=c.batch_size)
     with closing(sampler):

