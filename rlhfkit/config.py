@@ -620,9 +620,10 @@ class OnlineConfig(BaseConfig):
     """Sample rollouts and evaluation responses with vLLM (TRL's name) instead of rlhfkit's own sampler:
     one engine in a process of its own (`rollout/vllm_engine.py`), given the policy's weights (LoRA
     merged) before every generation. vLLM's kernels are not the trainer's, so the samples come from a
-    slightly different distribution: grpo/rloo/ppo correct it per token (`sampling_is_cap`), and
-    online_dpo/xpo's pair losses do not use the sampler's probabilities. `sampling_dtype` sets the
-    engine's dtype. One process only; no top_k/top_p; not with load_in_4bit."""
+    slightly different distribution: grpo/rloo/ppo correct it per token (`sampling_is_cap`; no
+    top_k/top_p then), and the losses of online_dpo, xpo, spin and self_reward do not use the sampler's
+    probabilities; nash_md's mixture cannot run in vLLM. `sampling_dtype` sets the engine's dtype. One
+    process only; not with load_in_4bit."""
     vllm_python: str | None = None
     """The Python interpreter that has vLLM (`make vllm` builds `.venv-vllm/bin/python`: vLLM pins its
     own transformers); default this one."""
@@ -717,11 +718,6 @@ class OnlineConfig(BaseConfig):
             problems.append(f"sampling_dtype: {self.sampling_dtype} cannot copy a 4-bit (load_in_4bit) base; "
                             "use sampling_dtype: float32")
         if self.use_vllm:
-            if not self._vllm:
-                problems.append(f"use_vllm is offered by grpo, rloo, ppo, online_dpo, xpo, spin and self_reward (their "
-                                f"losses correct for, or do not use, the sampler's own probabilities); not by "
-                                f"{self._stage}, whose per-token mixture of two models is not a model vLLM can run: "
-                                "use_vllm: false")
             if self._sampler_correction and (self.top_k or self.top_p < 1):
                 problems.append("top_k / top_p with use_vllm: vLLM's recorded log-probs would include the truncation, "
                                 "the trainer's do not; leave them off")
@@ -736,8 +732,6 @@ class OnlineConfig(BaseConfig):
 
     _stage: ClassVar[str] = "online stages"
     _rows_text: ClassVar[str] = "rollout_batch_size"
-    _vllm: ClassVar[bool] = False
-    """Whether the stage may sample with vLLM (`use_vllm`)."""
     _sampler_correction: ClassVar[bool] = False
     """Whether the stage's loss weights each token by pi_old / pi_sampler (`sampling_is_cap`): with vLLM
     its rollouts record the sampler's log-probs."""
@@ -805,7 +799,6 @@ class PPOConfig(OnlineConfig):
     """Weight of the entropy bonus (0: off; the entropy is still logged, outside the graph)."""
 
     _stage: ClassVar[str] = "ppo"
-    _vllm: ClassVar[bool] = True
     _sampler_correction: ClassVar[bool] = True
 
     @model_validator(mode="after")
@@ -906,7 +899,6 @@ class GRPOConfig(OnlineConfig):
     """Size of the overlong penalty at max_new_tokens."""
 
     _stage: ClassVar[str] = "grpo"
-    _vllm: ClassVar[bool] = True
     _sampler_correction: ClassVar[bool] = True
     _rows_text: ClassVar[str] = "rollout_batch_size x num_generations"
 
@@ -1022,7 +1014,6 @@ class OnlineDPOConfig(PairedOnlineConfig):
     Dong et al. 2024), which makes a tie rarer with a coarse reward."""
 
     _stage: ClassVar[str] = "online_dpo"
-    _vllm: ClassVar[bool] = True
 
     @property
     def group_size(self) -> int:
@@ -1057,7 +1048,6 @@ class XPOConfig(PairedOnlineConfig):
     prompts); 0: online DPO on (policy, reference) pairs."""
 
     _stage: ClassVar[str] = "xpo"
-    _vllm: ClassVar[bool] = True
 
     @property
     def group_size(self) -> int:
@@ -1123,6 +1113,10 @@ class NashMDConfig(OnlineConfig):
         if self.sampling_dtype != "float32":
             problems.append(f"sampling_dtype: {self.sampling_dtype} is offered by grpo, rloo and ppo only (their loss "
                             "has the importance-sampling correction; nash_md's does not): use float32")
+        if self.use_vllm:
+            problems.append("use_vllm is offered by grpo, rloo, ppo, online_dpo, xpo, spin and self_reward (their "
+                            "losses correct for, or do not use, the sampler's own probabilities); not by nash_md, "
+                            "whose per-token mixture of two models is not a model vLLM can run: use_vllm: false")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -1169,7 +1163,6 @@ class SPINConfig(IterativeConfig):
     """Sampling temperature of the opponent's responses (the paper's 1.0); the log-probs of the loss are
     taken from logits / temperature too, as in every online pass."""
     _stage: ClassVar[str] = "spin"
-    _vllm: ClassVar[bool] = True
     needs_reward: ClassVar[bool] = False
 
     @model_validator(mode="after")
@@ -1243,7 +1236,6 @@ class SelfRewardConfig(IterativeConfig):
     """Scores are read in [0, judge_max_score]; a number outside is unread (`judge/unread`)."""
 
     _stage: ClassVar[str] = "self_reward"
-    _vllm: ClassVar[bool] = True
     needs_reward: ClassVar[bool] = False
 
     @property

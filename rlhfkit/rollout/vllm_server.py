@@ -1,4 +1,4 @@
-"""The vLLM side of `rollout.vllm.VLLMGenerator`: one vLLM engine, driven over a local socket.
+"""The vLLM side of `rollout.vllm_engine.VLLMGenerator`: one vLLM engine, driven over a local socket.
 
 This file runs under the Python interpreter that has vLLM (`vllm_python`; often its own virtual
 environment, since vLLM pins a transformers version of its own). It imports nothing from rlhfkit
