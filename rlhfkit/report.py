@@ -232,7 +232,12 @@ def _models(evals: dict) -> str:
         row += [_fmt(m.get("metrics", {}).get(k)) for k in metric_keys]
         for j in judges:
             w = (m.get("win_rate") or {}).get(j)
-            row.append(f"{w['rate']:.3f} [{w['low']:.3f}, {w['high']:.3f}] (n={w['n']})" if w else "-")
+            if not w or w.get("rate") is None:
+                row.append("-")
+                continue
+            diff = (f"<br>score diff {w['score_diff']:+.3f} &plusmn; {w['score_diff_se']:.3f}"
+                    if w.get("score_diff") is not None else "")  # eval.json files before the paired difference
+            row.append(f"{w['rate']:.3f} [{w['low']:.3f}, {w['high']:.3f}] (n={w['n']}){diff}")
         rows.append(row)
     if evals.get("source") == "eval.json":
         note = "From <code>eval/eval.json</code> (<code>rlhfkit eval</code>)."

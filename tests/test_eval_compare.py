@@ -4,6 +4,8 @@ reproduction of the demo's / online stages' held-out numbers, determinism, error
 from __future__ import annotations
 
 import json
+import math
+import statistics
 
 import pytest
 import torch
@@ -15,6 +17,8 @@ from rlhfkit.eval.compare import (
     bootstrap_interval,
     build_eval_config,
     distinct_n,
+    mean_and_se,
+    paired_differences,
     pairwise_outcomes,
     rouge_scores,
     run_eval,
@@ -43,7 +47,24 @@ def test_win_rate_counts_ties_half_and_skips_unscored_prompts():
     w = win_rate(scores, base, resamples=200, seed=0)
     assert w["rate"] == 0.5 and w["n"] == 4
     assert w["low"] <= 0.5 <= w["high"]
-    assert win_rate([nan], [1.0]) == {"rate": None, "low": None, "high": None, "n": 0}
+    assert w["se"] == pytest.approx(math.sqrt(1 / 6 / 4))  # sample variance of [1, .5, 0, .5] is 1/6
+    assert win_rate([nan], [1.0]) == {"rate": None, "low": None, "high": None, "se": None, "n": 0,
+                                      "score_diff": None, "score_diff_se": None}
+
+
+def test_win_rate_reports_the_paired_score_difference():
+    """model [1, 2, 3, NaN, 4] vs baseline [0, 2, 5, 1, 4]: differences [1, 0, -2, (NaN: out), 0], mean
+    -0.25, sample variance 4.75 / 3, SE sqrt(4.75 / 3 / 4); with 2 responses per prompt each prompt's
+    differences are averaged first ([1, -1] -> 0, [1, 0] -> .5, [NaN, 2] -> 2, [NaN, NaN] -> out)."""
+    nan = float("nan")
+    assert paired_differences([1.0, 2.0, 3.0, nan, 4.0], [0.0, 2.0, 5.0, 1.0, 4.0]) == [1.0, 0.0, -2.0, 0.0]
+    w = win_rate([1.0, 2.0, 3.0, nan, 4.0], [0.0, 2.0, 5.0, 1.0, 4.0], resamples=50)
+    assert w["score_diff"] == -0.25 and w["score_diff_se"] == pytest.approx(math.sqrt(4.75 / 3 / 4))
+    scores, base = [1.0, 0.0, 2.0, 2.0, nan, 3.0, nan, nan], [0.0, 1.0, 1.0, 2.0, 1.0, 1.0, 1.0, 1.0]
+    assert paired_differences(scores, base, group=2) == [0.0, 0.5, 2.0]
+    assert win_rate(scores, base, resamples=50, group=2)["score_diff"] == pytest.approx(2.5 / 3)
+    assert mean_and_se([3.0]) == (3.0, 0.0)
+    assert all(math.isnan(v) for v in mean_and_se([]))
 
 
 def test_win_rate_with_several_responses_per_prompt_averages_each_prompt_first():
@@ -197,6 +218,9 @@ def test_eval_several_responses_per_prompt(tmp_path, two_models):
     w = out["models"]["b"]["win_rate"]["gold"]
     assert w["n"] == 12
     assert w["rate"] == pytest.approx(sum(pairwise_outcomes(b, a, group=3)) / 12)
+    diffs = [sum(x - y for x, y in zip(b[i:i + 3], a[i:i + 3])) / 3 for i in range(0, 36, 3)]
+    assert w["score_diff"] == pytest.approx(sum(diffs) / 12)
+    assert w["score_diff_se"] == pytest.approx(statistics.stdev(diffs) / math.sqrt(12))
     assert w["rate"] != pytest.approx(sum(pairwise_outcomes(b[::3], a[::3])) / 12)  # not just the first responses
     assert out["models"]["b"]["metrics"]["gold_reward"] == pytest.approx(sum(b) / 36)
     assert [s["scores"]["b"]["gold"] for s in out["samples"]] == [b[0], b[3], b[6], b[9]]

@@ -335,13 +335,16 @@ def test_eval_json_takes_over_the_models_table_and_samples(finished, tmp_path):
                                                          "distinct_2": 0.7, "rouge1": 0.25},
                "win_rate": {"gold": {"rate": 0.625, "low": 0.5, "high": 0.75, "n": 64}}}
         for name in ("sft", "ppo")}, "samples": [{"prompt": "the zebra was", "responses": {"sft": "odd .", "ppo": "great ."}}]}
+    # ppo's as written now (with the paired score difference), sft's as written before it
+    eval_json["models"]["ppo"]["win_rate"]["gold"].update(se=0.06, score_diff=0.12, score_diff_se=0.05)
     (root / "p" / "eval").mkdir()
     (root / "p" / "eval" / "eval.json").write_text(json.dumps(eval_json))
     pipeline = resolve_pipeline(spec)
     evals = load_evals(pipeline)
     assert evals["source"] == "eval.json"
     text = write_report(pipeline, evals=evals).read_text()
-    assert "win rate vs sft (gold)" in text and "0.625 [0.500, 0.750] (n=64)" in text
+    assert "win rate vs sft (gold)" in text and "0.625 [0.500, 0.750] (n=64)</td>" in text
+    assert "0.625 [0.500, 0.750] (n=64)<br>score diff +0.120 &plusmn; 0.050" in text
     assert "<th>rouge1</th>" in text  # metrics the report does not know are shown too
     assert "the zebra was" in text and "From <code>eval/eval.json</code>" in text
 

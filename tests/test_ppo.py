@@ -616,6 +616,10 @@ def test_judge_reward_model_scores_evaluation_and_win_rates(fixtures, tmp_path):
         outcomes = [1.0 if a[key] > b[key] else 0.5 if a[key] == b[key] else 0.0 for a, b in zip(at[2], at[0])]
         assert last[name] == pytest.approx(sum(outcomes) / 8)
         assert last[f"{name}_se"] == pytest.approx(statistics.stdev(outcomes) / math.sqrt(8))
+        diffs = [a[key] - b[key] for a, b in zip(at[2], at[0])]
+        diff = "judge_score_diff" if key == "judge" else "score_diff"
+        assert last[f"eval/{diff}"] == pytest.approx(sum(diffs) / 8)
+        assert last[f"eval/{diff}_se"] == pytest.approx(statistics.stdev(diffs) / math.sqrt(8))
     with pytest.raises(ConfigError, match="judge_reward_model is the training reward_model"):
         ppo_config(fixtures, tmp_path / "x", judge_reward_model=str(fixtures / "rm_full"))
 

@@ -19,8 +19,10 @@ and the win rate of each model against the baseline under each judge (the gold r
 reward model, a reward function): per prompt 1 if the model's response scores higher than the
 baseline's, 1/2 if equal, 0 if lower (with k responses per prompt: the model's j-th against the
 baseline's j-th, the k outcomes averaged), averaged over the prompts both are scored on, with a
-percentile bootstrap 95% interval over prompts (seeded). Writes JSON (schema in `run_eval`'s
-docstring) and prints a table.
+percentile bootstrap 95% interval over prompts (seeded) and its standard error; beside it the mean
+paired score difference model - baseline per prompt (paired the same way) with its standard error,
+which separates a small consistent gain from noise better than the share of wins (a win counts a
++0.01 and a +2 alike). Writes JSON (schema in `run_eval`'s docstring) and prints a table.
 
 Prompts: a data file in any format with a prompt (prompt, prompt_completion, preference, ranking,
 unpaired, messages/alpaca: the conversation before the last assistant reply), or the held-out
@@ -186,23 +188,44 @@ def distinct_n(texts: list[str], n: int) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
+def _per_prompt(scores: list[float], baseline: list[float], group: int, pair: Callable[[float, float], float]
+                ) -> list[float]:
+    """Per prompt: the mean of `pair(model's j-th score, baseline's j-th)` over its GROUP consecutive
+    responses, pairs where either score is NaN left out, a prompt with none left out."""
+    if len(scores) != len(baseline):
+        raise ValueError(f"{len(scores)} scores but {len(baseline)} baseline scores")
+    if group < 1 or len(scores) % group:
+        raise ValueError(f"{len(scores)} scores do not split into groups of {group}")
+    out = []
+    for start in range(0, len(scores), group):
+        values = [pair(a, b) for a, b in zip(scores[start:start + group], baseline[start:start + group])
+                  if not (math.isnan(a) or math.isnan(b))]
+        if values:
+            out.append(sum(values) / len(values))
+    return out
+
+
 def pairwise_outcomes(scores: list[float], baseline: list[float], group: int = 1) -> list[float]:
     """Per prompt: 1 if the model's score beats the baseline's, 0.5 on a tie, 0 if lower; pairs where
     either score is NaN (a reward function that does not apply) are left out. GROUP > 1: the scores
     hold GROUP consecutive responses per prompt; a prompt's outcome is the mean of its scored pairs
     (the j-th response against the baseline's j-th), a prompt with none is left out."""
-    if len(scores) != len(baseline):
-        raise ValueError(f"{len(scores)} scores but {len(baseline)} baseline scores")
-    if group < 1 or len(scores) % group:
-        raise ValueError(f"{len(scores)} scores do not split into groups of {group}")
-    outcomes = []
-    for start in range(0, len(scores), group):
-        pairs = [1.0 if a > b else 0.5 if a == b else 0.0
-                 for a, b in zip(scores[start:start + group], baseline[start:start + group])
-                 if not (math.isnan(a) or math.isnan(b))]
-        if pairs:
-            outcomes.append(sum(pairs) / len(pairs))
-    return outcomes
+    return _per_prompt(scores, baseline, group, lambda a, b: 1.0 if a > b else 0.5 if a == b else 0.0)
+
+
+def paired_differences(scores: list[float], baseline: list[float], group: int = 1) -> list[float]:
+    """Per prompt: the model's score minus the baseline's, paired and averaged as in `pairwise_outcomes`."""
+    return _per_prompt(scores, baseline, group, lambda a, b: a - b)
+
+
+def mean_and_se(values: list[float]) -> tuple[float, float]:
+    """The mean of `values` and its standard error sqrt(s^2 / n) (s^2 the sample variance; 0 for one
+    value); (NaN, NaN) for none."""
+    if not values:
+        return math.nan, math.nan
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)
+    return mean, math.sqrt(var / len(values))
 
 
 def bootstrap_interval(outcomes: list[float], resamples: int, seed: int, level: float = 0.95) -> tuple[float, float]:
@@ -222,14 +245,19 @@ def bootstrap_interval(outcomes: list[float], resamples: int, seed: int, level: 
 
 def win_rate(scores: list[float], baseline: list[float], *, resamples: int = 1000, seed: int = 0,
              group: int = 1) -> dict:
-    """{"rate", "low", "high", "n"}: the mean of `pairwise_outcomes` (ties count half; GROUP responses
-    per prompt) and its bootstrap 95% interval over the n prompts; rate/low/high None when no prompt
-    has both scores."""
+    """{"rate", "low", "high", "se", "n", "score_diff", "score_diff_se"}: the mean of `pairwise_outcomes`
+    (ties count half; GROUP responses per prompt), its bootstrap 95% interval and its standard error over
+    the n prompts, and the mean paired score difference model - baseline (`paired_differences`) with
+    its standard error, which tells a small consistent gain from noise better than the win rate does;
+    all None but n (0) when no prompt has both scores."""
     outcomes = pairwise_outcomes(scores, baseline, group)
     if not outcomes:
-        return {"rate": None, "low": None, "high": None, "n": 0}
+        return {"rate": None, "low": None, "high": None, "se": None, "n": 0, "score_diff": None, "score_diff_se": None}
     low, high = bootstrap_interval(outcomes, resamples, seed)
-    return {"rate": sum(outcomes) / len(outcomes), "low": low, "high": high, "n": len(outcomes)}
+    rate, se = mean_and_se(outcomes)
+    diff, diff_se = mean_and_se(paired_differences(scores, baseline, group))
+    return {"rate": rate, "low": low, "high": high, "se": se, "n": len(outcomes), "score_diff": diff,
+            "score_diff_se": diff_se}
 
 
 def rouge_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
@@ -452,7 +480,8 @@ def run_eval(c: EvalConfig, printer=print) -> dict:
          "models": {NAME: {"path": REF,
                            "metrics": {"gold_reward", "rm_score", "reward/<fn>", "kl_to_reference", "length",
                                        "eos_rate", "distinct_1", "distinct_2", "rouge1", "rouge2", "rougeL"},
-                           "win_rate": {JUDGE: {"rate", "low", "high", "n"}},     # {} for the baseline
+                           "win_rate": {JUDGE: {"rate", "low", "high", "se", "n",   # {} for the baseline
+                                                "score_diff", "score_diff_se"}},
                            "stats": {"length": [...], METRIC: [...]}}},   # per response, for plots
          "samples": [{"prompt": str, "reference"?: str, "responses": {NAME: str}, "ended": {NAME: bool},
                       "scores": {NAME: {source: x}}}],                             # the first num_samples
@@ -583,14 +612,15 @@ def format_table(results: dict) -> str:
     models = results["models"]
     keys = list(dict.fromkeys(k for m in models.values() for k in m["metrics"]))
     judges = results["judges"]
-    header = ["model", *keys, *(f"win vs {results['baseline']} ({j})" for j in judges)]
+    header = ["model", *keys, *(f"win vs {results['baseline']} ({j}) [95%], score diff ± SE" for j in judges)]
     lines = []
     for name, m in models.items():
         cells = [name + (" (baseline)" if name == results["baseline"] else "")]
         cells += [f"{m['metrics'][k]:.3f}" if k in m["metrics"] else "-" for k in keys]
         for j in judges:
             w = m["win_rate"].get(j)
-            cells.append("-" if not w or w["rate"] is None else f"{w['rate']:.3f} [{w['low']:.3f}, {w['high']:.3f}]")
+            cells.append("-" if not w or w["rate"] is None else f"{w['rate']:.3f} [{w['low']:.3f}, {w['high']:.3f}] "
+                         f"diff {w['score_diff']:+.3f} ± {w['score_diff_se']:.3f}")
         lines.append(cells)
     widths = [max(len(str(r[i])) for r in [header, *lines]) for i in range(len(header))]
     fmt = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths))  # noqa: E731

@@ -28,6 +28,7 @@ import torch
 
 from rlhfkit.config import OnlineConfig
 from rlhfkit.errors import ConfigError
+from rlhfkit.eval.compare import mean_and_se, paired_differences, pairwise_outcomes
 from rlhfkit.eval.generation import rollout_kl
 from rlhfkit.rollout.generate import HFGenerator, SamplingParams
 from rlhfkit.rollout.rewards import load_reward_funcs
@@ -380,14 +381,7 @@ def judge_scorer(c: OnlineConfig, tokenizer, device) -> Scorer | None:
 def win_rate_and_se(scores: list[float], baseline: list[float]) -> tuple[float, float]:
     """The share of prompts where `scores` beats `baseline` (ties half; `eval.compare.pairwise_outcomes`)
     and its standard error sqrt(var / n) over prompts."""
-    from rlhfkit.eval.compare import pairwise_outcomes
-
-    x = pairwise_outcomes(scores, baseline)
-    if not x:  # no prompt scored by both (a reward function that applies nowhere)
-        return math.nan, math.nan
-    mean = sum(x) / len(x)
-    var = sum((v - mean) ** 2 for v in x) / max(1, len(x) - 1)
-    return mean, math.sqrt(var / len(x))
+    return mean_and_se(pairwise_outcomes(scores, baseline))
 
 
 @torch.no_grad()
@@ -464,7 +458,8 @@ class OnlineLog:
 
     def win_rates(self, step: int, samples: list[dict]) -> dict:
         """Against the step-0 policy's responses to the same held-out prompts: `win_rate` by the
-        training reward and, with a judge, `judge_win_rate`, each with `_se`."""
+        training reward and, with a judge, `judge_win_rate`, each with `_se`; and the mean paired
+        score difference from step 0 (`score_diff`, `judge_score_diff`, each with `_se`)."""
         current = {}
         if "score" in samples[0]:
             current["score"] = [s["score"] for s in samples]
@@ -481,6 +476,8 @@ class OnlineLog:
         for key, name in (("score", "win_rate"), ("judge", "judge_win_rate")):
             if key in current and len(baseline.get(key, [])) == len(current[key]):
                 out[name], out[f"{name}_se"] = win_rate_and_se(current[key], baseline[key])
+                diff = f"{key}_score_diff" if key == "judge" else "score_diff"
+                out[diff], out[f"{diff}_se"] = mean_and_se(paired_differences(current[key], baseline[key]))
         return out
 
     def start(self, start_step: int) -> None:
