@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, read_summary
+from helpers import REPO, assert_same_weights, read_summary
 
 from rlhfkit.config import build_config
 from rlhfkit.errors import ConfigError
@@ -309,19 +309,26 @@ def test_ppo_lora_through_vllm_with_four_roles_on_one_base(tmp_path_factory, tin
     """PPO under LoRA with the reward model an adapter on the same base (the usual pipeline: the base
     also holds adapters `critic` and `reward`): the engine samples the policy adapter alone; each token's
     policy loss is weighted by the truncated importance weight against vLLM's log-probs (near 1 in
-    float32); the first ratio is still exactly 1."""
+    float32); the first ratio is still exactly 1. Resumed from its step-1 checkpoint (a new engine, given
+    the checkpoint's weights and the same per-row seeds), it ends with the same adapters, bit for bit."""
     from test_ppo import ppo_config, ppo_fixtures
 
     from rlhfkit.train.ppo import train_ppo
 
     fx = ppo_fixtures(tmp_path_factory, tiny_tokenizer)
-    result = train_ppo(ppo_config(fx, tmp_path, finetuning_type="lora", reward_model=str(fx / "rm_lora"),
-                                  max_steps=2, use_vllm=True, vllm_python=VLLM_PYTHON))
+    kw = dict(finetuning_type="lora", reward_model=str(fx / "rm_lora"), max_steps=2, use_vllm=True,
+              vllm_python=VLLM_PYTHON)
+    result = train_ppo(ppo_config(fx, tmp_path / "a", save_steps=1, **kw))
     assert result.summary["rollout_engine"].startswith("vllm ") and result.summary["steps"] == 2
     records = [r for r in result.history if "loss" in r]
     assert [r["step"] for r in records] == [1, 2] and records[0]["policy/first_ratio"] == 1.0
     for r in records:
         assert 0 <= r["sampling/logp_gap"] < 1e-3 and r["sampling/is_weight"] == pytest.approx(1.0, abs=1e-3)
+    ckpt = tmp_path / "a" / "checkpoints" / "step-000001"
+    resumed = train_ppo(ppo_config(fx, tmp_path / "b", resume_from_checkpoint=str(ckpt), **kw))
+    assert resumed.summary["rollout_engine"].startswith("vllm ")
+    assert_same_weights(tmp_path / "a", tmp_path / "b", "adapter_model.safetensors")
+    assert_same_weights(tmp_path / "a" / "critic", tmp_path / "b" / "critic", "adapter_model.safetensors")
 
 
 def test_spin_through_vllm_plays_the_same_greedy_opponent(tmp_path_factory, tiny_tokenizer, tmp_path):
