@@ -199,11 +199,12 @@ class VLLMGenerator:
     `dtype`: the engine's (float32 / bfloat16); `max_model_len`: prompt + response tokens the
     engine must hold (None: the model's context); `log_path`: where the engine's output goes (default:
     this process's stderr); `record_logps`: whether `generate_rollout` records log-probs (the stages
-    whose loss corrects for the sampler). `close()` (or garbage collection, or exit) stops the engine."""
+    whose loss corrects for the sampler; off by default, as `generate`'s). `close()` (or garbage collection,
+    or exit) stops the engine."""
 
     def __init__(self, tokenizer, *, python: str | None = None, dtype: str = "float32",
                  max_model_len: int | None = 2048, gpu_memory_utilization: float = 0.3, cpu_kv_cache_gib: float = 1.0,
-                 log_path: str | None = None, start_timeout: float = 900.0, seed: int = 0, record_logps: bool = True):
+                 log_path: str | None = None, start_timeout: float = 900.0, seed: int = 0, record_logps: bool = False):
         self.records_logps = record_logps
         """Whether `generate_rollout` records each sampled token's log-prob (the samples come from other
         kernels than the trainer's; a stage whose loss corrects for that needs them)."""
@@ -229,7 +230,7 @@ class VLLMGenerator:
         """An engine to sample `model` as it is (no training: the engine in the model's dtype, no log-probs
         recorded) on these prompts (`max_model_len`: the longest + `max_new_tokens`): `rlhfkit generate`'s
         and `rlhfkit eval`'s. `python` is checked (`check_vllm_python`)."""
-        return cls(tokenizer, python=check_vllm_python(python), record_logps=False, log_path=log_path, seed=seed,
+        return cls(tokenizer, python=check_vllm_python(python), log_path=log_path, seed=seed,
                    dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
                    max_model_len=max(len(x) for x in prompt_ids) + max_new_tokens)
 

@@ -208,7 +208,7 @@ def generate_file(model, tokenizer, prompts_spec: str, out_path, options: Genera
                 continue
             gen = sampler.generate(model, [encoded[i] for i in todo], params, num_generations=G,
                                    sample_seeds=[sample_seed(options.seed, i, g)
-                                                 for i in todo for g in range(G)], record_logps=False)
+                                                 for i in todo for g in range(G)])
             lengths = gen.response_mask.sum(-1).tolist()
             for k, i in enumerate(todo):
                 prompt, extras, source = prompts[i]
