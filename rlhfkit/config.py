@@ -585,7 +585,8 @@ class OnlineConfig(BaseConfig):
     only, never trained against: a stand-in for the human judge (Gao et al. 2022, "Scaling Laws for
     Reward Model Overoptimization": a proxy RM for training, a gold RM on other data for judging).
     Adds `eval/judge_score` and, against the step-0 (initial) policy's responses to the same
-    prompts, `eval/judge_win_rate` (ties count half) with its standard error; `eval/win_rate` is the
+    prompts, `eval/judge_win_rate` (ties count half) and `eval/judge_score_diff` (the mean paired
+    score difference), each with its standard error; `eval/win_rate` and `eval/score_diff` are the
     same by the training reward. Train the two on disjoint data (`num_shards` / `shard_index`)."""
 
     # ---- rollout -------------------------------------------------------------------------------
