@@ -50,7 +50,6 @@ from rlhfkit.rollout.rollout import Rollout, Scorer, concat_rollouts, generate_r
 from rlhfkit.train.distributed import reduce_sum_fn
 from rlhfkit.train.loop import Result
 from rlhfkit.train.online import (
-    OnlineLog,
     build_roles,
     close_step,
     finish_policy,
@@ -60,10 +59,9 @@ from rlhfkit.train.online import (
     rollout_seed,
     run_updates,
     score_rollout,
+    start_loop,
     start_online,
-    start_updates,
 )
-from rlhfkit.train.tracking import progress
 
 # ---- 1-2. sample and score a batch -------------------------------------------------------------------
 
@@ -244,15 +242,10 @@ def train_grpo(config: GRPOConfig) -> Result:
               "gradient is not 0. Watch rewards/mean, eval/ and rewards/flat_groups instead.")
 
     # the policy under the run's engine, its optimizer, schedule and resumed state
-    opt = start_updates(run, policy, updates)
+    opt, log, bar = start_loop(run, setup, policy, reference, scorer, updates)
     scheduler = opt.scheduler
-    start_step = opt.start_step
     reduce_sum = reduce_sum_fn(run)
-    log = OnlineLog(run, setup, policy, reference, scorer, whole=opt.whole)
-    log.start(start_step)
-
-    bar = progress(total=setup.steps, initial=start_step, disable=run.quiet, desc=stage)
-    for step in range(start_step, setup.steps):
+    for step in range(opt.start_step, setup.steps):
         t0 = time.perf_counter()
         policy.eval()
         # 1-2. generate and score (dynamic sampling refills flat groups)

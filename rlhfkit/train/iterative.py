@@ -38,16 +38,14 @@ from rlhfkit.errors import ConfigError
 from rlhfkit.rollout.rollout import Rollout, select_rows
 from rlhfkit.train.loop import Result, Run
 from rlhfkit.train.online import (
-    OnlineLog,
     OnlineSetup,
     close_step,
     finish_policy,
     minibatch_plan,
     rollout_seed,
-    start_updates,
+    start_loop,
 )
 from rlhfkit.train.pairs import pair_updates, sequence_logps_of
-from rlhfkit.train.tracking import progress
 
 
 @dataclass
@@ -152,15 +150,10 @@ def train_iterations(setup: OnlineSetup, policy, reference, scorer, *, per_itera
     run.print(f"[{stage}] each process: {setup.local_prompts} pairs ({rows} responses) per step -> "
               f"{c.num_mini_batches} minibatch(es) in micro-batches of {c.per_device_train_batch_size} -> "
               f"{updates} optimizer steps")
-    opt = start_updates(run, policy, updates)
-    start_step = opt.start_step
-    log = OnlineLog(run, setup, policy, reference, scorer, whole=opt.whole, latest=("lr", f"{stage}/iteration"),
-                    monitor_context=monitor_context)
-    log.start(start_step)
-
+    opt, log, bar = start_loop(run, setup, policy, reference, scorer, updates, latest=("lr", f"{stage}/iteration"),
+                               monitor_context=monitor_context)
     pool, pool_iteration = None, -1
-    bar = progress(total=setup.steps, initial=start_step, disable=run.quiet, desc=stage)
-    for step in range(start_step, setup.steps):
+    for step in range(opt.start_step, setup.steps):
         t0 = time.perf_counter()
         iteration, first = step // per_iteration, step - step % per_iteration
         if pool_iteration != iteration:

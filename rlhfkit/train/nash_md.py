@@ -48,19 +48,18 @@ from rlhfkit.rollout.rollout import Rollout, source_metrics
 from rlhfkit.train.grpo import old_and_reference_logps
 from rlhfkit.train.loop import Result
 from rlhfkit.train.online import (
-    OnlineLog,
     build_roles,
     close_step,
+    describe_reference,
     finish_policy,
     generation_metrics,
     minibatch_plan,
     rollout_logps,
     rollouts_against,
     run_updates,
+    start_loop,
     start_online,
-    start_updates,
 )
-from rlhfkit.train.tracking import progress
 
 
 def preference_against(scores: torch.Tensor) -> torch.Tensor:
@@ -100,23 +99,16 @@ def train_nash_md(config: NashMDConfig) -> Result:
     mixture = GeometricMixture(policy, reference, c.mixture_coef).eval()
     rows = setup.local_prompts
     updates = setup.steps * c.num_mini_batches
-    adapters_off = c.finetuning_type == "lora" and c.ref_model is None  # build_reference's choice
     run.print(f"[{stage}] opponent: pi^{1 - c.mixture_coef:g} x ref^{c.mixture_coef:g} per token | preference "
               f"sigmoid(score difference) | reward P - 1/2 - beta {c.beta} x {c.kl_estimator} KL (reward-to-go) | "
-              "reference: " + ("the base with adapters disabled" if adapters_off
-                               else c.ref_model or c.model_name_or_path))
+              f"reference: {describe_reference(c)}")
     run.print(f"[{stage}] each process: {setup.local_prompts} prompts x (1 policy + 1 opponent response) -> "
               f"{c.num_mini_batches} minibatch(es) of {rows // c.num_mini_batches} policy responses in "
               f"micro-batches of {c.per_device_train_batch_size} -> {updates} optimizer steps")
 
-    opt = start_updates(run, policy, updates)
+    opt, log, bar = start_loop(run, setup, policy, reference, scorer, updates)
     scheduler = opt.scheduler
-    start_step = opt.start_step
-    log = OnlineLog(run, setup, policy, reference, scorer, whole=opt.whole)
-    log.start(start_step)
-
-    bar = progress(total=setup.steps, initial=start_step, disable=run.quiet, desc=stage)
-    for step in range(start_step, setup.steps):
+    for step in range(opt.start_step, setup.steps):
         t0 = time.perf_counter()
         policy.eval()
         # 1-2. the policy's responses and the mixture's, scored (ZeRO-3 / FSDP2: the policy's

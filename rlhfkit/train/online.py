@@ -9,6 +9,7 @@ the stage loops in their numbered steps:
   build_roles, start_updates, build_reference, build_scorer, score_rollout, rollout_logps
                     the roles (policy, reference, reward), the optimizer, and the passes every
                     critic-free loop (grpo, rloo, online_dpo) makes over a rollout
+  start_loop        the optimizer, the per-step log (step 0 evaluated) and the progress bar
   rollouts_against  the policy's responses and an opponent's to the same prompts (xpo, nash_md)
   evaluate_policy   held-out prompts: proxy score, KL to the reference, gold reward / accuracy, judge score
   frozen_reward_model, judge_scorer   a separate frozen reward model; the evaluation's judge
@@ -46,7 +47,7 @@ from rlhfkit.train.diagnostics import Monitor
 from rlhfkit.train.distributed import Optimization, reduce_metrics
 from rlhfkit.train.deepspeed import samples_on_this_rank
 from rlhfkit.train.loop import BatchStream, Result, Run, start_run
-from rlhfkit.train.tracking import write_summary
+from rlhfkit.train.tracking import progress, write_summary
 
 ONLINE_FORMATS = ("prompt", "prompt_completion", "messages", "preference")
 """Row formats the online stages take prompts from (a preference pair's prompt is its shared
@@ -240,6 +241,17 @@ def check_padding_free(run: Run, model, prompt_ids: list[list[int]], pad_id: int
 
 # ---- roles: reference, reward; the passes over a rollout -------------------------------------------
 
+def reference_is_base(c: OnlineConfig) -> bool:
+    """`build_reference`'s choice: under LoRA without `ref_model` the reference is the policy's base
+    (its adapters disabled), else a model of its own."""
+    return c.finetuning_type == "lora" and c.ref_model is None
+
+
+def describe_reference(c: OnlineConfig) -> str:
+    """The reference, in the words a stage prints once."""
+    return "the base with adapters disabled" if reference_is_base(c) else c.ref_model or c.model_name_or_path
+
+
 def build_reference(c: OnlineConfig, tokenizer, policy, device, needed: bool):
     """A context-manager factory yielding the reference model, or None when not `needed` (grpo/rloo
     with beta 0: nothing held in memory, no reference pass) under full fine-tuning. Under LoRA: the
@@ -251,7 +263,7 @@ def build_reference(c: OnlineConfig, tokenizer, policy, device, needed: bool):
 
     if not needed and c.finetuning_type == "full":
         return None
-    if c.finetuning_type == "lora" and c.ref_model is None:
+    if reference_is_base(c):
         return lambda: adapters_disabled(policy)
     ref = load_causal_lm(c.ref_model or c.model_name_or_path, tokenizer, trust_remote_code=c.trust_remote_code,
                          gguf_file=c.gguf_file if c.ref_model is None else None)
@@ -291,6 +303,17 @@ def start_updates(run: Run, policy, updates: int) -> Optimization:
     if run.resume_from is not None:
         run.print(f"[{run.stage}] resumed from {run.resume_from} at step {opt.start_step}")
     return opt
+
+
+def start_loop(run: Run, setup: OnlineSetup, policy, reference, scorer: Scorer, updates: int, **log_options):
+    """The start of every critic-free loop: `start_updates`' optimization, the per-step `OnlineLog`
+    (`log_options`: its `latest`, `monitor_context`), which evaluates the initial policy unless the run
+    resumes, and the progress bar from the step the run starts at."""
+    opt = start_updates(run, policy, updates)
+    log = OnlineLog(run, setup, policy, reference, scorer, whole=opt.whole, **log_options)
+    log.start(opt.start_step)
+    bar = progress(total=setup.steps, initial=opt.start_step, disable=run.quiet, desc=run.stage)
+    return opt, log, bar
 
 
 def build_scorer(c: OnlineConfig, tokenizer, reward_funcs, device) -> Scorer:

@@ -40,19 +40,19 @@ from rlhfkit.config import OnlineDPOConfig
 from rlhfkit.rollout.rollout import generate_rollout, source_metrics
 from rlhfkit.train.loop import Result
 from rlhfkit.train.online import (
-    OnlineLog,
     build_roles,
     close_step,
+    describe_reference,
     finish_policy,
     generation_metrics,
     minibatch_plan,
+    reference_is_base,
     rollout_seed,
     score_rollout,
+    start_loop,
     start_online,
-    start_updates,
 )
 from rlhfkit.train.pairs import best_and_worst, identical_pairs, pair_rollout, pair_updates, sequence_logps_of
-from rlhfkit.train.tracking import progress
 
 
 # ---- the stage ---------------------------------------------------------------------------------------
@@ -67,24 +67,18 @@ def train_online_dpo(config: OnlineDPOConfig) -> Result:
     policy, reference, scorer = build_roles(setup, reference_needed=True)
     rows = setup.local_prompts * 2
     updates = setup.steps * c.num_mini_batches
-    adapters_off = c.finetuning_type == "lora" and c.ref_model is None  # build_reference's choice
     run.print(f"[{stage}] loss {c.loss_type} (beta {c.beta}"
               + (f", label_smoothing {c.label_smoothing}" if c.label_smoothing else "")
               + f") | pairs: the best and the worst of {G} responses per prompt, ties weighted 0 | reference: "
-              + ("the base with adapters disabled" if adapters_off else c.ref_model or c.model_name_or_path))
+              + describe_reference(c))
     run.print(f"[{stage}] each process: {setup.local_prompts} prompts x {G} sampled -> {setup.local_prompts} pairs "
               f"({rows} responses) per step -> {c.num_mini_batches} minibatch(es) of {rows // c.num_mini_batches} "
               f"in micro-batches of {c.per_device_train_batch_size} -> {updates} optimizer steps")
 
-    opt = start_updates(run, policy, updates)
+    opt, log, bar = start_loop(run, setup, policy, reference, scorer, updates, monitor_context={
+        "beta": c.beta, "reference": "adapters_disabled" if reference_is_base(c) else "model"})
     scheduler = opt.scheduler
-    start_step = opt.start_step
-    log = OnlineLog(run, setup, policy, reference, scorer, whole=opt.whole,
-                    monitor_context={"beta": c.beta, "reference": "adapters_disabled" if adapters_off else "model"})
-    log.start(start_step)
-
-    bar = progress(total=setup.steps, initial=start_step, disable=run.quiet, desc=stage)
-    for step in range(start_step, setup.steps):
+    for step in range(opt.start_step, setup.steps):
         t0 = time.perf_counter()
         policy.eval()
         # 1-2. generate and score (ZeRO-3 / FSDP2: with the policy's parameters whole on this rank)
