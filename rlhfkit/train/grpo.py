@@ -241,7 +241,7 @@ def train_grpo(config: GRPOConfig) -> Result:
     run.print(f"[{stage}] note: a loss near 0 is expected here (group-centred advantages, ratio 1); the "
               "gradient is not 0. Watch rewards/mean, eval/ and rewards/flat_groups instead.")
 
-    # the policy under the run's engine, its optimizer, schedule and resumed state
+    # the policy under the run's engine, its optimizer, schedule and resumed state; the log; the bar
     opt, log, bar = start_loop(run, setup, policy, reference, scorer, updates)
     scheduler = opt.scheduler
     reduce_sum = reduce_sum_fn(run)

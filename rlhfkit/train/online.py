@@ -241,15 +241,17 @@ def check_padding_free(run: Run, model, prompt_ids: list[list[int]], pad_id: int
 
 # ---- roles: reference, reward; the passes over a rollout -------------------------------------------
 
-def reference_is_base(c: OnlineConfig) -> bool:
-    """`build_reference`'s choice: under LoRA without `ref_model` the reference is the policy's base
-    (its adapters disabled), else a model of its own."""
-    return c.finetuning_type == "lora" and c.ref_model is None
+def reference_kind(c: OnlineConfig) -> str:
+    """`build_reference`'s choice: "adapters_disabled" (under LoRA without `ref_model`: the policy's
+    base) or "model" (a model of its own); the diagnostics' `reference` context."""
+    return "adapters_disabled" if c.finetuning_type == "lora" and c.ref_model is None else "model"
 
 
 def describe_reference(c: OnlineConfig) -> str:
     """The reference, in the words a stage prints once."""
-    return "the base with adapters disabled" if reference_is_base(c) else c.ref_model or c.model_name_or_path
+    if reference_kind(c) == "adapters_disabled":
+        return "the base with adapters disabled"
+    return c.ref_model or c.model_name_or_path
 
 
 def build_reference(c: OnlineConfig, tokenizer, policy, device, needed: bool):
@@ -263,7 +265,7 @@ def build_reference(c: OnlineConfig, tokenizer, policy, device, needed: bool):
 
     if not needed and c.finetuning_type == "full":
         return None
-    if reference_is_base(c):
+    if reference_kind(c) == "adapters_disabled":
         return lambda: adapters_disabled(policy)
     ref = load_causal_lm(c.ref_model or c.model_name_or_path, tokenizer, trust_remote_code=c.trust_remote_code,
                          gguf_file=c.gguf_file if c.ref_model is None else None)

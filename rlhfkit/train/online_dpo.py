@@ -46,7 +46,7 @@ from rlhfkit.train.online import (
     finish_policy,
     generation_metrics,
     minibatch_plan,
-    reference_is_base,
+    reference_kind,
     rollout_seed,
     score_rollout,
     start_loop,
@@ -75,8 +75,8 @@ def train_online_dpo(config: OnlineDPOConfig) -> Result:
               f"({rows} responses) per step -> {c.num_mini_batches} minibatch(es) of {rows // c.num_mini_batches} "
               f"in micro-batches of {c.per_device_train_batch_size} -> {updates} optimizer steps")
 
-    opt, log, bar = start_loop(run, setup, policy, reference, scorer, updates, monitor_context={
-        "beta": c.beta, "reference": "adapters_disabled" if reference_is_base(c) else "model"})
+    opt, log, bar = start_loop(run, setup, policy, reference, scorer, updates,
+                               monitor_context={"beta": c.beta, "reference": reference_kind(c)})
     scheduler = opt.scheduler
     for step in range(opt.start_step, setup.steps):
         t0 = time.perf_counter()
