@@ -16,11 +16,12 @@ from helpers import build_once, shared_dir
 
 # Tiny models on CPU: one intra-op thread per pytest worker. `pytest -n 2` on 2 cores with torch's
 # default threads oversubscribes the CPU and makes small forward passes ~50x slower.
-torch.set_num_threads(int(os.environ.get("RLHFKIT_TEST_THREADS", "1")))
+_THREADS = os.environ.get("RLHFKIT_TEST_THREADS", "1")
+torch.set_num_threads(int(_THREADS))
 # The same for the processes the tests start (the launched runs set their own): the vLLM engine binds
 # an OpenMP thread to every core by default, where the other worker's test needs one of them
 # (tests/test_vllm.py on 2 workers: 5m39s -> 4m19s, its GRPO learning run 192 s -> 92 s, measured).
-os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("RLHFKIT_TEST_THREADS", "1"))
+os.environ.setdefault("OMP_NUM_THREADS", _THREADS)
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
 _SUBJECTS = ["the movie", "this film", "the plot", "the acting", "the ending", "my friend", "the cat",
