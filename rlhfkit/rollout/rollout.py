@@ -232,12 +232,13 @@ class Scorer:
         return total.to(device), parts
 
 
-def source_metrics(parts: dict[str, torch.Tensor]) -> dict[str, float]:
-    """`rewards/<source>` (mean) and `rewards/<source>/std` over the rows each source applies to."""
+def source_metrics(parts: dict[str, torch.Tensor], prefix: str = "rewards/") -> dict[str, float]:
+    """`<prefix><source>` (mean) and `<prefix><source>/std` over the rows each source applies to. The
+    preference loops pass "scores/": their "rewards/" are the loss's implicit rewards."""
     out = {}
     for name, x in parts.items():
         vals = x[~torch.isnan(x)]
         if vals.numel():
-            out[f"rewards/{name}"] = vals.mean().item()
-            out[f"rewards/{name}/std"] = vals.std(correction=0).item()
+            out[f"{prefix}{name}"] = vals.mean().item()
+            out[f"{prefix}{name}/std"] = vals.std(correction=0).item()
     return out

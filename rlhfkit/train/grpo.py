@@ -243,7 +243,6 @@ def train_grpo(config: GRPOConfig) -> Result:
 
     # the policy under the run's engine, its optimizer, schedule and resumed state; the log; the bar
     opt, log, bar = start_loop(run, setup, policy, reference, scorer, updates)
-    scheduler = opt.scheduler
     reduce_sum = reduce_sum_fn(run)
     for step in range(opt.start_step, setup.steps):
         t0 = time.perf_counter()
@@ -299,10 +298,9 @@ def train_grpo(config: GRPOConfig) -> Result:
             **({"objective/kl": seq_kl.mean().item()} if seq_kl is not None
                else {"objective/kl": means["policy/kl"]} if "policy/kl" in means else {}),
             "policy/first_ratio": first["policy/ratio"], "policy/first_ratio_dev": first["policy/ratio_dev"],
-            "lr": scheduler.get_last_lr()[0], "episodes": (step + 1) * c.rollout_batch_size * G,
-            "time/generation": t_gen - t0, "time/scoring": t_prep - t_gen, "time/training": t_train - t_prep,
         }
-        metrics = close_step(run, setup, log, opt, step, metrics, ro, scores)
+        metrics = close_step(run, setup, log, opt, step, metrics, ro, scores, episodes=c.rollout_batch_size * G,
+                             times={"generation": t_gen - t0, "scoring": t_prep - t_gen, "training": t_train - t_prep})
         bar.update(1)
         bar.set_postfix(reward=f"{metrics['rewards/mean']:.3f}", flat=f"{metrics['rewards/flat_groups']:.2f}")
     bar.close()

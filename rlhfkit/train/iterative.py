@@ -183,10 +183,9 @@ def train_iterations(setup: OnlineSetup, policy, reference, scorer, *, per_itera
         t_train = time.perf_counter()
         # 5. metrics, samples, evaluation, checkpoint
         shown, scores = log_rows(pairs, stats)
-        metrics = {**means, **step_means(stats), f"{stage}/iteration": iteration + 1,
-                   "lr": opt.scheduler.get_last_lr()[0], "episodes": (step + 1) * c.rollout_batch_size,
-                   "time/generation": t_gen - t0, "time/training": t_train - t_gen}
-        metrics = close_step(run, setup, log, opt, step, metrics, shown, scores)
+        metrics = {**means, **step_means(stats), f"{stage}/iteration": iteration + 1}
+        metrics = close_step(run, setup, log, opt, step, metrics, shown, scores, episodes=c.rollout_batch_size,
+                             times={"generation": t_gen - t0, "training": t_train - t_gen})
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}",
                         **({postfix.split("/")[-1]: f"{metrics[postfix]:.2f}"} if postfix in metrics else {}))

@@ -107,7 +107,6 @@ def train_nash_md(config: NashMDConfig) -> Result:
               f"micro-batches of {c.per_device_train_batch_size} -> {updates} optimizer steps")
 
     opt, log, bar = start_loop(run, setup, policy, reference, scorer, updates)
-    scheduler = opt.scheduler
     for step in range(opt.start_step, setup.steps):
         t0 = time.perf_counter()
         policy.eval()
@@ -145,14 +144,13 @@ def train_nash_md(config: NashMDConfig) -> Result:
             "preference/mean": preference.mean().item(),
             "preference/won": (scores[:P] > scores[P:]).float().mean().item(),
             "scores/policy": scores[:P].mean().item(), "scores/mixture": scores[P:].mean().item(),
-            **{k.replace("rewards/", "scores/", 1): v for k, v in source_metrics(parts).items()},
+            **source_metrics(parts, prefix="scores/"),
             **({"objective/kl": masked_sum(token_kl, m, dim=1).mean().item()} if token_kl is not None else {}),
             "advantages/abs_mean": masked_sum(adv.abs(), m).item() / max(m.sum().item(), 1),
             **generation_metrics(ro), "gen/mixture_length": opponent.lengths.float().mean().item(),
-            "lr": scheduler.get_last_lr()[0], "episodes": (step + 1) * c.rollout_batch_size * 2,
-            "time/generation": t_gen - t0, "time/logps": t_prep - t_gen, "time/training": t_train - t_prep,
         }
-        metrics = close_step(run, setup, log, opt, step, metrics, ro, scores[:P])
+        metrics = close_step(run, setup, log, opt, step, metrics, ro, scores[:P], episodes=c.rollout_batch_size * 2,
+                             times={"generation": t_gen - t0, "logps": t_prep - t_gen, "training": t_train - t_prep})
         bar.update(1)
         bar.set_postfix(preference=f"{metrics['preference/mean']:.3f}", score=f"{metrics['scores/policy']:.3f}")
     bar.close()

@@ -587,16 +587,22 @@ def prompt_generation_stats(ro: Rollout) -> dict[str, torch.Tensor]:
 
 
 def close_step(run: Run, setup: OnlineSetup, log: OnlineLog, opt: Optimization, step: int, metrics: dict,
-               ro: Rollout, scores: torch.Tensor) -> dict:
-    """# 6. of the critic-free loops, after step `step` (0-based): the metrics reduced over processes,
-    logged (`OnlineLog.step`: diagnostics, the logging window, samples, evaluation), a checkpoint every
-    `save_steps` (not at the last step: the final save follows). Returns the reduced metrics."""
+               ro: Rollout, scores: torch.Tensor, *, episodes: int, times: dict[str, float],
+               extra_state: dict | None = None) -> dict:
+    """# 6. of every online loop, after step `step` (0-based): the keys every loop logs added to its own
+    `metrics` (`lr` after this step's updates, `episodes`: the responses sampled so far, `episodes` a
+    step, `time/<phase>` for each of `times`), the metrics reduced over processes, logged
+    (`OnlineLog.step`: diagnostics, the logging window, samples, evaluation), a checkpoint every
+    `save_steps` (with `extra_state`; not at the last step: the final save follows). Returns the
+    reduced metrics."""
     c = run.config
-    metrics = reduce_metrics(run, metrics)
     done = step + 1
+    metrics = {**metrics, "lr": opt.scheduler.get_last_lr()[0], "episodes": done * episodes,
+               **{f"time/{k}": v for k, v in times.items()}}
+    metrics = reduce_metrics(run, metrics)
     log.step(done, metrics, ro, scores)
     if c.save_steps and done % c.save_steps == 0 and done < setup.steps:
-        opt.save_checkpoint(done)
+        opt.save_checkpoint(done, extra_state=extra_state)
     return metrics
 
 

@@ -77,7 +77,6 @@ def train_online_dpo(config: OnlineDPOConfig) -> Result:
 
     opt, log, bar = start_loop(run, setup, policy, reference, scorer, updates,
                                monitor_context={"beta": c.beta, "reference": reference_kind(c)})
-    scheduler = opt.scheduler
     for step in range(opt.start_step, setup.steps):
         t0 = time.perf_counter()
         policy.eval()
@@ -110,12 +109,12 @@ def train_online_dpo(config: OnlineDPOConfig) -> Result:
             "scores/chosen": (scores[best] * kept).sum().item() / n_kept,
             "scores/rejected": (scores[worst] * kept).sum().item() / n_kept,
             "pairs/tied": 1.0 - kept.mean().item(),
-            **{k.replace("rewards/", "scores/", 1): v for k, v in source_metrics(parts).items()},
+            **source_metrics(parts, prefix="scores/"),
             **generation_metrics(ro),
-            "lr": scheduler.get_last_lr()[0], "episodes": (step + 1) * c.rollout_batch_size * G,
-            "time/generation": t_gen - t0, "time/reference": t_prep - t_gen, "time/training": t_train - t_prep,
         }
-        metrics = close_step(run, setup, log, opt, step, metrics, ro, scores)
+        metrics = close_step(run, setup, log, opt, step, metrics, ro, scores, episodes=c.rollout_batch_size * G,
+                             times={"generation": t_gen - t0, "reference": t_prep - t_gen,
+                                    "training": t_train - t_prep})
         bar.update(1)
         bar.set_postfix(score=f"{metrics['scores/mean']:.3f}", tied=f"{metrics['pairs/tied']:.2f}")
     bar.close()

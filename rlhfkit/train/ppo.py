@@ -49,12 +49,14 @@ from rlhfkit.losses.ppo import clip_scores, eos_trick, kl_shaped_rewards, value_
 from rlhfkit.models.logprobs import response_logps
 from rlhfkit.rollout.rollout import Rollout, Scorer, generate_rollout
 from rlhfkit.train.common import save_final
-from rlhfkit.train.distributed import Optimization, global_mean, global_whiten, reduce_metrics
+from rlhfkit.train.distributed import Optimization, global_mean, global_whiten
 from rlhfkit.train.loop import Result
 from rlhfkit.train.online import (
     OnlineLog,
     check_padding_free,
+    close_step,
     finish_online,
+    generation_metrics,
     minibatch_plan,
     rollout_seed,
     run_updates,
@@ -234,7 +236,6 @@ def train_ppo(config: PPOConfig) -> Result:
     # reference and reward model stay whole on every rank outside it (ppo_roles.py)
     roots, units = fsdp_roots(roles)
     opt = Optimization(run, roles.trainable, updates, prepare=False, roots=roots, units=units)
-    scheduler = opt.scheduler
     kl_ctl = (AdaptiveKLController(c.kl_coef, c.target_kl, c.kl_horizon) if c.target_kl is not None
               else FixedKLController(c.kl_coef))
     start_step = opt.start_step
@@ -262,7 +263,6 @@ def train_ppo(config: PPOConfig) -> Result:
             raw_scores, parts = scorer(ro)
         scores = eos_trick(raw_scores, ro.ended, penalty=c.missing_eos_penalty, replace=c.missing_eos_score)
         scores = clip_scores(scores, c.reward_clip)
-        t_score = time.perf_counter()
         # 3. old log-probs + values (in epoch 0's micro-batches; a single update reads them from its
         #    training forward in 6), reference log-probs
         plan0 = minibatch_plan(len(idx), c, step, 0)
@@ -305,25 +305,18 @@ def train_ppo(config: PPOConfig) -> Result:
             "objective/rlhf_reward": (scores + non_score).mean().item(),
             "objective/entropy": masked_sum(-data["logps"], m, dim=1).mean().item(),
             "objective/kl_coef": beta,
-            "gen/length": m.sum(-1).float().mean().item(),
-            "gen/eos_rate": ro.ended.float().mean().item(),
+            **generation_metrics(ro),
             "val/mean": masked_mean(values, vmask).item(),
             "val/returns": masked_mean(returns, vmask).item(),
             **{f"objective/score_{k}": v.nanmean().item() for k, v in parts.items() if len(parts) > 1},
             **means,
             "policy/first_ratio": first["policy/ratio"], "policy/first_clipfrac": first["policy/clipfrac"],
-            "lr": scheduler.get_last_lr()[0],
-            "episodes": (step + 1) * c.rollout_batch_size,
-            "time/generation": t_gen - t0, "time/scoring": t_score - t_gen + t_prep - t_score,
-            "time/training": t_train - t_prep,
         }
-        metrics = reduce_metrics(run, metrics)
-        done = step + 1
-        log.step(done, metrics, ro, scores)
+        metrics = close_step(run, setup, log, opt, step, metrics, ro, scores, episodes=c.rollout_batch_size,
+                             times={"generation": t_gen - t0, "scoring": t_prep - t_gen, "training": t_train - t_prep},
+                             extra_state={"kl_coef": kl_ctl.value})
         bar.update(1)
         bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
-        if c.save_steps and done % c.save_steps == 0 and done < steps:
-            opt.save_checkpoint(done, extra_state={"kl_coef": kl_ctl.value})
     bar.close()
     if run.engine is not None:  # what each rank held (summary.json)
         run.engine.local = opt.local_counts()

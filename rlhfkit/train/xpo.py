@@ -92,7 +92,6 @@ def train_xpo(config: XPOConfig) -> Result:
 
     opt, log, bar = start_loop(run, setup, policy, reference, scorer, updates,
                                monitor_context={"beta": c.beta, "reference": reference_kind(c)})
-    scheduler = opt.scheduler
     for step in range(opt.start_step, setup.steps):
         t0 = time.perf_counter()
         policy.eval()
@@ -127,12 +126,12 @@ def train_xpo(config: XPOConfig) -> Result:
             "scores/chosen": (scores[chosen] * kept).nan_to_num().sum().item() / n_kept,
             "scores/rejected": (scores[rejected] * kept).nan_to_num().sum().item() / n_kept,
             "pairs/tied": 1.0 - kept.mean().item(), "pairs/policy_won": won.float().mean().item(),
-            **{k.replace("rewards/", "scores/", 1): v for k, v in source_metrics(parts).items()},
+            **source_metrics(parts, prefix="scores/"),
             **generation_metrics(mine),
-            "lr": scheduler.get_last_lr()[0], "episodes": (step + 1) * c.rollout_batch_size * 2,
-            "time/generation": t_gen - t0, "time/reference": t_prep - t_gen, "time/training": t_train - t_prep,
         }
-        metrics = close_step(run, setup, log, opt, step, metrics, mine, scores[:P])
+        metrics = close_step(run, setup, log, opt, step, metrics, mine, scores[:P], episodes=c.rollout_batch_size * 2,
+                             times={"generation": t_gen - t0, "reference": t_prep - t_gen,
+                                    "training": t_train - t_prep})
         bar.update(1)
         bar.set_postfix(score=f"{metrics['scores/policy']:.3f}", won=f"{metrics['pairs/policy_won']:.2f}")
     bar.close()
