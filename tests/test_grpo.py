@@ -64,13 +64,21 @@ def fx(tmp_path_factory, tiny_tokenizer):
     return grpo_fixtures(tmp_path_factory, tiny_tokenizer)
 
 
+TINY_RUN = dict(max_steps=1, max_new_tokens=6, report_to=[], disable_tqdm=True, learning_rate=1e-3, seed=0)
+WORDS = dict(reward_funcs=["test_grpo:words_reward"])
+
+
+def online_config(stage: str, model: Path, dataset: Path, out: Path, defaults: dict, overrides: dict):
+    """The config of an online stage's tiny test run: `TINY_RUN` (one step, 6 new tokens, no trackers, no
+    bar), then the test module's `defaults`, then the test's `overrides`."""
+    return build_config(stage, {"model_name_or_path": str(model), "dataset": str(dataset), "output_dir": str(out),
+                                **TINY_RUN, **defaults, **overrides})
+
+
 def grpo_config(fx: Path, out: Path, stage: str = "grpo", **kw):
-    values = dict(model_name_or_path=str(fx / "sft"), dataset=str(fx / "prompts.jsonl"), output_dir=str(out),
-                  reward_funcs=["test_grpo:words_reward"], rollout_batch_size=4, num_generations=4,
-                  per_device_train_batch_size=8, num_mini_batches=1, max_steps=1, max_new_tokens=6, report_to=[],
-                  disable_tqdm=True, learning_rate=1e-3, seed=0)
-    values.update(kw)
-    return build_config(stage, values)
+    return online_config(stage, fx / "sft", fx / "prompts.jsonl", out,
+                         dict(WORDS, rollout_batch_size=4, num_generations=4, per_device_train_batch_size=8,
+                              num_mini_batches=1), kw)
 
 
 def initial_weights(c):

@@ -21,10 +21,9 @@ from helpers import (
     register_launched,
 )
 from safetensors.torch import load_file
-from test_grpo import grpo_fixtures, initial_weights
+from test_grpo import WORDS, grpo_fixtures, initial_weights, online_config
 from test_scaleout import needs_deepspeed
 
-from rlhfkit.config import build_config
 from rlhfkit.errors import ConfigError
 from rlhfkit.rollout.generate import HFGenerator, SamplingParams
 from rlhfkit.rollout.mixture import GeometricMixture
@@ -38,12 +37,8 @@ def fx(tmp_path_factory, tiny_tokenizer):
 
 
 def nash_config(fx, out, **kw):
-    values = dict(model_name_or_path=str(fx / "sft"), dataset=str(fx / "prompts.jsonl"), output_dir=str(out),
-                  reward_funcs=["test_grpo:words_reward"], rollout_batch_size=4, per_device_train_batch_size=4,
-                  max_steps=1, max_new_tokens=6, report_to=[], disable_tqdm=True, learning_rate=1e-3, seed=0,
-                  temperature=1.0)
-    values.update(kw)
-    return build_config("nash_md", values)
+    return online_config("nash_md", fx / "sft", fx / "prompts.jsonl", out,
+                         dict(WORDS, rollout_batch_size=4, per_device_train_batch_size=4, temperature=1.0), kw)
 
 
 # ---- the opponent's sampler -----------------------------------------------------------------------------

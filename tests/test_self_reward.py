@@ -23,10 +23,10 @@ from helpers import (
     register_launched,
     write_jsonl,
 )
-from test_grpo import grpo_fixtures, initial_weights
+from test_grpo import grpo_fixtures, initial_weights, online_config
 from test_scaleout import needs_deepspeed
 
-from rlhfkit.config import DEFAULT_JUDGE_TEMPLATE, build_config
+from rlhfkit.config import DEFAULT_JUDGE_TEMPLATE
 from rlhfkit.errors import ConfigError
 from rlhfkit.data.formats import request_text
 from rlhfkit.rollout.judge import Judged, judge_prompt, judge_responses, read_score
@@ -51,12 +51,9 @@ def self_reward_fixtures(tmp_path_factory, tiny_tokenizer):
 
 
 def sr_config(fx, out, **kw):
-    values = dict(model_name_or_path=str(fx["sft"]), dataset=str(fx["data"] / "prompts.jsonl"), output_dir=str(out),
-                  rollout_batch_size=4, num_generations=3, per_device_train_batch_size=8, num_iterations=1,
-                  max_steps=1, max_new_tokens=6, judge_max_new_tokens=8, report_to=[], disable_tqdm=True,
-                  learning_rate=1e-3, seed=0)
-    values.update(kw)
-    return build_config("self_reward", values)
+    return online_config("self_reward", fx["sft"], fx["data"] / "prompts.jsonl", out,
+                         dict(rollout_batch_size=4, num_generations=3, per_device_train_batch_size=8, num_iterations=1,
+                              judge_max_new_tokens=8), kw)
 
 
 def pool_lines(out, iteration: int, rank: int = 0) -> list[dict]:

@@ -23,10 +23,9 @@ from helpers import (
     write_jsonl,
 )
 from safetensors.torch import load_file
-from test_grpo import grpo_fixtures, initial_weights
+from test_grpo import grpo_fixtures, initial_weights, online_config
 from test_scaleout import needs_deepspeed
 
-from rlhfkit.config import build_config
 from rlhfkit.errors import ConfigError, DataError
 from rlhfkit.rollout.rollout import data_rollout, reply_ids
 from rlhfkit.train.pairs import identical_pairs
@@ -52,11 +51,8 @@ def spin_fixtures(tmp_path_factory, tiny_tokenizer):
 
 
 def spin_config(fx, out, **kw):
-    values = dict(model_name_or_path=str(fx["sft"]), dataset=str(fx["data"] / "sft.jsonl"), output_dir=str(out),
-                  rollout_batch_size=4, per_device_train_batch_size=8, num_iterations=1, max_steps=1,
-                  max_new_tokens=6, report_to=[], disable_tqdm=True, learning_rate=1e-3, seed=0)
-    values.update(kw)
-    return build_config("spin", values)
+    return online_config("spin", fx["sft"], fx["data"] / "sft.jsonl", out,
+                         dict(rollout_batch_size=4, per_device_train_batch_size=8, num_iterations=1), kw)
 
 
 def pool_lines(out, iteration: int, rank: int = 0) -> list[dict]:
