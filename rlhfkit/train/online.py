@@ -10,6 +10,7 @@ the stage loops in their numbered steps:
                     the roles (policy, reference, reward), the optimizer, and the passes every
                     critic-free loop (grpo, rloo, online_dpo) makes over a rollout
   start_loop        the optimizer, the per-step log (step 0 evaluated) and the progress bar
+  start_log         the per-step log and the progress bar alone (PPO, with its own optimizer)
   rollouts_against  the policy's responses and an opponent's to the same prompts (xpo, nash_md)
   evaluate_policy   held-out prompts: proxy score, KL to the reference, gold reward / accuracy, judge score
   frozen_reward_model, judge_scorer   a separate frozen reward model; the evaluation's judge
@@ -307,15 +308,20 @@ def start_updates(run: Run, policy, updates: int) -> Optimization:
     return opt
 
 
-def start_loop(run: Run, setup: OnlineSetup, policy, reference, scorer: Scorer, updates: int, **log_options):
-    """The start of every critic-free loop: `start_updates`' optimization, the per-step `OnlineLog`
-    (`log_options`: its `latest`, `monitor_context`), which evaluates the initial policy unless the run
-    resumes, and the progress bar from the step the run starts at."""
-    opt = start_updates(run, policy, updates)
+def start_log(run: Run, setup: OnlineSetup, opt: Optimization, policy, reference, scorer: Scorer, **log_options):
+    """The per-step `OnlineLog` of an online loop (`log_options`: its `latest`, `monitor_context`),
+    which evaluates the initial policy unless the run resumes, and the progress bar from the step the
+    run starts at (`opt.start_step`). PPO calls it with its own optimization (policy and critic)."""
     log = OnlineLog(run, setup, policy, reference, scorer, whole=opt.whole, **log_options)
     log.start(opt.start_step)
     bar = progress(total=setup.steps, initial=opt.start_step, disable=run.quiet, desc=run.stage)
-    return opt, log, bar
+    return log, bar
+
+
+def start_loop(run: Run, setup: OnlineSetup, policy, reference, scorer: Scorer, updates: int, **log_options):
+    """The start of every critic-free loop: `start_updates`' optimization, then `start_log`."""
+    opt = start_updates(run, policy, updates)
+    return (opt, *start_log(run, setup, opt, policy, reference, scorer, **log_options))
 
 
 def build_scorer(c: OnlineConfig, tokenizer, reward_funcs, device) -> Scorer:
@@ -590,8 +596,8 @@ def close_step(run: Run, setup: OnlineSetup, log: OnlineLog, opt: Optimization, 
                ro: Rollout, scores: torch.Tensor, *, episodes: int, times: dict[str, float],
                extra_state: dict | None = None) -> dict:
     """# 6. of every online loop, after step `step` (0-based): the keys every loop logs added to its own
-    `metrics` (`lr` after this step's updates, `episodes`: the responses sampled so far, `episodes` a
-    step, `time/<phase>` for each of `times`), the metrics reduced over processes, logged
+    `metrics` (`lr` after this step's updates, `episodes`: the responses sampled so far, given
+    `episodes` responses a step, `time/<phase>` for each of `times`), the metrics reduced over processes, logged
     (`OnlineLog.step`: diagnostics, the logging window, samples, evaluation), a checkpoint every
     `save_steps` (with `extra_state`; not at the last step: the final save follows). Returns the
     reduced metrics."""

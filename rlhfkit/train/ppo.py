@@ -52,7 +52,6 @@ from rlhfkit.train.common import save_final
 from rlhfkit.train.distributed import Optimization, global_mean, global_whiten
 from rlhfkit.train.loop import Result
 from rlhfkit.train.online import (
-    OnlineLog,
     check_padding_free,
     close_step,
     finish_online,
@@ -60,10 +59,10 @@ from rlhfkit.train.online import (
     minibatch_plan,
     rollout_seed,
     run_updates,
+    start_log,
     start_online,
 )
 from rlhfkit.train.ppo_roles import CRITIC_DIR, POLICY, Roles, build_roles, fsdp_roots, save_critic
-from rlhfkit.train.tracking import progress
 
 # ---- log-probs and values --------------------------------------------------------------------------
 
@@ -243,11 +242,7 @@ def train_ppo(config: PPOConfig) -> Result:
         kl_ctl.value = opt.state.get("kl_coef", kl_ctl.value)
         run.print(f"[ppo] resumed from {run.resume_from} at step {start_step} (kl_coef {kl_ctl.value:.4g})")
 
-    log = OnlineLog(run, setup, roles.policy, roles.reference, scorer, latest=("lr", "objective/kl_coef"),
-                    whole=opt.whole)
-    log.start(start_step)
-
-    bar = progress(total=steps, initial=start_step, disable=run.quiet, desc="ppo")
+    log, bar = start_log(run, setup, opt, roles.policy, roles.reference, scorer, latest=("lr", "objective/kl_coef"))
     for step in range(start_step, steps):
         t0 = time.perf_counter()
         roles.train(False)
